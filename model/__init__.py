@@ -1,0 +1,8 @@
+"""TW-BERT reference model in PyTorch (the network modules import only torch)."""
+
+from .config import (CrossConfig, SelectorConfig, TextConfig, TWBertConfig, VideoConfig,
+                     parse_schedule)
+from .twbert import TWBert
+
+__all__ = ["TWBert", "TWBertConfig", "VideoConfig", "TextConfig", "CrossConfig",
+           "SelectorConfig", "parse_schedule"]
