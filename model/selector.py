@@ -8,6 +8,8 @@ Both rules return indicators M (B, K, T) with selected frames = M @ frames:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,12 +26,15 @@ class FrameScorer(nn.Module):
         self.score_out = nn.Linear(dim, 1, bias=False)
 
     def forward(self, frame_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
-        """(B, T, D), (B, D) -> scores (B, T)"""
+        """(B, T, D), (B, D) -> scores (B, T), computed in FP32 whatever the model's dtype:
+        the scores decide which frames are kept, and a flipped choice is a different answer."""
         B, T, D = frame_cls.shape
-        f = F.gelu(self.frame_proj(self.norm(frame_cls)))
-        x = torch.cat([f, text_cls[:, None, :].expand(B, T, D)], dim=-1)
-        logits = self.score_out(F.gelu(self.fuse_proj(x))).squeeze(-1)
-        return logits.softmax(dim=-1)
+        norm = self.norm
+        x = F.layer_norm(frame_cls.float(), (D,), norm.weight.float(), norm.bias.float(), norm.eps)
+        f = F.gelu(F.linear(x, self.frame_proj.weight.float()))
+        x = torch.cat([f, text_cls.float()[:, None, :].expand(B, T, D)], dim=-1)
+        x = F.gelu(F.linear(x, self.fuse_proj.weight.float()))
+        return F.linear(x, self.score_out.weight.float()).squeeze(-1).softmax(dim=-1)
 
 
 def hard_topk_indicators(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,9 +119,11 @@ class FrameSelector(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """frames (B, T, N, D) -> kept frames (B, k, N, D), scores (B, T), frame indices (B, k)."""
         B, T, N, D = frames.shape
-        # Scores stay in FP32 whatever the autocast dtype: a flipped choice changes the answer.
-        with torch.autocast(device_type=frames.device.type, enabled=False):
-            scores = self.scorer(frames[:, :, 0].float(), text_cls.float())
+        # Selection runs in FP32 even under autocast: a flipped choice changes the answer.
+        device = frames.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+                else contextlib.nullcontext():
+            scores = self.scorer(frames[:, :, 0], text_cls)
             perturbed = self.mode == "perturbed" or (self.mode == "auto" and self.training)
             if perturbed:
                 indicators = perturbed_topk_indicators(scores, self.k, self.num_samples,

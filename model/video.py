@@ -51,7 +51,8 @@ class VideoEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.tokens_per_frame, D))
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.time_embed_frames, D))
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        # Stochastic depth rising linearly over the blocks.
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(DividedSpaceTimeBlock(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
 
