@@ -3,6 +3,8 @@
 from .config import (CrossConfig, SelectorConfig, TextConfig, TWBertConfig, VideoConfig,
                      parse_schedule)
 from .twbert import TWBert
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint, save_checkpoint, to_authors_state_dict
 
 __all__ = ["TWBert", "TWBertConfig", "VideoConfig", "TextConfig", "CrossConfig",
-           "SelectorConfig", "parse_schedule"]
+           "SelectorConfig", "parse_schedule", "CheckpointError", "LoadReport", "load_checkpoint",
+           "save_checkpoint", "to_authors_state_dict"]
