@@ -1,0 +1,1 @@
+"""Data tools: `make_demo` writes small real-video datasets (retrieval and QA) for the demo."""

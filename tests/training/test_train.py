@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from model import TWBert, TWBertConfig, load_checkpoint
+from model.data.dataset import ClipTextDataset
+from model.evaluate import evaluate_qa, evaluate_retrieval
+from model.train import build_parser, train, training_step
+from twbert_export.assets import AssetError, resolve_checkpoint, resolve_data
+from twbert_export.preprocess import Tokenizer, VideoDecodeError
+
+
+@pytest.fixture(scope="module")
+def answers(small_data):
+    return json.loads((small_data.parent / "answers.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dataset(small_data, answers):
+    cfg = TWBertConfig.tiny()
+    return ClipTextDataset(small_data, cfg.selector.frames, cfg.video.image_size,
+                           Tokenizer.default(), cfg.max_text_len, answers, on_error="skip")
+
+
+def test_dataset_skips_and_names_the_corrupt_video(dataset, small_data):
+    assert len(dataset.videos) == 6 and len(dataset) == 12
+    assert dataset.skipped == [str(small_data / "videos" / "broken.mp4")]
+    assert dataset.videos.shape == (6, 8, 3, 64, 64)
+    ids, mask, video = dataset.captions()
+    assert ids.shape == (6, 40) and (ids[:, 0] == 101).all() and video.tolist() == list(range(6))
+    _, _, _, answer = dataset.questions()
+    assert (answer >= 0).all() and len(answer) == 12
+
+
+def test_dataset_fails_on_the_corrupt_video_by_default(small_data, answers):
+    with pytest.raises(VideoDecodeError, match="broken.mp4"):
+        ClipTextDataset(small_data, 8, 64, Tokenizer.default(), 40, answers)
+
+
+def test_one_training_step_lowers_nothing_to_nan_and_updates_weights(dataset, answers):
+    torch.manual_seed(0)
+    model = TWBert(TWBertConfig.tiny(num_answers=len(answers))).train()
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    losses = training_step(model, batch, "both")
+    assert set(losses) == {"itc", "itm", "qa"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    before = model.selector1.scorer.fuse_proj.weight.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(losses.values()).backward()
+    opt.step()
+    assert not torch.equal(before, model.selector1.scorer.fuse_proj.weight)
+
+
+def test_short_training_run_saves_resumes_and_evaluates(small_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(small_data), "--val-data", str(small_data), "--out", str(out),
+            "--epochs", "1", "--batch-size", "6", "--on-error", "skip"]
+    result = train(build_parser().parse_args(args))
+    assert (out / "best.pt").is_file() and (out / "resume.pt").is_file()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1] and "val" in log[0]
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(build_parser().parse_args(args))
+    resumed = train(build_parser().parse_args(args[:-4] + ["--epochs", "2", "--resume",
+                                                           "--on-error", "skip"]))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and resumed["epochs"] == 2
+
+    model, report = load_checkpoint(out / "best.pt")
+    assert report.metadata["answers"][:6] == ["left", "right", "up", "down", "in", "out"]
+    data = ClipTextDataset(small_data, 8, 64, Tokenizer.default(), 40,
+                           report.metadata["answers"], on_error="skip")
+    r = evaluate_retrieval(model, data, k=3)
+    assert r["num_videos"] == 6 and r["num_texts"] == 6
+    assert 0.0 <= r["t2v"]["R@1"] <= 1.0 and 1.0 <= r["v2t"]["MedR"] <= 6.0
+    q = evaluate_qa(model, data)
+    assert q["num_questions"] == 12 and set(q["by_question"]) <= {
+        "which way does the camera move?", "what is shown?"}
+
+
+def test_demo_names_resolve_and_bad_names_are_clear():
+    assert resolve_data("demo").name == "val" and resolve_data("demo:calib").name == "calib"
+    with pytest.raises(AssetError, match="unknown demo split"):
+        resolve_data("demo:test")
+    with pytest.raises(AssetError, match="data directory not found"):
+        resolve_data("/nonexistent/dir")
+    with pytest.raises(AssetError, match="checkpoint not found"):
+        resolve_checkpoint("/nonexistent/best.pt")
