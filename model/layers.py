@@ -30,8 +30,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
            dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) + bias) v, fused where PyTorch has a kernel for it."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    """softmax(q k^T / sqrt(Dh) + bias) v over any leading axes, fused where PyTorch has a
+    kernel for it. Inputs above 4-D are folded to 4-D: the fused kernels and the ONNX exporter
+    take (B, H, S, Dh) only."""
+    if q.ndim <= 4:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    lead = q.shape[:-2]
+    if bias is not None:
+        bias = bias.expand(*lead, q.shape[-2], k.shape[-2]).flatten(0, -4)
+    out = F.scaled_dot_product_attention(q.flatten(0, -4), k.flatten(0, -4), v.flatten(0, -4),
+                                         attn_mask=bias, dropout_p=dropout)
+    return out.view(*lead, *out.shape[-2:])
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

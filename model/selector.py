@@ -30,7 +30,8 @@ class FrameScorer(nn.Module):
         the scores decide which frames are kept, and a flipped choice is a different answer."""
         B, T, D = frame_cls.shape
         norm = self.norm
-        x = F.layer_norm(frame_cls.float(), (D,), norm.weight.float(), norm.bias.float(), norm.eps)
+        x = F.layer_norm(frame_cls.float(), norm.normalized_shape, norm.weight.float(),
+                         norm.bias.float(), norm.eps)
         f = F.gelu(F.linear(x, self.frame_proj.weight.float()))
         x = torch.cat([f, text_cls.float()[:, None, :].expand(B, T, D)], dim=-1)
         x = F.gelu(F.linear(x, self.fuse_proj.weight.float()))

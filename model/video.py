@@ -5,6 +5,8 @@ Activations are kept as (B, T, N, D): batch, frames, tokens per frame (cls first
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,7 +95,7 @@ class VideoEncoder(nn.Module):
         """(B, K, N, D) -> (B, 1 + K * (g/2)^2, D): [mean of frame cls, 2x2-pooled patches per frame]."""
         B, K, N, D = x.shape
         x = self.norm(x)
-        g = int(round((N - 1) ** 0.5))
+        g = math.isqrt(int(N - 1))  # int(): the TorchScript tracer hands shapes as tensors
         video_cls = x[:, :, 0].mean(dim=1, keepdim=True)
         patches = x[:, :, 1:].reshape(B, K, g // 2, 2, g // 2, 2, D).mean(dim=(3, 5))
         return torch.cat([video_cls, patches.reshape(B, -1, D)], dim=1)
