@@ -22,40 +22,12 @@ from typing import Any, Callable
 
 import torch
 
+from twbert_export.metrics import retrieval_metrics
+
 from .data.dataset import ClipTextDataset
 from .twbert import TWBert
 
 Progress = Callable[[str], None]
-
-
-# -- metrics on score matrices ------------------------------------------------------------------
-def ranks(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the best relevant candidate per query (row); ties count against it.
-
-    scores, relevant: (queries, candidates); every row needs at least one relevant candidate.
-    """
-    if not relevant.any(dim=1).all():
-        raise ValueError("every query needs at least one relevant candidate")
-    best = scores.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
-    ahead = (scores > best) | ((scores == best) & ~relevant)
-    return 1 + ahead.sum(dim=1)
-
-
-def recall_metrics(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, float]:
-    r = ranks(scores, relevant).float()
-    return {"R@1": (r <= 1).float().mean().item(), "R@5": (r <= 5).float().mean().item(),
-            "R@10": (r <= 10).float().mean().item(), "MedR": r.median().item(),
-            "MeanR": r.mean().item()}
-
-
-def rerank(itc: torch.Tensor, itm: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row: the k best by ITC ordered by ITM probability (in [0, 1]), above all others, which
-    keep their ITC order. `itm` is only read inside each row's top k."""
-    k = min(k, itc.shape[1])
-    top = torch.zeros_like(itc, dtype=torch.bool).scatter_(1, itc.topk(k, dim=1).indices, True)
-    # Outside the shortlist: a value below -1 that keeps the ITC order.
-    below = -2.0 - itc.argsort(dim=1, descending=True).argsort(dim=1).to(itc.dtype)
-    return torch.where(top, itm.nan_to_num(0.0), below)
 
 
 # -- model scoring ------------------------------------------------------------------------------
@@ -113,10 +85,7 @@ def evaluate_retrieval(model: TWBert, data: ClipTextDataset, k: int = 50, batch_
     itm = torch.full((Nt, Nv), float("nan"))
     itm[t_idx, v_idx] = score_pairs(model, stems, text_embeds, mask, v_idx, t_idx,
                                     batch_size, with_itm=True)[1]
-    relevant = gt_video[:, None] == torch.arange(Nv)[None, :]
-    return {"t2v": recall_metrics(rerank(itc, itm, kt), relevant),
-            "v2t": recall_metrics(rerank(itc.T, itm.T, kv), relevant.T),
-            "num_videos": Nv, "num_texts": Nt, "k": k}
+    return retrieval_metrics(itc.numpy(), itm.numpy(), gt_video.numpy(), k)
 
 
 @torch.no_grad()

@@ -1,16 +1,16 @@
 import math
 
 import pytest
-import torch
+import numpy as np
 
-from model.evaluate import ranks, recall_metrics, rerank
+from twbert_export.metrics import ranks, recall_metrics, rerank
 
 
 def test_ranks_on_a_hand_made_matrix():
-    scores = torch.tensor([[0.9, 0.1, 0.5],    # right answer first
+    scores = np.array([[0.9, 0.1, 0.5],    # right answer first
                            [0.9, 0.1, 0.5],    # right answer (col 1) last
                            [0.2, 0.7, 0.7]])   # tie with a wrong one: counted against
-    relevant = torch.eye(3, dtype=torch.bool)
+    relevant = np.eye(3, dtype=bool)
     assert ranks(scores, relevant).tolist() == [1, 3, 2]
     m = recall_metrics(scores, relevant)
     assert m["R@1"] == pytest.approx(1 / 3) and m["R@5"] == 1.0 and m["MedR"] == 2.0
@@ -18,29 +18,28 @@ def test_ranks_on_a_hand_made_matrix():
 
 
 def test_several_relevant_candidates_use_the_best_one():
-    scores = torch.tensor([[0.1, 0.8, 0.3, 0.9]])
-    relevant = torch.tensor([[True, True, False, False]])
+    scores = np.array([[0.1, 0.8, 0.3, 0.9]])
+    relevant = np.array([[True, True, False, False]])
     assert ranks(scores, relevant).tolist() == [2]
 
 
 def test_query_without_relevant_candidate_is_an_error():
     with pytest.raises(ValueError, match="at least one relevant"):
-        ranks(torch.rand(2, 3), torch.tensor([[True, False, False], [False] * 3]))
+        ranks(np.zeros((2, 3)), np.array([[True, False, False], [False] * 3]))
 
 
 def test_rerank_orders_the_itc_shortlist_by_itm_and_keeps_the_rest_below():
-    itc = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.0]])
-    itm = torch.tensor([[0.1, 0.2, 0.95, 0.99, float("nan")]])  # col 3 is outside the top 3
+    itc = np.array([[0.9, 0.8, 0.7, 0.1, 0.0]])
+    itm = np.array([[0.1, 0.2, 0.95, 0.99, float("nan")]])  # col 3 is outside the top 3
     final = rerank(itc, itm, k=3)
-    order = final.argsort(dim=1, descending=True)[0].tolist()
+    order = np.argsort(-final, axis=1, kind='stable')[0].tolist()
     assert order == [2, 1, 0, 3, 4]
     # With k = all, ITM alone decides.
-    full = rerank(itc, itm.nan_to_num(0.5), k=5)
-    assert full.argsort(dim=1, descending=True)[0].tolist()[:2] == [3, 2]
+    full = rerank(itc, np.nan_to_num(itm, nan=0.5), k=5)
+    assert np.argsort(-full, axis=1)[0].tolist()[:2] == [3, 2]
 
 
 def test_chance_level_of_random_scores_is_about_one_over_n():
-    torch.manual_seed(0)
     n = 200
-    m = recall_metrics(torch.rand(n, n), torch.eye(n, dtype=torch.bool))
+    m = recall_metrics(np.random.default_rng(0).random((n, n)), np.eye(n, dtype=bool))
     assert m["R@1"] < 0.05 and math.isclose(m["MedR"], n / 2, rel_tol=0.25)

@@ -1,0 +1,91 @@
+"""Small shared helpers: lazy imports, atomic writes, hashes, stage timing (torch-free)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+# Package to install for each optional module, and why it is needed.
+INSTALL_HINTS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnx_graphsurgeon": "onnx-graphsurgeon",
+    "polygraphy": "polygraphy",
+    "modelopt": "nvidia-modelopt",
+    "tensorrt": "tensorrt (NVIDIA's wheel or JetPack; only on a machine with an NVIDIA GPU)",
+    "pycuda": "pycuda (or cuda-python)",
+    "torch": "torch",
+}
+
+
+class MissingDependency(ImportError):
+    pass
+
+
+def require(module: str, why: str) -> ModuleType:
+    """Import an optional dependency, or say which package to install and why."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        raise MissingDependency(f"{module} is needed {why}: pip install "
+                                f"{INSTALL_HINTS.get(top, top)} ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class Stopwatch:
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
