@@ -1,0 +1,131 @@
+"""Inference with an exported artifact, without PyTorch.
+
+    python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 --video b.mp4 \
+        --text "the camera pans left over a cat"
+    python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 \
+        --question "which way does the camera move?"
+
+Retrieval ranks the videos for the caption as the spec does: the ITC shortlist (`--k`, 50) is
+ordered by the ITM match probability. QA answers from the answer list shipped in the artifact.
+Preprocessing is `twbert_export.preprocess`, the code calibration and validation used; the
+tokenizer and answers come from the artifact directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import IOContract
+from .metrics import rerank, softmax
+from .preprocess import TextTruncatedWarning, Tokenizer, VideoDecodeError, load_video
+
+
+class Artifact:
+    """An artifact directory: manifest, contract, tokenizer, answers, and a runner for a model."""
+
+    def __init__(self, model_path: str | Path):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ValueError(f"model not found: {self.model_path}")
+        self.dir = self.model_path.parent
+        manifest_path = self.dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise ValueError(f"{self.dir} has no manifest.json: pass a model from an export.py "
+                             "artifact directory")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.contract = IOContract.from_dict(self.manifest["contract"])
+        self.tokenizer = Tokenizer.from_file(self.dir / self.manifest["tokenizer"])
+        answers = self.manifest.get("answers")
+        self.answers = json.loads((self.dir / answers).read_text()) if answers else None
+
+    def runner(self, threads: int | None = None) -> Any:
+        if self.model_path.suffix == ".onnx":
+            from .runners import ort_runner
+
+            return ort_runner(self.model_path, threads=threads)
+        raise ValueError(f"{self.model_path.suffix} models are not supported by predict here "
+                         "(an .onnx file from the artifact directory is)")
+
+
+def encode_text(artifact: Artifact, text: str) -> tuple[np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)  # said below, in our words
+        ids, mask, truncated = artifact.tokenizer.encode([text], artifact.contract.text_len)
+    if truncated:
+        print(f"warning: the text is longer than {artifact.contract.text_len} tokens and was "
+              "truncated (the model was exported with that length)", file=sys.stderr)
+    return ids, mask
+
+
+def load_videos(artifact: Artifact, paths: list[str]) -> np.ndarray:
+    c = artifact.contract
+    return np.stack([load_video(p, c.frames, c.image_size) for p in paths])
+
+
+def score(artifact: Artifact, runner: Any, videos: np.ndarray, ids: np.ndarray,
+          mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Run each video with the (single) text, in batches within the exported range."""
+    from .runners import batched, run_batches
+
+    n = len(videos)
+    feed = {"video": videos, "input_ids": np.repeat(ids, n, 0), "attention_mask": np.repeat(mask, n, 0)}
+    return run_batches(runner, batched(feed, artifact.contract.batch.max))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python export.py predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="an .onnx file in an artifact directory")
+    ap.add_argument("--video", action="append", required=True, help="a video file (repeatable)")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", help="caption to rank the videos for")
+    group.add_argument("--question", help="question to answer about each video")
+    ap.add_argument("--k", type=int, default=50, help="ITC shortlist re-ranked by ITM")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        artifact = Artifact(args.model)
+        if args.question and not artifact.answers:
+            raise ValueError(f"{artifact.dir} was exported for retrieval: it has no QA head "
+                             "outputs or answer list (export with --task qa)")
+        videos = load_videos(artifact, args.video)
+        ids, mask = encode_text(artifact, args.text or args.question)
+    except (ValueError, VideoDecodeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runner = artifact.runner(args.threads)
+    with runner:
+        out = score(artifact, runner, videos, ids, mask)
+    result: dict[str, Any]
+    if args.text:
+        itm = softmax(out["itm_logits"].astype(np.float64))[:, 1]
+        final = rerank(out["itc_sim"][None, :], itm[None, :], args.k)[0]
+        order = np.argsort(-final, kind="stable")
+        result = {"text": args.text, "ranking": [
+            {"rank": r + 1, "video": args.video[i], "match_probability": float(itm[i]),
+             "itc_similarity": float(out["itc_sim"][i]), "shortlisted": bool(final[i] >= 0),
+             **({"frames": out["frame_indices_2"][i].tolist()} if "frame_indices_2" in out else {})}
+            for r, i in enumerate(order)]}
+        lines = [f"{e['rank']:>3}. {e['video']}  match {e['match_probability']:.3f}  "
+                 f"itc {e['itc_similarity']:.2f}" for e in result["ranking"]]
+    else:
+        probs = softmax(out["qa_logits"].astype(np.float64))
+        best = probs.argmax(-1)
+        result = {"question": args.question, "answers": [
+            {"video": v, "answer": artifact.answers[b], "probability": float(probs[i, b])}
+            for i, (v, b) in enumerate(zip(args.video, best))]}
+        lines = [f"{e['video']}: {e['answer']} ({e['probability']:.2f})" for e in result["answers"]]
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
