@@ -145,7 +145,8 @@ class TWBertConfig:
         """A few hundred thousand weights (plus the BERT vocabulary): fast on two CPU cores."""
         dim, heads = 64, 2
         return cls(
-            video=VideoConfig(image_size=64, dim=dim, depth=4, heads=heads, time_embed_frames=8),
+            video=VideoConfig(image_size=64, patch_size=8, dim=dim, depth=4, heads=heads,
+                              time_embed_frames=8),
             text=TextConfig(dim=dim, layers=2, heads=heads, ffn_dim=4 * dim),
             cross=CrossConfig(dim=dim, layers=2, heads=heads, ffn_dim=4 * dim),
             selector=make_selector(schedule, select_layers),

@@ -149,7 +149,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                          "--force to start over")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
     tokenizer = Tokenizer.from_file(args.tokenizer) if args.tokenizer else Tokenizer.default()
     answers_path = Path(args.answers) if args.answers else resolve_data(args.data).parent / "answers.json"
@@ -275,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         result = train(args)
     except (ValueError, FileNotFoundError) as e:

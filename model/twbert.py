@@ -54,6 +54,11 @@ class TWBert(nn.Module):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.video.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.video.cls_token, std=0.02)
+        # The authors start the time embedding at zero (it comes from a pretrained TimeSformer).
+        # From scratch, zero leaves every frame alike to the permutation-equivariant temporal
+        # attention, and the pooled outputs never learn the order (motion stayed at chance on
+        # the demo); a small random start breaks the symmetry.
+        nn.init.trunc_normal_(self.video.time_embed, std=0.02)
         # TimeSformer starts every temporal branch but the first at zero (authors' init).
         for block in self.video.blocks[1:]:
             nn.init.zeros_(block.temporal_fc.weight)

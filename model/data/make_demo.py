@@ -126,18 +126,20 @@ def camera_path(motion: str, n: int, h: int, w: int, rng: np.random.Generator) -
     short = min(h, w)
     p = np.linspace(0.0, 1.0, n)
     if motion in ("in", "out"):
-        big, small = rng.uniform(0.9, 1.0) * short, rng.uniform(0.5, 0.6) * short
+        big, small = rng.uniform(0.85, 1.0) * short, rng.uniform(0.35, 0.45) * short
         cx = rng.uniform(big / 2, w - big / 2)
         cy = rng.uniform(big / 2, h - big / 2)
         side = big * (small / big) ** p  # constant zoom rate
         if motion == "out":
             side = side[::-1]
         return np.stack([np.full(n, cx), np.full(n, cy), side], axis=1)
-    side = rng.uniform(0.6, 0.7) * short
+    # A pan travels about one view width over the clip, so that between the 8 frames a small
+    # model samples the content moves by about an eighth of the view (motion a patch can see).
+    side = rng.uniform(0.45, 0.55) * short
     horizontal = motion in ("left", "right")
     extent = w if horizontal else h
     room = extent - side  # range of the moving centre coordinate
-    travel = min(rng.uniform(0.25, 0.35) * short, room)
+    travel = min(rng.uniform(0.8, 1.0) * side, room)
     start = side / 2 + rng.uniform(0.0, room - travel)
     moving = start + travel * p
     if motion in ("left", "up"):  # the view moves towards smaller x (left) or y (up)
