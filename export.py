@@ -50,7 +50,7 @@ def export_parser() -> argparse.ArgumentParser:
 def run_export(argv: list[str]) -> int:
     from twbert_export.pipeline import ExportOptions, UserError, summary_table, tensorrt_available
     from twbert_export.pipeline import run_export as export
-    from twbert_export.validate import GateFailure, parse_gate_overrides
+    from twbert_export.validate import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
     try:
@@ -67,9 +67,6 @@ def run_export(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         print("hint: python export.py --help", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except GateFailure as e:
-        print(f"\n{e}", file=sys.stderr)
-        return EXIT_GATE_FAILED
     print()
     print(summary_table(report))
     out = report["out"]
@@ -91,7 +88,7 @@ def run_export(argv: list[str]) -> int:
 
 def run_validate(argv: list[str]) -> int:
     from twbert_export.pipeline import UserError, validate_onnx
-    from twbert_export.validate import GateFailure, parse_gate_overrides
+    from twbert_export.validate import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",
                                  description="Validate an ONNX file against its checkpoint on "

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -130,11 +130,18 @@ def save_reference(directory: Path, feeds: list[dict[str, np.ndarray]],
     return inputs_path, outputs_path
 
 
-def polygraphy_command(onnx_name: str, precision: str, contract: IOContract, backend: str) -> str:
-    """`polygraphy run` against the shipped reference, tolerances per output for the precision."""
-    atol = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}[precision]
-    per_output = " ".join(f"{n}:{atol:g}" for n in contract.output_names
-                          if not n.startswith("frame_indices"))
+# Smallest absolute tolerance per precision for the device comparison; above it, twice the error
+# ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
+DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+
+
+def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
+                       backend: str) -> str:
+    """`polygraphy run` against the shipped PyTorch reference, a tolerance per float output.
+    Frame indices are left out: a near-tie may legitimately pick another frame."""
+    floor = DEVICE_ATOL_FLOOR[precision]
+    per_output = " ".join(f"{name}:{max(floor, 2 * e['max_abs']):.2g}"
+                          for name, e in errors.items() if "max_abs" in e)
     return (f"polygraphy run {onnx_name} --{backend} --load-inputs reference/inputs.json "
             f"--load-outputs reference/outputs.json --atol {per_output} --rtol 0 "
             f"--check-error-stat max")
@@ -147,9 +154,9 @@ def trtexec_shapes(contract: IOContract) -> str:
 
 
 # -- the job --------------------------------------------------------------------------------------
-def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage; returns the report. Raises UserError for bad input and
-    validate.GateFailure (after writing everything) when a gate fails."""
+def run_export(opts: ExportOptions) -> dict[str, Any]:
+    """Run every stage and return the report (its gate verdicts included: the caller decides the
+    exit code). Raises UserError for bad input."""
     from model import CheckpointError, load_checkpoint
 
     unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
@@ -178,6 +185,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[
             contract = IOContract.for_model(model.cfg, opts.task, batch, opts.max_text_len)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if contract.task == "qa" and not load_report.metadata.get("answers"):
+            raise UserError(f"{ckpt_path}: the checkpoint's metadata has no answer list, "
+                            "which a QA export needs")
     stages.line("load", sw.seconds, ckpt_path, f"{load_report.format}, F@{contract.schedule}")
 
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task, contract.schedule))
@@ -254,8 +264,6 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     # -- validation ------------------------------------------------------------------------------
     with Stopwatch() as sw:
         answers = load_report.metadata.get("answers") if contract.task == "qa" else None
-        if contract.task == "qa" and not answers:
-            raise UserError(f"{ckpt_path}: no answer list in the checkpoint metadata for QA")
         results, metrics, reference = validate_files(model, contract, files, val, answers,
                                                      {**validate.DEFAULT_GATES, **opts.gates})
         ref_rows = min(REFERENCE_ROWS, len(val))
@@ -275,7 +283,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     next_commands = [
         f"trtexec --onnx=model.{last}.onnx --stronglyTyped --saveEngine=model.{last}.engine "
         f"{trtexec_shapes(contract)}",
-        polygraphy_command(f"model.{last}.onnx", last, contract, "trt")]
+        polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
     report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
               "next_commands": next_commands,
               "stages": stages.rows, "lint_warnings": [str(w) for w in lint_warnings],

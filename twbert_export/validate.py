@@ -4,7 +4,7 @@ Per precision: per-output errors (max abs, max rel, cosine) on the paired (clip,
 frame-selection agreement per selector (identical / near-tie / divergent); task metrics (R@1/5/10
 and MedR, or QA accuracy) for PyTorch with training-time (perturbed) selection, PyTorch with hard
 selection, and each ONNX file, so the loss of each step is visible; and gates with typed,
-itemised failures. A failed gate is an error (exit 1), never a warning.
+itemised failures. A failed gate makes `export.py` exit 1, never just warn.
 
 Near-tie: the two backends kept different frames, but every frame on which they differ has a
 reference score within the precision's expected score error of the K boundary (the midpoint of
@@ -179,16 +179,6 @@ def apply_gates(precision: str, gate: Gate, errors: dict, selection: dict[str, d
             results.append(GateResult(f"{name} drop", drop <= gate.metric_tol_pt + 1e-9,
                                       f"{drop:+.2f} pt (limit {gate.metric_tol_pt} pt)"))
     return results
-
-
-class GateFailure(Exception):
-    """Validation failed: carries the failed gates per precision."""
-
-    def __init__(self, failures: dict[str, list[GateResult]]):
-        self.failures = failures
-        lines = [f"{precision}: {g.name}: {g.detail}"
-                 for precision, gates in failures.items() for g in gates]
-        super().__init__("validation gates failed:\n  " + "\n  ".join(lines))
 
 
 def compare_precision(precision: str, test: dict[str, np.ndarray], ref: dict[str, np.ndarray],

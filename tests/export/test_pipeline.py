@@ -1,0 +1,204 @@
+"""The export job end to end on the demo checkpoint (tiny preset), on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import export
+from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
+from twbert_export.contract import IOContract
+from twbert_export.pipeline import ExportOptions, UserError, run_export, validate_onnx
+from twbert_export.precision import to_int8
+from twbert_export.preprocess import Tokenizer
+
+from clipdata import copy_clips, write_data_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, small_val):
+    out = tmp_path_factory.mktemp("engines") / "demo"
+    report = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
+                                      val_data=str(small_val), out=str(out),
+                                      calib_cache=False))
+    return out, report
+
+
+def test_artifact_directory_holds_everything_a_device_needs(artifact):
+    out, report = artifact
+    names = {p.name for p in out.iterdir()}
+    assert {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx", "manifest.json",
+            "report.json", "report.md", "reference", "tokenizer.json"} <= names
+    manifest = json.loads((out / "manifest.json").read_text())
+    for p in ("fp32", "fp16", "int8"):
+        assert len(manifest["files"][p]["sha256"]) == 64
+    assert manifest["calibration"]["clips"] >= MIN_CALIBRATION_CLIPS
+    assert manifest["contract"]["inputs"][0]["shape"][0] == "batch"
+    assert manifest["parity"] == {p: {"passed": True} for p in ("fp32", "fp16", "int8")}
+    assert not any(n.startswith(".") for n in names), "no scratch files left behind"
+
+
+def test_gates_pass_with_documented_numbers(artifact):
+    _, report = artifact
+    fp32, fp16 = report["precisions"]["fp32"], report["precisions"]["fp16"]
+    assert fp32["outputs"]["itm_logits"]["max_abs"] <= 1e-4
+    assert all(s["divergent"] == 0 for s in fp32["selection"].values())
+    assert all(s["identical"] / s["samples"] >= 0.99 for s in fp16["selection"].values())
+    metrics = report["task_metrics"]
+    assert {"torch-hard", "torch-perturbed", "onnx-fp32", "onnx-fp16", "onnx-int8"} <= set(metrics)
+    assert metrics["onnx-fp32"]["t2v"] == metrics["torch-hard"]["t2v"]
+
+
+def test_exported_graphs_are_tensorrt_shaped(artifact):
+    out, _ = artifact
+    fp32 = onnx.load(str(out / "model.fp32.onnx"))
+    ops = {n.op_type for n in fp32.graph.node}
+    assert not ops & {"TopK", "Sort", "RandomNormal", "RandomNormalLike", "RandomUniform",
+                      "RandomUniformLike", "Multinomial"}
+    assert fp32.opset_import[0].version >= 17
+    int8 = onnx.load(str(out / "model.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    # Nothing in the selection path is quantized or lowered to FP16.
+    for model in (int8, onnx.load(str(out / "model.fp16.onnx"))):
+        sel = [n for n in model.graph.node if n.name.startswith("/model/selector")]
+        assert sel and not any(n.op_type == "QuantizeLinear" for n in sel)
+        casts = [n for n in sel if n.op_type == "Cast"
+                 and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)]
+        assert not casts
+
+
+def test_reference_data_loads_in_polygraphy(artifact):
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    out, _ = artifact
+    results = RunResults.load(str(out / "reference" / "outputs.json"))
+    inputs = load_json(str(out / "reference" / "inputs.json"))
+    assert len(results[0][1]) == len(inputs) >= 1
+    assert set(inputs[0]) == {"video", "input_ids", "attention_mask"}
+
+
+def test_existing_directory_needs_force(artifact, small_val):
+    out, _ = artifact
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(UserError, match="--force"):
+        run_export(ExportOptions(ckpt="demo", precisions=("fp32",), val_data=str(small_val),
+                                 out=str(out)))
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_cli_exit_codes_for_bad_input(tmp_path, capsys):
+    assert export.main(["--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert export.main(["--ckpt", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert export.main(["--precision", "fp8"]) == 2
+    assert export.main(["--batch", "8:1:1"]) == 2
+
+
+def test_gate_fails_on_a_planted_perturbation(artifact, small_val, tmp_path, capsys):
+    import onnx_graphsurgeon as gs
+
+    out, _ = artifact
+    graph = gs.import_onnx(onnx.load(str(out / "model.fp32.onnx")))
+    logits = next(t for t in graph.outputs if t.name == "itm_logits")
+    producer = logits.inputs[0]
+    shifted = gs.Variable("itm_logits_unshifted", dtype=np.float32)
+    producer.outputs = [shifted]
+    graph.layer(op="Add", inputs=[shifted, gs.Constant("shift", np.array([1e-3, 0], np.float32))],
+                outputs=[logits])
+    planted = tmp_path / "model.fp32.onnx"
+    onnx.save(gs.export_onnx(graph.cleanup().toposort()), str(planted))
+    report = validate_onnx("demo", planted, str(small_val), task="retrieval",
+                           precision_name="fp32")
+    failed = [g for g in report["precisions"]["fp32"]["gates"] if not g["passed"]]
+    assert [g["name"] for g in failed] == ["itm_logits max abs error"]
+    code = export.main(["validate", "--onnx", str(planted), "--val-data", str(small_val),
+                        "--precision", "fp32"])
+    assert code == 1
+    assert "FAIL  itm_logits max abs error" in capsys.readouterr().out
+
+
+def test_calibration_refuses_random_and_too_small_data(artifact, tmp_path):
+    out, _ = artifact
+    contract = IOContract.from_dict(json.loads((out / "manifest.json").read_text())["contract"])
+    tok = Tokenizer.default()
+    rng = np.random.default_rng(0)
+    noise = write_data_dir(tmp_path / "noise", [
+        (f"n{i}.mp4", rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), "static noise")
+        for i in range(MIN_CALIBRATION_CLIPS)])
+    with pytest.raises(CalibrationDataError, match="random noise"):
+        to_int8(out / "model.fp32.onnx", tmp_path / "x.onnx", load_feeds(noise, contract, tok))
+    few = copy_clips(tmp_path / "few", 4, split="calib")
+    with pytest.raises(CalibrationDataError, match=f"at least {MIN_CALIBRATION_CLIPS}"):
+        to_int8(out / "model.fp32.onnx", tmp_path / "x.onnx", load_feeds(few, contract, tok))
+
+
+def test_gates_hold_on_awkward_real_clips(artifact, tmp_path):
+    """Static clips, clips shorter than T, odd aspect ratios and over-long captions, made from
+    demo frames: the FP16 gates hold (ties of static clips count as near-ties at most)."""
+    from twbert_export.preprocess import read_frames
+
+    out, _ = artifact
+    src = sorted((copy_clips(tmp_path / "src", 4)).glob("videos/*.mp4"))
+    frames = [np.stack(read_frames(p, 32)) for p in src]
+    long_caption = "the camera pans left over a cat " * 12
+    clips = [("static.mp4", np.repeat(frames[0][:1], 16, axis=0), "a still photograph"),
+             ("short.mp4", frames[1][:3], long_caption),
+             ("wide.mp4", np.ascontiguousarray(frames[2][:, 20:76, :, :]), "a wide view"),
+             ("tall.mp4", np.ascontiguousarray(frames[3][:, :, 30:70, :]), "a tall view")]
+    awkward = write_data_dir(tmp_path / "awkward", clips)
+    report = validate_onnx("demo", out / "model.fp16.onnx", str(awkward))
+    result = report["precisions"]["fp16"]
+    assert result["passed"], [g for g in result["gates"] if not g["passed"]]
+
+
+def test_predict_ranks_videos_and_answers_questions(artifact, small_val, capsys):
+    out, _ = artifact
+    videos = sorted(str(p) for p in (small_val / "videos").glob("*.mp4"))[:3]
+    caption = json.loads((small_val / "annotations.jsonl").read_text().splitlines()[0])["caption"]
+    args = ["predict", "--model", str(out / "model.fp16.onnx"), "--text", caption, "--json"]
+    for v in videos:
+        args += ["--video", v]
+    assert export.main(args) == 0
+    ranking = json.loads(capsys.readouterr().out)["ranking"]
+    assert sorted(r["video"] for r in ranking) == sorted(videos)
+    assert all(0.0 <= r["match_probability"] <= 1.0 for r in ranking)
+    assert export.main(["predict", "--model", str(out / "model.fp16.onnx"), "--video",
+                        str(out / "missing.mp4"), "--text", "x"]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+
+
+def test_predict_needs_no_torch(artifact, small_val):
+    out, _ = artifact
+    video = sorted((small_val / "videos").glob("*.mp4"))[0]
+    code = (
+        "import sys, runpy\n"
+        "class Block:\n"
+        "    def find_module(self, name, path=None): return self if name.split('.')[0] == 'torch' else None\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = ['export.py', 'predict', '--model', {str(out / 'model.fp32.onnx')!r}, "
+        f"'--video', {str(video)!r}, '--text', 'a cat']\n"
+        f"runpy.run_path({str(REPO / 'export.py')!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "match" in proc.stdout
+
+
+def test_import_twbert_export_needs_no_heavy_dependency():
+    code = ("import sys, twbert_export, twbert_export.contract, twbert_export.preprocess, "
+            "twbert_export.lint, twbert_export.metrics, twbert_export.assets\n"
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'modelopt', 'tensorrt', "
+            "'polygraphy') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,24 @@
+"""The README's two commands are the contract, and CI runs exactly them."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```\n(.*?)```", quick_start, re.S)][:2]
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    setup, tests = readme_commands()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert setup.startswith("python3 -m venv .venv") and setup in ci
+    assert "pytest" in tests and tests in ci
+
+
+def test_readme_setup_installs_the_pinned_cpu_torch_first():
+    setup, _ = readme_commands()
+    assert setup.index("torch==2.13.0") < setup.index("pip install -e .")

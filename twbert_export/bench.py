@@ -1,0 +1,130 @@
+"""Latency and throughput of an exported artifact per backend (a benchmark, not a test).
+
+    python -m twbert_export.bench --artifact engines/NAME --backends torch,ort-fp32,ort-fp16,ort-int8 \
+        --batch 1,8 --threads 2 --json bench.json
+
+Each backend runs in its own process (so its peak memory is its own), with the same number of
+threads, on the artifact's reference-shaped random inputs: warm-up runs, then timed runs;
+p50 / p90 latency, samples per second and peak resident memory. `torch` is the PyTorch reference
+(hard selection) built from the checkpoint named in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import IOContract
+from .onnx_export import example_feed
+
+BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8")
+
+
+def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    if backend == "torch":
+        import torch
+
+        from model import load_checkpoint
+
+        from .runners import make_torch_runner
+
+        torch.set_num_threads(threads)
+        model, _ = load_checkpoint(manifest["checkpoint"]["path"])
+        if model.cfg.selector.schedule != contract.schedule:
+            from .pipeline import _with_schedule
+
+            model = _with_schedule(model, contract.schedule)
+        return make_torch_runner(model, contract, "hard", "torch")
+    from .runners import ort_runner
+
+    precision = backend.split("-", 1)[1]
+    path = artifact / manifest["files"][precision]["path"]
+    return ort_runner(path, name=backend, threads=threads)
+
+
+def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int, repeat: int
+            ) -> dict[str, Any]:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    contract = IOContract.from_dict(manifest["contract"])
+    feed = example_feed(contract, batch)
+    runner = _runner(artifact, backend, contract, threads)
+    times = []
+    with runner:
+        for i in range(warmup + repeat):
+            start = time.perf_counter()
+            runner.infer(feed)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1e3
+    return {"backend": backend, "batch": batch, "threads": threads, "runs": repeat,
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "samples_per_s": float(batch / np.median(ms) * 1e3),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twbert_export.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True, help="an export.py artifact directory")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--threads", type=int, default=2, help="the same for every backend")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    ap.add_argument("--worker", nargs=2, metavar=("BACKEND", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    artifact = Path(args.artifact)
+    if args.worker:
+        row = measure(artifact, args.worker[0], int(args.worker[1]), args.threads, args.warmup,
+                      args.repeat)
+        print(json.dumps(row))
+        return 0
+    if not (artifact / "manifest.json").is_file():
+        print(f"error: {artifact} is not an artifact directory (no manifest.json)",
+              file=sys.stderr)
+        return 2
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    missing = [b for b in backends if b.startswith("ort-") and b[4:] not in manifest["files"]]
+    if unknown or missing:
+        print(f"error: unknown backends {unknown} or not in the artifact {missing}",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        for backend in backends:
+            cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
+                   "--threads", str(args.threads), "--warmup", str(args.warmup),
+                   "--repeat", str(args.repeat), "--worker", backend, str(batch)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"error: {backend} batch {batch} failed:\n{proc.stderr[-2000:]}",
+                      file=sys.stderr)
+                return 1
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  {backend:<9} batch {batch}: p50 {r['p50_ms']:.1f} ms", file=sys.stderr)
+    print(f"{'backend':<10}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'samples/s':>11}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['backend']:<10}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}"
+              f"{r['samples_per_s']:>11.1f}{r['peak_rss_mb']:>9.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"artifact": str(artifact),
+                                               "schedule": manifest["schedule"],
+                                               "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
