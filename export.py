@@ -48,11 +48,18 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def run_export(argv: list[str]) -> int:
+    from twbert_export.calibration import CalibrationDataError
     from twbert_export.pipeline import ExportOptions, UserError, summary_table, tensorrt_available
     from twbert_export.pipeline import run_export as export
+    from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
+    try:
+        gates = parse_gate_overrides(args.gate)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         opts = ExportOptions(
             ckpt=args.ckpt, precisions=tuple(p.strip() for p in args.precision.split(",")),
@@ -60,10 +67,10 @@ def run_export(argv: list[str]) -> int:
             max_text_len=args.max_text_len, calib_data=args.calib_data,
             calib_method=args.calib_method, val_data=args.val_data, out=args.out,
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
-            on_error=args.on_error, gates=parse_gate_overrides(args.gate),
-            calib_cache=not args.no_calib_cache)
+            on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache)
         report = export(opts)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, CalibrationDataError, VideoDecodeError, AnnotationError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         print("hint: python export.py --help", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -88,6 +95,7 @@ def run_export(argv: list[str]) -> int:
 
 def run_validate(argv: list[str]) -> int:
     from twbert_export.pipeline import UserError, validate_onnx
+    from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",
@@ -106,10 +114,15 @@ def run_validate(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     try:
+        gates = parse_gate_overrides(args.gate)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
         report = validate_onnx(args.ckpt, args.onnx, args.val_data, args.task, args.precision,
-                               parse_gate_overrides(args.gate), args.tokenizer,
+                               gates, args.tokenizer,
                                args.trust_checkpoint, args.on_error)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, VideoDecodeError, AnnotationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
