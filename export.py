@@ -94,6 +94,7 @@ def run_export(argv: list[str]) -> int:
 
 
 def run_validate(argv: list[str]) -> int:
+    from twbert_export.calibration import CalibrationDataError
     from twbert_export.pipeline import UserError, validate_onnx
     from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import parse_gate_overrides
@@ -122,7 +123,8 @@ def run_validate(argv: list[str]) -> int:
         report = validate_onnx(args.ckpt, args.onnx, args.val_data, args.task, args.precision,
                                gates, args.tokenizer,
                                args.trust_checkpoint, args.on_error)
-    except (UserError, VideoDecodeError, AnnotationError, FileNotFoundError) as e:
+    except (UserError, CalibrationDataError, VideoDecodeError, AnnotationError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
