@@ -5,6 +5,7 @@
     python export.py validate --ckpt CKPT --onnx engines/NAME/model.fp16.onnx [--val-data DIR]
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
                      (--text "a caption" | --question "...")
+    python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto]   (needs TensorRT)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
@@ -83,11 +84,15 @@ def run_export(argv: list[str]) -> int:
         print(f"\nvalidation FAILED for {', '.join(failed)}: see {out}/report.md", file=sys.stderr)
         return EXIT_GATE_FAILED
     ok, why = tensorrt_available()
-    print(f"\nTensorRT engine build skipped here: {why}; validation passed, artifacts are "
-          "ready to build on the device." if not ok else
-          "\nTensorRT is present, but this version does not build engines yet: use the "
-          "commands below.")
-    print("next, on the target device (TensorRT 10+), inside the artifact directory:")
+    if ok:
+        from twbert_export.trt.cli import build_main
+
+        onnx = report["next_onnx"]
+        print(f"\nTensorRT and a GPU are present: building {onnx}")
+        return build_main(["--onnx", onnx, "--target", "auto"])
+    print(f"\nTensorRT engine build skipped here: {why}. Validation passed; the artifacts are "
+          "ready to build on the device.")
+    print("next, copy the directory to the device and run inside it:")
     for command in report["next_commands"]:
         print(f"  {command}")
     return 0
@@ -138,6 +143,12 @@ def run_validate(argv: list[str]) -> int:
     return EXIT_GATE_FAILED if failed else 0
 
 
+def run_build(argv: list[str]) -> int:
+    from twbert_export.trt.cli import build_main
+
+    return build_main(argv)
+
+
 def run_predict(argv: list[str]) -> int:
     from twbert_export.predict import main
 
@@ -146,7 +157,7 @@ def run_predict(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"validate": run_validate, "predict": run_predict}
+    commands = {"validate": run_validate, "predict": run_predict, "build": run_build}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "export":

@@ -26,6 +26,7 @@ from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner, run_batches
+from .trt.commands import write_device_kit
 from .util import Stopwatch, file_sha256, human_size, require, write_json, write_text
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
@@ -147,12 +148,6 @@ def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
             f"--check-error-stat max")
 
 
-def trtexec_shapes(contract: IOContract) -> str:
-    shapes = contract.profile_shapes()
-    flag = lambda i: ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shapes.items())  # noqa
-    return f"--minShapes={flag(0)} --optShapes={flag(1)} --maxShapes={flag(2)}"
-
-
 # -- the job --------------------------------------------------------------------------------------
 def run_export(opts: ExportOptions) -> dict[str, Any]:
     """Run every stage and return the report (its gate verdicts included: the caller decides the
@@ -211,6 +206,7 @@ def run_export(opts: ExportOptions) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["out"] = str(out)
+    report["next_onnx"] = str(out / f"model.{precisions[-1]}.onnx")
     return report
 
 
@@ -281,8 +277,8 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         write_json(work / "answers.json", answers)
     last = precisions[-1]
     next_commands = [
-        f"trtexec --onnx=model.{last}.onnx --stronglyTyped --saveEngine=model.{last}.engine "
-        f"{trtexec_shapes(contract)}",
+        f"./build_on_device.sh model.{last}.onnx   # trtexec for the TensorRT it finds",
+        f"python3 export.py build --onnx model.{last}.onnx --target auto",
         polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
     report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
               "next_commands": next_commands,
@@ -305,6 +301,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         "answers": "answers.json" if answers else None,
     }
     write_json(work / "manifest.json", manifest)
+    write_device_kit(work, manifest)
     write_text(work / "report.md", render_report_md(manifest, report))
     return report
 

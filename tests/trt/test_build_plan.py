@@ -1,0 +1,187 @@
+"""Build-path selection, option checks and the direct TensorRT API path, against a recording
+stand-in for the `tensorrt` module (the calls and flags, not TensorRT's behaviour)."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from trtdata import artifact_manifest, tiny_contract
+
+from twbert_export.trt import build as build_mod
+from twbert_export.trt.build import BuildError, BuildOptions, plan_for
+from twbert_export.trt.cli import build_main
+from twbert_export.trt.engine_manifest import read_manifest
+from twbert_export.trt.targets import PRESETS, Platform
+
+
+@pytest.mark.parametrize("version, precision, typed, fp16, int8", [
+    ("11.0.0.1", "int8", True, False, False),
+    ("10.3.0", "fp16", True, False, False),
+    ("10.13.0.35", "fp32", True, False, False),
+    ("8.6.2", "fp16", False, True, False),
+    ("8.6.2", "int8", False, True, True),
+    ("8.5.2.2", "fp32", False, False, False),
+])
+def test_build_path_per_tensorrt_version(version, precision, typed, fp16, int8):
+    plan = plan_for(version, precision)
+    assert (plan.strongly_typed, plan.fp16_flag, plan.int8_flag) == (typed, fp16, int8)
+    assert ("strongly typed" in plan.describe()) == typed
+
+
+def test_tensorrt_older_than_85_is_refused():
+    with pytest.raises(BuildError, match="8.5"):
+        plan_for("8.4.1", "fp16")
+
+
+def test_options_default_from_target_and_check_dla():
+    opts = BuildOptions(Path("a/model.fp16.onnx"), tiny_contract(), "fp16", PRESETS["agx-orin"])
+    assert opts.engine == Path("a/model.fp16.engine") and opts.workspace_mb == 4096
+    opts.dla_core = 1
+    opts.check()
+    assert set(map(tuple, opts.profile_shapes()["video"])) == {(2, 4, 3, 32, 32)}  # static OPT
+    opts.dla_core = 2
+    with pytest.raises(ValueError, match="DLA cores 0..1"):
+        opts.check()
+    nano = BuildOptions(Path("m.fp16.onnx"), tiny_contract(), "fp16", PRESETS["orin-nano-8gb"],
+                        dla_core=0)
+    with pytest.raises(ValueError, match="has no DLA"):
+        nano.check()
+    fp32 = BuildOptions(Path("m.fp32.onnx"), tiny_contract(), "fp32", PRESETS["agx-orin"],
+                        dla_core=0)
+    with pytest.raises(ValueError, match="FP16 and INT8 only"):
+        fp32.check()
+
+
+# -- a recording stand-in for tensorrt ------------------------------------------------------------
+class Rec:
+    def __init__(self, log, name):
+        self._log, self._name = log, name
+
+    def __getattr__(self, attr):
+        def call(*args):
+            self._log.append((f"{self._name}.{attr}", args))
+            return Rec(self._log, attr)
+        return call
+
+    def __setattr__(self, key, value):
+        if key.startswith("_"):
+            object.__setattr__(self, key, value)
+        else:
+            self._log.append((f"{self._name}.{key}=", (value,)))
+
+
+def fake_tensorrt(version, log):
+    enum = lambda *names: types.SimpleNamespace(**{n: i for i, n in enumerate(names)})  # noqa
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.NetworkDefinitionCreationFlag = (enum("EXPLICIT_BATCH", "EXPLICIT_PRECISION",
+                                              "STRONGLY_TYPED") if int(version.split(".")[0]) < 11
+                                         else enum("STRONGLY_TYPED"))
+    flags = ["FP16", "INT8", "DEBUG", "GPU_FALLBACK", "TF32", "VERSION_COMPATIBLE"]
+    if version.startswith("11"):
+        flags = [f for f in flags if f not in ("FP16", "INT8")]
+    trt.BuilderFlag = enum(*flags)
+    trt.MemoryPoolType = enum("WORKSPACE")
+    trt.DeviceType = enum("GPU", "DLA")
+    trt.Dims = lambda shape: tuple(shape)
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Parser(Rec):
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            super().__init__(log, "parser")
+
+        def parse_from_file(self, path):
+            log.append(("parser.parse_from_file", (path,)))
+            return True
+
+    class Builder(Rec):
+        def __init__(self, logger):
+            super().__init__(log, "builder")
+
+        def build_serialized_network(self, network, config):
+            log.append(("builder.build_serialized_network", ()))
+            return b"PLAN"
+
+    class Config(Rec):
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: b"CACHE")
+
+    trt.Logger, trt.OnnxParser, trt.Builder = Logger, Parser, Builder
+    Builder.create_builder_config = lambda self: Config(log, "config")
+    return trt
+
+
+def run_fake_build(tmp_path, monkeypatch, version, precision, **kw):
+    log: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, log))
+    monkeypatch.setattr(build_mod, "query_cuda_device", lambda: ("NVIDIA H100", "9.0"))
+    onnx = tmp_path / f"model.{precision}.onnx"
+    onnx.write_bytes(b"onnx")
+    opts = BuildOptions(onnx, tiny_contract(), precision, PRESETS["datacenter"],
+                        timing_cache=tmp_path / "timing.cache", use_polygraphy=False, **kw)
+    result = build_mod.build_engine(opts, platform=Platform(jetson=False))
+    return result, log
+
+
+def names(log):
+    return [n for n, _ in log]
+
+
+def test_tensorrt_11_build_makes_no_weak_typing_call(tmp_path, monkeypatch):
+    result, log = run_fake_build(tmp_path, monkeypatch, "11.0.0", "int8")
+    assert ("builder.create_network", (1 << 0,)) in log  # 1 << STRONGLY_TYPED (0 on 11)
+    set_flags = [args[0] for n, args in log if n == "config.set_flag"]
+    assert set_flags == []  # no FP16/INT8 (they do not even exist on 11)
+    assert result.engine.read_bytes() == b"PLAN"
+    assert (tmp_path / "timing.cache").read_bytes() == b"CACHE"
+    manifest = read_manifest(result.engine)
+    assert manifest.build_path == "strongly-typed" and manifest.machine.compute_capability == "9.0"
+    assert manifest.profile_shapes["video"][2] == [4, 4, 3, 32, 32]
+
+
+def test_tensorrt_10_build_is_strongly_typed_with_profile_workspace_and_cache(tmp_path,
+                                                                              monkeypatch):
+    (tmp_path / "timing.cache").write_bytes(b"OLD")
+    _, log = run_fake_build(tmp_path, monkeypatch, "10.3.0", "fp16", version_compatible=True)
+    assert ("builder.create_network", (1 << 2,)) in log
+    assert ("config.set_memory_pool_limit", (0, 8192 << 20)) in log
+    assert ("config.builder_optimization_level=", (3,)) in log
+    assert ("config.create_timing_cache", (b"OLD",)) in log  # reused across builds
+    assert ("config.set_flag", (5,)) in log  # VERSION_COMPATIBLE
+    assert not [a for n, a in log if n == "config.set_flag" and a[0] in (0, 1)]  # no FP16/INT8
+    shapes = [a for n, a in log if n == "create_optimization_profile.set_shape"]
+    assert shapes[0] == ("video", (1, 4, 3, 32, 32), (2, 4, 3, 32, 32), (4, 4, 3, 32, 32))
+
+
+def test_tensorrt_86_int8_uses_flags_and_explicit_batch(tmp_path, monkeypatch):
+    _, log = run_fake_build(tmp_path, monkeypatch, "8.6.2", "int8")
+    assert ("builder.create_network", (1 << 0,)) in log  # EXPLICIT_BATCH
+    assert ("config.set_flag", (0,)) in log and ("config.set_flag", (1,)) in log  # FP16, INT8
+    assert ("config.clear_flag", (4,)) in log  # TF32 off
+
+
+def test_cli_without_tensorrt_points_to_the_device_kit(tmp_path, capsys):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps(artifact_manifest()))
+    (tmp_path / "model.fp16.onnx").write_bytes(b"onnx")
+    code = build_main(["--onnx", str(tmp_path / "model.fp16.onnx"), "--target", "orin-nx"])
+    err = capsys.readouterr()
+    assert "target     orin-nx" in err.out
+    if "tensorrt" in sys.modules:  # pragma: no cover - a machine with TensorRT
+        pytest.skip("TensorRT is installed")
+    assert code == 2 and "build_on_device.sh" in err.err
+
+
+def test_cli_refuses_a_file_outside_an_artifact(tmp_path, capsys):
+    (tmp_path / "x.onnx").write_bytes(b"onnx")
+    assert build_main(["--onnx", str(tmp_path / "x.onnx"), "--target", "thor"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

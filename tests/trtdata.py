@@ -1,0 +1,53 @@
+"""Shared helpers for tests/trt: recorded device strings and a tiny artifact manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twbert_export.contract import BatchRange, IOContract, TensorSpec
+
+# /etc/nv_tegra_release as JetPack writes it (one line, then the kernel-variant comment lines).
+TEGRA_R35_4_1 = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
+                 "DATE: Tue Aug  1 19:57:35 UTC 2023\n"
+                 "# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n")
+TEGRA_R36_3_0 = ("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, "
+                 "DATE: Mon May  6 17:34:21 UTC 2024\n")
+TEGRA_R36_4_3 = ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
+                 "DATE: Wed Jan  8 01:49:37 UTC 2025\n")
+TEGRA_R38_2_0 = ("# R38 (release), REVISION: 2.0, GCID: 41844464, BOARD: generic, EABI: aarch64, "
+                 "DATE: Fri Aug 22 00:55:42 UTC 2025\n")
+# /proc/device-tree/model ends in a NUL byte.
+MODEL_ORIN_NANO = "NVIDIA Jetson Orin Nano Developer Kit\x00"
+MODEL_ORIN_NX = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00"
+MODEL_AGX_ORIN = "NVIDIA Jetson AGX Orin Developer Kit\x00"
+MODEL_THOR = "NVIDIA Jetson AGX Thor Developer Kit\x00"
+MEMINFO_8GB = "MemTotal:        7620344 kB\nMemFree:         5123456 kB\n"
+MEMINFO_4GB = "MemTotal:        3794668 kB\nMemFree:         2123456 kB\n"
+# nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader
+SMI_H100 = "NVIDIA H100 80GB HBM3, 9.0, 81559 MiB\n"
+SMI_TWO_GPUS = "NVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\nNVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\n"
+SMI_T4 = "Tesla T4, 7.5, 15360 MiB\n"
+SMI_NO_DEVICE = "No devices were found\n"
+
+
+def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:
+    B = "batch"
+    return IOContract(
+        inputs=(TensorSpec("video", "float32", (B, 4, 3, 32, 32)),
+                TensorSpec("input_ids", "int64", (B, 8)),
+                TensorSpec("attention_mask", "int64", (B, 8))),
+        outputs=(TensorSpec("itm_logits", "float32", (B, 2)),
+                 TensorSpec("itc_sim", "float32", (B,)),
+                 TensorSpec("frame_scores_1", "float32", (B, 4)),
+                 TensorSpec("frame_indices_1", "int64", (B, 2))),
+        batch=batch, schedule="4-2")
+
+
+def artifact_manifest(precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
+                      contract: IOContract | None = None) -> dict[str, Any]:
+    """The keys of manifest.json that the device kit reads."""
+    contract = contract or tiny_contract()
+    return {"format": "twbert-export-artifact", "format_version": 1,
+            "schedule": contract.schedule, "contract": contract.to_dict(),
+            "files": {p: {"path": f"model.{p}.onnx", "sha256": f"{i}" * 64, "bytes": 1000}
+                      for i, p in enumerate(precisions)}}

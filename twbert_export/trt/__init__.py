@@ -1,0 +1,13 @@
+"""TensorRT engines from the precision-explicit ONNX files of an artifact.
+
+- `targets`: device presets (Orin Nano 8GB, Orin NX, AGX Orin, Thor, data-centre) and detection.
+- `commands`: trtexec / `build_on_device.sh` / DEPLOY.md, the device kit of every export.
+- `engine_manifest`: the sidecar manifest of an engine and the preflight that reads it.
+- `build`: the TensorRT build (strongly typed on TensorRT >= 10, precision flags on 8.5/8.6).
+- `runtime`: a TensorRT runner with the interface of the ONNX Runtime and PyTorch runners.
+- `cli`: `python export.py build ...`.
+
+Importing any of these imports neither tensorrt, pycuda, cuda-python nor torch: a Jetson with
+only TensorRT and numpy runs `build` and `runtime`, and a machine without TensorRT still writes
+the device kit.
+"""
