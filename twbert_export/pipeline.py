@@ -278,7 +278,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     last = precisions[-1]
     next_commands = [
         f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
-        f"python3 export.py build --onnx model.{last}.onnx --target auto",
+        f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
         polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
     report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
               "next_commands": next_commands,
