@@ -69,11 +69,18 @@ class StageLog:
     def line(self, name: str, seconds: float, path: Path | None = None, note: str = "") -> None:
         self.done += 1
         size = human_size(path.stat().st_size) if path and path.is_file() else ""
-        shown = str(path) if path else ""
+        shown = _relative(path) if path else ""
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
               f"{'  ' + note if note else ''}", file=self.stream, flush=True)
         self.rows.append({"stage": name, "path": shown, "size": size, "seconds": seconds,
                           "note": note})
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def default_name(ckpt: str, task: str, schedule: str) -> str:
