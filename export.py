@@ -48,20 +48,31 @@ def export_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run_export(argv: list[str]) -> int:
+def input_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises: each is reported as one line with exit code 2."""
     from twbert_export.calibration import CalibrationDataError
-    from twbert_export.pipeline import ExportOptions, UserError, summary_table, tensorrt_available
-    from twbert_export.pipeline import run_export as export
+    from twbert_export.pipeline import UserError
     from twbert_export.preprocess import AnnotationError, VideoDecodeError
+    from twbert_export.validate import GateSpecError
+
+    return (UserError, CalibrationDataError, VideoDecodeError, AnnotationError, GateSpecError,
+            FileNotFoundError)
+
+
+def bad_input(error: Exception, hint: str) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    print(f"hint: {hint}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def run_export(argv: list[str]) -> int:
+    from twbert_export.pipeline import ExportOptions, summary_table, tensorrt_available
+    from twbert_export.pipeline import run_export as export
     from twbert_export.validate import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
     try:
         gates = parse_gate_overrides(args.gate)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
         opts = ExportOptions(
             ckpt=args.ckpt, precisions=tuple(p.strip() for p in args.precision.split(",")),
             task=args.task, schedule=args.schedule, batch=args.batch,
@@ -70,11 +81,8 @@ def run_export(argv: list[str]) -> int:
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
             on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache)
         report = export(opts)
-    except (UserError, CalibrationDataError, VideoDecodeError, AnnotationError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        print("hint: python export.py --help", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except input_errors() as e:
+        return bad_input(e, "python export.py --help")
     print()
     print(summary_table(report))
     out = report["out"]
@@ -99,9 +107,7 @@ def run_export(argv: list[str]) -> int:
 
 
 def run_validate(argv: list[str]) -> int:
-    from twbert_export.calibration import CalibrationDataError
-    from twbert_export.pipeline import UserError, validate_onnx
-    from twbert_export.preprocess import AnnotationError, VideoDecodeError
+    from twbert_export.pipeline import validate_onnx
     from twbert_export.validate import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",
@@ -120,18 +126,11 @@ def run_validate(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     try:
-        gates = parse_gate_overrides(args.gate)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
         report = validate_onnx(args.ckpt, args.onnx, args.val_data, args.task, args.precision,
-                               gates, args.tokenizer,
+                               parse_gate_overrides(args.gate), args.tokenizer,
                                args.trust_checkpoint, args.on_error)
-    except (UserError, CalibrationDataError, VideoDecodeError, AnnotationError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except input_errors() as e:
+        return bad_input(e, "python export.py validate --help")
     if args.json:
         import json
 

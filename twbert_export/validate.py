@@ -48,6 +48,10 @@ DEFAULT_GATES: dict[str, Gate] = {
 LOGIT_OUTPUTS = ("itm_logits", "itc_sim", "qa_logits")
 
 
+class GateSpecError(ValueError):
+    """A --gate override that does not parse."""
+
+
 def parse_gate_overrides(items: list[str]) -> dict[str, Gate]:
     """['fp16.min_identical=0.98', 'fp32.logits_atol=1e-3'] -> gates with those values."""
     gates = dict(DEFAULT_GATES)
@@ -56,7 +60,7 @@ def parse_gate_overrides(items: list[str]) -> dict[str, Gate]:
         key, _, value = item.partition("=")
         precision, _, name = key.partition(".")
         if precision not in gates or name not in fields or not value:
-            raise ValueError(f"--gate {item!r}: expected PRECISION.FIELD=VALUE with PRECISION in "
+            raise GateSpecError(f"--gate {item!r}: expected PRECISION.FIELD=VALUE with PRECISION in "
                              f"{list(gates)} and FIELD in {list(fields)}")
         if value.lower() == "none":
             parsed: Any = None
@@ -65,7 +69,10 @@ def parse_gate_overrides(items: list[str]) -> dict[str, Gate]:
         elif name == "metric_keys":
             parsed = tuple(v for v in value.split(",") if v)
         else:
-            parsed = float(value)
+            try:
+                parsed = float(value)
+            except ValueError:
+                raise GateSpecError(f"--gate {item!r}: {value!r} is not a number") from None
         gates[precision] = dataclasses.replace(gates[precision], **{name: parsed})
     return gates
 
