@@ -259,10 +259,12 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         rep.seconds = sw.seconds
         precision_reports[p] = rep.to_dict()
         kept = len(rep.kept_fp32_range)
+        int8 = rep.calibration.get("int8_nodes")
         stages.line(p, sw.seconds, out / files[p].name,
-                    f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} kept FP32 "
-                    f"for range" + (f" ({rep.cache.split()[0]} calibration cache)"
-                                    if rep.cache else ""))
+                    (f"{int8} INT8 layers, " if int8 else "")
+                    + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other nodes "
+                    "kept FP32 by AutoCast" + (f" ({rep.cache.split()[0]} calibration cache)"
+                                               if rep.cache else ""))
 
     # -- validation ------------------------------------------------------------------------------
     with Stopwatch() as sw:

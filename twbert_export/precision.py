@@ -200,7 +200,13 @@ def to_report_from(src: str | Path, dst: str | Path, calibration: dict[str, Any]
                    ) -> PrecisionReport:
     onnx = require("onnx", "to inspect the graph")
     model = onnx.load(str(dst))
-    low, total, selection, by_range = _classify(onnx.load(str(src)), model)
+    low, total, selection, kept = _classify(onnx.load(str(src)), model)
+    # Nodes fed by DequantizeLinear run in INT8 (TensorRT fuses Q/DQ into the layer); their
+    # FP32 type in the file is that of the dequantized values, not a range decision.
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8_nodes = {n.name for n in model.graph.node if dequantized.intersection(n.input)}
+    by_range = [n for n in kept if n not in int8_nodes and n not in selection]
     qdq = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
     return PrecisionReport("int8", selection, by_range, low, total,
-                           calibration={**calibration, "quantized_tensors": qdq})
+                           calibration={**calibration, "quantized_tensors": qdq,
+                                        "int8_nodes": len(int8_nodes)})
