@@ -56,7 +56,7 @@ def test_short_training_run_saves_resumes_and_evaluates(small_data, tmp_path):
     out = tmp_path / "run"
     args = ["--data", str(small_data), "--val-data", str(small_data), "--out", str(out),
             "--epochs", "1", "--batch-size", "6", "--on-error", "skip"]
-    result = train(build_parser().parse_args(args))
+    train(build_parser().parse_args(args))
     assert (out / "best.pt").is_file() and (out / "resume.pt").is_file()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1] and "val" in log[0]

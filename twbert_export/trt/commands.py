@@ -142,7 +142,7 @@ def build_script(manifest: dict[str, Any]) -> str:
         f"  *) echo \"precision '$PRECISION' is not in this artifact ({' '.join(files)})\" >&2;"
         " exit 2 ;;",
         "esac",
-        f"ENGINE=\"${{ONNX%.onnx}}.engine\"",
+        "ENGINE=\"${ONNX%.onnx}.engine\"",
         f"WORKSPACE_MB=\"${{WORKSPACE_MB:-{DEFAULT_WORKSPACE_MB}}}\"",
         'OPT_LEVEL="${OPT_LEVEL:-3}"',
         'if [ -z "${TRT_VERSION:-}" ]; then',
