@@ -1,8 +1,6 @@
 """The export job end to end on the demo checkpoint (tiny preset), on the CPU."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from twbert_export.pipeline import ExportOptions, UserError, run_export, validat
 from twbert_export.precision import to_int8
 from twbert_export.preprocess import Tokenizer
 
+from blocked_imports import run_without
 from clipdata import copy_clips, write_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,25 +179,18 @@ def test_predict_needs_no_torch(artifact, small_val):
     out, _ = artifact
     video = sorted((small_val / "videos").glob("*.mp4"))[0]
     code = (
-        "import sys, runpy\n"
-        "class Block:\n"
-        "    def find_module(self, name, path=None): return self if name.split('.')[0] == 'torch' else None\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        "import runpy\n"
         f"sys.argv = ['export.py', 'predict', '--model', {str(out / 'model.fp32.onnx')!r}, "
         f"'--video', {str(video)!r}, '--text', 'a cat']\n"
         f"runpy.run_path({str(REPO / 'export.py')!r}, run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    proc = run_without(("torch",), code)
     assert proc.returncode == 0, proc.stderr
     assert "match" in proc.stdout
 
 
 def test_import_twbert_export_needs_no_heavy_dependency():
-    code = ("import sys, twbert_export, twbert_export.contract, twbert_export.preprocess, "
-            "twbert_export.lint, twbert_export.metrics, twbert_export.assets\n"
-            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'modelopt', 'tensorrt', "
-            "'polygraphy') if m in sys.modules]\n"
-            "assert not heavy, heavy")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    heavy = ("torch", "onnx", "onnxruntime", "modelopt", "tensorrt", "polygraphy")
+    proc = run_without(heavy, "import twbert_export, twbert_export.contract, "
+                              "twbert_export.preprocess, twbert_export.lint, "
+                              "twbert_export.metrics, twbert_export.assets\n")
     assert proc.returncode == 0, proc.stderr
