@@ -182,7 +182,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
                      op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
                      high_precision_dtype="fp32", disable_mha_qdq=True,
                      output_path=str(qdq), log_level="ERROR")
-        fp16 = to_fp16(qdq, Path(tmp) / "model.int8.onnx", calib, op_types_to_exclude=QDQ_OPS)
+        to_fp16(qdq, Path(tmp) / "model.int8.onnx", calib, op_types_to_exclude=QDQ_OPS)
         shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,6 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         write_json(cached.parent / "identity.json", {"source_model_sha256": file_sha256(src),
                                                      **calibration})
     report = to_report_from(src, dst, calibration)
-    report.kept_fp32_range = fp16.kept_fp32_range
     report.cache = f"stored {cached}" if use_cache else None
     return report
 

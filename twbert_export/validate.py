@@ -160,7 +160,7 @@ class GateResult:
     detail: str
 
 
-def apply_gates(precision: str, gate: Gate, errors: dict, selection: dict[str, dict],
+def apply_gates(gate: Gate, errors: dict, selection: dict[str, dict],
                 drops: dict[str, float] | None) -> list[GateResult]:
     results = []
     if gate.logits_atol is not None:
@@ -202,7 +202,7 @@ def compare_precision(precision: str, test: dict[str, np.ndarray], ref: dict[str
     drops = None
     if test_metrics is not None and ref_metrics is not None:
         drops = metric_drops(test_metrics, ref_metrics, gate.metric_keys)
-    gates = apply_gates(precision, gate, errors, selection, drops)
+    gates = apply_gates(gate, errors, selection, drops)
     return {"outputs": errors, "selection": selection, "metric_drops_pt": drops,
             "gates": [dataclasses.asdict(g) for g in gates],
             "passed": all(g.passed for g in gates), "gate": dataclasses.asdict(gate)}
