@@ -36,6 +36,9 @@ def export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-calib-cache", action="store_true",
                     help="recalibrate even when a cached INT8 result matches model and data")
     ap.add_argument("--val-data", default="demo", help="real clips for validation")
+    ap.add_argument("--val-clips", type=int, metavar="N",
+                    help="validate on the first N clips only (retrieval runs every text-video "
+                         "pair, N^2 forwards per runner: bound it for large models)")
     ap.add_argument("--out", help="artifact directory (default engines/<ckpt>-<task>-<schedule>)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
     ap.add_argument("--gate", action="append", default=[], metavar="PRECISION.FIELD=VALUE",
@@ -79,7 +82,8 @@ def run_export(argv: list[str]) -> int:
             max_text_len=args.max_text_len, calib_data=args.calib_data,
             calib_method=args.calib_method, val_data=args.val_data, out=args.out,
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
-            on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache)
+            on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache,
+            val_limit=args.val_clips)
         report = export(opts)
     except input_errors() as e:
         return bad_input(e, "python export.py --help")

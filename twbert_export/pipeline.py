@@ -165,6 +165,8 @@ def run_export(opts: ExportOptions) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISION_ORDER)}")
     precisions = [p for p in PRECISION_ORDER if p == "fp32" or p in opts.precisions]
+    if opts.val_limit is not None and opts.val_limit < 1:
+        raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
         ckpt_path = resolve_checkpoint(opts.ckpt)
         val_dir = resolve_data(opts.val_data)

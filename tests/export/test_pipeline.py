@@ -100,6 +100,7 @@ def test_cli_exit_codes_for_bad_input(tmp_path, capsys):
     assert export.main(["--ckpt", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert export.main(["--precision", "fp8"]) == 2
     assert export.main(["--batch", "8:1:1"]) == 2
+    assert export.main(["--val-clips", "0"]) == 2
 
 
 def test_gate_fails_on_a_planted_perturbation(artifact, small_val, tmp_path, capsys):
