@@ -52,13 +52,16 @@ class TWBert(nn.Module):
         self.itm_head = nn.Linear(2 * D, 2)
         self.qa_head = QAHead(D, cfg.num_answers) if cfg.num_answers > 0 else None
         self.apply(_init_weights)
-        nn.init.trunc_normal_(self.video.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.video.cls_token, std=0.02)
-        # The authors start the time embedding at zero (it comes from a pretrained TimeSformer).
-        # From scratch, zero leaves every frame alike to the permutation-equivariant temporal
-        # attention, and the pooled outputs never learn the order (motion stayed at chance on
-        # the demo); a small random start breaks the symmetry.
-        nn.init.trunc_normal_(self.video.time_embed, std=0.02)
+        # The authors' position and time tables come from a pretrained TimeSformer (time starts
+        # at zero there). From scratch, small random tables leave the attention nearly blind to
+        # where and when a patch is: every path to the pooled outputs is then close to invariant
+        # to frame order and patch layout, and camera motion stayed at chance on the demo. Sin-cos
+        # tables (as MAE's, but learnable) let a from-scratch model read both from the start.
+        with torch.no_grad():
+            self.video.pos_embed[0, 1:] = sincos_2d(cfg.video.grid, D) * POSITION_TABLE_SCALE
+            self.video.pos_embed[0, :1] = 0.0
+            self.video.time_embed[0] = sincos_1d(cfg.video.time_embed_frames, D) * POSITION_TABLE_SCALE
         # TimeSformer starts every temporal branch but the first at zero (authors' init).
         for block in self.video.blocks[1:]:
             nn.init.zeros_(block.temporal_fc.weight)
@@ -172,6 +175,30 @@ class TWBert(nn.Module):
         out = self.heads(fused, input_ids.shape[1])
         out.update(itc_sim=sim, text_feat=text_feat, video_feat=video_feat, **video_out)
         return out
+
+
+# Sin-cos tables have entries of magnitude 1; half of that keeps them below the patch content
+# in the sum (measured on the demo: the scaled tables learned motion, see model/data/make_demo.py).
+POSITION_TABLE_SCALE = 0.5
+
+
+def sincos_1d(n: int, dim: int) -> torch.Tensor:
+    """(n, dim) sin-cos table of positions 0..n-1 (sines in the first half, cosines in the second)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos tables need an even width, got {dim}")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) * 2 / dim)
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None, :]
+    return torch.cat([angle.sin(), angle.cos()], dim=1).float()
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) table, row-major patches: half the width for the row, half for the column."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos tables need a width divisible by 4, got {dim}")
+    axis = sincos_1d(grid, dim // 2)
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -189,3 +189,24 @@ def test_bad_inputs_raise_clear_errors(tiny_model, make_inputs):
         tiny_model(video, ids[:1], mask[:1])
     with pytest.raises(ValueError, match="attention_mask"):
         tiny_model(video, ids, mask[:, :3])
+
+
+def test_from_scratch_tables_tell_every_patch_position_and_frame_apart(tiny_cfg):
+    """Sin-cos start for the position and time tables: each patch position and each frame has its
+    own embedding, of a size comparable to the patch content (small random tables left a
+    from-scratch model blind to the camera motion of the demo)."""
+    from model.twbert import POSITION_TABLE_SCALE, sincos_1d, sincos_2d
+
+    model = TWBert(tiny_cfg)
+    grid, frames = model.video.pos_embed[0, 1:], model.video.time_embed[0]
+    for table in (grid, frames):
+        distances = torch.cdist(table, table) + torch.eye(len(table)) * 1e9
+        assert distances.min() > 0.1
+    torch.testing.assert_close(grid, sincos_2d(tiny_cfg.video.grid, tiny_cfg.dim) * POSITION_TABLE_SCALE)
+    # row-major patches: the first half encodes the row, the second the column
+    table = sincos_2d(4, 8)
+    assert torch.equal(table[1, :4], table[0, :4]) and not torch.equal(table[1, 4:], table[0, 4:])
+    assert torch.equal(table[4, 4:], table[0, 4:]) and not torch.equal(table[4, :4], table[0, :4])
+    assert sincos_1d(3, 4)[0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 6)
