@@ -3,12 +3,15 @@
     python -m model.data.make_demo --out calibration/demo
 
 Each clip shows one of the photographs bundled with scikit-image (`skimage.data`: an astronaut,
-a cat, a cup of coffee, a rocket, ...) through a camera that pans left / right / up / down or zooms
-in / out. About half of the clips carry a distractor: a cut of a few frames to another photograph,
+a cat, a cup of coffee, a rocket, ...) as a print on a plain grey wall, filmed by a camera that
+pans left / right / up / down or zooms in / out: the print slides across the view or grows and
+shrinks in it. About half of the clips carry a distractor: a cut of a few frames to another photograph,
 after which the motion goes on. Camera semantics: "pans left" means the view moves left over the
-photo, so the picture content slides RIGHT in the frame; "zooms in" means the view shrinks.
+photo, so the print slides RIGHT in the frame; "zooms in" means the view shrinks (the print grows).
 A motion can only be told from frames in order: reversed, a left pan is a right pan and a zoom in
-a zoom out.
+a zoom out; start positions and sizes are randomised so that no single frame gives it away.
+(An earlier version panned over the photograph itself, filling the frame; the tiny model never
+learned the direction from that, while the print's position and size in the view it learns.)
 
 Output, OUT/{train,val,calib}, each a data directory in the layout users give their own data:
     annotations.jsonl   two lines per clip, the video path relative to the split's directory:
@@ -24,7 +27,7 @@ OUT/manifest.json     generation settings and counts; written last, so its prese
 Splits have disjoint clips (each from its own random stream). Within val and within calib every
 (photo, motion) pair occurs at most once while the split has at most 72 clips, so a caption names
 one video there; train repeats pairs with different framing, speed and brightness.
-The defaults (240 / 60 / 64 clips, 32 frames of 112x112) make about 5 MB of video in about 20 s on
+The defaults (480 / 60 / 64 clips, 32 frames of 112x112) make about 11 MB of video in about 40 s on
 two CPU cores. The whole run is deterministic given --seed (same annotations, same frames).
 """
 
@@ -76,6 +79,7 @@ CAPTION_TEMPLATES = {
 }
 SPLITS = ("train", "val", "calib")
 FPS = 8
+WALL = 100.0  # grey level of the wall around the print
 X264_OPTIONS = {"crf": "23", "preset": "veryfast", "x264-params": "asm=0"}
 
 
@@ -121,32 +125,40 @@ def render_view(photo: np.ndarray, cx: float, cy: float, side: float, size: int)
     return top * (1 - fy) + bottom * fy
 
 
+def on_wall(photo: np.ndarray) -> tuple[np.ndarray, int]:
+    """The photo as a print on a grey wall: padded on every side by its long side. Returns the
+    canvas and the padding (the print's top-left corner in canvas pixels)."""
+    h, w, _ = photo.shape
+    pad = max(h, w)
+    canvas = np.full((h + 2 * pad, w + 2 * pad, 3), WALL, np.float32)
+    canvas[pad:pad + h, pad:pad + w] = photo
+    return canvas, pad
+
+
 def camera_path(motion: str, n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3) window centre x, centre y and side for each frame of the motion, inside the photo."""
+    """(n, 3) view centre x, centre y and side for each frame of the motion, in the coordinates
+    of an (h, w) print (its centre at w/2, h/2; on_wall's canvas adds the padding)."""
     short = min(h, w)
     p = np.linspace(0.0, 1.0, n)
+    jitter_x, jitter_y = rng.uniform(-0.1, 0.1, size=2)
     if motion in ("in", "out"):
-        big, small = rng.uniform(0.85, 1.0) * short, rng.uniform(0.35, 0.45) * short
-        cx = rng.uniform(big / 2, w - big / 2)
-        cy = rng.uniform(big / 2, h - big / 2)
-        side = big * (small / big) ** p  # constant zoom rate
+        # The print's short side goes from about 40% of the view to about 90% (zoom in).
+        far, near = short / rng.uniform(0.35, 0.45), short / rng.uniform(0.8, 0.95)
+        side = far * (near / far) ** p  # constant zoom rate
         if motion == "out":
             side = side[::-1]
-        return np.stack([np.full(n, cx), np.full(n, cy), side], axis=1)
-    # A pan travels about one view width over the clip, so that between the 8 frames a small
-    # model samples the content moves by about an eighth of the view (motion a patch can see).
-    side = rng.uniform(0.45, 0.55) * short
-    horizontal = motion in ("left", "right")
-    extent = w if horizontal else h
-    room = extent - side  # range of the moving centre coordinate
-    travel = min(rng.uniform(0.8, 1.0) * side, room)
-    start = side / 2 + rng.uniform(0.0, room - travel)
-    moving = start + travel * p
+        return np.stack([w / 2 + jitter_x * side, h / 2 + jitter_y * side, side], axis=1)
+    # A pan moves the print by 35-50% of the view over the clip, centred on a random offset, so
+    # that where the print sits in one frame says nothing about the direction.
+    side = short / rng.uniform(0.55, 0.7)
+    travel = rng.uniform(0.35, 0.5) * side
+    moving = (p - 0.5) * travel + rng.uniform(-0.1, 0.1) * side
     if motion in ("left", "up"):  # the view moves towards smaller x (left) or y (up)
         moving = moving[::-1]
-    other_extent = h if horizontal else w
-    fixed = np.full(n, rng.uniform(side / 2, other_extent - side / 2))
-    cx, cy = (moving, fixed) if horizontal else (fixed, moving)
+    if motion in ("left", "right"):
+        cx, cy = w / 2 + moving, np.full(n, h / 2 + jitter_y * side)
+    else:
+        cx, cy = np.full(n, w / 2 + jitter_x * side), h / 2 + moving
     return np.stack([cx, cy, np.full(n, side)], axis=1)
 
 
@@ -168,7 +180,8 @@ def render_clip(plan: ClipPlan, photos: list[np.ndarray], frames: int,
         cut_len = int(rng.integers(3, 7))
         cut_at = int(rng.integers(frames // 4, frames - frames // 4 - cut_len + 1))
     main = camera_path(plan.motion, frames - cut_len, *photo.shape[:2], rng)
-    views = [render_view(photo, *view, size) for view in main]
+    canvas, pad = on_wall(photo)
+    views = [render_view(canvas, cx + pad, cy + pad, side, size) for cx, cy, side in main]
     if distractor is not None:
         other = photos[distractor]
         oh, ow = other.shape[:2]
@@ -261,7 +274,7 @@ def make_demo(out: str | Path, seed: int = 0, size: int = 112, frames: int = 32,
     Everything is written to `OUT.partial` and renamed to OUT at the end, so an interrupted run
     never leaves a directory that looks complete.
     """
-    counts = dict(counts or {"train": 240, "val": 60, "calib": 64})
+    counts = dict(counts or {"train": 480, "val": 60, "calib": 64})
     if set(counts) != set(SPLITS) or min(counts.values()) < 1:
         raise ValueError(f"counts must give >= 1 clip for each of {SPLITS}, got {counts}")
     if size < 32 or size % 2:
@@ -311,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=112,
                         help="frame size of the written videos (default 112)")
     parser.add_argument("--frames", type=int, default=32, help="frames per clip (default 32)")
-    parser.add_argument("--train", type=int, default=240, help="train clips (default 240)")
+    parser.add_argument("--train", type=int, default=480, help="train clips (default 480)")
     parser.add_argument("--val", type=int, default=60, help="val clips (default 60)")
     parser.add_argument("--calib", type=int, default=64, help="calibration clips (default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing demo directory")
