@@ -3,7 +3,8 @@
     python -m model.train --data demo:train --val-data demo --task both --preset tiny \
         --out runs/demo
 
-Starts from our checkpoint or the authors' (`--init`), or from scratch. AdamW with linear warm-up
+Starts from our checkpoint or the authors' (`--init`), or from scratch; from scratch,
+`--video-warmup N` first trains the video encoder alone for N epochs (see `video_warmup`). AdamW with linear warm-up
 and decay, gradient clipping, validation after every epoch, `best.pt` (our checkpoint format) by
 the validation metric, `resume.pt` (training state) after every epoch for `--resume`, and a JSON
 line per epoch in `train_log.jsonl`. Deterministic for a given seed on a given machine.
@@ -96,6 +97,54 @@ def training_step(model: TWBert, batch: dict[str, torch.Tensor], task: str
     return losses
 
 
+def video_warmup(model: TWBert, data: ClipTextDataset, epochs: int, lr: float, batch_size: int,
+                 weight_decay: float, clip_grad: float, seed: int, log=print) -> list[dict]:
+    """Train the video encoder alone, on all T frames, to predict each clip's QA answers.
+
+    The authors start from a TimeSformer pretrained on Kinetics, which already tells motions apart;
+    a from-scratch model has no such start, and under the full objective (ITC / ITM / QA through
+    the noisy training-time selection) the demo's tiny model learned content but never the camera
+    motion. This stage is that missing pretraining, on the training clips only: the mean of the
+    frame cls tokens through a temporary linear head, cross-entropy against the uniform
+    distribution over the clip's answers. Returns one log entry per epoch.
+    """
+    targets = data.answer_targets()
+    keep = targets.sum(1) > 0
+    if not keep.any():
+        raise ValueError("--video-warmup needs question / answer lines in the training data")
+    videos, targets = data.videos[keep], targets[keep]
+    encoder, depth = model.video, model.cfg.video.depth
+    head = torch.nn.Linear(model.cfg.dim, targets.shape[1])
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = math.ceil(len(videos) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_linear(s, steps * epochs, steps))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    encoder.train()
+    for epoch in range(epochs):
+        t0, total, correct = time.perf_counter(), 0.0, 0
+        for rows in torch.randperm(len(videos), generator=generator).split(batch_size):
+            tokens = encoder.run_blocks(encoder.embed(videos[rows]), 0, depth)
+            logits = head(encoder.norm(tokens[:, :, 0]).mean(dim=1))
+            loss = -(targets[rows] * logits.log_softmax(-1)).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(rows)
+            correct += (targets[rows].gather(1, logits.argmax(-1, keepdim=True)) > 0).sum().item()
+        entry = {"video_warmup_epoch": epoch + 1, "loss": total / len(videos),
+                 "top1_is_an_answer": correct / len(videos),
+                 "train_seconds": time.perf_counter() - t0}
+        log(f"video warm-up {epoch + 1}/{epochs}: loss {entry['loss']:.3f}, top answer right for "
+            f"{100 * entry['top1_is_an_answer']:.0f}% of clips")
+        history.append(entry)
+    return history
+
+
 # -- schedule and validation --------------------------------------------------------------------
 def warmup_linear(step: int, total: int, warmup: int) -> float:
     if step < warmup:
@@ -148,6 +197,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{out} already holds a run (best.pt); pass --resume to continue it or "
                          "--force to start over")
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # starting over (--force): the old log would mix two runs
+        (out / "train_log.jsonl").unlink(missing_ok=True)
     torch.manual_seed(args.seed)
 
     tokenizer = Tokenizer.from_file(args.tokenizer) if args.tokenizer else Tokenizer.default()
@@ -200,6 +251,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     metadata = {"answers": answers, "tokenizer": tokenizer.source, "task": args.task,
                 "train_data": str(args.data), "seed": args.seed}
 
+    if args.video_warmup and start_epoch == 0:
+        for entry in video_warmup(model, train_data, args.video_warmup, lr, args.batch_size,
+                                  args.weight_decay, args.clip_grad, args.seed, log):
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
     model.train()
     for epoch in range(start_epoch, args.epochs):
         t_epoch, sums, n = time.perf_counter(), {}, 0
@@ -253,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init: load what matches, report the rest")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="with --init: allow full unpickling (only for files you trust)")
+    ap.add_argument("--video-warmup", type=int, default=0, metavar="N",
+                    help="first train the video encoder alone for N epochs on the clips' QA "
+                         "answers (a stand-in for a pretrained TimeSformer; from scratch)")
     ap.add_argument("--answers", help="JSON list of QA answers (default: DATA/../answers.json)")
     ap.add_argument("--tokenizer", help="tokenizer.json or vocab.txt (default: bundled BERT vocab)")
     ap.add_argument("--out", required=True, help="run directory: best.pt, resume.pt, train_log.jsonl")

@@ -88,6 +88,15 @@ class ClipTextDataset(torch.utils.data.Dataset):
         video = torch.tensor([self.annotations[i].video for i in rows], dtype=torch.long)
         return self.caption_ids[rows], self.caption_mask[rows], video
 
+    def answer_targets(self) -> torch.Tensor:
+        """(V, A) per video: uniform over the known answers of its question lines (rows sum to
+        one; a video without any is all zero)."""
+        targets = torch.zeros(len(self.videos), len(self.answers))
+        for a, i in zip(self.annotations, self.answer_ids.tolist()):
+            if i >= 0:
+                targets[a.video, i] = 1.0
+        return targets / targets.sum(1, keepdim=True).clamp(min=1.0)
+
     def questions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every question line: (ids, mask, video index, answer index or -1 if not in the list)."""
         rows = [i for i, a in enumerate(self.annotations) if a.question is not None]

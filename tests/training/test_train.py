@@ -6,7 +6,7 @@ import torch
 from model import TWBert, TWBertConfig, load_checkpoint
 from model.data.dataset import ClipTextDataset
 from model.evaluate import evaluate_qa, evaluate_retrieval
-from model.train import build_parser, train, training_step
+from model.train import build_parser, train, training_step, video_warmup
 from twbert_export.assets import AssetError, resolve_checkpoint, resolve_data
 from twbert_export.preprocess import Tokenizer, VideoDecodeError
 
@@ -50,6 +50,29 @@ def test_one_training_step_lowers_nothing_to_nan_and_updates_weights(dataset, an
     sum(losses.values()).backward()
     opt.step()
     assert not torch.equal(before, model.selector1.scorer.fuse_proj.weight)
+
+
+def test_answer_targets_spread_over_each_clips_answers(dataset, answers):
+    targets = dataset.answer_targets()
+    assert targets.shape == (6, len(answers))
+    torch.testing.assert_close(targets.sum(1), torch.ones(6))
+    for a, i in zip(dataset.annotations, dataset.answer_ids.tolist()):
+        assert targets[a.video, i] == 0.5  # a motion and a content answer per demo clip
+
+
+def test_video_warmup_trains_only_the_video_encoder_and_learns(dataset, answers):
+    torch.manual_seed(0)
+    model = TWBert(TWBertConfig.tiny(num_answers=len(answers)))
+    video = {k: v.clone() for k, v in model.video.state_dict().items()}
+    rest = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("video.")}
+    history = video_warmup(model, dataset, epochs=8, lr=1e-3, batch_size=6, weight_decay=0.0,
+                           clip_grad=5.0, seed=0, log=lambda _: None)
+    assert [e["video_warmup_epoch"] for e in history] == list(range(1, 9))
+    assert history[-1]["loss"] < history[0]["loss"]  # six clips: it must at least fit them
+    assert not torch.equal(video["patch_embed.weight"], model.video.patch_embed.weight)
+    for k, v in model.state_dict().items():
+        if not k.startswith("video."):
+            assert torch.equal(rest[k], v), k
 
 
 def test_short_training_run_saves_resumes_and_evaluates(small_data, tmp_path):
