@@ -5,7 +5,9 @@
 
 Prints a table (median latency, samples/s, achieved TFLOP/s from the profiled MACs); `--json PATH`
 also saves the rows, `--json -` prints JSON instead of the table. bf16 / fp16 run under autocast
-(the frame selection stays in FP32 inside the model). This is a benchmark, not a test.
+(the frame selection stays in FP32 inside the model). `--against 32` also times that schedule and
+compares the latency ratio with the MACs ratio (does selection save the time it saves in MACs?).
+This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -89,6 +91,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (batch, dtype): latency ratio and MACs ratio of `rows` over `base_rows`."""
+    base = {(r["batch"], r["dtype"]): r for r in base_rows}
+    out = []
+    for r in rows:
+        b = base[(r["batch"], r["dtype"])]
+        latency, macs = r["median_ms"] / b["median_ms"], r["gmacs"] / b["gmacs"]
+        out.append({"batch": r["batch"], "dtype": r["dtype"], "latency_ratio": latency,
+                    "macs_ratio": macs, "relative_gap": latency / macs - 1})
+    return out
+
+
+def format_comparison(rows: list[dict[str, Any]], schedule: str, against: str) -> str:
+    lines = [f"F@{schedule} / F@{against}:",
+             f"{'batch':>5} {'dtype':>5} {'latency':>8} {'MACs':>8} {'gap':>7}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['dtype']:>5} {r['latency_ratio']:>8.3f} "
+                     f"{r['macs_ratio']:>8.3f} {100 * r['relative_gap']:>+6.1f}%")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16, fp16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--against", metavar="SCHEDULE",
+                    help="also time this schedule (e.g. 32) and compare latency and MACs ratios")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = TWBertConfig.preset(args.preset, args.schedule, args.select_layers)
+        base_cfg = (TWBertConfig.preset(args.preset, args.against, args.select_layers)
+                    if args.against else None)
         batches = [int(b) for b in args.batch.split(",")]
         dtypes = args.dtype.split(",")
         unknown = [d for d in dtypes if d not in DTYPES]
@@ -126,10 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     result = {"preset": args.preset, "schedule": cfg.selector.schedule,
               "select_layers": list(cfg.selector.layers), "device": device_name(device),
               "torch": torch.__version__, "warmup": args.warmup, "rows": rows}
+    if base_cfg is not None:
+        log(f"against F@{base_cfg.selector.schedule}")
+        base_rows = run(base_cfg, batches, dtypes, device, args.warmup, args.repeat, progress=log)
+        result["against"] = {"schedule": base_cfg.selector.schedule, "rows": base_rows,
+                             "comparison": compare(rows, base_rows)}
     if args.json == "-":
         print(json.dumps(result, indent=2))
     else:
         print(format_table(rows))
+        if base_cfg is not None:
+            print(f"\nF@{base_cfg.selector.schedule}:")
+            print(format_table(result["against"]["rows"]))
+            print()
+            print(format_comparison(result["against"]["comparison"], cfg.selector.schedule,
+                                    base_cfg.selector.schedule))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
