@@ -66,9 +66,13 @@ class StageLog:
         self.total, self.done, self.stream = total, 0, stream
         self.rows: list[dict[str, Any]] = []
 
-    def line(self, name: str, seconds: float, path: Path | None = None, note: str = "") -> None:
+    def line(self, name: str, seconds: float, path: Path | None = None, note: str = "",
+             written: Path | None = None) -> None:
+        """`path` is where the file will be; `written` where it is now, if elsewhere (the
+        artifact is assembled aside), for its size."""
         self.done += 1
-        size = human_size(path.stat().st_size) if path and path.is_file() else ""
+        written = written or path
+        size = human_size(written.stat().st_size) if written and written.is_file() else ""
         shown = _relative(path) if path else ""
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
               f"{'  ' + note if note else ''}", file=self.stream, flush=True)
@@ -226,14 +230,14 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     with Stopwatch() as sw:
         raw = work / "model.raw.onnx"
         export_onnx(model, contract, raw)
-    stages.line("export", sw.seconds, out / raw.name, f"opset {contract.opset}, dynamo")
+    stages.line("export", sw.seconds, out / raw.name, f"opset {contract.opset}, dynamo", raw)
     with Stopwatch() as sw:
         files["fp32"] = work / "model.fp32.onnx"
         histogram = rewrite(raw, files["fp32"], contract)
         raw.unlink()
     top = ", ".join(f"{k} {v}" for k, v in list(histogram.items())[:8])
     stages.line("rewrite", sw.seconds, out / files["fp32"].name,
-                f"{sum(histogram.values())} nodes: {top}, ...")
+                f"{sum(histogram.values())} nodes: {top}, ...", files["fp32"])
     with Stopwatch() as sw:
         lint_warnings = lint.check_model(files["fp32"])
     stages.line("lint", sw.seconds, None,
@@ -266,7 +270,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                     (f"{int8} INT8 layers, " if int8 else "")
                     + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other nodes "
                     "kept FP32 by AutoCast" + (f" ({rep.cache.split()[0]} calibration cache)"
-                                               if rep.cache else ""))
+                                               if rep.cache else ""), files[p])
 
     # -- validation ------------------------------------------------------------------------------
     with Stopwatch() as sw:
@@ -279,7 +283,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                         for k, v in reference.items()} for i in range(len(ref_feeds))]
         save_reference(work / "reference", ref_feeds, ref_outputs, "torch-hard")
     verdicts = ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}" for p, r in results.items())
-    stages.line("validate", sw.seconds, out / "report.json", verdicts)
+    stages.line("validate", sw.seconds, out / "report.json", verdicts, work / "report.json")
 
     # -- artifacts ------------------------------------------------------------------------------
     shutil.copyfile(tokenizer.source, work / "tokenizer.json") if tokenizer.source.endswith(

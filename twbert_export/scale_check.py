@@ -1,10 +1,12 @@
 """Scale check (a benchmark, not a test): the whole export of a paper-sized model, timed.
 
     python -m twbert_export.scale_check --preset base --schedule 20-14-8 \
-        --precision fp32,fp16,int8 --calib-data demo:calib --val-clips 4 --json scale.json
+        --precision fp32,fp16,int8 --calib-data demo:calib --val-clips 4 --json scale.json \
+        [--keep DIR]
 
 Builds the preset with random weights (seeded; no pretrained weights ship with the project), saves
-it as a checkpoint in a temporary directory and runs the same pipeline as `export.py` on it: export,
+it as a checkpoint in a temporary directory (or --keep DIR, which then also keeps the artifact
+for `python -m twbert_export.bench --artifact DIR/artifact`) and runs the same pipeline as `export.py` on it: export,
 rewrite, lint, FP16 AutoCast and INT8 calibration on every clip of --calib-data (no cached
 calibration is reused), validation on the first --val-clips validation clips. Prints the stage
 table and the totals against the targets (15 min, 12 GB peak resident memory on the project's
@@ -35,7 +37,8 @@ def peak_rss_gb() -> float:
 
 
 def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], calib_data: str,
-                val_data: str, val_clips: int, seed: int = 0) -> dict[str, Any]:
+                val_data: str, val_clips: int, seed: int = 0,
+                keep: str | None = None) -> dict[str, Any]:
     import torch
 
     from model import TWBert, TWBertConfig, save_checkpoint
@@ -43,7 +46,11 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
     from .pipeline import ExportOptions, run_export
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="twbert-scale-") as tmp:
+    if keep and Path(keep).exists():
+        raise FileExistsError(f"{keep} exists; choose a new directory to keep the run in")
+    with tempfile.TemporaryDirectory(prefix="twbert-scale-") as scratch:
+        tmp = keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         model = TWBert(TWBertConfig.preset(preset, schedule)).eval()
         ckpt = save_checkpoint(model, Path(tmp) / f"{preset}-random.pt",
@@ -108,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation clips (retrieval runs all N^2 text-video pairs per runner)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--keep", metavar="DIR", help="keep the checkpoint and the artifact in DIR")
     args = ap.parse_args(argv)
-    result = scale_check(args.preset, args.schedule,
-                         tuple(p.strip() for p in args.precision.split(",")), args.calib_data,
-                         args.val_data, args.val_clips, args.seed)
+    try:
+        result = scale_check(args.preset, args.schedule,
+                             tuple(p.strip() for p in args.precision.split(",")),
+                             args.calib_data, args.val_data, args.val_clips, args.seed, args.keep)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(render(result))
     if args.json:
         from .util import write_json

@@ -1,5 +1,6 @@
 """The export job end to end on the demo checkpoint (tiny preset), on the CPU."""
 
+import io
 import json
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 import export
 from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
 from twbert_export.contract import IOContract
-from twbert_export.pipeline import ExportOptions, UserError, run_export, validate_onnx
+from twbert_export.pipeline import (ExportOptions, StageLog, UserError, run_export,
+                                    validate_onnx)
 from twbert_export.precision import to_int8
 from twbert_export.preprocess import Tokenizer
+from twbert_export.util import human_size
 
 from blocked_imports import run_without
 from clipdata import copy_clips, write_data_dir
@@ -195,3 +198,18 @@ def test_import_twbert_export_needs_no_heavy_dependency():
                               "twbert_export.preprocess, twbert_export.lint, "
                               "twbert_export.metrics, twbert_export.assets\n")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_stage_lines_size_the_file_being_written_not_the_one_it_replaces(tmp_path):
+    """With --force the final directory still holds the previous run's files while the new
+    artifact is assembled aside: the size shown is the new file's."""
+    final, work = tmp_path / "out", tmp_path / "work"
+    final.mkdir()
+    work.mkdir()
+    (final / "model.onnx").write_bytes(b"x" * 10)
+    (work / "model.onnx").write_bytes(b"x" * 5000)
+    log = StageLog(total=2, stream=io.StringIO())
+    log.line("export", 1.0, final / "model.onnx", "", work / "model.onnx")
+    log.line("validate", 1.0, final / "model.onnx", "", work / "not-yet.json")
+    assert [r["size"] for r in log.rows] == [human_size(5000), ""]
+    assert log.rows[0]["path"].endswith("model.onnx")

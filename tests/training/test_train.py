@@ -27,7 +27,7 @@ def test_dataset_skips_and_names_the_corrupt_video(dataset, small_data):
     assert len(dataset.videos) == 6 and len(dataset) == 12
     assert dataset.skipped == [str(small_data / "videos" / "broken.mp4")]
     assert dataset.videos.shape == (6, 8, 3, 64, 64)
-    ids, mask, video = dataset.captions()
+    ids, _, video = dataset.captions()
     assert ids.shape == (6, 40) and (ids[:, 0] == 101).all() and video.tolist() == list(range(6))
     _, _, _, answer = dataset.questions()
     assert (answer >= 0).all() and len(answer) == 12
