@@ -54,6 +54,10 @@ QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
 # whole-model calibrator holds every quantized input of every clip at once, tens of GB for the
 # base preset with 64 clips. Same ranges, more time.
 PER_NODE_CALIBRATION_BYTES = 256 * 2**20
+# FP16 range check (out_of_range_nodes): tensors watched per forward pass, and the clips checked
+# when a model needs several passes per clip.
+RANGE_CHECK_GROUP_BYTES = 3 * 2**30
+LARGE_MODEL_RANGE_CLIPS = 4
 
 
 @dataclass
@@ -86,11 +90,6 @@ def _quiet_modelopt():
         logging.disable(logging.NOTSET)
 
 
-def _write_npz(feed: dict[str, np.ndarray], path: Path) -> None:
-    """AutoCast reads an .npz with samples stacked on the batch axis."""
-    np.savez(path, **feed)
-
-
 def _float_nodes(model) -> dict[str, str]:
     """Node name -> elem type name of its first output, after shape inference."""
     onnx = require("onnx", "to inspect the graph")
@@ -113,44 +112,76 @@ def _classify(fp32_model, converted) -> tuple[int, int, list[str], list[str]]:
     return len(fp16), len(before), selection, by_range
 
 
-def out_of_range_nodes(src: str | Path, calib: FeedSet, data_max: float = FP16_DATA_MAX
-                       ) -> list[str]:
-    """Names of the nodes with an input or output beyond `data_max` on any calibration clip.
+def _tensor_bytes(value_type, rows: int = 1) -> int:
+    """Bytes of a float tensor from its inferred type, symbolic dimensions (batch) as `rows`."""
+    dims = [d.dim_value if d.HasField("dim_value") else rows
+            for d in value_type.tensor_type.shape.dim]
+    return 4 * int(np.prod(dims, dtype=np.int64))
 
-    AutoCast applies the same rule, but its reference run keeps every tensor of every clip in
-    memory at once (killed at 24 GB on the base preset with 64 clips); here ONNX Runtime runs one
-    clip at a time and only the running maxima are kept.
+
+def out_of_range_nodes(src: str | Path, calib: FeedSet, data_max: float = FP16_DATA_MAX
+                       ) -> tuple[list[str], int]:
+    """Names of the nodes with an input or output beyond `data_max` on the calibration clips, and
+    how many clips were checked.
+
+    AutoCast applies the same rule, but its reference run makes every tensor a graph output and
+    keeps them for every clip at once: one clip of the base preset alone is about 24 GB of
+    tensors, and it was killed at 24 GB. Here the tensors are watched in groups of at most
+    `RANGE_CHECK_GROUP_BYTES` per clip, one ONNX Runtime session per group, one clip at a time,
+    keeping only running maxima. When a model needs more than one group (a large model), only the
+    first `LARGE_MODEL_RANGE_CLIPS` clips are checked: each group costs a forward pass per clip.
     """
     onnx = require("onnx", "to inspect the graph")
     ort = require("onnxruntime", "to find the activation ranges")
     model = onnx.load(str(src))
     inferred = onnx.shape_inference.infer_shapes(model)
+    value_types = {vi.name: vi.type
+                   for vi in [*inferred.graph.value_info, *inferred.graph.output]}
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    value_types = {vi.name: vi.type for vi in inferred.graph.value_info}
-    outputs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for name in node.output:
-            t = value_types.get(name)
-            if name and name not in outputs and t is not None and t.tensor_type.elem_type in floats:
-                model.graph.output.append(onnx.ValueInfoProto(name=name, type=t))
-                outputs.add(name)
+    watched = [(name, _tensor_bytes(value_types[name])) for node in model.graph.node
+               for name in node.output
+               if name in value_types and value_types[name].tensor_type.elem_type in floats]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in watched:
+        if groups[-1] and size + nbytes > RANGE_CHECK_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    clips = len(calib) if len(groups) == 1 else min(len(calib), LARGE_MODEL_RANGE_CLIPS)
     absmax: dict[str, float] = {}
+
+    def update(values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if value.size and np.issubdtype(value.dtype, np.floating):
+                absmax[name] = max(absmax.get(name, 0.0), float(np.abs(value).max()))
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "all_outputs.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="weights.bin")
+        # Weights once, in one external file; each group's model is the graph only, beside it.
+        full = Path(tmp) / "model.onnx"
+        onnx.save(model, str(full), save_as_external_data=True, location="weights.bin")
         del model
+        graph_only = onnx.load(str(full), load_external_data=False)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        for i in range(len(calib)):
-            feed = calib.feed(slice(i, i + 1))
-            values = dict(zip(names, session.run(names, feed))) | feed
-            for name, value in values.items():
-                if value.size and np.issubdtype(value.dtype, np.floating):
-                    absmax[name] = max(absmax.get(name, 0.0), float(np.abs(value).max()))
-    return [n.name for n in inferred.graph.node
-            if any(absmax.get(t, 0.0) > data_max for t in [*n.input, *n.output])]
+        for i in range(clips):
+            update(calib.feed(slice(i, i + 1)))
+        for k, group in enumerate(groups):
+            watch = onnx.ModelProto()
+            watch.CopyFrom(graph_only)
+            del watch.graph.output[:]
+            watch.graph.output.extend(onnx.ValueInfoProto(name=n, type=value_types[n])
+                                      for n in group)
+            path = Path(tmp) / f"group{k}.onnx"
+            onnx.save(watch, str(path))
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            for i in range(clips):
+                update(dict(zip(group, session.run(group, calib.feed(slice(i, i + 1))))))
+            del session
+    names = [n.name for n in inferred.graph.node
+             if any(absmax.get(t, 0.0) > data_max for t in [*n.input, *n.output])]
+    return names, clips
 
 
 def to_fp16(src: str | Path, dst: str | Path, calib: FeedSet,
@@ -160,18 +191,15 @@ def to_fp16(src: str | Path, dst: str | Path, calib: FeedSet,
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     onnx = require("onnx", "to write ONNX files")
-    out_of_range = [f"^{re.escape(name)}$" for name in out_of_range_nodes(src, calib)]
-    with tempfile.TemporaryDirectory() as tmp:
-        # The ranges over every clip are checked above; AutoCast gets one clip for the rules it
-        # adds (same data_max), which keeps its all-tensors reference run small.
-        npz = Path(tmp) / "calib.npz"
-        _write_npz(calib.feed(slice(0, 1)), npz)
-        with _quiet_modelopt():
-            model = convert_to_mixed_precision(
-                str(src), low_precision_type="fp16", keep_io_types=True,
-                nodes_to_exclude=SELECTION_NODES + out_of_range,
-                op_types_to_exclude=op_types_to_exclude,
-                data_max=FP16_DATA_MAX, calibration_data=str(npz), providers=["cpu"])
+    over, range_clips = out_of_range_nodes(src, calib)
+    out_of_range = [f"^{re.escape(name)}$" for name in over]
+    with _quiet_modelopt():
+        # data_max=inf: the range rule was applied above, and AutoCast skips its own reference
+        # run (the memory problem out_of_range_nodes describes).
+        model = convert_to_mixed_precision(
+            str(src), low_precision_type="fp16", keep_io_types=True,
+            nodes_to_exclude=SELECTION_NODES + out_of_range,
+            op_types_to_exclude=op_types_to_exclude, data_max=np.inf, providers=["cpu"])
     # AutoCast reuses one symbolic dim name for different sizes; let inference redo value_info.
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model)
@@ -180,7 +208,8 @@ def to_fp16(src: str | Path, dst: str | Path, calib: FeedSet,
         onnx.checker.check_model(str(tmp_dst), full_check=True)
     low, total, selection, by_range = _classify(onnx.load(str(src)), model)
     return PrecisionReport("fp16", selection, by_range, low, total,
-                           calibration={"clips": len(calib.video), "data": calib.identity})
+                           calibration={"clips": len(calib.video), "data": calib.identity,
+                                        "range_check_clips": range_clips})
 
 
 def _cache_dir() -> Path:
