@@ -50,10 +50,6 @@ INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 FP16_DATA_MAX = 32768.0
 CALIB_METHODS = ("max", "entropy")
 QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
-# Above this ONNX size, INT8 calibration runs node by node (ModelOpt's calibrate_per_node): the
-# whole-model calibrator holds every quantized input of every clip at once, tens of GB for the
-# base preset with 64 clips. Same ranges, more time.
-PER_NODE_CALIBRATION_BYTES = 256 * 2**20
 # FP16 range check (out_of_range_nodes): tensors watched per forward pass, and the clips checked
 # when a model needs several passes per clip.
 RANGE_CHECK_GROUP_BYTES = 3 * 2**30
@@ -222,8 +218,32 @@ def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
                 "preprocessing": calib.identity["preprocessing_sha256"], "method": method,
                 "op_types": INT8_OP_TYPES, "exclude": SELECTION_NODES, "mha_qdq": False,
                 "fp32_in_fp16": QDQ_OPS,
-                "rows": len(calib), "fp16_data_max": FP16_DATA_MAX}
+                "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class _RowReader:
+    """Calibration rows one at a time (ONNX Runtime's CalibrationDataReader protocol, plus ModelOpt's
+    `get_first`). ModelOpt's
+    calibrators fold each batch into running ranges; given all rows as one batch, the base preset
+    would hold every quantized input of 64 clips at once (tens of GB). Same ranges either way."""
+
+    def __init__(self, calib: FeedSet, order: np.ndarray):
+        self.calib, self.order, self.next_row = calib, order, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.next_row >= len(self.order):
+            return None
+        row = self.order[self.next_row:self.next_row + 1]
+        self.next_row += 1
+        return self.calib.feed(row)
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        """The first row without advancing (ModelOpt's test run of the session)."""
+        return self.calib.feed(self.order[:1])
+
+    def rewind(self) -> None:
+        self.next_row = 0
 
 
 def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max",
@@ -253,13 +273,11 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         # A padded text first: the mask bias must not be all zeros in the first batch, or the
         # entropy histogram's range is fixed too small (seen to crash ORT's calibrator).
         order = np.argsort(calib.attention_mask.sum(1), kind="stable")
-        feed = calib.feed(order)
         with _quiet_modelopt():
-            quantize(str(work), quantize_mode="int8", calibration_data=feed,
-                     calibration_method=method, calibration_eps=["cpu"],
+            quantize(str(work), quantize_mode="int8",
+                     calibration_data_reader=_RowReader(calib, order), calibration_method=method, calibration_eps=["cpu"],
                      op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
                      high_precision_dtype="fp32", disable_mha_qdq=True,
-                     calibrate_per_node=Path(src).stat().st_size > PER_NODE_CALIBRATION_BYTES,
                      output_path=str(qdq), log_level="ERROR")
         to_fp16(qdq, Path(tmp) / "model.int8.onnx", calib, op_types_to_exclude=QDQ_OPS)
         shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
