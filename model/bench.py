@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                    help="save rows as JSON to PATH; '-' (or no PATH) prints JSON instead of the table")
+                    help="save rows as JSON to PATH; '-' (or no PATH) prints JSON instead "
+                         "of the table")
     args = ap.parse_args(argv)
     try:
         cfg = TWBertConfig.preset(args.preset, args.schedule, args.select_layers)

@@ -4,7 +4,8 @@
         --out runs/demo
 
 Starts from our checkpoint or the authors' (`--init`), or from scratch; from scratch,
-`--video-warmup N` first trains the video encoder alone for N epochs (see `video_warmup`). AdamW with linear warm-up
+`--video-warmup N` first trains the video encoder alone for N epochs (see `video_warmup`).
+AdamW with linear warm-up
 and decay, gradient clipping, validation after every epoch, `best.pt` (our checkpoint format) by
 the validation metric, `resume.pt` (training state) after every epoch for `--resume`, and a JSON
 line per epoch in `train_log.jsonl`. Deterministic for a given seed on a given machine.

@@ -61,7 +61,8 @@ class TWBert(nn.Module):
         with torch.no_grad():
             self.video.pos_embed[0, 1:] = sincos_2d(cfg.video.grid, D) * POSITION_TABLE_SCALE
             self.video.pos_embed[0, :1] = 0.0
-            self.video.time_embed[0] = sincos_1d(cfg.video.time_embed_frames, D) * POSITION_TABLE_SCALE
+            frames = cfg.video.time_embed_frames
+            self.video.time_embed[0] = sincos_1d(frames, D) * POSITION_TABLE_SCALE
         # TimeSformer starts every temporal branch but the first at zero (authors' init).
         for block in self.video.blocks[1:]:
             nn.init.zeros_(block.temporal_fc.weight)
@@ -177,13 +178,13 @@ class TWBert(nn.Module):
         return out
 
 
-# Sin-cos tables have entries of magnitude 1; half of that keeps them below the patch content
-# in the sum (measured on the demo: the scaled tables learned motion, see model/data/make_demo.py).
+# Sin-cos tables have entries of magnitude 1; half of that keeps them below the patch content in
+# the sum. The demo model learned camera motion with these tables (docs/model.md).
 POSITION_TABLE_SCALE = 0.5
 
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
-    """(n, dim) sin-cos table of positions 0..n-1 (sines in the first half, cosines in the second)."""
+    """(n, dim) sin-cos table of positions 0..n-1: sines in the first half, cosines after."""
     if dim % 2:
         raise ValueError(f"sin-cos tables need an even width, got {dim}")
     freq = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) * 2 / dim)
@@ -192,7 +193,8 @@ def sincos_1d(n: int, dim: int) -> torch.Tensor:
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """(grid * grid, dim) table, row-major patches: half the width for the row, half for the column."""
+    """(grid * grid, dim) table of row-major patches: half the width for the row, half for
+    the column."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos tables need a width divisible by 4, got {dim}")
     axis = sincos_1d(grid, dim // 2)

@@ -223,8 +223,8 @@ def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
 
 
 class _RowReader:
-    """Calibration rows one at a time (ONNX Runtime's CalibrationDataReader protocol, plus ModelOpt's
-    `get_first`). ModelOpt's
+    """Calibration rows one at a time (ONNX Runtime's CalibrationDataReader protocol, plus
+    ModelOpt's `get_first`). ModelOpt's
     calibrators fold each batch into running ranges; given all rows as one batch, the base preset
     would hold every quantized input of 64 clips at once (tens of GB). Same ranges either way."""
 
@@ -275,7 +275,8 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         order = np.argsort(calib.attention_mask.sum(1), kind="stable")
         with _quiet_modelopt():
             quantize(str(work), quantize_mode="int8",
-                     calibration_data_reader=_RowReader(calib, order), calibration_method=method, calibration_eps=["cpu"],
+                     calibration_data_reader=_RowReader(calib, order),
+                     calibration_method=method, calibration_eps=["cpu"],
                      op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
                      high_precision_dtype="fp32", disable_mha_qdq=True,
                      output_path=str(qdq), log_level="ERROR")

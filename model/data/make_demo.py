@@ -5,7 +5,8 @@
 Each clip shows one of the photographs bundled with scikit-image (`skimage.data`: an astronaut,
 a cat, a cup of coffee, a rocket, ...) as a print on a plain grey wall, filmed by a camera that
 pans left / right / up / down or zooms in / out: the print slides across the view or grows and
-shrinks in it. About half of the clips carry a distractor: a cut of a few frames to another photograph,
+shrinks in it. About half of the clips carry a distractor: a cut of a few frames to another
+photograph,
 after which the motion goes on. Camera semantics: "pans left" means the view moves left over the
 photo, so the print slides RIGHT in the frame; "zooms in" means the view shrinks (the print grows).
 A motion can only be told from frames in order: reversed, a left pan is a right pan and a zoom in

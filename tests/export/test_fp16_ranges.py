@@ -58,7 +58,7 @@ def test_fp16_keeps_the_out_of_range_nodes_in_fp32(tmp_path):
 def test_a_large_model_is_watched_in_groups_on_fewer_clips(tmp_path, monkeypatch):
     """Groups of tensors per forward pass when a clip's tensors exceed the budget; the maxima
     are the same, from the first LARGE_MODEL_RANGE_CLIPS clips."""
-    import twbert_export.precision as precision
+    from twbert_export import precision
 
     src = scale_graph(tmp_path / "m.onnx")
     monkeypatch.setattr(precision, "RANGE_CHECK_GROUP_BYTES", 16)  # one 4-float tensor a group

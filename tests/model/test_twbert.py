@@ -193,8 +193,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model, make_inputs):
 
 def test_from_scratch_tables_tell_every_patch_position_and_frame_apart(tiny_cfg):
     """Sin-cos start for the position and time tables: each patch position and each frame has its
-    own embedding, of a size comparable to the patch content (small random tables left a
-    from-scratch model blind to the camera motion of the demo)."""
+    own, well separated embedding (small random tables left a from-scratch model blind to the
+    camera motion of the demo)."""
     from model.twbert import POSITION_TABLE_SCALE, sincos_1d, sincos_2d
 
     model = TWBert(tiny_cfg)
@@ -202,7 +202,8 @@ def test_from_scratch_tables_tell_every_patch_position_and_frame_apart(tiny_cfg)
     for table in (grid, frames):
         distances = torch.cdist(table, table) + torch.eye(len(table)) * 1e9
         assert distances.min() > 0.1
-    torch.testing.assert_close(grid, sincos_2d(tiny_cfg.video.grid, tiny_cfg.dim) * POSITION_TABLE_SCALE)
+    expected = sincos_2d(tiny_cfg.video.grid, tiny_cfg.dim) * POSITION_TABLE_SCALE
+    torch.testing.assert_close(grid, expected)
     # row-major patches: the first half encodes the row, the second the column
     table = sincos_2d(4, 8)
     assert torch.equal(table[1, :4], table[0, :4]) and not torch.equal(table[1, 4:], table[0, 4:])

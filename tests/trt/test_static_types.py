@@ -39,7 +39,8 @@ def stub_wheel() -> Path:
         return found[0]
     target.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", STUBS,
-                           "-d", str(target)], check=False, capture_output=True, text=True, timeout=300)
+                           "-d", str(target)],
+                          check=False, capture_output=True, text=True, timeout=300)
     found = sorted(target.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if proc.returncode or not found:
         pytest.skip(f"could not download {STUBS} (offline?): {proc.stderr.strip()[-300:]}")
