@@ -15,6 +15,7 @@ within that precision's error; any other difference is divergent.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,19 +97,31 @@ def output_errors(test: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> di
 
 
 def selection_agreement(test_idx: np.ndarray, ref_idx: np.ndarray, ref_scores: np.ndarray,
-                        score_tol: float, candidates: np.ndarray | None = None) -> dict[str, Any]:
+                        score_tol: float, candidates: np.ndarray | None = None,
+                        upstream_near_ties: Sequence[int] = ()) -> dict[str, Any]:
     """Classify each sample's kept frames. ref_scores (B, C) scores the candidates, whose frame
-    numbers are `candidates` (B, C) (default 0..C-1); indices are frame numbers."""
+    numbers are `candidates` (B, C) (default 0..C-1); indices are frame numbers.
+
+    `upstream_near_ties`: samples whose previous selection stage was a near-tie. There the test
+    chose among other candidates, so the reference scores cannot judge this stage; a difference
+    here follows from that near-tie and counts as one (reason recorded in `near_tie_samples`).
+    """
     B, K = ref_idx.shape
     C = ref_scores.shape[1]
     if candidates is None:
         candidates = np.broadcast_to(np.arange(C), (B, C))
     counts = {"identical": 0, "near_tie": 0, "divergent": 0}
     worst: list[dict[str, Any]] = []
+    near_ties: list[int] = []
+    upstream = set(upstream_near_ties)
     for b in range(B):
         a, r = set(test_idx[b].tolist()), set(ref_idx[b].tolist())
         if a == r:
             counts["identical"] += 1
+            continue
+        if b in upstream:
+            counts["near_tie"] += 1
+            near_ties.append(b)
             continue
         order = np.sort(ref_scores[b])[::-1]
         boundary = (order[K - 1] + order[K]) / 2 if K < C else order[-1]
@@ -116,10 +129,13 @@ def selection_agreement(test_idx: np.ndarray, ref_idx: np.ndarray, ref_scores: n
         distance = max(abs(score_of.get(f, np.inf) - boundary) for f in a ^ r)
         kind = "near_tie" if distance <= score_tol else "divergent"
         counts[kind] += 1
-        if kind == "divergent":
+        if kind == "near_tie":
+            near_ties.append(b)
+        else:
             worst.append({"sample": b, "reference": sorted(r), "test": sorted(a),
                           "score_distance": float(distance)})
     counts["samples"] = B
+    counts["near_tie_samples"] = near_ties
     counts["divergent_examples"] = worst[:5]
     return counts
 
@@ -196,9 +212,10 @@ def compare_precision(precision: str, test: dict[str, np.ndarray], ref: dict[str
     if "1" in contract.selectors:
         selection["1"] = selection_agreement(test["frame_indices_1"], ref["frame_indices_1"],
                                              ref["frame_scores_1"], gate.score_tol)
-        selection["2"] = selection_agreement(test["frame_indices_2"], ref["frame_indices_2"],
-                                             ref["frame_scores_2"], gate.score_tol,
-                                             candidates=ref["frame_indices_1"])
+        selection["2"] = selection_agreement(
+            test["frame_indices_2"], ref["frame_indices_2"], ref["frame_scores_2"],
+            gate.score_tol, candidates=ref["frame_indices_1"],
+            upstream_near_ties=selection["1"]["near_tie_samples"])
     drops = None
     if test_metrics is not None and ref_metrics is not None:
         drops = metric_drops(test_metrics, ref_metrics, gate.metric_keys)
