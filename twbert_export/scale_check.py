@@ -57,6 +57,7 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
         ckpt = save_checkpoint(model, Path(tmp) / f"{preset}-random.pt",
                                metadata={"note": f"random weights, seed {seed}"})
         params = sum(p.numel() for p in model.parameters())
+        schedule = model.cfg.selector.schedule
         del model
         setup_seconds = time.perf_counter() - t0
         report = run_export(ExportOptions(
@@ -68,7 +69,7 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
     total = time.perf_counter() - t0
     peak = peak_rss_gb()
     return {
-        "preset": preset, "schedule": report["stages"][0]["note"].split("F@")[-1],
+        "preset": preset, "schedule": schedule,
         "parameters": params, "precisions": list(report["precisions"]),
         "calibration_clips": report["precision"].get("int8", report["precision"].get("fp16", {}))
         .get("calibration", {}).get("clips"),
