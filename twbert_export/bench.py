@@ -6,7 +6,9 @@
 Each backend runs in its own process (so its peak memory is its own), with the same number of
 threads, on the artifact's reference-shaped random inputs: warm-up runs, then timed runs;
 p50 / p90 latency, samples per second and peak resident memory. `torch` is the PyTorch reference
-(hard selection) built from the checkpoint named in the manifest.
+(hard selection) built from the checkpoint named in the manifest; `trt-PRECISION` runs the engine
+`export.py build` wrote beside model.PRECISION.onnx (on a device with TensorRT:
+`--backends trt-fp16,trt-int8`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from .contract import IOContract
 from .onnx_export import example_feed
 
-BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8")
+BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
 
 
 def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
@@ -44,11 +46,16 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
 
             model = _with_schedule(model, contract.schedule)
         return make_torch_runner(model, contract, "hard", "torch")
+    kind, precision = backend.split("-", 1)
+    onnx_path = artifact / manifest["files"][precision]["path"]
+    if kind == "trt":  # the engine `export.py build` wrote beside the ONNX file
+        from .trt.runtime import trt_runner
+
+        return trt_runner(onnx_path.with_suffix(".engine"), contract, name=backend,
+                          onnx_sha256=manifest["files"][precision]["sha256"])
     from .runners import ort_runner
 
-    precision = backend.split("-", 1)[1]
-    path = artifact / manifest["files"][precision]["path"]
-    return ort_runner(path, name=backend, threads=threads)
+    return ort_runner(onnx_path, name=backend, threads=threads)
 
 
 def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int, repeat: int
@@ -96,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((artifact / "manifest.json").read_text())
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
-    missing = [b for b in backends if b.startswith("ort-") and b[4:] not in manifest["files"]]
+    missing = [b for b in backends if b != "torch" and (
+        b[4:] not in manifest["files"] or b.startswith("trt-") and not (
+            artifact / manifest["files"][b[4:]]["path"]).with_suffix(".engine").is_file())]
     if unknown or missing:
-        print(f"error: unknown backends {unknown} or not in the artifact {missing}",
-              file=sys.stderr)
+        print(f"error: unknown backends {unknown} or not in the artifact {missing} (a trt-* "
+              "backend needs model.PRECISION.engine: python export.py build)", file=sys.stderr)
         return 2
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):

@@ -46,12 +46,17 @@ class Artifact:
         self.answers = json.loads((self.dir / answers).read_text()) if answers else None
 
     def runner(self, threads: int | None = None) -> Any:
+        """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`."""
         if self.model_path.suffix == ".onnx":
             from .runners import ort_runner
 
             return ort_runner(self.model_path, threads=threads)
-        raise ValueError(f"{self.model_path.suffix} models are not supported by predict here "
-                         "(an .onnx file from the artifact directory is)")
+        if self.model_path.suffix == ".engine":
+            from .trt.runtime import trt_runner
+
+            return trt_runner(self.model_path)  # contract and ONNX hash from manifest.json
+        raise ValueError(f"{self.model_path.suffix} models are not supported: pass an .onnx file "
+                         "from the artifact directory or an .engine built from one")
 
 
 def encode_text(artifact: Artifact, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +87,8 @@ def score(artifact: Artifact, runner: Any, videos: np.ndarray, ids: np.ndarray,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python export.py predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an .onnx file in an artifact directory")
+    ap.add_argument("--model", required=True,
+                    help="an .onnx file in an artifact directory, or an .engine built from one")
     ap.add_argument("--video", action="append", required=True, help="a video file (repeatable)")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", help="caption to rank the videos for")
@@ -101,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, VideoDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runner = artifact.runner(args.threads)
-    with runner:
-        out = score(artifact, runner, videos, ids, mask)
+    from .trt.engine_manifest import EngineMismatch
+    from .util import MissingDependency
+
+    try:
+        with artifact.runner(args.threads) as runner:
+            out = score(artifact, runner, videos, ids, mask)
+    except (MissingDependency, EngineMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result: dict[str, Any]
     if args.text:
         itm = softmax(out["itm_logits"].astype(np.float64))[:, 1]

@@ -213,3 +213,27 @@ def test_stage_lines_size_the_file_being_written_not_the_one_it_replaces(tmp_pat
     log.line("validate", 1.0, final / "model.onnx", "", work / "not-yet.json")
     assert [r["size"] for r in log.rows] == [human_size(5000), ""]
     assert log.rows[0]["path"].endswith("model.onnx")
+
+
+def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_val, capsys,
+                                                                tmp_path):
+    """An .engine goes to the TensorRT runner: here, without TensorRT, one clear line and exit 2.
+    The bench's trt-* backends need the engine `export.py build` writes."""
+    import shutil
+
+    from twbert_export import bench
+
+    out, _ = artifact
+    copy = tmp_path / "artifact"
+    shutil.copytree(out, copy)
+    engine = copy / "model.fp16.engine"
+    video = sorted(str(p) for p in (small_val / "videos").glob("*.mp4"))[0]
+    args = ["predict", "--model", str(engine), "--video", video, "--text", "a cat"]
+    assert export.main(args) == 2
+    assert "not found" in capsys.readouterr().err
+    engine.write_bytes(b"not an engine")
+    assert export.main(args) == 2
+    assert "tensorrt" in capsys.readouterr().err.lower()
+    engine.unlink()
+    assert bench.main(["--artifact", str(copy), "--backends", "trt-fp16"]) == 2
+    assert "export.py build" in capsys.readouterr().err
