@@ -30,6 +30,17 @@ from .onnx_export import example_feed
 BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
 
 
+def backend_file(artifact: Path, manifest: dict[str, Any], backend: str) -> Path | None:
+    """The file an ort-*/trt-* backend runs (the ONNX file, or the engine `export.py build`
+    wrote beside it); None when the artifact has no such precision."""
+    kind, precision = backend.split("-", 1)
+    entry = manifest["files"].get(precision)
+    if entry is None:
+        return None
+    onnx_path = artifact / entry["path"]
+    return onnx_path.with_suffix(".engine") if kind == "trt" else onnx_path
+
+
 def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
     manifest = json.loads((artifact / "manifest.json").read_text())
     if backend == "torch":
@@ -46,16 +57,15 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
 
             model = _with_schedule(model, contract.schedule)
         return make_torch_runner(model, contract, "hard", "torch")
-    kind, precision = backend.split("-", 1)
-    onnx_path = artifact / manifest["files"][precision]["path"]
-    if kind == "trt":  # the engine `export.py build` wrote beside the ONNX file
+    path = backend_file(artifact, manifest, backend)
+    if backend.startswith("trt-"):
         from .trt.runtime import trt_runner
 
-        return trt_runner(onnx_path.with_suffix(".engine"), contract, name=backend,
-                          onnx_sha256=manifest["files"][precision]["sha256"])
+        return trt_runner(path, contract, name=backend,
+                          onnx_sha256=manifest["files"][backend[4:]]["sha256"])
     from .runners import ort_runner
 
-    return ort_runner(onnx_path, name=backend, threads=threads)
+    return ort_runner(path, name=backend, threads=threads)
 
 
 def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int, repeat: int
@@ -103,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((artifact / "manifest.json").read_text())
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
-    missing = [b for b in backends if b != "torch" and (
-        b[4:] not in manifest["files"] or b.startswith("trt-") and not (
-            artifact / manifest["files"][b[4:]]["path"]).with_suffix(".engine").is_file())]
+    missing = [b for b in backends if b in BACKENDS and b != "torch"
+               and not ((path := backend_file(artifact, manifest, b)) and path.is_file())]
     if unknown or missing:
         print(f"error: unknown backends {unknown} or not in the artifact {missing} (a trt-* "
               "backend needs model.PRECISION.engine: python export.py build)", file=sys.stderr)

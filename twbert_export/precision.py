@@ -108,9 +108,10 @@ def _classify(fp32_model, converted) -> tuple[int, int, list[str], list[str]]:
     return len(fp16), len(before), selection, by_range
 
 
-def _tensor_bytes(value_type, rows: int = 1) -> int:
-    """Bytes of a float tensor from its inferred type, symbolic dimensions (batch) as `rows`."""
-    dims = [d.dim_value if d.HasField("dim_value") else rows
+def _tensor_bytes(value_type) -> int:
+    """Bytes of one clip's float tensor from its inferred type (symbolic dimensions, the batch,
+    as 1)."""
+    dims = [d.dim_value if d.HasField("dim_value") else 1
             for d in value_type.tensor_type.shape.dim]
     return 4 * int(np.prod(dims, dtype=np.int64))
 
@@ -224,9 +225,9 @@ def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
 
 class _RowReader:
     """Calibration rows one at a time (ONNX Runtime's CalibrationDataReader protocol, plus
-    ModelOpt's `get_first`). ModelOpt's
-    calibrators fold each batch into running ranges; given all rows as one batch, the base preset
-    would hold every quantized input of 64 clips at once (tens of GB). Same ranges either way."""
+    ModelOpt's `get_first`). ModelOpt's calibrators fold each batch into running ranges; given
+    all rows as one batch, the base preset would hold every quantized input of 64 clips at once
+    (tens of GB). Same ranges either way."""
 
     def __init__(self, calib: FeedSet, order: np.ndarray):
         self.calib, self.order, self.next_row = calib, order, 0
