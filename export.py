@@ -3,6 +3,8 @@
     python export.py [--ckpt best.pt] [--precision fp16] [--task retrieval|qa] [--schedule 20-14-8]
                      [--batch 1:1:8] [--calib-data DIR] [--val-data DIR] [--out engines/NAME] [--force]
     python export.py validate --ckpt CKPT --onnx engines/NAME/model.fp16.onnx [--val-data DIR]
+    python export.py validate --engine engines/NAME/model.fp16.engine   (on the device: against
+                     the reference data shipped in engines/NAME/reference/, no PyTorch)
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
                      (--text "a caption" | --question "...")
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto]   (needs TensorRT)
@@ -111,12 +113,17 @@ def run_export(argv: list[str]) -> int:
 
 
 def run_validate(argv: list[str]) -> int:
+    if any(a.split("=")[0] in ("--engine", "--model") for a in argv):
+        from twbert_export.reference import main as validate_against_reference
+
+        return validate_against_reference(argv)
     from twbert_export.pipeline import validate_onnx
     from twbert_export.validate import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",
                                  description="Validate an ONNX file against its checkpoint on "
-                                 "real clips; exit 1 if a gate fails.")
+                                 "real clips; exit 1 if a gate fails. On a device: "
+                                 "validate --engine FILE (see: validate --engine FILE --help).")
     ap.add_argument("--ckpt", default="demo")
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--val-data", default="demo")

@@ -24,6 +24,7 @@ from .calibration import load_feeds
 from .contract import BatchRange, IOContract
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
+from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner, run_batches
 from .trt.commands import write_device_kit
@@ -117,31 +118,7 @@ def tensorrt_available() -> tuple[bool, str]:
     return (True, "") if cuda else (False, "no CUDA GPU is visible")
 
 
-# -- reference data for devices ---------------------------------------------------------------
-def save_reference(directory: Path, feeds: list[dict[str, np.ndarray]],
-                   outputs: list[dict[str, np.ndarray]], runner_name: str) -> tuple[Path, Path]:
-    """Inputs and outputs in Polygraphy's JSON formats (for `polygraphy run --load-inputs
-    ... --load-outputs ...`)."""
-    from collections import OrderedDict
-
-    comparator = require("polygraphy.comparator", "to save reference data")
-    pjson = require("polygraphy.json", "to save reference data")
-    G_LOGGER = require("polygraphy.logger", "to save reference data").G_LOGGER
-    directory.mkdir(parents=True, exist_ok=True)
-    inputs_path, outputs_path = directory / "inputs.json", directory / "outputs.json"
-    results = comparator.RunResults()
-    results.append((runner_name, [comparator.IterationResult(outputs=OrderedDict(o),
-                                                             runner_name=runner_name)
-                                  for o in outputs]))
-    severity, G_LOGGER.module_severity = G_LOGGER.module_severity, G_LOGGER.WARNING
-    try:  # Polygraphy announces each save; our stage line says it once
-        pjson.save_json([OrderedDict(f) for f in feeds], str(inputs_path), description="inputs")
-        results.save(str(outputs_path))
-    finally:
-        G_LOGGER.module_severity = severity
-    return inputs_path, outputs_path
-
-
+# -- device comparison ---------------------------------------------------------------------
 # Smallest absolute tolerance per precision for the device comparison; above it, twice the error
 # ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
 DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
@@ -281,7 +258,8 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         ref_feeds = batched(val.feed(slice(0, ref_rows)), contract.batch.max)
         ref_outputs = [{k: v[i * contract.batch.max:(i + 1) * contract.batch.max]
                         for k, v in reference.items()} for i in range(len(ref_feeds))]
-        save_reference(work / "reference", ref_feeds, ref_outputs, "torch-hard")
+        save_polygraphy_reference(work / "reference", ref_feeds, ref_outputs, "torch-hard")
+        save_validation_reference(work / "reference", val, reference, metrics, contract)
     verdicts = ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}" for p, r in results.items())
     stages.line("validate", sw.seconds, out / "report.json", verdicts, work / "report.json")
 
@@ -294,6 +272,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     next_commands = [
         f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
+        f"python3 -m twbert_export.reference --engine model.{last}.engine   # the host's gates",
         polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
     report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
               "next_commands": next_commands,

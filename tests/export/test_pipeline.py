@@ -196,7 +196,8 @@ def test_import_twbert_export_needs_no_heavy_dependency():
     heavy = ("torch", "onnx", "onnxruntime", "modelopt", "tensorrt", "polygraphy")
     proc = run_without(heavy, "import twbert_export, twbert_export.contract, "
                               "twbert_export.preprocess, twbert_export.lint, "
-                              "twbert_export.metrics, twbert_export.assets\n")
+                              "twbert_export.metrics, twbert_export.assets, "
+                              "twbert_export.reference\n")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -237,3 +238,68 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
     engine.unlink()
     assert bench.main(["--artifact", str(copy), "--backends", "trt-fp16"]) == 2
     assert "export.py build" in capsys.readouterr().err
+
+
+# -- validation against the shipped reference (what `validate --engine` runs on a device) -------
+def test_reference_validation_reproduces_the_hosts_verdicts(artifact, capsys):
+    """The shipped validation set re-run through ONNX Runtime (the runner a device swaps for
+    TensorRT) gives exactly the host's per-output errors, selections and task metrics."""
+    out, report = artifact
+    for p in ("fp32", "fp16", "int8"):
+        assert export.main(["validate", "--model", str(out / f"model.{p}.onnx"), "--json"]) == 0
+        printed = capsys.readouterr().out
+        device = json.loads(printed[:printed.rindex("}") + 1])
+        host = report["precisions"][p]
+        assert device["precisions"][p]["outputs"] == host["outputs"]
+        assert device["precisions"][p]["selection"] == host["selection"]
+        assert device["precisions"][p]["gates"] == host["gates"]
+        assert device["task_metrics"][f"model.{p} (this run)"] == report["task_metrics"][
+            f"onnx-{p}"]
+
+
+def test_reference_validation_fails_a_planted_perturbation(artifact, tmp_path, capsys):
+    import shutil
+
+    out, _ = artifact
+    copy = tmp_path / "artifact"
+    shutil.copytree(out, copy)
+    npz = copy / "reference" / "validation.npz"
+    with np.load(npz) as f:
+        arrays = dict(f)
+    arrays["reference.itm_logits"] = arrays["reference.itm_logits"] + 1e-3
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    assert export.main(["validate", "--model", str(copy / "model.fp32.onnx")]) == 1
+    assert "fp32  FAIL  itm_logits max abs error" in capsys.readouterr().out
+
+
+def test_reference_validation_refuses_missing_or_foreign_reference(artifact, tmp_path, capsys):
+    import shutil
+
+    out, _ = artifact
+    copy = tmp_path / "artifact"
+    shutil.copytree(out, copy)
+    meta_path = copy / "reference" / "validation.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "schedule": "16-8-4"}))
+    assert export.main(["validate", "--model", str(copy / "model.fp16.onnx")]) == 2
+    assert "F@16-8-4" in capsys.readouterr().err
+    meta_path.write_text(json.dumps(meta))
+    engine = copy / "model.fp16.engine"
+    engine.write_bytes(b"not an engine")
+    assert export.main(["validate", "--engine", str(engine)]) == 2
+    assert "tensorrt" in capsys.readouterr().err.lower()
+    (copy / "reference" / "validation.npz").unlink()
+    assert export.main(["validate", "--model", str(copy / "model.fp16.onnx")]) == 2
+    assert "re-export" in capsys.readouterr().err
+
+
+def test_reference_validation_needs_no_torch(artifact):
+    out, _ = artifact
+    code = (
+        "import runpy\n"
+        f"sys.argv = ['export.py', 'validate', '--model', {str(out / 'model.fp16.onnx')!r}]\n"
+        f"runpy.run_path({str(REPO / 'export.py')!r}, run_name='__main__')\n")
+    proc = run_without(("torch", "modelopt", "onnx_graphsurgeon"), code)
+    assert proc.returncode == 0, proc.stderr
+    assert "fp16  PASS  selector 1 identical" in proc.stdout

@@ -123,3 +123,13 @@ def test_preflight_refuses_an_engine_from_another_tensorrt(engines, tmp_path):
     (tmp_path / "manifest.json").write_text((src.parent / "manifest.json").read_text())
     with pytest.raises(EngineMismatch, match="built for TensorRT 9.9.9"):
         trt_runner(engine).activate()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_validate_engine_passes_the_hosts_gates(artifact, engines, precision, capsys):
+    """`export.py validate --engine` on the device: the shipped validation set, the host's
+    gates, against the PyTorch reference outputs (no PyTorch run here)."""
+    from twbert_export.reference import main as validate_engine
+
+    assert validate_engine(["--engine", str(engines[precision].engine)]) == 0, \
+        capsys.readouterr().out

@@ -225,8 +225,9 @@ def deploy_md(manifest: dict[str, Any]) -> str:
           files.items()],
         "- `build_on_device.sh`: builds `<file>.engine` with trtexec (or `--python`)",
         "- `manifest.json`: the I/O contract, file hashes, parity verdicts",
-        "- `reference/`: inputs and PyTorch outputs for `polygraphy run --load-inputs/--load-"
-        "outputs`", "",
+        "- `reference/`: the validation clips as the model saw them with the PyTorch outputs "
+        "and metrics (`validation.npz`, `validation.json`), and the first rows in Polygraphy's "
+        "formats (`inputs.json`, `outputs.json`)", "",
         f"## I/O contract (batch {b.min}:{b.opt}:{b.max}, opset {contract.opset})", "",
         "| tensor | dtype | shape |", "| --- | --- | --- |", *rows, "",
         "## Build", "",
@@ -242,6 +243,14 @@ def deploy_md(manifest: dict[str, Any]) -> str:
         f"- 11.x: `{cmd((11, 0))}`", "",
         "The timing cache (`$TIMING_CACHE`, default one per TensorRT version under "
         "`~/.cache/twbert-export/`) is reused by later builds on the same device.", "",
+        "## Validate on the device", "",
+        "```bash",
+        f"python3 -m twbert_export.reference --engine {engine_name(onnx)}",
+        "```", "",
+        "Runs the engine over the validation set in `reference/` and applies the gates the host "
+        "applied (per-output errors and frame-selection agreement against the PyTorch outputs, "
+        "task-metric drops against PyTorch's metrics); exit 1 if one fails. Needs numpy, "
+        "TensorRT and pycuda or cuda-python; no PyTorch, no video decoding.", "",
         "## Jetson notes", "",
         "- 8 GB boards (Orin Nano, Orin NX 8GB): keep `WORKSPACE_MB` at 1024 or below, close "
         "other programs, build one engine at a time.",
