@@ -61,8 +61,22 @@ def time_forward(model: TWBert, batch: int, dtype: str, device: torch.device, wa
     return times
 
 
+def top_ops(model: TWBert, batch: int, dtype: str, device: torch.device, text_len: int,
+            rows: int) -> str:
+    """One profiled forward: the ops that take the most device (or CPU) time, as a table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with torch_profile(activities=activities) as prof:
+        time_forward(model, batch, dtype, device, 0, 1, text_len)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def run(cfg: TWBertConfig, batches: list[int], dtypes: list[str], device: torch.device,
-        warmup: int, repeat: int, progress=print) -> list[dict[str, Any]]:
+        warmup: int, repeat: int, progress=print, top: int = 0) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = TWBert(cfg).eval().to(device)
     rows = []
@@ -80,6 +94,8 @@ def run(cfg: TWBertConfig, batches: list[int], dtypes: list[str], device: torch.
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rows.append(row)
             progress(f"  batch {batch} {dtype}: {row['median_ms']:.1f} ms")
+            if top:
+                progress(top_ops(model, batch, dtype, device, cfg.max_text_len, top))
     return rows
 
 
@@ -125,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time this schedule (e.g. 32) and compare latency and MACs ratios")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--top-ops", type=int, default=0, metavar="N",
+                    help="after timing, profile one forward and print the N costliest ops")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="save rows as JSON to PATH; '-' (or no PATH) prints JSON instead "
@@ -150,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     log(f"TW-BERT {args.preset} F@{cfg.selector.schedule} on {device_name(device)}, "
         f"torch {torch.__version__}")
-    rows = run(cfg, batches, dtypes, device, args.warmup, args.repeat, progress=log)
+    rows = run(cfg, batches, dtypes, device, args.warmup, args.repeat, progress=log,
+               top=args.top_ops)
     result = {"preset": args.preset, "schedule": cfg.selector.schedule,
               "select_layers": list(cfg.selector.layers), "device": device_name(device),
               "torch": torch.__version__, "warmup": args.warmup, "rows": rows}
