@@ -168,6 +168,50 @@ def test_tensorrt_86_int8_uses_flags_and_explicit_batch(tmp_path, monkeypatch):
     assert ("config.clear_flag", (4,)) in log  # TF32 off
 
 
+def fake_polygraphy(calls: dict) -> types.ModuleType:
+    """polygraphy.backend.trt with the loaders we call, recording their keyword arguments."""
+    ptrt = types.ModuleType("polygraphy.backend.trt")
+
+    class Profile:
+        def add(self, *args):
+            return self
+
+    def record(name, result=None):
+        def loader(*args, **kwargs):
+            calls[name] = kwargs
+            return result
+        return loader
+
+    ptrt.Profile = Profile
+    ptrt.NetworkFromOnnxPath = record("NetworkFromOnnxPath", "network")
+    ptrt.CreateConfig = record("CreateConfig")
+    ptrt.EngineBytesFromNetwork = record("EngineBytesFromNetwork", lambda: b"PLAN")
+    return ptrt
+
+
+@pytest.mark.parametrize("version, typed, extras", [
+    ("8.5.2", False, {"fp16"}),  # JetPack 5.1: an older Polygraphy, no 8.6 options
+    ("8.6.2", False, {"fp16", "builder_optimization_level"}),
+    ("10.3.0", True, {"builder_optimization_level"}),
+])
+def test_polygraphy_loaders_get_only_the_options_in_use(tmp_path, monkeypatch, version, typed,
+                                                         extras):
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "polygraphy.backend.trt", fake_polygraphy(calls))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, []))
+    monkeypatch.setattr(build_mod, "query_cuda_device", lambda: ("NVIDIA H100", "9.0"))
+    onnx = tmp_path / "model.fp16.onnx"
+    onnx.write_bytes(b"onnx")
+    opts = BuildOptions(onnx, tiny_contract(), "fp16", PRESETS["datacenter"],
+                        timing_cache=tmp_path / "timing.cache", use_polygraphy=True)
+    result = build_mod.build_engine(opts, platform=Platform(jetson=False))
+    assert result.engine.read_bytes() == b"PLAN"
+    assert calls["NetworkFromOnnxPath"] == ({"strongly_typed": True} if typed else {})
+    base = {"profiles", "tf32", "memory_pool_limits"} if opts.workspace_mb else {"profiles",
+                                                                                 "tf32"}
+    assert set(calls["CreateConfig"]) == base | extras
+
+
 def test_cli_without_tensorrt_points_to_the_device_kit(tmp_path, capsys):
     import json
 
@@ -185,3 +229,45 @@ def test_cli_refuses_a_file_outside_an_artifact(tmp_path, capsys):
     (tmp_path / "x.onnx").write_bytes(b"onnx")
     assert build_main(["--onnx", str(tmp_path / "x.onnx"), "--target", "thor"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version, available", [
+    ("8.5.2", True), ("8.6.2", True), ("10.3.0", True), ("10.7.0.23", True), ("10.8.0", False),
+    ("10.13.3", False), ("11.0.0", False), ("11.4.0", False), ("11.4.1", True), ("11.5.0", True)])
+def test_dla_exists_up_to_tensorrt_10_7_and_again_from_11_4_1(version, available):
+    from twbert_export.trt.targets import dla_available
+
+    assert dla_available(version) == available
+
+
+def test_a_dla_build_on_a_tensorrt_without_dla_is_refused_before_building(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.3", []))
+    onnx = tmp_path / "model.fp16.onnx"
+    onnx.write_bytes(b"onnx")
+    opts = BuildOptions(onnx, tiny_contract(), "fp16", PRESETS["agx-orin"], dla_core=0,
+                        timing_cache=tmp_path / "timing.cache", use_polygraphy=False)
+    with pytest.raises(ValueError, match="TensorRT 10.13.3 has no DLA support"):
+        build_mod.build_engine(opts, platform=Platform(jetson=True))
+    assert not (tmp_path / "model.fp16.engine").exists()
+
+
+def test_a_trtexec_engine_gets_its_sidecar_without_tensorrt(tmp_path, capsys, monkeypatch):
+    """build_on_device.sh records what trtexec built, so the runner's preflight can check it."""
+    import json
+
+    monkeypatch.setattr(build_mod, "query_cuda_device", lambda: ("Orin (nvgpu)", "8.7"))
+    (tmp_path / "manifest.json").write_text(json.dumps(artifact_manifest()))
+    (tmp_path / "model.fp16.onnx").write_bytes(b"onnx")
+    args = ["--onnx", str(tmp_path / "model.fp16.onnx"), "--target", "agx-orin",
+            "--workspace-mb", "1024", "--record-trtexec-build", "10.3.0"]
+    assert build_main(args) == 2  # no engine yet
+    assert "build it first" in capsys.readouterr().err
+    (tmp_path / "model.fp16.engine").write_bytes(b"PLAN")
+    assert build_main([*args, "--dla-core", "1"]) == 0
+    manifest = read_manifest(tmp_path / "model.fp16.engine")
+    assert manifest.build_path == "strongly-typed (trtexec)"
+    assert manifest.machine.tensorrt_version == "10.3.0"
+    assert manifest.machine.compute_capability == "8.7"
+    assert manifest.dla_core == 1 and manifest.workspace_mb == 1024
+    assert manifest.profile_shapes["video"][0] == manifest.profile_shapes["video"][2]  # static
+    assert (tmp_path / "model.fp16.engine").read_bytes() == b"PLAN"

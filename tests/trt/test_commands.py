@@ -69,6 +69,8 @@ def test_dla_build_is_static_with_gpu_fallback_and_refuses_fp32():
     assert "--maxShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8" in args
     with pytest.raises(ValueError, match="FP16 and INT8 only"):
         trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp32", (10, 3), dla_core=0)
+    with pytest.raises(ValueError, match="TensorRT 10.13 has no DLA support"):
+        trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", (10, 13), dla_core=0)
 
 
 def test_device_kit_is_written_and_the_script_is_valid_bash(tmp_path):
@@ -88,18 +90,24 @@ def test_device_kit_is_written_and_the_script_is_valid_bash(tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
-def _run_script(tmp_path, precision, trt_version, extra_env=None):
-    """Run build_on_device.sh with a fake trtexec that prints its arguments."""
+def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0):
+    """Run build_on_device.sh with a fake trtexec that prints its arguments, and a fake python3
+    that says the package is installed and prints what it is asked to run."""
     write_device_kit(tmp_path, artifact_manifest())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
     fake = tmp_path / "fake-trtexec"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TRTEXEC": str(fake),
+    python = bin_dir / "python3"
+    python.write_text('#!/usr/bin/env bash\n[ "$1" = -c ] && exit 0\necho "python3 $*"\n')
+    python.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "TRTEXEC": str(fake),
            "TRT_VERSION": trt_version, **(extra_env or {})}
     proc = subprocess.run(["bash", str(tmp_path / "build_on_device.sh"), precision],
                           capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
+    assert proc.returncode == expect_rc, proc.stderr
+    return proc.stdout.splitlines() if expect_rc == 0 else proc.stderr
 
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
@@ -110,8 +118,11 @@ def _run_script(tmp_path, precision, trt_version, extra_env=None):
     ("11.0.0", [], ["--fp16", "--int8", "--stronglyTyped"]),
 ])
 def test_script_runs_the_right_trtexec_per_version(tmp_path, version, expect, forbid):
-    args = _run_script(tmp_path, "int8", version)
+    *args, record = _run_script(tmp_path, "int8", version)
     assert args[:2] == ["--onnx=model.int8.onnx", "--saveEngine=model.int8.engine"]
+    assert record == ("python3 -m twbert_export.trt.cli --onnx model.int8.onnx --engine "
+                      "model.int8.engine --target auto --workspace-mb 1024 --opt-level 3 "
+                      f"--record-trtexec-build {version}")
     assert all(e in args for e in expect), args
     assert not set(forbid) & set(args), args
     assert f"--timingCacheFile={tmp_path}/.cache/twbert-export/timing-trt{version}.cache" in args
@@ -122,6 +133,11 @@ def test_script_runs_the_right_trtexec_per_version(tmp_path, version, expect, fo
 def test_script_dla_and_bad_precision(tmp_path):
     args = _run_script(tmp_path, "fp16", "10.3.0", {"DLA_CORE": "0", "WORKSPACE_MB": "512"})
     assert "--useDLACore=0" in args and "--allowGPUFallback" in args
+    assert args[-1].endswith("--dla-core 0 --record-trtexec-build 10.3.0")
+    for no_dla in ("10.13.3", "11.4.0"):
+        err = _run_script(tmp_path, "fp16", no_dla, {"DLA_CORE": "0"}, expect_rc=2)
+        assert f"TensorRT {no_dla} has no DLA support" in err
+    assert "--useDLACore=0" in _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0"})
     assert "--maxShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8" in args
     assert "--memPoolSize=workspace:512" in args
     proc = subprocess.run(["bash", str(tmp_path / "build_on_device.sh"), "bf16"],

@@ -65,6 +65,17 @@ def test_version_compatible_engine_runs_on_newer_runtimes_only(engine):
     preflight(engine, MachineInfo("11.0.0", "NVIDIA H100 80GB HBM3", "9.0"))
     with pytest.raises(EngineMismatch, match="needs a runtime >= 10.13.0.35"):
         preflight(engine, MachineInfo("10.3.0", "NVIDIA H100 80GB HBM3", "9.0"))  # older
+    with pytest.raises(EngineMismatch, match="from TensorRT 10 runs on TensorRT 10 or 11"):
+        preflight(engine, MachineInfo("12.0.0", "NVIDIA H100 80GB HBM3", "9.0"))
+
+
+def test_a_version_compatible_tensorrt_8_engine_does_not_cross_to_11(engine):
+    h100_86 = MachineInfo("8.6.1", "NVIDIA H100 80GB HBM3", "9.0")
+    write_manifest(engine_manifest(machine=h100_86, version_compatible=True), engine)
+    for runtime in ("8.6.3", "9.3.0", "10.7.0"):
+        preflight(engine, MachineInfo(runtime, "NVIDIA H100 80GB HBM3", "9.0"))
+    with pytest.raises(EngineMismatch, match="from TensorRT 8 runs on TensorRT 8 or 9 or 10"):
+        preflight(engine, MachineInfo("11.4.1", "NVIDIA H100 80GB HBM3", "9.0"))
 
 
 def test_stale_engine_is_refused_when_the_onnx_changed(engine):

@@ -11,7 +11,8 @@ from twbert_export.trt import runtime
 from twbert_export.trt.engine_manifest import (EngineManifest, EngineMismatch, MachineInfo,
                                                write_manifest)
 from twbert_export.trt.runtime import (EngineDescription, TensorDesc, check_description,
-                                       plan_buffers, to_engine_dtype, trt_runner)
+                                       engine_batches, plan_buffers, profile_batch_range,
+                                       to_engine_dtype, trt_runner)
 from twbert_export.trt.targets import Platform
 
 
@@ -51,12 +52,26 @@ def test_data_dependent_output_shape_is_refused():
 
 def test_engine_must_match_the_contract():
     check_description(engine_desc(), tiny_contract())
-    with pytest.raises(ValueError, match="stops at batch 2"):
-        check_description(engine_desc(max_batch=2), tiny_contract())
+    check_description(engine_desc(max_batch=2), tiny_contract())  # served in slices
     renamed = EngineDescription(engine_desc().tensors[:-1]
                                 + (TensorDesc("indices", False, "int64", (-1, 2)),))
     with pytest.raises(ValueError, match="does not match"):
         check_description(renamed, tiny_contract())
+
+
+def test_a_static_dla_engine_serves_every_batch_of_the_contract_in_slices():
+    """A DLA engine is built at the contract's OPT batch only: other batches run in slices of
+    that size, a short slice padded by repeating its last row."""
+    static = EngineDescription(tuple(
+        TensorDesc(t.name, t.is_input, t.dtype, t.shape,
+                   ((2, *t.profile[0][1:]),) * 3 if t.profile else None)
+        for t in engine_desc().tensors))
+    assert profile_batch_range(static) == (2, 2)
+    assert profile_batch_range(engine_desc()) == (1, 4)
+    assert engine_batches(4, 2, 2) == [(0, 2, 2), (2, 4, 2)]
+    assert engine_batches(3, 2, 2) == [(0, 2, 2), (2, 3, 2)]  # last row run twice, cut back
+    assert engine_batches(1, 2, 2) == [(0, 1, 2)]
+    assert engine_batches(3, 1, 4) == [(0, 3, 3)]
 
 
 def test_int64_feeds_narrow_to_int32_only_when_they_fit():

@@ -29,7 +29,7 @@ from ..contract import IOContract
 from ..util import atomic_path, file_sha256, require
 from .commands import default_timing_cache, engine_name, python_build_command
 from .engine_manifest import EngineManifest, MachineInfo, write_manifest
-from .targets import Platform, Target, detect_platform, query_cuda_device
+from .targets import Platform, Target, detect_platform, dla_available, query_cuda_device
 
 
 class BuildError(RuntimeError):
@@ -206,15 +206,19 @@ def _build_direct(trt: Any, opts: BuildOptions, plan: BuildPlan) -> bytes:
 
 def _build_polygraphy(trt: Any, opts: BuildOptions, plan: BuildPlan) -> bytes:
     ptrt = require("polygraphy.backend.trt", "for the TensorRT loaders")
-    network = ptrt.NetworkFromOnnxPath(str(opts.onnx),
-                                       strongly_typed=True if plan.strongly_typed else None)
+    # Options are passed only when used: the Polygraphy that comes with an 8.5/8.6 JetPack
+    # predates `strongly_typed` (and 8.5 has no optimization levels or version compatibility).
+    network = ptrt.NetworkFromOnnxPath(str(opts.onnx), **(
+        {"strongly_typed": True} if plan.strongly_typed else {}))
     profile = ptrt.Profile()
     for name, (lo, opt, hi) in opts.profile_shapes().items():
         profile.add(name, lo, opt, hi)
     kwargs: dict[str, Any] = {"profiles": [profile], "tf32": False}
-    if version_tuple(plan.trt_version) >= (8, 6):  # neither option exists on 8.5
-        kwargs["builder_optimization_level"] = opts.optimization_level
-        kwargs["version_compatible"] = opts.version_compatible or None
+    if version_tuple(plan.trt_version) >= (8, 6):
+        if opts.optimization_level is not None:
+            kwargs["builder_optimization_level"] = opts.optimization_level
+        if opts.version_compatible:
+            kwargs["version_compatible"] = True
     if opts.workspace_mb:
         kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE:
                                         int(opts.workspace_mb) << 20}
@@ -241,12 +245,49 @@ def _build_polygraphy(trt: Any, opts: BuildOptions, plan: BuildPlan) -> bytes:
     return bytes(engine)
 
 
+def write_engine_manifest(opts: BuildOptions, plan: BuildPlan, platform: Platform | None = None,
+                          extra: dict[str, Any] | None = None, built_by: str = ""
+                          ) -> EngineManifest:
+    """The sidecar of opts.engine, describing this machine and the build settings."""
+    assert opts.engine is not None
+    shapes = {n: [list(s) for s in mom] for n, mom in opts.profile_shapes().items()}
+    manifest = EngineManifest(
+        engine=opts.engine.name, onnx=opts.onnx.name,
+        onnx_sha256=opts.onnx_sha256 or file_sha256(opts.onnx), precision=opts.precision,
+        build_path=plan.path + (f" ({built_by})" if built_by else ""),
+        machine=machine_info(plan.trt_version, platform), profile_shapes=shapes,
+        target=opts.target.name, workspace_mb=opts.workspace_mb,
+        builder_optimization_level=opts.optimization_level, dla_core=opts.dla_core,
+        version_compatible=opts.version_compatible,
+        rebuild_command=python_build_command(opts.onnx.name, "auto") + (
+            f" --dla-core {opts.dla_core}" if opts.dla_core is not None else ""),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=extra or {})
+    write_manifest(manifest, opts.engine)
+    return manifest
+
+
+def record_trtexec_build(opts: BuildOptions, trt_version: str,
+                         platform: Platform | None = None) -> EngineManifest:
+    """Write the sidecar of an engine that trtexec built from opts.onnx with opts' settings
+    (build_on_device.sh calls this after trtexec), so the runner's preflight can check it.
+    Needs neither TensorRT's Python bindings nor a build."""
+    assert opts.engine is not None
+    if not opts.engine.is_file():
+        raise ValueError(f"{opts.engine} does not exist: build it first (build_on_device.sh)")
+    opts.check()
+    return write_engine_manifest(opts, plan_for(trt_version, opts.precision), platform,
+                                 built_by="trtexec")
+
+
 def build_engine(opts: BuildOptions, platform: Platform | None = None,
                  manifest_extra: dict[str, Any] | None = None) -> BuildResult:
     """Build opts.onnx into opts.engine and write the engine's sidecar manifest."""
     trt = require("tensorrt", "to build TensorRT engines")
     opts.check()
     plan = plan_for(trt.__version__, opts.precision)
+    if opts.dla_core is not None and not dla_available(trt.__version__):
+        raise ValueError(f"--dla-core: TensorRT {trt.__version__} has no DLA support (DLA is in "
+                         "TensorRT <= 10.7 and >= 11.4.1); build for the GPU")
     if opts.version_compatible and version_tuple(trt.__version__) < (8, 6):
         raise ValueError(f"--version-compatible needs TensorRT >= 8.6 (found {trt.__version__})")
     if opts.timing_cache is None:
@@ -271,16 +312,5 @@ def build_engine(opts: BuildOptions, platform: Platform | None = None,
     assert opts.engine is not None
     with atomic_path(opts.engine) as tmp:
         tmp.write_bytes(data)  # exactly TensorRT's bytes: no header (trtexec/DeepStream read it)
-    shapes = {n: [list(s) for s in mom] for n, mom in opts.profile_shapes().items()}
-    manifest = EngineManifest(
-        engine=opts.engine.name, onnx=opts.onnx.name,
-        onnx_sha256=opts.onnx_sha256 or file_sha256(opts.onnx), precision=opts.precision,
-        build_path=plan.path, machine=machine_info(trt.__version__, platform),
-        profile_shapes=shapes, target=opts.target.name, workspace_mb=opts.workspace_mb,
-        builder_optimization_level=opts.optimization_level, dla_core=opts.dla_core,
-        version_compatible=opts.version_compatible,
-        rebuild_command=python_build_command(opts.onnx.name, "auto") + (
-            f" --dla-core {opts.dla_core}" if opts.dla_core is not None else ""),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=manifest_extra or {})
-    write_manifest(manifest, opts.engine)
+    manifest = write_engine_manifest(opts, plan, platform, manifest_extra)
     return BuildResult(opts.engine, manifest, plan, seconds, notes)

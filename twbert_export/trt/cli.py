@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine that also runs on newer TensorRT runtimes (8.6+; slower)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="precision of --onnx (default: from manifest.json)")
+    p.add_argument("--record-trtexec-build", metavar="TRT_VERSION",
+                   help="build nothing: write the sidecar manifest of the engine trtexec built "
+                        "from --onnx with these options (build_on_device.sh runs this)")
     return p
 
 
@@ -63,7 +66,7 @@ def build_main(argv: list[str] | None = None) -> int:
         return err(str(e))
     print(f"target     {target.name}: {target.description} ({why})")
 
-    from .build import BuildError, BuildOptions, build_engine
+    from .build import BuildError, BuildOptions, build_engine, record_trtexec_build
 
     opts = BuildOptions(onnx=onnx, contract=contract, precision=precision, target=target,
                         engine=Path(args.engine) if args.engine else None,
@@ -71,6 +74,13 @@ def build_main(argv: list[str] | None = None) -> int:
                         dla_core=args.dla_core,
                         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                         version_compatible=args.version_compatible, onnx_sha256=sha)
+    if args.record_trtexec_build:
+        try:
+            recorded = record_trtexec_build(opts, args.record_trtexec_build)
+        except ValueError as e:
+            return err(str(e))
+        print(f"manifest   {opts.engine}.json (built for {recorded.built_for()})")
+        return 0
     try:
         opts.check()
         result = build_engine(opts)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..contract import IOContract
 from ..util import write_text
+from .targets import dla_available
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024  # the kit's default: safe on an 8 GB Jetson
@@ -79,6 +80,8 @@ def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str
     major, minor = trt_version
     if dla_core is not None and precision == "fp32":
         raise ValueError("DLA runs FP16 and INT8 only: build the fp16 or int8 file for DLA")
+    if dla_core is not None and not dla_available(f"{major}.{minor}.99"):
+        raise ValueError(f"TensorRT {major}.{minor} has no DLA support (<= 10.7 and >= 11.4.1 do)")
     args = [f"--onnx={onnx}", f"--saveEngine={engine}", *precision_flags(trt_version, precision)]
     args += shape_flags(contract, contract.batch.opt if dla_core is not None else None)
     if workspace_mb is not None:
@@ -185,6 +188,12 @@ def build_script(manifest: dict[str, Any]) -> str:
         "",
         'if [ -n "${DLA_CORE:-}" ]; then',
         '  if [ "$PRECISION" = fp32 ]; then echo "DLA runs fp16/int8 only" >&2; exit 2; fi',
+        "  # DLA is in TensorRT <= 10.7 and again from 11.4.1 (AGX Orin, JetPack >= 7.2.2)",
+        '  if [ "$(printf \'%s\\n\' "$TRT_VERSION" 10.7.99999 | sort -V | head -n1)" != '
+        '"$TRT_VERSION" ] && [ "$(printf \'%s\\n\' 11.4.1 "$TRT_VERSION" | sort -V | head -n1)" '
+        '!= 11.4.1 ]; then',
+        '    echo "TensorRT $TRT_VERSION has no DLA support: unset DLA_CORE" >&2; exit 2',
+        "  fi",
         f"  SHAPES={_bash_array(static)}  # DLA: static shapes",
         '  DLA_FLAGS=(--useDLACore="$DLA_CORE" --allowGPUFallback)',
         "else",
@@ -198,6 +207,19 @@ def build_script(manifest: dict[str, Any]) -> str:
         '"$TRTEXEC" --onnx="$ONNX" --saveEngine="$ENGINE" "${PRECISION_FLAGS[@]}" "${SHAPES[@]}" '
         '--memPoolSize=workspace:"$WORKSPACE_MB" --timingCacheFile="$TIMING_CACHE" '
         '"${BUILD_FLAGS[@]}" "${DLA_FLAGS[@]}"',
+        "set +x",
+        "# The sidecar manifest (what the engine was built for) that predict / validate --engine",
+        "# check before loading; it needs this package, not TensorRT's Python bindings.",
+        "if python3 -c 'import twbert_export' 2>/dev/null; then",
+        '  RECORD=(--workspace-mb "$WORKSPACE_MB" --opt-level "$OPT_LEVEL")',
+        '  if [ -n "${DLA_CORE:-}" ]; then RECORD+=(--dla-core "$DLA_CORE"); fi',
+        '  python3 -m twbert_export.trt.cli --onnx "$ONNX" --engine "$ENGINE" --target auto '
+        '"${RECORD[@]}" --record-trtexec-build "$TRT_VERSION"',
+        "else",
+        '  echo "note: twbert_export is not installed here, so no sidecar manifest was written; '
+        'python3 -m twbert_export.reference --engine needs it (pip install --no-deps the '
+        'twbert-export checkout)" >&2',
+        "fi",
         "",
     ]
     return "\n".join(lines)

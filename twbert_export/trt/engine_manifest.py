@@ -20,6 +20,8 @@ from typing import Any
 from ..util import write_json
 
 FORMAT = "twbert-trt-engine"
+# (built with, runs on) majors a version-compatible engine crosses; the same major always works.
+VERSION_COMPATIBLE_MAJORS = {(8, 9), (8, 10), (10, 11)}
 
 
 class EngineMismatch(RuntimeError):
@@ -105,10 +107,11 @@ def mismatches(manifest: EngineManifest, here: MachineInfo) -> list[str]:
     """Reasons the engine cannot run here (empty: it can).
 
     TensorRT: an engine runs only on the TensorRT version that built it (major.minor.patch);
-    a version-compatible engine (8.6+) also runs on newer runtimes ("Version Compatibility"
-    in the TensorRT 10.16 and 11.1 developer guides: 8.x engines on 9/10, 10.x on 11). GPU: the
-    compute capability must match. Jetson: the L4T major.minor must match (it fixes CUDA and
-    the TensorRT build)."""
+    a version-compatible engine (8.6+) also runs on newer runtimes of the same major, and
+    across majors only from 8 to 9 or 10 and from 10 to 11 ("Version Compatibility" in the
+    TensorRT 10.16 developer guide; "Engine Portability" in the 11.4 support matrix: a
+    TensorRT 8 engine cannot run on a TensorRT 11 runtime). GPU: the compute capability must
+    match. Jetson: the L4T major.minor must match (it fixes CUDA and the TensorRT build)."""
     built = manifest.machine
     reasons = []
     b, h = _version(built.tensorrt_version), _version(here.tensorrt_version)
@@ -117,6 +120,11 @@ def mismatches(manifest: EngineManifest, here: MachineInfo) -> list[str]:
             reasons.append(f"TensorRT {here.tensorrt_version} here; a version-compatible engine "
                            f"from {built.tensorrt_version} needs a runtime >= "
                            f"{built.tensorrt_version}")
+        elif h[0] != b[0] and (b[0], h[0]) not in VERSION_COMPATIBLE_MAJORS:
+            reasons.append(f"TensorRT {here.tensorrt_version} here; a version-compatible engine "
+                           f"from TensorRT {b[0]} runs on TensorRT "
+                           + " or ".join(str(m) for m in sorted(
+                               {b[0]} | {r for s, r in VERSION_COMPATIBLE_MAJORS if s == b[0]})))
     elif b != h:
         reasons.append(f"TensorRT {here.tensorrt_version} here, engine built with "
                        f"{built.tensorrt_version}")

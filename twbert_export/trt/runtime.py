@@ -7,9 +7,11 @@ BaseRunner: activate, infer on a dict of numpy arrays, deactivate).
 - One CUDA stream; device buffers and pinned host buffers allocated once at activation, sized
   for the profile's MAX batch (`plan_buffers`, testable from an `EngineDescription` without
   TensorRT); `set_input_shape` only when the batch changes; `execute_async_v3`.
-- Optional CUDA graph per batch size: one plain `execute_async_v3` at that shape first (so
-  TensorRT finishes its shape-dependent setup outside the capture), then capture of the
-  enqueue; copies stay outside the graph.
+- Optional CUDA graph: one plain `execute_async_v3` at the current shape first (so TensorRT
+  finishes its shape-dependent setup outside the capture), then capture of the enqueue; copies
+  stay outside the graph, which is replayed while the batch size stays the same. A graph fixes
+  the shapes and the context state it was captured with, so a new batch size drops it and
+  captures again: keep the batch fixed to profit from graphs.
 - CUDA through pycuda, or cuda-python when pycuda is absent; graph capture through the CUDA
   driver API (libcuda via ctypes), which both share.
 - Integer I/O: TensorRT 8.x has no INT64 I/O (its parser narrows to INT32): inputs are cast to
@@ -133,11 +135,25 @@ def check_description(desc: EngineDescription, contract: IOContract) -> None:
             or sorted(have_out) != sorted(contract.output_names):
         raise ValueError(f"engine I/O {have_in} -> {have_out} does not match the artifact's "
                          f"contract {contract.input_names} -> {contract.output_names}")
-    max_b = contract.batch.max
-    for t in desc.inputs:
-        if t.profile and t.profile[2][0] < max_b:
-            raise ValueError(f"engine profile for {t.name} stops at batch {t.profile[2][0]}, "
-                             f"the contract goes to {max_b}: rebuild the engine")
+
+
+def profile_batch_range(desc: EngineDescription) -> tuple[int, int] | None:
+    """(MIN, MAX) batch of the engine's profile 0 (a DLA engine is static: MIN = MAX = the
+    contract's OPT), or None for an engine without a dynamic batch."""
+    profiles = [t.profile for t in desc.inputs if t.profile]
+    if not profiles:
+        return None
+    return max(p[0][0] for p in profiles), min(p[2][0] for p in profiles)
+
+
+def engine_batches(batch: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Split `batch` rows into runs the profile accepts: (start, stop, run) with `run` rows
+    executed, the slice's last row repeated up to the profile's MIN where a slice is short."""
+    runs = []
+    for start in range(0, batch, hi):
+        stop = min(start + hi, batch)
+        runs.append((start, stop, max(stop - start, lo)))
+    return runs
 
 
 def to_engine_dtype(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -387,7 +403,11 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
             self.context = self.engine.create_execution_context()
             self.desc = describe_engine(self.engine)
             check_description(self.desc, spec_contract)
-            self.plan = plan_buffers(self.desc, spec_contract.batch.max)
+            self.batch_range = profile_batch_range(self.desc)
+            max_batch = spec_contract.batch.max
+            if self.batch_range:
+                max_batch = min(max_batch, max(self.batch_range))
+            self.plan = plan_buffers(self.desc, max_batch)
             self.device: dict[str, int] = {}
             self.host: dict[str, np.ndarray] = {}
             for n, spec in self.plan.items():
@@ -395,7 +415,12 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
                 self.host[n] = self.cuda.pinned(spec.nbytes)
                 self.context.set_tensor_address(n, self.device[n])
             self.batch: int | None = None
-            self.graphs: dict[int, int] = {}
+            self.graph: int | None = None
+
+        def _drop_graph(self) -> None:
+            if self.graph is not None and self.graphs_api is not None:
+                self.graphs_api.destroy(self.graph)
+            self.graph = None
 
         def get_input_metadata_impl(self) -> Any:
             meta = require("polygraphy.common", "for runner metadata").TensorMetadata()
@@ -413,9 +438,25 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
                 raise RuntimeError("TensorRT execute_async_v3 failed")
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+            """Any batch in the contract's range; one the engine's profile does not take (a
+            static DLA engine) runs in slices, short ones padded, outputs cut back."""
             spec_contract.check_feed(feed_dict)
             batch = int(feed_dict[spec_contract.input_names[0]].shape[0])
+            lo, hi = self.batch_range or (batch, batch)
+            if lo <= batch <= hi:
+                return self._infer_profile_batch(feed_dict)
+            parts = []
+            for start, stop, run in engine_batches(batch, lo, hi):
+                rows = np.minimum(np.arange(start, start + run), stop - 1)
+                out = self._infer_profile_batch({k: v[rows] for k, v in feed_dict.items()})
+                parts.append({k: v[:stop - start] for k, v in out.items()})
+            return OrderedDict((n, np.concatenate([p[n] for p in parts])) for n in parts[0])
+
+        def _infer_profile_batch(self, feed_dict: dict[str, np.ndarray]
+                                 ) -> "OrderedDict[str, np.ndarray]":
+            batch = int(feed_dict[spec_contract.input_names[0]].shape[0])
             if batch != self.batch:
+                self._drop_graph()  # it holds the old shapes and the context's old state
                 for spec in spec_contract.inputs:
                     if not self.context.set_input_shape(spec.name, spec.concrete(batch)):
                         raise ValueError(f"engine rejects {spec.name} {spec.concrete(batch)}")
@@ -428,11 +469,11 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
             if self.graphs_api is None:
                 self._enqueue()
             else:
-                if batch not in self.graphs:
+                if self.graph is None:
                     self._enqueue()  # settle shape-dependent state outside the capture
                     self.cuda.synchronize()
-                    self.graphs[batch] = self.graphs_api.capture(self.cuda.stream, self._enqueue)
-                self.graphs_api.launch(self.graphs[batch], self.cuda.stream)
+                    self.graph = self.graphs_api.capture(self.cuda.stream, self._enqueue)
+                self.graphs_api.launch(self.graph, self.cuda.stream)
             views = {}
             for spec in spec_contract.outputs:
                 shape = _dims(self.context.get_tensor_shape(spec.name))
@@ -443,10 +484,7 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
                                for s in spec_contract.outputs)
 
         def deactivate_impl(self) -> None:
-            if self.graphs_api is not None:
-                for g in self.graphs.values():
-                    self.graphs_api.destroy(g)
-            self.graphs = {}
+            self._drop_graph()
             del self.context, self.engine, self.runtime
             self.cuda.close()
 

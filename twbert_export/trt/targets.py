@@ -196,6 +196,15 @@ def detect_platform(root: Path = Path("/"), run: Callable[..., subprocess.Comple
     return classify(tegra, model, meminfo, smi)
 
 
+def dla_available(trt_version: str) -> bool:
+    """Whether a TensorRT version can build for the DLA: up to 10.7, and again from 11.4.1 (AGX
+    Orin on JetPack >= 7.2.2); 10.8 to 11.4.0 have no DLA on Jetson ("Working with DLA",
+    TensorRT 11.4.1 developer guide)."""
+    parts = (trt_version.split(".") + ["0", "0"])[:3]
+    v = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+    return v < (10, 8, 0) or v >= (11, 4, 1)
+
+
 def resolve_target(name: str, platform: Platform | None = None) -> tuple[Target, str]:
     """A preset by name, or for `auto` the preset of the (given or detected) platform."""
     if name == "auto":

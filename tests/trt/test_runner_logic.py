@@ -1,0 +1,236 @@
+"""The TensorRT runner's own logic, run against a stand-in TensorRT and CUDA (numpy memory).
+
+The stand-in engine computes each output row from that row's inputs only, so whatever the
+runner does (set_input_shape per batch, buffers sized for the profile, INT32 engine I/O on 8.x,
+slicing and padding batches a static DLA engine does not take, CUDA-graph replay) must give
+the same rows as computing them directly. What TensorRT itself does is for `pytest -m trt`."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from trtdata import tiny_contract
+
+from twbert_export.contract import BatchRange
+from twbert_export.trt import runtime
+from twbert_export.trt.engine_manifest import (
+    EngineManifest,
+    MachineInfo,
+    write_manifest,
+)
+from twbert_export.trt.targets import Platform
+
+MACHINE = MachineInfo("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def expected_outputs(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the stand-in engine computes, row by row."""
+    video, ids = feed["video"].astype(np.float32), feed["input_ids"].astype(np.int64)
+    frame_scores = video.mean(axis=(2, 3, 4)) + ids.sum(1, keepdims=True) * 1e-3
+    top = np.argsort(-frame_scores, axis=1, kind="stable")[:, :2]
+    return {"itm_logits": np.stack([frame_scores.sum(1), -frame_scores.sum(1)], 1),
+            "itc_sim": frame_scores.max(1),
+            "frame_scores_1": frame_scores, "frame_indices_1": top}
+
+
+class Memory:
+    """Device memory as numpy byte arrays; pointers are keys."""
+
+    def __init__(self):
+        self.blocks: dict[int, np.ndarray] = {}
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = 0x1000 * (len(self.blocks) + 1)
+        self.blocks[ptr] = np.zeros(nbytes, np.uint8)
+        return ptr
+
+
+class FakeCuda:
+    name = "fake"
+
+    def __init__(self, memory: Memory):
+        self.memory, self.stream = memory, 7
+        self.pending: list = []
+
+    def malloc(self, nbytes: int) -> int:
+        return self.memory.malloc(nbytes)
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        return np.zeros(max(nbytes, 1), np.uint8)
+
+    def htod(self, dst: int, src: np.ndarray) -> None:
+        raw = src.reshape(-1).view(np.uint8)
+        self.memory.blocks[dst][:raw.size] = raw
+
+    def dtoh(self, dst: np.ndarray, src: int) -> None:
+        raw = dst.reshape(-1).view(np.uint8)
+        raw[...] = self.memory.blocks[src][:raw.size]
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.memory.blocks.clear()
+
+
+class FakeGraphs:
+    """Capture records the enqueue; launch replays it (as a CUDA graph replays device work)."""
+
+    def __init__(self):
+        self.captured: dict[int, object] = {}
+        self.launches = 0
+
+    def capture(self, stream, enqueue):
+        handle = len(self.captured) + 1
+        self.captured[handle] = enqueue
+        return handle
+
+    def launch(self, handle, stream):
+        self.launches += 1
+        self.captured[handle]()
+
+    def destroy(self, handle):
+        self.captured.pop(handle)
+
+
+def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dtype: str):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = MACHINE.tensorrt_version
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.nptype = lambda dtype: dtype
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    lo, hi = batch_range
+    dtypes = {s.name: (int_dtype if s.dtype == "int64" else s.dtype)
+              for s in (*contract.inputs, *contract.outputs)}
+
+    class Context:
+        def __init__(self):
+            self.address: dict[str, int] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def set_tensor_address(self, name, ptr):
+            self.address[name] = ptr
+
+        def set_input_shape(self, name, shape):
+            if not lo <= shape[0] <= hi:
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            spec = next(s for s in contract.outputs if s.name == name)
+            return spec.concrete(self.shapes["video"][0])
+
+        def execute_async_v3(self, stream):
+            feed = {}
+            for spec in contract.inputs:
+                shape = self.shapes[spec.name]
+                count = int(np.prod(shape))
+                block = memory.blocks[self.address[spec.name]]
+                feed[spec.name] = block.view(dtypes[spec.name])[:count].reshape(shape)
+            for name, value in expected_outputs(feed).items():
+                raw = value.astype(dtypes[name]).reshape(-1).view(np.uint8)
+                memory.blocks[self.address[name]][:raw.size] = raw
+            return True
+
+    names = [s.name for s in (*contract.inputs, *contract.outputs)]
+
+    class Engine:
+        num_io_tensors = len(names)
+
+        def get_tensor_name(self, i):
+            return names[i]
+
+        def get_tensor_mode(self, name):
+            return "in" if name in contract.input_names else "out"
+
+        def get_tensor_dtype(self, name):
+            return dtypes[name]
+
+        def get_tensor_shape(self, name):
+            spec = next(s for s in (*contract.inputs, *contract.outputs) if s.name == name)
+            return tuple(-1 if d == "batch" else d for d in spec.shape)
+
+        def get_tensor_profile_shape(self, name, profile):
+            spec = next(s for s in contract.inputs if s.name == name)
+            return spec.concrete(lo), spec.concrete(lo), spec.concrete(hi)
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, data):
+            assert data == b"PLAN"
+            return Engine()
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.fixture
+def make_runner(tmp_path, monkeypatch):
+    def make(batch_range=(1, 4), int_dtype="int64", cuda_graph=False):
+        contract = tiny_contract(BatchRange(1, 2, 4))
+        memory = Memory()
+        monkeypatch.setitem(sys.modules, "tensorrt",
+                            fake_tensorrt(memory, contract, batch_range, int_dtype))
+        monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: FakeCuda(memory))
+        graphs = FakeGraphs()
+        monkeypatch.setattr(runtime, "_DriverGraphs", lambda: graphs)
+        monkeypatch.setattr(runtime, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
+        monkeypatch.setattr(runtime, "detect_platform", lambda: Platform(jetson=False))
+        engine = tmp_path / "model.fp16.engine"
+        engine.write_bytes(b"PLAN")
+        write_manifest(EngineManifest(
+            engine=engine.name, onnx="model.fp16.onnx", onnx_sha256="a" * 64, precision="fp16",
+            build_path="strongly-typed", machine=MACHINE, profile_shapes={}), engine)
+        return runtime.trt_runner(engine, contract=contract, cuda_graph=cuda_graph), graphs
+    return make
+
+
+def feed(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"video": rng.standard_normal((batch, 4, 3, 32, 32)).astype(np.float32),
+            "input_ids": rng.integers(100, 3000, (batch, 8)),
+            "attention_mask": np.ones((batch, 8), np.int64)}
+
+
+def check(out: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> None:
+    expected = expected_outputs(inputs)
+    assert list(out) == ["itm_logits", "itc_sim", "frame_scores_1", "frame_indices_1"]
+    for name, value in expected.items():
+        assert out[name].dtype == (np.int64 if name == "frame_indices_1" else np.float32)
+        np.testing.assert_allclose(out[name], value, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("int_dtype", ["int64", "int32"])  # 10.x, and 8.x's INT32 I/O
+def test_every_batch_in_the_range_gives_the_rows_computed_alone(make_runner, int_dtype):
+    runner, _ = make_runner(int_dtype=int_dtype)
+    with runner:
+        for batch in (2, 4, 1, 4):  # shape changes both ways reuse the buffers
+            inputs = feed(batch, seed=batch)
+            check(runner.infer(inputs), inputs)
+
+
+def test_a_static_engine_runs_other_batches_in_padded_slices(make_runner):
+    runner, _ = make_runner(batch_range=(2, 2))  # DLA: built at the contract's OPT batch only
+    with runner:
+        for batch in (1, 3, 4):
+            inputs = feed(batch, seed=batch)
+            check(runner.infer(inputs), inputs)
+
+
+def test_cuda_graph_replay_equals_the_plain_path(make_runner):
+    runner, graphs = make_runner(cuda_graph=True)
+    with runner:
+        for seed, batch in enumerate((2, 2, 1, 2)):
+            inputs = feed(batch, seed=seed)
+            check(runner.infer(inputs), inputs)
+            assert len(graphs.captured) == 1  # only the current shape's graph is kept
+    assert graphs.launches == 4 and not graphs.captured  # freed at deactivation
