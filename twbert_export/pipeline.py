@@ -7,6 +7,7 @@ is never half-overwritten (and never overwritten at all without --force).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -26,9 +27,10 @@ from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
-from .runners import batched, make_torch_runner, ort_runner, run_batches
+from .runners import batched, make_torch_runner, ort_runner
 from .trt.commands import write_device_kit
-from .util import Stopwatch, file_sha256, human_size, require, write_json, write_text
+from .util import (Stopwatch, file_sha256, human_size, require, stage_peak_rss_gb, write_json,
+                   write_text)
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
@@ -78,7 +80,7 @@ class StageLog:
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
               f"{'  ' + note if note else ''}", file=self.stream, flush=True)
         self.rows.append({"stage": name, "path": shown, "size": size, "seconds": seconds,
-                          "note": note})
+                          "note": note, "peak_rss_gb": stage_peak_rss_gb()})
 
 
 def _relative(path: Path) -> str:
@@ -207,6 +209,10 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     with Stopwatch() as sw:
         raw = work / "model.raw.onnx"
         export_onnx(model, contract, raw)
+        # The weights wait idle until validation: free them for the precision steps (1 GB at
+        # the base preset) and load the checkpoint again then.
+        config = model.cfg
+        model.to("meta")
     stages.line("export", sw.seconds, out / raw.name, f"opset {contract.opset}, dynamo", raw)
     with Stopwatch() as sw:
         files["fp32"] = work / "model.fp32.onnx"
@@ -231,27 +237,32 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                    if val.truncated_texts else ""))
 
     precision_reports: dict[str, Any] = {}
-    for p in precisions[1:]:
-        with Stopwatch() as sw:
-            files[p] = work / f"model.{p}.onnx"
-            if p == "fp16":
-                rep = precision.to_fp16(files["fp32"], files[p], calib)
-            else:
-                rep = precision.to_int8(files["fp32"], files[p], calib, opts.calib_method,
-                                        use_cache=opts.calib_cache)
-        rep.seconds = sw.seconds
-        precision_reports[p] = rep.to_dict()
-        kept = len(rep.kept_fp32_range)
-        int8 = rep.calibration.get("int8_nodes")
-        stages.line(p, sw.seconds, out / files[p].name,
-                    (f"{int8} INT8 layers, " if int8 else "")
-                    + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other nodes "
-                    "kept FP32 by AutoCast" + (f" ({rep.cache.split()[0]} calibration cache)"
-                                               if rep.cache else ""), files[p])
+    with contextlib.ExitStack() as stack:
+        ranges = (stack.enter_context(precision.ActivationRanges(files["fp32"], calib))
+                  if calib else None)
+        for p in precisions[1:]:
+            with Stopwatch() as sw:
+                files[p] = work / f"model.{p}.onnx"
+                if p == "fp16":
+                    rep = precision.to_fp16(files["fp32"], files[p], ranges)
+                else:
+                    rep = precision.to_int8(files["fp32"], files[p], calib, opts.calib_method,
+                                            use_cache=opts.calib_cache, ranges=ranges)
+            rep.seconds = sw.seconds
+            precision_reports[p] = rep.to_dict()
+            kept = len(rep.kept_fp32_range)
+            int8 = rep.calibration.get("int8_nodes")
+            stages.line(p, sw.seconds, out / files[p].name,
+                        (f"{int8} INT8 layers, " if int8 else "")
+                        + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other "
+                        "nodes kept FP32 by AutoCast"
+                        + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else ""),
+                        files[p])
 
     # -- validation ------------------------------------------------------------------------------
     with Stopwatch() as sw:
         answers = load_report.metadata.get("answers") if contract.task == "qa" else None
+        model = _reload(ckpt_path, config, opts.trust_checkpoint)
         results, metrics, reference = validate_files(model, contract, files, val, answers,
                                                      {**validate.DEFAULT_GATES, **opts.gates})
         ref_rows = min(REFERENCE_ROWS, len(val))
@@ -300,28 +311,38 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
     return report
 
 
+def _reload(ckpt_path: Path, config, trust_checkpoint: bool):
+    """The checkpoint's model again, with the configuration the export used (its schedule)."""
+    from model import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt_path, schedule=config.selector.schedule,
+                               trust_pickle=trust_checkpoint)
+    if model.cfg != config:
+        raise RuntimeError(f"{ckpt_path} changed during the export")
+    return model.eval()
+
+
 def validate_files(model, contract: IOContract, files: dict[str, Path], val,
                    answers: list[str] | None, gates: dict[str, "validate.Gate"]
                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
     """PyTorch (hard and perturbed selection) and ONNX Runtime on each file over the validation
     rows: per-precision comparisons with gate verdicts, task metrics per run, and the reference
     outputs on the paired rows."""
-    paired = batched(val.feed(slice(None)), contract.batch.max)
     hard = make_torch_runner(model, contract, "hard", "torch-hard")
     perturbed = make_torch_runner(model, contract, "perturbed", "torch-perturbed")
     metrics: dict[str, Any] = {}
     with hard:
-        reference = run_batches(hard, paired)
-        metrics["torch-hard"] = validate.task_metrics(hard, val, contract, answers=answers)
+        reference, metrics["torch-hard"] = validate.run_validation(hard, val, contract,
+                                                                   answers=answers)
     with perturbed:
-        metrics["torch-perturbed"] = validate.task_metrics(perturbed, val, contract,
-                                                           answers=answers)
+        _, metrics["torch-perturbed"] = validate.run_validation(perturbed, val, contract,
+                                                                answers=answers)
     results: dict[str, Any] = {}
     for p, path in files.items():
         runner = ort_runner(path, name=f"onnx-{p}")
         with runner:
-            test = run_batches(runner, paired)
-            metrics[f"onnx-{p}"] = validate.task_metrics(runner, val, contract, answers=answers)
+            test, metrics[f"onnx-{p}"] = validate.run_validation(runner, val, contract,
+                                                                 answers=answers)
         results[p] = validate.compare_precision(p, test, reference, contract, gates[p],
                                                 metrics[f"onnx-{p}"], metrics["torch-hard"])
     return results, metrics, reference

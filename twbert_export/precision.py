@@ -11,6 +11,11 @@ the numerics TensorRT will build strongly typed.
   the same AutoCast as fp16, with the Q/DQ nodes (and their scales) left in FP32. The result is
   cached by (model hash, calibration data identity, settings) and reused only on a full match.
 
+Both read the activation ranges from one set of forward passes (`ActivationRanges`): every
+tensor on the clips the FP16 check looks at, then only the INT8 inputs on the remaining
+calibration clips. Max calibration is that running maximum (checked equal to ModelOpt's own
+calibration: tests/export/test_fp16_ranges.py).
+
 Measured on the demo checkpoint (24 validation rows, max |error| of itc_sim vs FP32): entropy
 calibration 0.26, max 0.054; quantizing the attention products as well 0.26 -> 0.21 without
 them (entropy); converting the Q/DQ scales to FP16 with the rest 0.054 -> 0.38, keeping them
@@ -27,10 +32,11 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -50,9 +56,10 @@ INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 FP16_DATA_MAX = 32768.0
 CALIB_METHODS = ("max", "entropy")
 QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
-# FP16 range check (out_of_range_nodes): tensors watched per forward pass, and the clips checked
-# when a model needs several passes per clip.
-RANGE_CHECK_GROUP_BYTES = 3 * 2**30
+# FP16 range check (ActivationRanges): a model with more float tensor bytes per clip than this is
+# checked on the first LARGE_MODEL_RANGE_CLIPS clips only (unless INT8 max calibration needs
+# the passes over every clip anyway).
+LARGE_MODEL_TENSOR_BYTES = 3 * 2**30
 LARGE_MODEL_RANGE_CLIPS = 4
 
 
@@ -116,83 +123,157 @@ def _tensor_bytes(value_type) -> int:
     return 4 * int(np.prod(dims, dtype=np.int64))
 
 
-def out_of_range_nodes(src: str | Path, calib: FeedSet, data_max: float = FP16_DATA_MAX
-                       ) -> tuple[list[str], int]:
-    """Names of the nodes with an input or output beyond `data_max` on the calibration clips, and
-    how many clips were checked.
+class ActivationRanges:
+    """The largest |value| of float tensors of a graph over the calibration rows, one forward
+    pass per row: the FP16 range check and INT8 max calibration share these passes.
 
-    AutoCast applies the same rule, but its reference run makes every tensor a graph output and
-    keeps them for every clip at once: one clip of the base preset alone is about 24 GB of
-    tensors, and it was killed at 24 GB. Here the tensors are watched in groups of at most
-    `RANGE_CHECK_GROUP_BYTES` per clip, one ONNX Runtime session per group, one clip at a time,
-    keeping only running maxima. When a model needs more than one group (a large model), only the
-    first `LARGE_MODEL_RANGE_CLIPS` clips are checked: each group costs a forward pass per clip.
+    Each watched tensor gets a ReduceMax and a ReduceMin placed right after the node that makes
+    it, and the graph's outputs become those scalars; ONNX Runtime's priority-based order runs
+    each reduction as soon as it can, so no tensor outlives its consumers (with the default
+    order the base preset held 11 GB per clip and ran 4x slower). AutoCast's own reference run
+    instead makes every tensor a graph output and keeps them for all clips at once (one base
+    clip is about 24 GB of tensors; it was killed at 24 GB). Rows are taken in order; asking
+    for more rows extends the running maxima. `watch` limits the tensors (default: every float
+    tensor a node makes); `narrowed` continues on fewer tensors, which costs less per row.
     """
-    onnx = require("onnx", "to inspect the graph")
-    ort = require("onnxruntime", "to find the activation ranges")
-    model = onnx.load(str(src))
-    inferred = onnx.shape_inference.infer_shapes(model)
-    value_types = {vi.name: vi.type
-                   for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    watched = [(name, _tensor_bytes(value_types[name])) for node in model.graph.node
-               for name in node.output
-               if name in value_types and value_types[name].tensor_type.elem_type in floats]
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in watched:
-        if groups[-1] and size + nbytes > RANGE_CHECK_GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    clips = len(calib) if len(groups) == 1 else min(len(calib), LARGE_MODEL_RANGE_CLIPS)
-    absmax: dict[str, float] = {}
 
-    def update(values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            if value.size and np.issubdtype(value.dtype, np.floating):
-                absmax[name] = max(absmax.get(name, 0.0), float(np.abs(value).max()))
+    def __init__(self, src: str | Path, calib: FeedSet, watch: set[str] | None = None):
+        onnx = require("onnx", "to inspect the graph")
+        self.src, self.calib, self.rows_done = Path(src), calib, 0
+        self.absmax: dict[str, float] = {}
+        model = onnx.load(str(src))
+        inferred = onnx.shape_inference.infer_shapes(model)
+        value_types = {vi.name: vi.type
+                       for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+        del inferred
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        initializers = {t.name for t in model.graph.initializer}
+        self.node_tensors = {n.name: [t for t in [*n.input, *n.output] if t]
+                             for n in model.graph.node}
+        self.int8_inputs = {t for n in model.graph.node if n.op_type in INT8_OP_TYPES
+                            and not any(re.match(p, n.name) for p in SELECTION_NODES)
+                            for t in n.input if t and t not in initializers}
+        self.watched: list[str] = []
+        self.bytes_per_row = 0
+        nodes = []
+        for node in model.graph.node:
+            nodes.append(node)
+            for name in node.output:
+                if name in value_types and value_types[name].tensor_type.elem_type in floats:
+                    self.bytes_per_row += _tensor_bytes(value_types[name])
+                    if watch is None or name in watch:
+                        self.watched.append(name)
+                        nodes += [onnx.helper.make_node(op, [name], [f"{name}::{op}"],
+                                                        keepdims=0)
+                                  for op in ("ReduceMax", "ReduceMin")]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.output[:]
+        model.graph.output.extend(
+            onnx.helper.make_tensor_value_info(f"{name}::{op}", value_types[name].tensor_type
+                                               .elem_type, [])
+            for name in self.watched for op in ("ReduceMax", "ReduceMin"))
+        self.inputs = [i.name for i in model.graph.input]
+        self._model = model
+        self._session = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # Weights once, in one external file; each group's model is the graph only, beside it.
-        full = Path(tmp) / "model.onnx"
-        onnx.save(model, str(full), save_as_external_data=True, location="weights.bin")
-        del model
-        graph_only = onnx.load(str(full), load_external_data=False)
+    @property
+    def is_large(self) -> bool:
+        """A model whose tensors per clip exceed LARGE_MODEL_TENSOR_BYTES: its forward passes
+        are slow, so the FP16 check looks at LARGE_MODEL_RANGE_CLIPS clips."""
+        return self.bytes_per_row > LARGE_MODEL_TENSOR_BYTES
+
+    def default_rows(self) -> int:
+        return min(len(self.calib), LARGE_MODEL_RANGE_CLIPS) if self.is_large else len(self.calib)
+
+    def _start(self) -> None:
+        onnx = require("onnx", "to write the range-watching graph")
+        ort = require("onnxruntime", "to find the activation ranges")
+        if self._tmp is None and self._model is None:
+            raise RuntimeError("these activation ranges are closed: make new ones for more rows")
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory()
+            # External weights: the graph stays under protobuf's 2 GB limit at any model size.
+            onnx.save(self._model, str(self._path()), save_as_external_data=True,
+                      location="weights.bin")
+            self._model = None
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        for i in range(clips):
-            update(calib.feed(slice(i, i + 1)))
-        for k, group in enumerate(groups):
-            watch = onnx.ModelProto()
-            watch.CopyFrom(graph_only)
-            del watch.graph.output[:]
-            watch.graph.output.extend(onnx.ValueInfoProto(name=n, type=value_types[n])
-                                      for n in group)
-            path = Path(tmp) / f"group{k}.onnx"
-            onnx.save(watch, str(path))
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            for i in range(clips):
-                update(dict(zip(group, session.run(group, calib.feed(slice(i, i + 1))))))
-            del session
-    names = [n.name for n in inferred.graph.node
-             if any(absmax.get(t, 0.0) > data_max for t in [*n.input, *n.output])]
-    return names, clips
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        self._session = ort.InferenceSession(str(self._path()), opts,
+                                             providers=["CPUExecutionProvider"])
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def _path(self) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / "ranges.onnx"
+
+    def release(self) -> None:
+        """Free the ONNX Runtime session (its weights and arena); more rows start it again."""
+        self._session = None
+
+    def over(self, rows: int) -> dict[str, float]:
+        """Largest |value| per watched tensor (graph inputs included) over the first `rows`
+        rows."""
+        rows = min(rows, len(self.calib))
+        if rows > self.rows_done and self._session is None:
+            self._start()
+        for i in range(self.rows_done, rows):
+            feed = self.calib.feed(slice(i, i + 1))
+            values = dict(zip(self._outputs, self._session.run(self._outputs, feed)))
+            for name, value in feed.items():
+                if np.issubdtype(value.dtype, np.floating) and value.size:
+                    values[f"{name}::ReduceMax"], values[f"{name}::ReduceMin"] = (
+                        value.max(), value.min())
+            for key, value in values.items():
+                name = key.rsplit("::", 1)[0]
+                self.absmax[name] = max(self.absmax.get(name, 0.0), abs(float(value)))
+        self.rows_done = max(self.rows_done, rows)
+        return self.absmax
+
+    def narrowed(self, tensors: set[str]) -> "ActivationRanges":
+        """Ranges of `tensors` only, carrying on from the rows seen so far. This instance's
+        session is released (its memory); it keeps what it found."""
+        other = ActivationRanges(self.src, self.calib, watch=tensors)
+        other.absmax = {t: v for t, v in self.absmax.items() if t in tensors}
+        other.rows_done = self.rows_done
+        self.close()
+        return other
+
+    def nodes_beyond(self, data_max: float) -> list[str]:
+        """Nodes with an input or output beyond `data_max` on the rows seen so far."""
+        return [node for node, tensors in self.node_tensors.items()
+                if any(self.absmax.get(t, 0.0) > data_max for t in tensors)]
+
+    def close(self) -> None:
+        self._session = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def to_fp16(src: str | Path, dst: str | Path, calib: FeedSet,
+def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
             op_types_to_exclude: list[str] | None = None) -> PrecisionReport:
-    """AutoCast to FP16 with FP32 I/O, selection and out-of-range nodes kept in FP32."""
+    """AutoCast to FP16 with FP32 I/O, selection and out-of-range nodes kept in FP32. `ranges`
+    watches `src`, or the FP32 graph `src` was made from (INT8: its Q/DQ graph keeps the node
+    names); rows not yet seen are checked first (`ActivationRanges.default_rows`)."""
     require("modelopt.onnx.autocast", "for FP16 AutoCast (pip install nvidia-modelopt)")
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     onnx = require("onnx", "to write ONNX files")
-    over, range_clips = out_of_range_nodes(src, calib)
-    out_of_range = [f"^{re.escape(name)}$" for name in over]
+    ranges.over(ranges.default_rows())
+    ranges.release()  # its ONNX Runtime session, before AutoCast loads the model again
+    out_of_range = [f"^{re.escape(name)}$" for name in ranges.nodes_beyond(FP16_DATA_MAX)]
     with _quiet_modelopt():
         # data_max=inf: the range rule was applied above, and AutoCast skips its own reference
-        # run (the memory problem out_of_range_nodes describes).
+        # run (the memory problem ActivationRanges describes).
         model = convert_to_mixed_precision(
             str(src), low_precision_type="fp16", keep_io_types=True,
             nodes_to_exclude=SELECTION_NODES + out_of_range,
@@ -204,9 +285,10 @@ def to_fp16(src: str | Path, dst: str | Path, calib: FeedSet,
         onnx.save(model, str(tmp_dst))
         onnx.checker.check_model(str(tmp_dst), full_check=True)
     low, total, selection, by_range = _classify(onnx.load(str(src)), model)
+    calib = ranges.calib
     return PrecisionReport("fp16", selection, by_range, low, total,
                            calibration={"clips": len(calib.video), "data": calib.identity,
-                                        "range_check_clips": range_clips})
+                                        "range_check_clips": ranges.rows_done})
 
 
 def _cache_dir() -> Path:
@@ -219,7 +301,8 @@ def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
                 "preprocessing": calib.identity["preprocessing_sha256"], "method": method,
                 "op_types": INT8_OP_TYPES, "exclude": SELECTION_NODES, "mha_qdq": False,
                 "fp32_in_fp16": QDQ_OPS,
-                "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1}
+                "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1,
+                "max_calibration": "activation-ranges"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -247,15 +330,54 @@ class _RowReader:
         self.next_row = 0
 
 
+def write_scale_cache(path: Path, absmax: dict[str, float]) -> Path:
+    """INT8 activation scales (symmetric: |max| / 127) in TensorRT's calibration-cache text
+    format, which ModelOpt imports (`calibration_cache_path`): a header line, then
+    `tensor: <scale as big-endian float32 hex>` per tensor. A tensor that is all zeros gets
+    scale 1, as ONNX Runtime's calibration gives it."""
+    lines = ["TRT-twbert-export-MaxCalibration"]
+    for name, amax in absmax.items():
+        scale = amax / 127.0 if amax > 0 else 1.0
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_scales(model, absmax: dict[str, float]) -> int:
+    """Every activation QuantizeLinear must carry the scale of our own max calibration (ModelOpt
+    replaces scales by tensor name; a silent miss would leave a one-clip scale in place).
+    Returns how many were checked."""
+    numpy_helper = require("onnx.numpy_helper", "to read the scales")
+    inits = {t.name: t for t in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        amax = absmax.get(node.input[0])
+        scale = float(numpy_helper.to_array(inits[node.input[1]]))
+        expected = np.float32(amax / 127.0 if amax else 1.0)
+        if amax is None or scale != expected:
+            raise RuntimeError(f"INT8 scale of {node.input[0]} is {scale}, not the calibrated "
+                               f"{expected}: ModelOpt did not take the calibration cache")
+        checked += 1
+    return checked
+
+
 def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max",
-            use_cache: bool = True) -> PrecisionReport:
-    """Q/DQ INT8 on the matrix products from real clips, then FP16 for the rest (AutoCast)."""
+            use_cache: bool = True, ranges: ActivationRanges | None = None) -> PrecisionReport:
+    """Q/DQ INT8 on the matrix products from real clips, then FP16 for the rest (AutoCast).
+
+    `max`: the activation maxima come from `ranges` over every calibration clip (the passes the
+    FP16 check shares) and reach ModelOpt as a calibration cache; ModelOpt still runs its own
+    calibration, given the first clip only, and its scales are replaced by ours (checked).
+    `entropy`: ModelOpt calibrates on every clip (histograms are its own)."""
     if method not in CALIB_METHODS:
         raise ValueError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
     check_calibration_set(calib)
     require("modelopt.onnx.quantization", "for INT8 Q/DQ (pip install nvidia-modelopt)")
     from modelopt.onnx.quantization import quantize
 
+    onnx = require("onnx", "to read the quantized graph")
     calibration = {"clips": len(calib.video), "rows": len(calib), "method": method,
                    "data": calib.identity}
     key = calibration_key(file_sha256(src), calib, method)
@@ -266,23 +388,43 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         report.cache = f"reused {cached}"
         return report
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # ModelOpt writes scratch files beside its input: work on a copy in our own folder.
-        work = Path(tmp) / "model.onnx"
-        shutil.copyfile(src, work)
-        qdq = Path(tmp) / "model.qdq.onnx"
-        # A padded text first: the mask bias must not be all zeros in the first batch, or the
-        # entropy histogram's range is fixed too small (seen to crash ORT's calibrator).
-        order = np.argsort(calib.attention_mask.sum(1), kind="stable")
-        with _quiet_modelopt():
-            quantize(str(work), quantize_mode="int8",
-                     calibration_data_reader=_RowReader(calib, order),
-                     calibration_method=method, calibration_eps=["cpu"],
-                     op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
-                     high_precision_dtype="fp32", disable_mha_qdq=True,
-                     output_path=str(qdq), log_level="ERROR")
-        to_fp16(qdq, Path(tmp) / "model.int8.onnx", calib, op_types_to_exclude=QDQ_OPS)
-        shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
+    own_ranges = ranges is None
+    ranges = ranges or ActivationRanges(src, calib)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # ModelOpt writes scratch files beside its input: work on a copy in our own folder.
+            work = Path(tmp) / "model.onnx"
+            shutil.copyfile(src, work)
+            qdq = Path(tmp) / "model.qdq.onnx"
+            # A padded text first: the mask bias must not be all zeros in the first batch, or
+            # the entropy histogram's range is fixed too small (seen to crash ORT's calibrator).
+            order = np.argsort(calib.attention_mask.sum(1), kind="stable")
+            scales = None
+            if method == "max":
+                ranges.over(ranges.default_rows())  # what the FP16 step below needs
+                quantized = ranges.narrowed(ranges.int8_inputs | set(ranges.inputs))
+                try:
+                    absmax = dict(quantized.over(len(calib)))
+                finally:
+                    quantized.close()
+                scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
+                order = order[:1]
+            with _quiet_modelopt():
+                quantize(str(work), quantize_mode="int8",
+                         calibration_data_reader=_RowReader(calib, order),
+                         calibration_method=method, calibration_eps=["cpu"],
+                         calibration_cache_path=str(scales) if scales else None,
+                         op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
+                         high_precision_dtype="fp32", disable_mha_qdq=True,
+                         output_path=str(qdq), log_level="ERROR")
+            if scales:
+                calibration["scales_checked"] = check_scales(onnx.load(str(qdq)), absmax)
+            to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges, op_types_to_exclude=QDQ_OPS)
+            shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
+    finally:
+        if own_ranges:
+            ranges.close()
+    calibration["range_check_clips"] = ranges.rows_done
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp_cached:

@@ -24,7 +24,6 @@ import numpy as np
 from . import validate
 from .calibration import FeedSet
 from .contract import IOContract
-from .runners import batched, run_batches
 from .util import atomic_path, require, write_json
 
 VALIDATION_ARRAYS, VALIDATION_META = "validation.npz", "validation.json"
@@ -127,8 +126,7 @@ def validate_against_reference(runner: Any, precision: str, contract: IOContract
     metrics, the precision's gates. Same report layout as `export.py validate`."""
     feeds, reference, meta = load_validation_reference(reference_dir, contract)
     with runner:
-        test = run_batches(runner, batched(feeds.feed(slice(None)), contract.batch.max))
-        test_metrics = validate.task_metrics(runner, feeds, contract, answers=answers)
+        test, test_metrics = validate.run_validation(runner, feeds, contract, answers=answers)
     host_metrics = meta["task_metrics"]
     result = validate.compare_precision(precision, test, reference, contract, gate,
                                         test_metrics, host_metrics.get("torch-hard"))

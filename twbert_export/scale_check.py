@@ -67,7 +67,8 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
         sizes = {p: (Path(report["out"]) / f"model.{p}.onnx").stat().st_size
                  for p in report["precisions"]}
     total = time.perf_counter() - t0
-    peak = peak_rss_gb()
+    # The pipeline resets the peak after each stage (stage_peak_rss_gb): take the largest.
+    peak = max([peak_rss_gb()] + [r["peak_rss_gb"] or 0.0 for r in report["stages"]])
     return {
         "preset": preset, "schedule": schedule,
         "parameters": params, "precisions": list(report["precisions"]),
@@ -95,9 +96,11 @@ def render(result: dict[str, Any]) -> str:
     title = (f"scale check: {result['preset']} F@{result['schedule']} "
              f"({result['parameters'] / 1e6:.1f}M parameters, random weights)")
     lines = [title,
-             f"{'stage':<10} {'seconds':>9}  note"]
+             f"{'stage':<10} {'seconds':>9} {'peak RSS':>9}  note"]
     for row in result["stages"]:
-        lines.append(f"{row['stage']:<10} {row['seconds']:>9.1f}  {row.get('note', '')[:90]}")
+        peak = row.get("peak_rss_gb")
+        lines.append(f"{row['stage']:<10} {row['seconds']:>9.1f} "
+                     f"{f'{peak:.1f}G' if peak else '':>9}  {row.get('note', '')[:80]}")
     t, m = result["targets"], result
     lines += [f"{'total':<10} {m['total_seconds']:>9.1f}  (target <= {t['seconds']} s)",
               f"{'peak RSS':<10} {m['peak_rss_gb']:>8.1f}G  (target <= {t['peak_rss_gb']:.0f} GB)",

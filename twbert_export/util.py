@@ -89,3 +89,16 @@ class Stopwatch:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def stage_peak_rss_gb() -> float | None:
+    """Peak resident memory of this process since the last call (Linux: VmHWM, then reset
+    through /proc/self/clear_refs), or None where that is not available."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak_kb = next(int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("VmHWM:"))
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return peak_kb / 2**20

@@ -141,23 +141,36 @@ def selection_agreement(test_idx: np.ndarray, ref_idx: np.ndarray, ref_scores: n
 
 
 # -- task metrics -------------------------------------------------------------------------------
-def task_metrics(runner: Any, feeds: FeedSet, contract: IOContract, k: int = 50,
-                 answers: list[str] | None = None) -> dict[str, Any]:
-    """Retrieval over all (text, video) pairs (authors' protocol), or QA accuracy."""
-    batch = contract.batch.max
+def validation_batch(contract: IOContract) -> int:
+    """Rows per forward pass in validation: 2 where the exported range allows it, which runs
+    the dynamic batch axis; a larger batch adds memory and no speed on a CPU (the base preset at
+    batch 8 took validation to 15.8 GB)."""
+    return min(contract.batch.max, max(contract.batch.min, 2))
+
+
+def run_validation(runner: Any, feeds: FeedSet, contract: IOContract, k: int = 50,
+                   answers: list[str] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Outputs on the paired rows (each text with its own clip) and the task metrics, each input
+    run once: retrieval over all (text, video) pairs (authors' protocol), whose pairs include the
+    paired rows; or QA accuracy, whose rows are the paired rows."""
+    batch = validation_batch(contract)
     if contract.task == "qa":
         out = run_batches(runner, batched(feeds.feed(slice(None)), batch))
         predicted = out["qa_logits"].argmax(-1)
         index = {a: i for i, a in enumerate(answers or [])}
         truth = np.array([index.get(a, -1) if a else -1 for a in feeds.answers])
-        return {"accuracy": float((predicted == truth).mean()), "num_questions": len(truth)}
+        return out, {"accuracy": float((predicted == truth).mean()),
+                     "num_questions": len(truth)}
     n_texts, n_videos = len(feeds), len(feeds.video)
     t, v = np.meshgrid(np.arange(n_texts), np.arange(n_videos), indexing="ij")
     pairs = feeds.pairs(v.ravel(), t.ravel())
     out = run_batches(runner, batched(pairs, batch))
+    paired_rows = np.arange(n_texts) * n_videos + feeds.video_index
+    paired = {name: value[paired_rows] for name, value in out.items()}
     itc = out["itc_sim"].reshape(n_texts, n_videos)
     itm = softmax(out["itm_logits"].astype(np.float64))[:, 1].reshape(n_texts, n_videos)
-    return retrieval_metrics(itc, itm, feeds.video_index, k)
+    return paired, retrieval_metrics(itc, itm, feeds.video_index, k)
 
 
 def metric_drops(test: dict[str, Any], ref: dict[str, Any], keys: tuple[str, ...]

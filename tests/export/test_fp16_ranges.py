@@ -1,26 +1,29 @@
-"""FP16 range check: nodes whose activations leave FP16's safe range on any calibration clip stay
-FP32, found one clip at a time."""
+"""Activation ranges: one forward pass per calibration clip gives every tensor's largest |value|,
+for the FP16 range check (nodes beyond FP16's safe range stay FP32) and for INT8 max
+calibration (the same scales ModelOpt's own calibration computes)."""
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export.precision import FP16_DATA_MAX, out_of_range_nodes, to_fp16
+from twbert_export.precision import (FP16_DATA_MAX, ActivationRanges, _quiet_modelopt,
+                                     _RowReader, to_fp16, to_int8)
 
 
 class Clips:
-    """The two things the range check reads from a FeedSet: its length and a feed per row."""
+    """What the precision steps read from a FeedSet: length, rows, clips, masks, identity."""
 
-    def __init__(self, x: np.ndarray):
-        self.x = x
+    def __init__(self, x: np.ndarray, name: str = "x"):
+        self.x, self.name = x, name
         self.video = x
-        self.identity = {"note": "hand-made"}
+        self.attention_mask = np.ones((len(x), 2), np.int64)
+        self.identity = {"note": "hand-made", "files_sha256": "0", "preprocessing_sha256": "0"}
 
     def __len__(self) -> int:
         return len(self.x)
 
     def feed(self, rows):
-        return {"x": self.x[rows]}
+        return {self.name: self.x[rows]}
 
 
 def scale_graph(path):
@@ -40,31 +43,89 @@ def scale_graph(path):
 def test_a_single_clip_beyond_the_range_flags_the_nodes_around_the_large_tensor(tmp_path):
     src = scale_graph(tmp_path / "m.onnx")
     quiet = np.full((3, 4), 1e-3, np.float32)
-    assert out_of_range_nodes(src, Clips(quiet)) == ([], 3)
+    with ActivationRanges(src, Clips(quiet)) as ranges:
+        ranges.over(3)
+        assert ranges.nodes_beyond(FP16_DATA_MAX) == []
     loud = quiet.copy()
     loud[2, 1] = 1.0  # 1e5 after `scale`, only in the last clip
     assert 1e5 > FP16_DATA_MAX
-    assert out_of_range_nodes(src, Clips(loud)) == (["scale", "shrink"], 3)
+    with ActivationRanges(src, Clips(loud)) as ranges:
+        absmax = ranges.over(3)
+        assert ranges.nodes_beyond(FP16_DATA_MAX) == ["scale", "shrink"]
+    assert absmax["scaled"] == np.float32(1e5) and absmax["x"] == 1.0
 
 
 def test_fp16_keeps_the_out_of_range_nodes_in_fp32(tmp_path):
     src = scale_graph(tmp_path / "m.onnx")
     x = np.full((3, 4), 1e-3, np.float32)
     x[2, 1] = 1.0
-    report = to_fp16(src, tmp_path / "m.fp16.onnx", Clips(x))
+    with ActivationRanges(src, Clips(x)) as ranges:
+        report = to_fp16(src, tmp_path / "m.fp16.onnx", ranges)
     assert set(report.kept_fp32_range) >= {"scale", "shrink"}
+    assert report.calibration["range_check_clips"] == 3
 
 
-def test_a_large_model_is_watched_in_groups_on_fewer_clips(tmp_path, monkeypatch):
-    """Groups of tensors per forward pass when a clip's tensors exceed the budget; the maxima
-    are the same, from the first LARGE_MODEL_RANGE_CLIPS clips."""
+def test_a_large_model_is_checked_on_fewer_clips_and_extends_on_demand(tmp_path, monkeypatch):
     from twbert_export import precision
 
     src = scale_graph(tmp_path / "m.onnx")
-    monkeypatch.setattr(precision, "RANGE_CHECK_GROUP_BYTES", 16)  # one 4-float tensor a group
+    monkeypatch.setattr(precision, "LARGE_MODEL_TENSOR_BYTES", 16)  # more than one 4-float tensor
     monkeypatch.setattr(precision, "LARGE_MODEL_RANGE_CLIPS", 2)
     x = np.full((3, 4), 1e-3, np.float32)
-    x[1, 1] = 1.0
-    assert out_of_range_nodes(src, Clips(x)) == (["scale", "shrink"], 2)
-    x[1, 1], x[2, 1] = 1e-3, 1.0  # only the third clip is loud: beyond the clips checked
-    assert out_of_range_nodes(src, Clips(x)) == ([], 2)
+    x[2, 1] = 1.0  # only the third clip is loud: beyond the clips checked by default
+    with ActivationRanges(src, Clips(x)) as ranges:
+        assert ranges.is_large and ranges.default_rows() == 2
+        ranges.over(ranges.default_rows())
+        assert ranges.nodes_beyond(FP16_DATA_MAX) == []
+        ranges.over(3)  # INT8 asks for every clip: only the third one is run now
+        assert ranges.rows_done == 3
+        assert ranges.nodes_beyond(FP16_DATA_MAX) == ["scale", "shrink"]
+
+
+def matmul_graph(path):
+    """x (n, 16, 64) -> MatMul -> Relu -> MatMul -> y: two activations for INT8 to calibrate."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def activation_scales(path) -> dict[str, float]:
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    # after the FP16 step a quantized FP16 tensor reaches its Q node through a cast
+    return {n.input[0].removesuffix("_cast_to_fp32"): float(numpy_helper.to_array(
+            inits[n.input[1]]))
+            for n in model.graph.node if n.op_type == "QuantizeLinear"
+            and n.input[0] not in inits}
+
+
+def test_int8_max_scales_equal_modelopts_own_calibration(tmp_path):
+    """Our one-pass maxima, handed to ModelOpt as a calibration cache, give the scales that
+    ModelOpt's own max calibration over every clip gives."""
+    from modelopt.onnx.quantization import quantize
+
+    src = matmul_graph(tmp_path / "m.onnx")
+    smooth = np.cumsum(np.random.default_rng(1).standard_normal((20, 16, 64)), axis=-1)
+    calib = Clips((smooth * np.linspace(0.5, 3, 20)[:, None, None]).astype(np.float32))
+    report = to_int8(src, tmp_path / "ours.onnx", calib, "max", use_cache=False)
+    assert report.calibration["scales_checked"] == 2
+    with _quiet_modelopt():
+        quantize(str(src), quantize_mode="int8", calibration_method="max",
+                 calibration_data_reader=_RowReader(calib, np.arange(len(calib))),
+                 calibration_eps=["cpu"], op_types_to_quantize=["MatMul"],
+                 high_precision_dtype="fp32", output_path=str(tmp_path / "theirs.onnx"),
+                 log_level="ERROR")
+    ours, theirs = activation_scales(tmp_path / "ours.onnx"), activation_scales(
+        tmp_path / "theirs.onnx")
+    assert set(ours) == set(theirs) == {"x", "r"}
+    for name in ours:
+        assert abs(ours[name] - theirs[name]) <= 1e-6 * theirs[name], name
+    assert ours["x"] == np.float32(np.abs(calib.x).max() / 127)  # the last, loudest clip counts
