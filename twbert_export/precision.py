@@ -41,7 +41,7 @@ from typing import Any, Self
 import numpy as np
 
 from .calibration import FeedSet, check_calibration_set
-from .util import atomic_path, file_sha256, require, write_json
+from .util import atomic_path, file_sha256, release_heap, require, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
@@ -57,8 +57,8 @@ FP16_DATA_MAX = 32768.0
 CALIB_METHODS = ("max", "entropy")
 QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
 # FP16 range check (ActivationRanges): a model with more float tensor bytes per clip than this is
-# checked on the first LARGE_MODEL_RANGE_CLIPS clips only (unless INT8 max calibration needs
-# the passes over every clip anyway).
+# checked on its first LARGE_MODEL_RANGE_CLIPS clips only (INT8 calibration then continues over
+# every clip on its own inputs alone).
 LARGE_MODEL_TENSOR_BYTES = 3 * 2**30
 LARGE_MODEL_RANGE_CLIPS = 4
 
@@ -130,7 +130,7 @@ class ActivationRanges:
     Each watched tensor gets a ReduceMax and a ReduceMin placed right after the node that makes
     it, and the graph's outputs become those scalars; ONNX Runtime's priority-based order runs
     each reduction as soon as it can, so no tensor outlives its consumers (with the default
-    order the base preset held 11 GB per clip and ran 4x slower). AutoCast's own reference run
+    order the base preset held 11 GB per clip and ran 2.7x slower). AutoCast's own reference run
     instead makes every tensor a graph output and keeps them for all clips at once (one base
     clip is about 24 GB of tensors; it was killed at 24 GB). Rows are taken in order; asking
     for more rows extends the running maxima. `watch` limits the tensors (default: every float
@@ -233,8 +233,8 @@ class ActivationRanges:
         return self.absmax
 
     def narrowed(self, tensors: set[str]) -> "ActivationRanges":
-        """Ranges of `tensors` only, carrying on from the rows seen so far. This instance's
-        session is released (its memory); it keeps what it found."""
+        """Ranges of `tensors` only, carrying on from the rows seen so far. This instance is
+        closed (its session and files freed); it keeps what it found."""
         other = ActivationRanges(self.src, self.calib, watch=tensors)
         other.absmax = {t: v for t, v in self.absmax.items() if t in tensors}
         other.rows_done = self.rows_done
@@ -367,9 +367,10 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
             use_cache: bool = True, ranges: ActivationRanges | None = None) -> PrecisionReport:
     """Q/DQ INT8 on the matrix products from real clips, then FP16 for the rest (AutoCast).
 
-    `max`: the activation maxima come from `ranges` over every calibration clip (the passes the
-    FP16 check shares) and reach ModelOpt as a calibration cache; ModelOpt still runs its own
-    calibration, given the first clip only, and its scales are replaced by ours (checked).
+    `max`: the activation maxima come from `ranges` over every calibration clip (the FP16
+    check's clips, then the INT8 inputs alone on the rest) and reach ModelOpt as a calibration
+    cache; ModelOpt still runs its own calibration, given one clip, and its scales are replaced
+    by ours (checked).
     `entropy`: ModelOpt calibrates on every clip (histograms are its own)."""
     if method not in CALIB_METHODS:
         raise ValueError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
@@ -407,6 +408,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
                     absmax = dict(quantized.over(len(calib)))
                 finally:
                     quantized.close()
+                    release_heap()  # before ModelOpt's own (memory-hungry) calibration run
                 scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
                 order = order[:1]
             with _quiet_modelopt():
