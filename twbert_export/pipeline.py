@@ -29,8 +29,8 @@ from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
 from .trt.commands import write_device_kit
-from .util import (Stopwatch, file_sha256, human_size, require, stage_peak_rss_gb, write_json,
-                   write_text)
+from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, require,
+                   stage_peak_rss_gb, write_json, write_text)
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
@@ -80,7 +80,8 @@ class StageLog:
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
               f"{'  ' + note if note else ''}", file=self.stream, flush=True)
         self.rows.append({"stage": name, "path": shown, "size": size, "seconds": seconds,
-                          "note": note, "peak_rss_gb": stage_peak_rss_gb()})
+                          "note": note, "peak_rss_gb": stage_peak_rss_gb(),
+                          "rss_after_gb": current_rss_gb()})
 
 
 def _relative(path: Path) -> str:

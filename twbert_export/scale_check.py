@@ -96,11 +96,14 @@ def render(result: dict[str, Any]) -> str:
     title = (f"scale check: {result['preset']} F@{result['schedule']} "
              f"({result['parameters'] / 1e6:.1f}M parameters, random weights)")
     lines = [title,
-             f"{'stage':<10} {'seconds':>9} {'peak RSS':>9}  note"]
+             f"{'stage':<10} {'seconds':>9} {'peak RSS':>9} {'after':>7}  note"]
+    def gb(value: float | None) -> str:
+        return f"{value:.1f}G" if value else ""
+
     for row in result["stages"]:
-        peak = row.get("peak_rss_gb")
         lines.append(f"{row['stage']:<10} {row['seconds']:>9.1f} "
-                     f"{f'{peak:.1f}G' if peak else '':>9}  {row.get('note', '')[:80]}")
+                     f"{gb(row.get('peak_rss_gb')):>9} {gb(row.get('rss_after_gb')):>7}  "
+                     f"{row.get('note', '')[:72]}")
     t, m = result["targets"], result
     lines += [f"{'total':<10} {m['total_seconds']:>9.1f}  (target <= {t['seconds']} s)",
               f"{'peak RSS':<10} {m['peak_rss_gb']:>8.1f}G  (target <= {t['peak_rss_gb']:.0f} GB)",

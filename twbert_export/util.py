@@ -102,3 +102,26 @@ def stage_peak_rss_gb() -> float | None:
     except (OSError, StopIteration, ValueError):
         return None
     return peak_kb / 2**20
+
+
+def release_heap() -> None:
+    """Return freed heap to the system: glibc otherwise keeps what large ONNX protobufs and
+    ONNX Runtime sessions freed, and the next stage's peak stacks on top of it (Linux; a no-op
+    elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def current_rss_gb() -> float | None:
+    """Resident memory of this process now, after release_heap (Linux), or None elsewhere."""
+    release_heap()
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmRSS:")) / 2**20
+    except (OSError, StopIteration, ValueError):
+        return None
