@@ -80,6 +80,8 @@ def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str
     major, minor = trt_version
     if dla_core is not None and precision == "fp32":
         raise ValueError("DLA runs FP16 and INT8 only: build the fp16 or int8 file for DLA")
+    # Only major.minor is known here: a minor counts if any of its patches has DLA (11.4.1+);
+    # build_on_device.sh checks the full version on the device.
     if dla_core is not None and not dla_available(f"{major}.{minor}.99"):
         raise ValueError(f"TensorRT {major}.{minor} has no DLA support (<= 10.7 and >= 11.4.1 do)")
     args = [f"--onnx={onnx}", f"--saveEngine={engine}", *precision_flags(trt_version, precision)]
