@@ -129,3 +129,74 @@ def test_int8_max_scales_equal_modelopts_own_calibration(tmp_path):
     for name in ours:
         assert abs(ours[name] - theirs[name]) <= 1e-6 * theirs[name], name
     assert ours["x"] == np.float32(np.abs(calib.x).max() / 127)  # the last, loudest clip counts
+
+
+
+def test_linear_dead_node_cleanup_removes_what_modelopts_removes():
+    """Our linear-time dead-node pass against ModelOpt's own on the same graph: a node nothing
+    reads goes, the node feeding it stays (one pass, as ModelOpt's), so do graph outputs and a
+    node with one output read."""
+    from types import SimpleNamespace
+
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    from twbert_export.precision import _linear_dead_node_cleanup
+
+    nodes = [helper.make_node("Relu", ["x"], ["r1"], name="feeds_dead"),
+             helper.make_node("Relu", ["r1"], ["r2"], name="dead"),
+             helper.make_node("Cast", ["x"], ["c"], name="dead_cast", to=TensorProto.FLOAT16),
+             helper.make_node("Split", ["x"], ["s1", "s2"], name="half_read", axis=1,
+                              num_outputs=2),
+             helper.make_node("Add", ["s1", "s1"], ["y"], name="output")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    theirs, ours = onnx.ModelProto(), onnx.ModelProto()
+    theirs.CopyFrom(model)
+    ours.CopyFrom(model)
+    PrecisionConverter._cleanup_no_consumer_nodes(SimpleNamespace(model=theirs))
+    with _linear_dead_node_cleanup():
+        PrecisionConverter._cleanup_no_consumer_nodes(SimpleNamespace(model=ours))
+    assert [n.name for n in ours.graph.node] == ["feeds_dead", "half_read", "output"]
+    assert ours.SerializeToString() == theirs.SerializeToString()
+
+
+def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
+    """AutoCast with our linear-time dead-node pass writes the same bytes as with ModelOpt's
+    own, on a graph with a dead branch, a node kept FP32 (casts around it) and FP32 I/O."""
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    from twbert_export.precision import _linear_dead_node_cleanup
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Softmax", ["h"], ["p"], name="keep_fp32", axis=-1),
+             helper.make_node("MatMul", ["p", "w2"], ["y"], name="mm2"),
+             helper.make_node("Relu", ["h"], ["unused"], name="dead")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), name)
+         for name in ("w1", "w2")])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(src))
+
+    def autocast() -> bytes:
+        with _quiet_modelopt():
+            return convert_to_mixed_precision(
+                str(src), low_precision_type="fp16", keep_io_types=True,
+                nodes_to_exclude=["keep_fp32"], data_max=np.inf,
+                providers=["cpu"]).SerializeToString()
+
+    theirs = autocast()
+    original = PrecisionConverter._cleanup_no_consumer_nodes
+    with _linear_dead_node_cleanup():
+        assert PrecisionConverter._cleanup_no_consumer_nodes is not original
+        ours = autocast()
+    assert PrecisionConverter._cleanup_no_consumer_nodes is original
+    assert ours == theirs
+    model = onnx.load_from_string(ours)
+    assert "dead" not in {n.name for n in model.graph.node}
+    assert any(n.op_type == "Cast" for n in model.graph.node)
