@@ -168,12 +168,24 @@ class TWBert(nn.Module):
         if video.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch of {video.shape[0]} videos but {input_ids.shape[0]} texts")
         text_embeds = self.encode_text(input_ids, attention_mask)
+        return self._from_stem(self.encode_video_stem(video), text_embeds, attention_mask)
+
+    def forward_from_stem(self, stem: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`forward` given the video's stem (`encode_video_stem`), which does not depend on the
+        text: a clip scored against many texts computes it once."""
+        if stem.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"batch of {stem.shape[0]} stems but {input_ids.shape[0]} texts")
+        return self._from_stem(stem, self.encode_text(input_ids, attention_mask), attention_mask)
+
+    def _from_stem(self, stem: torch.Tensor, text_embeds: torch.Tensor,
+                   attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         text_cls = text_embeds[:, 0]
-        video_out = self.select_and_encode(self.encode_video_stem(video), text_cls)
+        video_out = self.select_and_encode(stem, text_cls)
         video_embeds = video_out.pop("video_embeds")
         fused = self.fuse(text_embeds, attention_mask, video_embeds)
         text_feat, video_feat, sim = self.itc(text_cls, video_embeds[:, 0])
-        out = self.heads(fused, input_ids.shape[1])
+        out = self.heads(fused, text_embeds.shape[1])
         out.update(itc_sim=sim, text_feat=text_feat, video_feat=video_feat, **video_out)
         return out
 

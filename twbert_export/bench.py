@@ -56,7 +56,7 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
             from .pipeline import _with_schedule
 
             model = _with_schedule(model, contract.schedule)
-        return make_torch_runner(model, contract, "hard", "torch")
+        return make_torch_runner(model, contract, "hard", "torch", reuse_stems=False)
     path = backend_file(artifact, manifest, backend)
     if backend.startswith("trt-"):
         from .trt.runtime import trt_runner

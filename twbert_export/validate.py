@@ -163,13 +163,15 @@ def run_validation(runner: Any, feeds: FeedSet, contract: IOContract, k: int = 5
         return out, {"accuracy": float((predicted == truth).mean()),
                      "num_questions": len(truth)}
     n_texts, n_videos = len(feeds), len(feeds.video)
-    t, v = np.meshgrid(np.arange(n_texts), np.arange(n_videos), indexing="ij")
+    # Video-major: each clip meets every text in turn, so the PyTorch runner computes the
+    # clip's stem (the blocks before the first selector) once.
+    v, t = np.meshgrid(np.arange(n_videos), np.arange(n_texts), indexing="ij")
     pairs = feeds.pairs(v.ravel(), t.ravel())
     out = run_batches(runner, batched(pairs, batch))
-    paired_rows = np.arange(n_texts) * n_videos + feeds.video_index
+    paired_rows = feeds.video_index * n_texts + np.arange(n_texts)
     paired = {name: value[paired_rows] for name, value in out.items()}
-    itc = out["itc_sim"].reshape(n_texts, n_videos)
-    itm = softmax(out["itm_logits"].astype(np.float64))[:, 1].reshape(n_texts, n_videos)
+    itc = out["itc_sim"].reshape(n_videos, n_texts).T
+    itm = softmax(out["itm_logits"].astype(np.float64))[:, 1].reshape(n_videos, n_texts).T
     return paired, retrieval_metrics(itc, itm, feeds.video_index, k)
 
 

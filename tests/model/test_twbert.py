@@ -29,6 +29,21 @@ def test_stage_composition_equals_full_forward(tiny_model, make_inputs):
 
 
 @torch.no_grad()
+def test_forward_from_stem_equals_full_forward(tiny_model, make_inputs):
+    """One video's stem against several texts gives what the full forward gives per pair."""
+    video, ids, mask = make_inputs(tiny_model.cfg, 3)
+    same_video = video[:1].expand(3, *video.shape[1:])
+    out = tiny_model(same_video, ids, mask)
+    stem = tiny_model.encode_video_stem(video[:1]).expand(3, -1, -1, -1)
+    from_stem = tiny_model.forward_from_stem(stem, ids, mask)
+    assert out.keys() == from_stem.keys()
+    for name in out:
+        torch.testing.assert_close(from_stem[name], out[name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="2 stems but 3 texts"):
+        tiny_model.forward_from_stem(stem[:2], ids, mask)
+
+
+@torch.no_grad()
 def test_outputs_have_the_documented_shapes(tiny_model, make_inputs):
     cfg = tiny_model.cfg
     video, ids, mask = make_inputs(cfg, 2)
