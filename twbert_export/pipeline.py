@@ -29,8 +29,8 @@ from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
 from .trt.commands import write_device_kit
-from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, require,
-                   stage_peak_rss_gb, write_json, write_text)
+from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
+                   require, stage_peak_rss_gb, write_json, write_text)
 
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
@@ -162,6 +162,7 @@ def run_export(opts: ExportOptions) -> dict[str, Any]:
 
     stages = StageLog(total=5 + len(precisions))
     t_start = time.perf_counter()
+    map_large_allocations()  # stages load and free whole models: return them to the system
     with Stopwatch() as sw:
         try:
             model, load_report = load_checkpoint(ckpt_path, schedule=opts.schedule,
@@ -257,7 +258,8 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                         (f"{int8} INT8 layers, " if int8 else "")
                         + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other "
                         "nodes kept FP32 by AutoCast"
-                        + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else ""),
+                        + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
+                        + "".join(f"; {step} {seconds:.1f}s" for step, seconds in rep.steps.items()),
                         files[p])
 
     # -- validation ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Any, Self
 import numpy as np
 
 from .calibration import FeedSet, check_calibration_set
-from .util import atomic_path, file_sha256, release_heap, require, write_json
+from .util import Stopwatch, atomic_path, file_sha256, release_heap, require, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
@@ -73,6 +73,7 @@ class PrecisionReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     cache: str | None = None
     seconds: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)  # seconds of each sub-step
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -299,10 +300,11 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     onnx = require("onnx", "to write ONNX files")
-    ranges.over(ranges.default_rows())
+    with Stopwatch() as range_check:
+        ranges.over(ranges.default_rows())
     ranges.release()  # its ONNX Runtime session, before AutoCast loads the model again
     out_of_range = [f"^{re.escape(name)}$" for name in ranges.nodes_beyond(FP16_DATA_MAX)]
-    with _quiet_modelopt(), _linear_dead_node_cleanup():
+    with _quiet_modelopt(), _linear_dead_node_cleanup(), Stopwatch() as autocast:
         # data_max=inf: the range rule was applied above, and AutoCast skips its own reference
         # run (the memory problem ActivationRanges describes).
         model = convert_to_mixed_precision(
@@ -319,7 +321,9 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
     calib = ranges.calib
     return PrecisionReport("fp16", selection, by_range, low, total,
                            calibration={"clips": len(calib.video), "data": calib.identity,
-                                        "range_check_clips": ranges.rows_done})
+                                        "range_check_clips": ranges.rows_done},
+                           steps={"range check": range_check.seconds,
+                                  "AutoCast": autocast.seconds})
 
 
 def _cache_dir() -> Path:
@@ -422,6 +426,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
 
     own_ranges = ranges is None
     ranges = ranges or ActivationRanges(src, calib)
+    steps: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             # ModelOpt writes scratch files beside its input: work on a copy in our own folder.
@@ -433,16 +438,18 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
             order = np.argsort(calib.attention_mask.sum(1), kind="stable")
             scales = None
             if method == "max":
-                ranges.over(ranges.default_rows())  # what the FP16 step below needs
-                quantized = ranges.narrowed(ranges.int8_inputs | set(ranges.inputs))
-                try:
-                    absmax = dict(quantized.over(len(calib)))
-                finally:
-                    quantized.close()
-                    release_heap()  # before ModelOpt's own (memory-hungry) calibration run
+                with Stopwatch() as passes:
+                    ranges.over(ranges.default_rows())  # what the FP16 step below needs
+                    quantized = ranges.narrowed(ranges.int8_inputs | set(ranges.inputs))
+                    try:
+                        absmax = dict(quantized.over(len(calib)))
+                    finally:
+                        quantized.close()
+                        release_heap()  # before ModelOpt's own (memory-hungry) calibration
+                steps["calibration passes"] = passes.seconds
                 scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
                 order = order[:1]
-            with _quiet_modelopt():
+            with _quiet_modelopt(), Stopwatch() as quantizing:
                 quantize(str(work), quantize_mode="int8",
                          calibration_data_reader=_RowReader(calib, order),
                          calibration_method=method, calibration_eps=["cpu"],
@@ -450,9 +457,12 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
                          op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
                          high_precision_dtype="fp32", disable_mha_qdq=True,
                          output_path=str(qdq), log_level="ERROR")
+            steps["ModelOpt Q/DQ"] = quantizing.seconds
             if scales:
                 calibration["scales_checked"] = check_scales(onnx.load(str(qdq)), absmax)
-            to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges, op_types_to_exclude=QDQ_OPS)
+            fp16 = to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges,
+                           op_types_to_exclude=QDQ_OPS)
+            steps["AutoCast"] = fp16.steps["AutoCast"]
             shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
     finally:
         if own_ranges:
@@ -466,6 +476,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
                                                      **calibration})
     report = to_report_from(src, dst, calibration)
     report.cache = f"stored {cached}" if use_cache else None
+    report.steps = steps
     return report
 
 

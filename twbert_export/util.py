@@ -116,6 +116,24 @@ def release_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# glibc's mallopt parameter: allocations of at least this many bytes get their own mapping.
+M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations(threshold: int = 2**20) -> bool:
+    """Serve allocations of `threshold` bytes or more from their own mappings, so that freeing
+    one returns it to the system at once (glibc; a no-op elsewhere). By default glibc raises
+    this threshold (up to 32 MB) as large blocks are freed, and then keeps freed weight-sized
+    blocks in its heap: ModelOpt's INT8 step, which loads the model several times over, peaked
+    at 11.1 GB with the default and 10.0 GB with this (base preset, measured alone). Returns
+    whether the setting took."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold) == 1
+    return False
+
+
 def current_rss_gb() -> float | None:
     """Resident memory of this process now, after release_heap (Linux), or None elsewhere."""
     release_heap()
