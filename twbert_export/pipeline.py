@@ -259,7 +259,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                         + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other "
                         "nodes kept FP32 by AutoCast"
                         + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
-                        + "".join(f"; {step} {seconds:.1f}s" for step, seconds in rep.steps.items()),
+                        + "".join(f"; {step} {sec:.1f}s" for step, sec in rep.steps.items()),
                         files[p])
 
     # -- validation ------------------------------------------------------------------------------
