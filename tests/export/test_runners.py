@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import TWBert, TWBertConfig
+from model import TWBertConfig
 from twbert_export.calibration import FeedSet
 from twbert_export.contract import BatchRange, IOContract
 from twbert_export.metrics import retrieval_metrics, softmax
@@ -14,14 +14,8 @@ from twbert_export.validate import run_validation, validation_batch
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = TWBertConfig.tiny()
-    model = TWBert(cfg).eval()
-    with torch.no_grad():  # wake the zero-initialised temporal branches
-        for block in model.video.blocks:
-            torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
-    return model, IOContract.for_model(cfg, "retrieval", BatchRange(1, 2, 2))
+def tiny(tiny_model):
+    return tiny_model, IOContract.for_model(tiny_model.cfg, "retrieval", BatchRange(1, 2, 2))
 
 
 def feeds(cfg: TWBertConfig, n_videos: int, texts_per_video: int) -> FeedSet:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import TWBert, TWBertConfig
+from model import TWBertConfig
 
 
 def random_inputs(cfg: TWBertConfig, batch: int, text_len: int = 12, seed: int = 0):
@@ -21,19 +21,3 @@ def random_inputs(cfg: TWBertConfig, batch: int, text_len: int = 12, seed: int =
 @pytest.fixture(scope="session")
 def make_inputs():
     return random_inputs
-
-
-@pytest.fixture(scope="session")
-def tiny_cfg() -> TWBertConfig:
-    return TWBertConfig.tiny(num_answers=7)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_cfg) -> TWBert:
-    torch.manual_seed(0)
-    model = TWBert(tiny_cfg).eval()
-    # Wake the temporal branches (zero-initialised like TimeSformer) so every path is exercised.
-    with torch.no_grad():
-        for block in model.video.blocks:
-            torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
-    return model

@@ -1,0 +1,22 @@
+"""Fixtures shared by the model and export tests."""
+
+import pytest
+import torch
+
+from model import TWBert, TWBertConfig
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> TWBertConfig:
+    return TWBertConfig.tiny(num_answers=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg) -> TWBert:
+    torch.manual_seed(0)
+    model = TWBert(tiny_cfg).eval()
+    # Wake the temporal branches (zero-initialised like TimeSformer) so every path is exercised.
+    with torch.no_grad():
+        for block in model.video.blocks:
+            torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
+    return model
