@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, NamedTuple
 
-from .util import require
+from .util import infer_shapes, require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -599,7 +599,7 @@ def read_facts(model: "onnx.ModelProto | str | Path", trt_major: int,
         model = onnx.load(str(model))
     facts = ModelFacts(model, trt_major, frozenset(plugins))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = infer_shapes(model, check_type=False, strict_mode=False)
     except Exception as e:  # an unreadable graph still gets its op checks
         inferred = model
         facts.notes.append(LintFinding(GRAPH, "Model", f"shape inference failed ({e}); dtypes "

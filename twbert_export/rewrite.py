@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .contract import IOContract
-from .util import atomic_path, require
+from .util import atomic_path, infer_shapes, require
 
 if TYPE_CHECKING:
     import onnx
@@ -54,11 +54,9 @@ def rewrite(src: str | Path, dst: str | Path, contract: IOContract) -> dict[str,
     graph = gs.import_onnx(onnx.load(str(src)))
     for step in (fold_constants, remove_dead_nodes, stable_io(contract)):
         graph = step(graph)
-    model = gs.export_onnx(graph)
+    model = infer_shapes(gs.export_onnx(graph), strict_mode=True, data_prop=True)
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), strict_mode=True,
-                                               data_prop=True)
     return node_histogram(model)
 

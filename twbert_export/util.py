@@ -6,12 +6,15 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
+# Shape inference (`infer_shapes`) sees larger initializers by their type and shape only.
+LIGHT_TENSOR_ELEMENTS = 256
 # Package to install for each optional module, and why it is needed.
 INSTALL_HINTS = {
     "onnx": "onnx",
@@ -143,3 +146,59 @@ def current_rss_gb() -> float | None:
                     if line.startswith("VmRSS:")) / 2**20
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def infer_shapes(model, weights: bool = True, **kwargs):
+    """`onnx.shape_inference.infer_shapes`, run on the graph without its weights' data.
+
+    Inference reads the values of small constants only (shapes, axes, pads); each initializer
+    of more than LIGHT_TENSOR_ELEMENTS elements goes to it as a graph input of the same type
+    and shape instead, so a call no longer serialises and parses the whole model twice (about
+    7 s each on the base preset's 1 GB graph, and ModelOpt makes several calls per conversion).
+    The model returned is `model` with the inferred nodes, value_info and outputs
+    (tests/export/test_shape_inference.py checks it equals ONNX's own result); with
+    `weights=False`, for reading types and shapes only, the large initializers are left out
+    of it (they stay graph inputs)."""
+    onnx = require("onnx", "for shape inference")
+    graph = model.graph
+    large = [t for t in graph.initializer if math.prod(t.dims) > LIGHT_TENSOR_ELEMENTS]
+    if not large:
+        return onnx.shape_inference.infer_shapes(model, **kwargs)
+    large_names = {t.name for t in large}
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.name = graph.name
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    declared = {i.name for i in graph.input}
+    light.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+        for t in large if t.name not in declared)
+    light.graph.output.extend(graph.output)
+    light.graph.value_info.extend(graph.value_info)
+    light.graph.initializer.extend(t for t in graph.initializer if t.name not in large_names)
+    light.graph.sparse_initializer.extend(graph.sparse_initializer)
+    inferred = onnx.shape_inference.infer_shapes(light, **kwargs)
+    if not weights:
+        return inferred
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for name in ("node", "value_info", "output"):
+        del getattr(result.graph, name)[:]
+        getattr(result.graph, name).extend(getattr(inferred.graph, name))
+    return result
+
+
+def infer_shapes_in_file(model_path: str | Path, output_path: str | Path = "", **kwargs
+                         ) -> bool:
+    """What `onnx.shape_inference.infer_shapes_path` does, by way of `infer_shapes`: the file's
+    model is read and written once, and inference itself leaves the weights out. Returns False,
+    doing nothing, for a model that keeps its weights in external files (saving it here would
+    inline them)."""
+    onnx = require("onnx", "for shape inference")
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        return False
+    onnx.save(infer_shapes(model, **kwargs), str(output_path or model_path))
+    return True
