@@ -41,7 +41,16 @@ from typing import Any, Self
 import numpy as np
 
 from .calibration import FeedSet, check_calibration_set
-from .util import Stopwatch, atomic_path, file_sha256, release_heap, require, write_json
+from .util import (
+    Stopwatch,
+    atomic_path,
+    file_sha256,
+    infer_shapes,
+    infer_shapes_in_file,
+    release_heap,
+    require,
+    write_json,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
@@ -125,10 +134,106 @@ def _linear_dead_node_cleanup():
         setattr(PrecisionConverter, name, original)
 
 
+@contextlib.contextmanager
+def _light_shape_inference():
+    """ModelOpt's shape inference (ModelOpt 0.47: `modelopt.onnx.utils.infer_shapes`, and
+    `onnx.shape_inference.infer_shapes_path` on its input file, both on the whole model,
+    weights included) runs as `util.infer_shapes` / `util.infer_shapes_in_file` within this
+    context: the same result without serialising the weights for it."""
+    onnx = require("onnx", "for shape inference")
+    from modelopt.onnx import utils
+    from modelopt.onnx.quantization import graph_utils
+
+    def light(model, **kwargs):
+        return infer_shapes(model, **kwargs)
+
+    onnx_in_file = onnx.shape_inference.infer_shapes_path
+
+    def light_in_file(model_path, output_path="", **kwargs) -> None:
+        if not infer_shapes_in_file(model_path, output_path, **kwargs):
+            onnx_in_file(model_path, output_path, **kwargs)
+
+    targets = [(m, "infer_shapes", light) for m in (utils, graph_utils)
+               if hasattr(m, "infer_shapes")]
+    targets.append((onnx.shape_inference, "infer_shapes_path", light_in_file))
+    originals = [getattr(module, name) for module, name, _ in targets]
+    for module, name, replacement in targets:
+        setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for (module, name, _), original in zip(targets, originals):
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _calibrator_from(absmax: dict[str, float]):
+    """ModelOpt 0.47 runs ONNX Runtime's calibrator even when a calibration cache gives every
+    scale: it writes an augmented copy of the model and runs one clip keeping every calibrated
+    tensor (34 s and the INT8 step's memory peak on the base preset), then replaces the scales
+    by the cache's. Within this context the calibrator factory (ModelOpt's, which it installs
+    into ONNX Runtime at each `quantize`) gives these maxima as symmetric ranges without running
+    anything; the context yields the list of calibrators it made.
+    tests/export/test_pipeline.py checks the Q/DQ graph is byte-identical."""
+    calibrate = require("onnxruntime.quantization.calibrate", "for INT8 calibration")
+    from modelopt.onnx.quantization import ort_patching
+
+    class KnownRanges:
+        def collect_data(self, data_reader) -> None:
+            pass
+
+        def compute_data(self):
+            return calibrate.TensorsData(calibrate.CalibrationMethod.MinMax, {
+                name: (np.array(-amax, np.float32), np.array(amax, np.float32))
+                for name, amax in absmax.items()})
+
+    made: list[KnownRanges] = []
+
+    def create_calibrator(*args, **kwargs) -> KnownRanges:
+        made.append(KnownRanges())
+        return made[-1]
+
+    factories = [(ort_patching, "_create_calibrator_with_extra_options"),
+                 (calibrate, "create_calibrator")]
+    originals = [getattr(module, name) for module, name in factories]
+    for module, name in factories:
+        setattr(module, name, create_calibrator)
+    try:
+        yield made
+    finally:
+        for (module, name), original in zip(factories, originals):
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _matmul_shapes_from(shapes: dict[str, tuple[int, ...]]):
+    """ModelOpt's GEMV check (`graph_utils.get_extended_model_outputs`, ModelOpt 0.47) runs one
+    clip through the model once more keeping every matrix product's result, for their shapes
+    only (19 s on the base preset). Within this context it gets the shapes our range passes saw
+    (`ActivationRanges.shapes`: batch 1, and frames and text length are fixed per export, so
+    every clip gives the same), as zero-stride arrays; a tensor we did not see sends the call
+    to ModelOpt's own run."""
+    from modelopt.onnx.quantization import graph_utils
+
+    original = graph_utils.get_extended_model_outputs
+
+    def outputs_of(onnx_path, extended_model, *args, **kwargs):
+        names = [o.name for o in extended_model.graph.output]
+        if not all(name in shapes for name in names):
+            return original(onnx_path, extended_model, *args, **kwargs)
+        return {name: np.broadcast_to(np.float32(0), shapes[name]) for name in names}
+
+    graph_utils.get_extended_model_outputs = outputs_of
+    try:
+        yield
+    finally:
+        graph_utils.get_extended_model_outputs = original
+
+
 def _float_nodes(model) -> dict[str, str]:
     """Node name -> elem type name of its first output, after shape inference."""
     onnx = require("onnx", "to inspect the graph")
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = infer_shapes(model, weights=False)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
@@ -167,14 +272,18 @@ class ActivationRanges:
     clip is about 24 GB of tensors; it was killed at 24 GB). Rows are taken in order; asking
     for more rows extends the running maxima. `watch` limits the tensors (default: every float
     tensor a node makes); `narrowed` continues on fewer tensors, which costs less per row.
+    Without `watch` the passes also record the shapes of the matrix products' operands and
+    results and of the graph outputs (`shapes`), which ModelOpt's GEMV check needs
+    (`_matmul_shapes_from`).
     """
 
     def __init__(self, src: str | Path, calib: FeedSet, watch: set[str] | None = None):
         onnx = require("onnx", "to inspect the graph")
         self.src, self.calib, self.rows_done = Path(src), calib, 0
         self.absmax: dict[str, float] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         model = onnx.load(str(src))
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model, weights=False)
         value_types = {vi.name: vi.type
                        for vi in [*inferred.graph.value_info, *inferred.graph.output]}
         del inferred
@@ -198,6 +307,11 @@ class ActivationRanges:
                         nodes += [onnx.helper.make_node(op, [name], [f"{name}::{op}"],
                                                         keepdims=0)
                                   for op in ("ReduceMax", "ReduceMin")]
+        shaped = [] if watch is not None else list(dict.fromkeys(
+            [o.name for o in model.graph.output]
+            + [t for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+               for t in (n.output[0], n.input[1]) if t not in initializers]))
+        nodes += [onnx.helper.make_node("Shape", [name], [f"{name}::Shape"]) for name in shaped]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         del model.graph.output[:]
@@ -205,6 +319,9 @@ class ActivationRanges:
             onnx.helper.make_tensor_value_info(f"{name}::{op}", value_types[name].tensor_type
                                                .elem_type, [])
             for name in self.watched for op in ("ReduceMax", "ReduceMin"))
+        model.graph.output.extend(
+            onnx.helper.make_tensor_value_info(f"{name}::Shape", onnx.TensorProto.INT64, [None])
+            for name in shaped)
         self.inputs = [i.name for i in model.graph.input]
         self._model = model
         self._session = None
@@ -259,8 +376,11 @@ class ActivationRanges:
                     values[f"{name}::ReduceMax"], values[f"{name}::ReduceMin"] = (
                         value.max(), value.min())
             for key, value in values.items():
-                name = key.rsplit("::", 1)[0]
-                self.absmax[name] = max(self.absmax.get(name, 0.0), abs(float(value)))
+                name, kind = key.rsplit("::", 1)
+                if kind == "Shape":
+                    self.shapes[name] = tuple(int(d) for d in value)
+                else:
+                    self.absmax[name] = max(self.absmax.get(name, 0.0), abs(float(value)))
         self.rows_done = max(self.rows_done, rows)
         return self.absmax
 
@@ -269,7 +389,7 @@ class ActivationRanges:
         closed (its session and files freed); it keeps what it found."""
         other = ActivationRanges(self.src, self.calib, watch=tensors)
         other.absmax = {t: v for t, v in self.absmax.items() if t in tensors}
-        other.rows_done = self.rows_done
+        other.shapes, other.rows_done = self.shapes, self.rows_done
         self.close()
         return other
 
@@ -304,7 +424,8 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
         ranges.over(ranges.default_rows())
     ranges.release()  # its ONNX Runtime session, before AutoCast loads the model again
     out_of_range = [f"^{re.escape(name)}$" for name in ranges.nodes_beyond(FP16_DATA_MAX)]
-    with _quiet_modelopt(), _linear_dead_node_cleanup(), Stopwatch() as autocast:
+    with (_quiet_modelopt(), _linear_dead_node_cleanup(), _light_shape_inference(),
+          Stopwatch() as autocast):
         # data_max=inf: the range rule was applied above, and AutoCast skips its own reference
         # run (the memory problem ActivationRanges describes).
         model = convert_to_mixed_precision(
@@ -313,7 +434,7 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
             op_types_to_exclude=op_types_to_exclude, data_max=np.inf, providers=["cpu"])
     # AutoCast reuses one symbolic dim name for different sizes; let inference redo value_info.
     del model.graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model)
+    model = infer_shapes(model)
     with atomic_path(dst) as tmp_dst:
         onnx.save(model, str(tmp_dst))
         onnx.checker.check_model(str(tmp_dst), full_check=True)
@@ -404,8 +525,9 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
 
     `max`: the activation maxima come from `ranges` over every calibration clip (the FP16
     check's clips, then the INT8 inputs alone on the rest) and reach ModelOpt as a calibration
-    cache; ModelOpt still runs its own calibration, given one clip, and its scales are replaced
-    by ours (checked).
+    cache, and to ONNX Runtime's calibrator inside ModelOpt as its result (`_calibrator_from`:
+    no calibration run of ModelOpt's own); ModelOpt's scales are checked to be ours. Its GEMV
+    check takes the shapes our passes saw (`_matmul_shapes_from`).
     `entropy`: ModelOpt calibrates on every clip (histograms are its own)."""
     if method not in CALIB_METHODS:
         raise ValueError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
@@ -445,11 +567,13 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
                         absmax = dict(quantized.over(len(calib)))
                     finally:
                         quantized.close()
-                        release_heap()  # before ModelOpt's own (memory-hungry) calibration
+                        release_heap()  # before ModelOpt loads its copies of the model
                 steps["calibration passes"] = passes.seconds
                 scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
                 order = order[:1]
-            with _quiet_modelopt(), Stopwatch() as quantizing:
+            known = _calibrator_from(absmax) if scales else contextlib.nullcontext()
+            with (_quiet_modelopt(), known, _matmul_shapes_from(ranges.shapes),
+                  _light_shape_inference(), Stopwatch() as quantizing):
                 quantize(str(work), quantize_mode="int8",
                          calibration_data_reader=_RowReader(calib, order),
                          calibration_method=method, calibration_eps=["cpu"],

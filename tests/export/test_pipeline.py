@@ -144,6 +144,89 @@ def test_calibration_refuses_random_and_too_small_data(artifact, tmp_path):
         to_int8(out / "model.fp32.onnx", tmp_path / "x.onnx", load_feeds(few, contract, tok))
 
 
+def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_path,
+                                                                monkeypatch):
+    """ModelOpt given our maxima as a calibration cache, as it comes (its own one-clip
+    calibration run, a run of the model for the GEMV check, shape inference on the whole model)
+    and without running anything, shape inference on the graph alone (`_calibrator_from`,
+    `_matmul_shapes_from`, `_light_shape_inference`): the same bytes, on the demo's FP32 graph
+    (attention products excluded, a GEMV, the selection path excluded)."""
+    import filecmp
+    import shutil
+
+    from modelopt.onnx.quantization import graph_utils, quantize
+    from onnxruntime.quantization import calibrate
+
+    from twbert_export import precision
+    from twbert_export.assets import resolve_data
+
+    out, _ = artifact
+    src = out / "model.fp32.onnx"
+    contract = IOContract.from_dict(json.loads((out / "manifest.json").read_text())["contract"])
+    calib = load_feeds(resolve_data("demo:calib"), contract, Tokenizer.default(), limit=16)
+    ranges = precision.ActivationRanges(src, calib)
+    ranges.over(2)
+    quantized_inputs = ranges.narrowed(ranges.int8_inputs | set(ranges.inputs))  # as to_int8
+    with quantized_inputs:
+        absmax = dict(quantized_inputs.over(len(calib)))
+    cache = precision.write_scale_cache(tmp_path / "scales.cache", absmax)
+
+    def quantized(name: str) -> Path:
+        work, dst = tmp_path / f"{name}.in.onnx", tmp_path / f"{name}.onnx"
+        shutil.copyfile(src, work)
+        with precision._quiet_modelopt():
+            quantize(str(work), quantize_mode="int8", calibration_data_reader=precision.
+                     _RowReader(calib, np.arange(1)), calibration_method="max",
+                     calibration_eps=["cpu"], calibration_cache_path=str(cache),
+                     op_types_to_quantize=precision.INT8_OP_TYPES,
+                     nodes_to_exclude=precision.SELECTION_NODES, high_precision_dtype="fp32",
+                     disable_mha_qdq=True, output_path=str(dst), log_level="ERROR")
+        return dst
+
+    theirs = quantized("theirs")
+    originals = (calibrate.create_calibrator, graph_utils.get_extended_model_outputs,
+                 onnx.shape_inference.infer_shapes_path)
+    assert calibrate.create_calibrator.__name__ == "_create_calibrator_with_extra_options"
+    with (precision._calibrator_from(absmax) as made,
+          precision._matmul_shapes_from(ranges.shapes), precision._light_shape_inference(),
+          monkeypatch.context() as no_runs):
+        no_runs.setattr(graph_utils, "create_inference_session", None)  # a run would fail
+        ours = quantized("ours")
+    assert (calibrate.create_calibrator, graph_utils.get_extended_model_outputs,
+            onnx.shape_inference.infer_shapes_path) == originals
+    assert len(made) == 1 and type(made[0]).__name__ == "KnownRanges"
+    assert filecmp.cmp(ours, theirs, shallow=False)
+    assert precision.check_scales(onnx.load(str(ours)), absmax) > 0
+
+
+def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
+    """AutoCast (as to_fp16 runs it) with ModelOpt's shape inference and with ours, which
+    leaves the weights out: the same bytes, on the demo's FP32 graph and on its INT8 graph
+    (Q/DQ pairs, FP16 around them)."""
+    from modelopt.onnx import utils
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    from twbert_export import precision
+
+    def autocast(src: Path, exclude: list[str] | None) -> bytes:
+        with precision._quiet_modelopt():
+            return convert_to_mixed_precision(
+                str(src), low_precision_type="fp16", keep_io_types=True,
+                nodes_to_exclude=precision.SELECTION_NODES, op_types_to_exclude=exclude,
+                data_max=np.inf, providers=["cpu"]).SerializeToString()
+
+    out, _ = artifact
+    for src, exclude in ((out / "model.fp32.onnx", None),
+                         (out / "model.int8.onnx", precision.QDQ_OPS)):
+        theirs = autocast(src, exclude)
+        original = utils.infer_shapes
+        with precision._light_shape_inference():
+            assert utils.infer_shapes is not original
+            ours = autocast(src, exclude)
+        assert utils.infer_shapes is original
+        assert ours == theirs, src.name
+
+
 def test_gates_hold_on_awkward_real_clips(artifact, tmp_path):
     """Static clips, clips shorter than T, odd aspect ratios and over-long captions, made from
     demo frames: the FP16 gates hold (ties of static clips count as near-ties at most)."""
