@@ -1,7 +1,7 @@
 """Scale check (a benchmark, not a test): the whole export of a paper-sized model, timed.
 
     python -m twbert_export.scale_check --preset base --schedule 20-14-8 \
-        --precision fp32,fp16,int8 --calib-data demo:calib --val-clips 4 --json scale.json \
+        --precision fp32,fp16,int8 --calib-data demo:calib --val-clips 1 --json scale.json \
         [--keep DIR]
 
 Builds the preset with random weights (seeded; no pretrained weights ship with the project),
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32,fp16,int8")
     ap.add_argument("--calib-data", default="demo:calib")
     ap.add_argument("--val-data", default="demo")
-    ap.add_argument("--val-clips", type=int, default=4,
-                    help="validation clips (retrieval runs all N^2 text-video pairs per runner)")
+    ap.add_argument("--val-clips", type=int, default=1,
+                    help="validation clips (retrieval runs all N^2 text-video pairs per runner); "
+                         "the target is set for one, the issue's 'FP32 parity on one clip'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--keep", metavar="DIR", help="keep the checkpoint and the artifact in DIR")
