@@ -9,6 +9,9 @@ p50 / p90 latency, samples per second and peak resident memory. `torch` is the P
 (hard selection) built from the checkpoint named in the manifest; `trt-PRECISION` runs the engine
 `export.py build` wrote beside model.PRECISION.onnx (on a device with TensorRT:
 `--backends trt-fp16,trt-int8`).
+
+`--op-profile` times nothing: it runs each ort-* backend under ONNX Runtime's profiler and
+prints the kernel time per op type (what its latency is made of).
 """
 
 from __future__ import annotations
@@ -88,6 +91,70 @@ def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: int
+               ) -> list[dict[str, Any]]:
+    """Kernel time per op type (ONNX Runtime's profiler) over `repeat` runs after one warm-up
+    run, largest first: what an ort-* backend's latency is made of. The profiler's own cost
+    makes these runs slower than the timed ones; the shares are what to read."""
+    import tempfile
+
+    from .runners import ort_session
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    feed = example_feed(IOContract.from_dict(manifest["contract"]), batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort_session(backend_file(artifact, manifest, backend), threads,
+                              profile_prefix=str(Path(tmp) / "ort"))
+        for _ in range(1 + repeat):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    after_warmup = runs[0][1]
+    per_op: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
+                e["ts"] >= after_warmup:
+            per_op.setdefault(e["args"]["op_name"], []).append(e["dur"])
+    total = sum(sum(d) for d in per_op.values())
+    rows = [{"op_type": op, "ms_per_run": sum(d) / repeat / 1e3, "share": sum(d) / total,
+             "nodes": len(d) // repeat} for op, d in per_op.items()]
+    return sorted(rows, key=lambda r: -r["ms_per_run"])
+
+
+def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
+                 args: argparse.Namespace) -> int:
+    """--op-profile: each ort-* backend and batch in its own process; a table per profile."""
+    if not backends:
+        print("error: --op-profile needs an ort-* backend", file=sys.stderr)
+        return 2
+    profiles = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        for backend in backends:
+            cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
+                   "--threads", str(args.threads), "--repeat", str(args.repeat),
+                   "--op-profile", "--worker", backend, str(batch)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"error: {backend} batch {batch} failed:\n{proc.stderr[-2000:]}",
+                      file=sys.stderr)
+                return 1
+            ops = json.loads(proc.stdout.strip().splitlines()[-1])
+            profiles.append({"backend": backend, "batch": batch, "threads": args.threads,
+                             "runs": args.repeat, "ops": ops})
+            total = sum(r["ms_per_run"] for r in ops)
+            print(f"{backend}, batch {batch}: {total:.1f} ms of kernel time per run "
+                  f"(profiled, {args.repeat} runs)")
+            print(f"  {'op type':<26}{'ms/run':>10}{'share':>8}{'nodes':>7}")
+            for r in ops[:12]:
+                print(f"  {r['op_type']:<26}{r['ms_per_run']:>10.1f}{r['share']:>8.1%}"
+                      f"{r['nodes']:>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"artifact": str(artifact),
+                                               "schedule": manifest["schedule"],
+                                               "op_profile": profiles}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twbert_export.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,9 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    ap.add_argument("--op-profile", action="store_true",
+                    help="instead of timing: ONNX Runtime's kernel time per op type for each "
+                         "ort-* backend and batch (--repeat runs after one warm-up run)")
     ap.add_argument("--worker", nargs=2, metavar=("BACKEND", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     artifact = Path(args.artifact)
+    if args.worker and args.op_profile:
+        rows = op_profile(artifact, args.worker[0], int(args.worker[1]), args.threads,
+                          args.repeat)
+        print(json.dumps(rows))
+        return 0
     if args.worker:
         row = measure(artifact, args.worker[0], int(args.worker[1]), args.threads, args.warmup,
                       args.repeat)
@@ -119,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown backends {unknown} or not in the artifact {missing} (a trt-* "
               "backend needs model.PRECISION.engine: python export.py build)", file=sys.stderr)
         return 2
+    if args.op_profile:
+        return _op_profiles(artifact, manifest, [b for b in backends if b.startswith("ort-")],
+                            args)
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         for backend in backends:

@@ -26,14 +26,18 @@ def _base_runner():
     return require("polygraphy.backend.base", "for the runner interface").BaseRunner
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU ONNX Runtime session (explicitly CPU: onnxruntime-gpu would try CUDA first)."""
+def ort_session(path: str | Path, threads: int | None = None, profile_prefix: str | None = None):
+    """A CPU ONNX Runtime session (explicitly CPU: onnxruntime-gpu would try CUDA first);
+    with `profile_prefix`, ONNX Runtime's profiler records every run (`end_profiling`)."""
     ort = require("onnxruntime", "to run ONNX files on the CPU")
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

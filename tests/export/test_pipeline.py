@@ -323,6 +323,21 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
     assert "export.py build" in capsys.readouterr().err
 
 
+def test_bench_op_profile_breaks_ort_latency_down_by_op_type(artifact, tmp_path, capsys):
+    from twbert_export import bench
+
+    out, _ = artifact
+    saved = tmp_path / "ops.json"
+    assert bench.main(["--artifact", str(out), "--backends", "torch,ort-fp32", "--batch", "1",
+                       "--repeat", "2", "--op-profile", "--json", str(saved)]) == 0
+    assert "ort-fp32, batch 1:" in capsys.readouterr().out
+    (profile,) = json.loads(saved.read_text())["op_profile"]  # torch is not profiled
+    ops = {r["op_type"]: r for r in profile["ops"]}
+    assert ops["MatMul"]["nodes"] >= 10 and ops["MatMul"]["ms_per_run"] > 0
+    assert abs(sum(r["share"] for r in profile["ops"]) - 1) < 1e-6
+    assert bench.main(["--artifact", str(out), "--backends", "torch", "--op-profile"]) == 2
+
+
 # -- validation against the shipped reference (what `validate --engine` runs on a device) -------
 def test_reference_validation_reproduces_the_hosts_verdicts(artifact, capsys):
     """The shipped validation set re-run through ONNX Runtime (the runner a device swaps for
