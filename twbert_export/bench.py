@@ -121,6 +121,25 @@ def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: i
     return sorted(rows, key=lambda r: -r["ms_per_run"])
 
 
+def _in_worker(artifact: Path, args: argparse.Namespace, backend: str, batch: int) -> Any:
+    """Run one backend and batch in its own process (`--worker`) with this run's settings;
+    its last stdout line, as JSON. Raises RuntimeError with its stderr tail if it fails."""
+    cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
+           "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--repeat", str(args.repeat), *(["--op-profile"] if args.op_profile else []),
+           "--worker", backend, str(batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{backend} batch {batch} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _save(path: str | None, artifact: Path, manifest: dict[str, Any], **results: Any) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"artifact": str(artifact),
+                                          "schedule": manifest["schedule"], **results}, indent=2))
+
+
 def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
                  args: argparse.Namespace) -> int:
     """--op-profile: each ort-* backend and batch in its own process; a table per profile."""
@@ -130,15 +149,11 @@ def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
     profiles = []
     for batch in (int(b) for b in args.batch.split(",")):
         for backend in backends:
-            cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
-                   "--threads", str(args.threads), "--repeat", str(args.repeat),
-                   "--op-profile", "--worker", backend, str(batch)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(f"error: {backend} batch {batch} failed:\n{proc.stderr[-2000:]}",
-                      file=sys.stderr)
+            try:
+                ops = _in_worker(artifact, args, backend, batch)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
                 return 1
-            ops = json.loads(proc.stdout.strip().splitlines()[-1])
             profiles.append({"backend": backend, "batch": batch, "threads": args.threads,
                              "runs": args.repeat, "ops": ops})
             total = sum(r["ms_per_run"] for r in ops)
@@ -148,10 +163,7 @@ def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
             for r in ops[:12]:
                 print(f"  {r['op_type']:<26}{r['ms_per_run']:>10.1f}{r['share']:>8.1%}"
                       f"{r['nodes']:>7}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"artifact": str(artifact),
-                                               "schedule": manifest["schedule"],
-                                               "op_profile": profiles}, indent=2))
+    _save(args.json, artifact, manifest, op_profile=profiles)
     return 0
 
 
@@ -200,25 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         for backend in backends:
-            cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
-                   "--threads", str(args.threads), "--warmup", str(args.warmup),
-                   "--repeat", str(args.repeat), "--worker", backend, str(batch)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(f"error: {backend} batch {batch} failed:\n{proc.stderr[-2000:]}",
-                      file=sys.stderr)
+            try:
+                rows.append(_in_worker(artifact, args, backend, batch))
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
                 return 1
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  {backend:<9} batch {batch}: p50 {r['p50_ms']:.1f} ms", file=sys.stderr)
     print(f"{'backend':<10}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'samples/s':>11}{'peak MB':>9}")
     for r in rows:
         print(f"{r['backend']:<10}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}"
               f"{r['samples_per_s']:>11.1f}{r['peak_rss_mb']:>9.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"artifact": str(artifact),
-                                               "schedule": manifest["schedule"],
-                                               "rows": rows}, indent=2))
+    _save(args.json, artifact, manifest, rows=rows)
     return 0
 
 
