@@ -213,7 +213,7 @@ def _calibrator_from(absmax: dict[str, float]):
 def _matmul_shapes_from(shapes: dict[str, tuple[int, ...]]):
     """ModelOpt's GEMV check (`graph_utils.get_extended_model_outputs`, ModelOpt 0.47) runs one
     clip through the model once more keeping every matrix product's result, for their shapes
-    only (19 s on the base preset). Within this context it gets the shapes our range passes saw
+    only (17-19 s on the base preset). Within this context it gets the shapes our range passes saw
     (`ActivationRanges.shapes`: batch 1, and frames and text length are fixed per export, so
     every clip gives the same), as zero-stride arrays; a tensor we did not see sends the call
     to ModelOpt's own run."""
