@@ -148,16 +148,13 @@ def _light_shape_inference():
     from modelopt.onnx import utils
     from modelopt.onnx.quantization import graph_utils
 
-    def light(model, **kwargs):
-        return infer_shapes(model, **kwargs)
-
     onnx_in_file = onnx.shape_inference.infer_shapes_path
 
     def light_in_file(model_path, output_path="", **kwargs) -> None:
         if not infer_shapes_in_file(model_path, output_path, **kwargs):
             onnx_in_file(model_path, output_path, **kwargs)
 
-    targets = [(m, "infer_shapes", light) for m in (utils, graph_utils)
+    targets = [(m, "infer_shapes", infer_shapes) for m in (utils, graph_utils)
                if hasattr(m, "infer_shapes")]
     targets.append((onnx.shape_inference, "infer_shapes_path", light_in_file))
     originals = [getattr(module, name) for module, name, _ in targets]
