@@ -103,8 +103,9 @@ def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: i
     manifest = json.loads((artifact / "manifest.json").read_text())
     feed = example_feed(IOContract.from_dict(manifest["contract"]), batch)
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort_session(backend_file(artifact, manifest, backend), threads,
-                              profile_prefix=str(Path(tmp) / "ort"))
+        path = backend_file(artifact, manifest, backend)
+        assert path is not None, "main checks the artifact has the backend's file"
+        session = ort_session(path, threads, profile_prefix=str(Path(tmp) / "ort"))
         for _ in range(1 + repeat):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
