@@ -55,12 +55,13 @@ def export_parser() -> argparse.ArgumentParser:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises: each is reported as one line with exit code 2."""
+    from twbert_export.artifact import ArtifactFormatError
     from twbert_export.calibration import CalibrationDataError
     from twbert_export.pipeline import UserError
     from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import GateSpecError
 
-    return (UserError, CalibrationDataError, VideoDecodeError, AnnotationError, GateSpecError,
+    return (UserError, ArtifactFormatError, CalibrationDataError, VideoDecodeError, AnnotationError, GateSpecError,
             FileNotFoundError)
 
 
@@ -71,14 +72,13 @@ def bad_input(error: Exception, hint: str) -> int:
 
 
 def run_export(argv: list[str]) -> int:
-    from twbert_export.pipeline import ExportOptions, summary_table, tensorrt_available
-    from twbert_export.pipeline import run_export as export
+    from twbert_export import pipeline
     from twbert_export.validate import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
     try:
         gates = parse_gate_overrides(args.gate)
-        opts = ExportOptions(
+        opts = pipeline.ExportOptions(
             ckpt=args.ckpt, precisions=tuple(p.strip() for p in args.precision.split(",")),
             task=args.task, schedule=args.schedule, batch=args.batch,
             max_text_len=args.max_text_len, calib_data=args.calib_data,
@@ -86,28 +86,28 @@ def run_export(argv: list[str]) -> int:
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
             on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache,
             val_limit=args.val_clips)
-        report = export(opts)
+        result = pipeline.run_export(opts)
     except input_errors() as e:
         return bad_input(e, "python export.py --help")
     print()
-    print(summary_table(report))
-    out = report["out"]
+    print(pipeline.summary_table(result))
+    out = result.out
     print(f"\nartifacts: {out}/ (manifest.json, report.md, reference/)")
-    failed = [p for p, r in report["precisions"].items() if not r["passed"]]
+    failed = result.report.failed
     if failed:
         print(f"\nvalidation FAILED for {', '.join(failed)}: see {out}/report.md", file=sys.stderr)
         return EXIT_GATE_FAILED
-    ok, why = tensorrt_available()
+    ok, why = pipeline.tensorrt_available()
     if ok:
         from twbert_export.trt.cli import build_main
 
-        onnx = report["next_onnx"]
+        onnx = str(result.next_onnx)
         print(f"\nTensorRT and a GPU are present: building {onnx}")
         return build_main(["--onnx", onnx, "--target", "auto"])
     print(f"\nTensorRT engine build skipped here: {why}. Validation passed; the artifacts are "
           "ready to build on the device.")
     print("next, copy the directory to the device and run inside it:")
-    for command in report["next_commands"]:
+    for command in result.report.next_commands:
         print(f"  {command}")
     return 0
 
@@ -117,6 +117,7 @@ def run_validate(argv: list[str]) -> int:
         from twbert_export.reference import main as validate_against_reference
 
         return validate_against_reference(argv)
+    from twbert_export.artifact import PRECISIONS
     from twbert_export.pipeline import validate_onnx
     from twbert_export.validate import parse_gate_overrides
 
@@ -128,7 +129,7 @@ def run_validate(argv: list[str]) -> int:
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--val-data", default="demo")
     ap.add_argument("--task", choices=["retrieval", "qa"])
-    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+    ap.add_argument("--precision", choices=PRECISIONS,
                     help="default: from the artifact manifest or the file name model.<p>.onnx")
     ap.add_argument("--gate", action="append", default=[], metavar="PRECISION.FIELD=VALUE")
     ap.add_argument("--tokenizer")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from twbert_export.artifact import CheckpointInfo, FileEntry, Manifest
 from twbert_export.contract import BatchRange, IOContract, TensorSpec
 
 # /etc/nv_tegra_release as JetPack writes it (one line, then the kernel-variant comment lines).
@@ -44,10 +43,13 @@ def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:
 
 
 def artifact_manifest(precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
-                      contract: IOContract | None = None) -> dict[str, Any]:
-    """The keys of manifest.json that the device kit reads."""
+                      contract: IOContract | None = None) -> Manifest:
+    """A manifest with what the device kit reads (contract, schedule, files)."""
     contract = contract or tiny_contract()
-    return {"format": "twbert-export-artifact", "format_version": 1,
-            "schedule": contract.schedule, "contract": contract.to_dict(),
-            "files": {p: {"path": f"model.{p}.onnx", "sha256": f"{i}" * 64, "bytes": 1000}
-                      for i, p in enumerate(precisions)}}
+    return Manifest(
+        checkpoint=CheckpointInfo("ckpt.pt", "c" * 64, "twbert-export"), model_config={},
+        schedule=contract.schedule, contract=contract,
+        files=[FileEntry("model", p, f"model.{p}.onnx", f"{i}" * 64, 1000)
+               for i, p in enumerate(precisions)],
+        validation_data={}, parity={p: True for p in precisions}, tools={},
+        created="2026-01-01T00:00:00+0000", tokenizer="tokenizer.json")

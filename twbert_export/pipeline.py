@@ -1,13 +1,15 @@
 """The export job: checkpoint -> ONNX -> rewrite -> lint -> precision -> validate -> artifacts.
 
-Each stage prints one line (artifact, size, time). Artifacts are assembled in a scratch
-directory beside the target and moved into place at the end, so an existing artifact directory
-is never half-overwritten (and never overwritten at all without --force).
+`run_export` calls one function per stage (`load_stage`, `export_stage`, ...), each printing one
+line (artifact, size, time) and handing small dataclasses to the next. Files are kept by
+(graph, precision) so that an artifact can hold more graphs than the whole-model one.
+Artifacts are assembled in a scratch directory beside the target (`_claim_output_dir`) and moved
+into place at the end (`_move_into_place`), so an existing artifact directory is never
+half-overwritten (and never overwritten at all without --force).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import shutil
@@ -20,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from . import lint, precision, validate
+from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, CheckpointInfo, FileEntry, Manifest,
+                       PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
-from .calibration import load_feeds
+from .calibration import FeedSet, load_feeds
 from .contract import BatchRange, IOContract
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
@@ -32,7 +36,6 @@ from .trt.commands import write_device_kit
 from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
                    require, stage_peak_rss_gb, write_json, write_text)
 
-PRECISION_ORDER = ("fp32", "fp16", "int8")
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
 REFERENCE_ROWS = 8
 
@@ -139,135 +142,248 @@ def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
             f"--check-error-stat max")
 
 
-# -- the job --------------------------------------------------------------------------------------
-def run_export(opts: ExportOptions) -> dict[str, Any]:
-    """Run every stage and return the report (its gate verdicts included: the caller decides the
-    exit code). Raises UserError for bad input."""
-    from model import CheckpointError, load_checkpoint
+# -- the job: one function per stage ----------------------------------------------------------------
+@dataclass
+class Inputs:
+    """The options resolved and checked before anything runs."""
+    precisions: list[str]  # in PRECISIONS order, fp32 first
+    ckpt_path: Path
+    val_dir: Path
+    calib_dir: Path | None
+    batch: BatchRange
+    tokenizer: Tokenizer
 
-    unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
+
+@dataclass
+class Loaded:
+    """The checkpoint, parsed once, and the I/O contract the export follows."""
+    ckpt_path: Path
+    model: Any  # model.TWBert; its weights are moved to `meta` after the export stage
+    config: Any  # model.TWBertConfig
+    load_report: Any  # model.LoadReport
+    contract: IOContract
+    ckpt_stat: tuple[int, int]  # (size, mtime_ns) of the file as loaded
+
+    @property
+    def answers(self) -> list[str] | None:
+        return self.load_report.metadata.get("answers") if self.contract.task == "qa" else None
+
+
+@dataclass
+class Conversion:
+    """The ONNX files of an artifact, by (graph, precision), and the precision steps' reports."""
+    files: dict[tuple[str, str], Path] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> step report
+
+    def of(self, graph: str) -> dict[str, Path]:
+        """precision -> file of one graph."""
+        return {p: f for (g, p), f in self.files.items() if g == graph}
+
+
+@dataclass
+class Validation:
+    results: dict[str, dict[str, Any]]  # precision -> validate.compare_precision's result
+    metrics: dict[str, Any]
+
+
+def run_export(opts: ExportOptions) -> ExportResult:
+    """Run every stage and return the artifact's manifest and report (its gate verdicts
+    included: the caller decides the exit code). Raises UserError for bad input."""
+    inputs = resolve_inputs(opts)
+    stages = StageLog(total=5 + len(inputs.precisions))
+    t_start = time.perf_counter()
+    map_large_allocations()  # stages load and free whole models: return them to the system
+    loaded = load_stage(inputs, opts, stages)
+    out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
+                                                            loaded.contract.schedule))
+    work = _claim_output_dir(out, opts.force)
+    try:
+        conversion = Conversion()
+        export_stage(loaded, work, out, stages, conversion)
+        lint_warnings = lint_stage(conversion, stages)
+        val, calib = data_stage(inputs, opts, loaded.contract, stages)
+        seen = None
+        for p in inputs.precisions[1:]:
+            seen = precision_stage(p, conversion, calib, opts, work, out, stages, seen)
+        validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
+        manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
+                                                 calib, lint_warnings, opts, work, stages)
+        report.total_seconds = time.perf_counter() - t_start
+        report.write(work)
+        _move_into_place(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(out, manifest, report)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: Manifest
+    report: Report
+
+    @property
+    def next_onnx(self) -> Path:
+        """The file the next command (an engine build) starts from: the last precision."""
+        last = self.manifest.file(self.manifest.precisions[-1])
+        assert last is not None
+        return self.out / last.path
+
+
+def resolve_inputs(opts: ExportOptions) -> Inputs:
+    unknown = [p for p in opts.precisions if p not in PRECISIONS]
     if unknown:
-        raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISION_ORDER)}")
-    precisions = [p for p in PRECISION_ORDER if p == "fp32" or p in opts.precisions]
+        raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
+    precisions = [p for p in PRECISIONS if p == "fp32" or p in opts.precisions]
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
-        ckpt_path = resolve_checkpoint(opts.ckpt)
-        val_dir = resolve_data(opts.val_data)
-        calib_dir = resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None
-        batch = BatchRange.parse(opts.batch)
-        tokenizer = Tokenizer.from_file(opts.tokenizer) if opts.tokenizer else Tokenizer.default()
+        return Inputs(
+            precisions=precisions, ckpt_path=resolve_checkpoint(opts.ckpt),
+            val_dir=resolve_data(opts.val_data),
+            calib_dir=(resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None),
+            batch=BatchRange.parse(opts.batch),
+            tokenizer=(Tokenizer.from_file(opts.tokenizer) if opts.tokenizer
+                       else Tokenizer.default()))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 
-    stages = StageLog(total=5 + len(precisions))
-    t_start = time.perf_counter()
-    map_large_allocations()  # stages load and free whole models: return them to the system
+
+def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
+    from model import CheckpointError, load_checkpoint
+
     with Stopwatch() as sw:
+        stat = inputs.ckpt_path.stat()
         try:
-            model, load_report = load_checkpoint(ckpt_path, schedule=opts.schedule,
+            model, load_report = load_checkpoint(inputs.ckpt_path, schedule=opts.schedule,
                                                  trust_pickle=opts.trust_checkpoint)
         except CheckpointError as e:
             raise UserError(str(e)) from None
         model.eval()
         try:
-            contract = IOContract.for_model(model.cfg, opts.task, batch, opts.max_text_len)
+            contract = IOContract.for_model(model.cfg, opts.task, inputs.batch, opts.max_text_len)
         except ValueError as e:
             raise UserError(str(e)) from None
         if contract.task == "qa" and not load_report.metadata.get("answers"):
-            raise UserError(f"{ckpt_path}: the checkpoint's metadata has no answer list, "
+            raise UserError(f"{inputs.ckpt_path}: the checkpoint's metadata has no answer list, "
                             "which a QA export needs")
-    stages.line("load", sw.seconds, ckpt_path, f"{load_report.format}, F@{contract.schedule}")
+    stages.line("load", sw.seconds, inputs.ckpt_path, f"{load_report.format}, F@{contract.schedule}")
+    return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
+                  (stat.st_size, stat.st_mtime_ns))
 
-    out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task, contract.schedule))
-    if out.exists() and not opts.force:
+
+def _claim_output_dir(out: Path, force: bool) -> Path:
+    """Refuse an existing `out` without --force; return the scratch directory beside it where
+    the artifact is assembled."""
+    if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it, or --out another directory")
     work = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    try:
-        report = _export_into(work, out, opts, precisions, model, load_report, contract,
-                              tokenizer, ckpt_path, val_dir, calib_dir, stages)
-        report["total_seconds"] = time.perf_counter() - t_start
-        write_json(work / "report.json", report)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(work, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report["out"] = str(out)
-    report["next_onnx"] = str(out / f"model.{precisions[-1]}.onnx")
-    return report
+    return work
 
 
-def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[str], model,
-                 load_report, contract: IOContract, tokenizer: Tokenizer, ckpt_path: Path,
-                 val_dir: Path, calib_dir: Path | None, stages: StageLog) -> dict[str, Any]:
-    files: dict[str, Path] = {}
+def _move_into_place(work: Path, out: Path) -> None:
+    """Replace `out` by the finished scratch directory `work`."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)
+
+
+def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,
+                 conversion: Conversion) -> None:
+    """The checkpoint's graph to ONNX, then rewritten for TensorRT (the fp32 file)."""
     with Stopwatch() as sw:
         raw = work / "model.raw.onnx"
-        export_onnx(model, contract, raw)
+        export_onnx(loaded.model, loaded.contract, raw)
         # The weights wait idle until validation: free them for the precision steps (1 GB at
-        # the base preset) and load the checkpoint again then.
-        config = model.cfg
-        model.to("meta")
-    stages.line("export", sw.seconds, out / raw.name, f"opset {contract.opset}, dynamo", raw)
+        # the base preset); validate_stage reads them back from the checkpoint file.
+        loaded.model.to("meta")
+    stages.line("export", sw.seconds, out / raw.name, f"opset {loaded.contract.opset}, dynamo",
+                raw)
     with Stopwatch() as sw:
-        files["fp32"] = work / "model.fp32.onnx"
-        histogram = rewrite(raw, files["fp32"], contract)
+        fp32 = conversion.files[(MODEL_GRAPH, "fp32")] = work / "model.fp32.onnx"
+        histogram = rewrite(raw, fp32, loaded.contract)
         raw.unlink()
     top = ", ".join(f"{k} {v}" for k, v in list(histogram.items())[:8])
-    stages.line("rewrite", sw.seconds, out / files["fp32"].name,
-                f"{sum(histogram.values())} nodes: {top}, ...", files["fp32"])
-    with Stopwatch() as sw:
-        lint_warnings = lint.check_model(files["fp32"])
-    stages.line("lint", sw.seconds, None,
-                f"TensorRT 10 parser: no errors, {len(lint_warnings)} warnings")
+    stages.line("rewrite", sw.seconds, out / fp32.name,
+                f"{sum(histogram.values())} nodes: {top}, ...", fp32)
 
+
+def lint_stage(conversion: Conversion, stages: StageLog) -> list[Any]:
     with Stopwatch() as sw:
-        val = load_feeds(val_dir, contract, tokenizer, opts.on_error, limit=opts.val_limit)
-        calib = (load_feeds(calib_dir, contract, tokenizer, opts.on_error, texts_per_video=1)
-                 if calib_dir else None)
+        warnings = [w for (_, p), f in conversion.files.items() if p == "fp32"
+                    for w in lint.check_model(f)]
+    stages.line("lint", sw.seconds, None,
+                f"TensorRT 10 parser: no errors, {len(warnings)} warnings")
+    return warnings
+
+
+def data_stage(inputs: Inputs, opts: ExportOptions, contract: IOContract, stages: StageLog
+               ) -> tuple[FeedSet, FeedSet | None]:
+    """The validation clips and, for FP16/INT8, the calibration clips, preprocessed."""
+    with Stopwatch() as sw:
+        val = load_feeds(inputs.val_dir, contract, inputs.tokenizer, opts.on_error,
+                         limit=opts.val_limit)
+        calib = (load_feeds(inputs.calib_dir, contract, inputs.tokenizer, opts.on_error,
+                            texts_per_video=1) if inputs.calib_dir else None)
     stages.line("data", sw.seconds, None,
                 f"val {len(val.video)} clips / {len(val)} texts"
                 + (f", calib {len(calib.video)} clips" if calib else "")
                 + (f", {val.truncated_texts} texts truncated to {contract.text_len}"
                    if val.truncated_texts else ""))
+    return val, calib
 
-    precision_reports: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        ranges = (stack.enter_context(precision.ActivationRanges(files["fp32"], calib))
-                  if calib else None)
-        for p in precisions[1:]:
-            with Stopwatch() as sw:
-                files[p] = work / f"model.{p}.onnx"
-                if p == "fp16":
-                    rep = precision.to_fp16(files["fp32"], files[p], ranges)
-                else:
-                    rep = precision.to_int8(files["fp32"], files[p], calib, opts.calib_method,
-                                            use_cache=opts.calib_cache, ranges=ranges)
-            rep.seconds = sw.seconds
-            precision_reports[p] = rep.to_dict()
-            kept = len(rep.kept_fp32_range)
-            int8 = rep.calibration.get("int8_nodes")
-            stages.line(p, sw.seconds, out / files[p].name,
-                        (f"{int8} INT8 layers, " if int8 else "")
-                        + f"{len(rep.kept_fp32_selection)} selection nodes FP32, {kept} other "
-                        "nodes kept FP32 by AutoCast"
-                        + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
-                        + "".join(f"; {step} {sec:.1f}s" for step, sec in rep.steps.items()),
-                        files[p])
 
-    # -- validation ------------------------------------------------------------------------------
+def precision_stage(p: str, conversion: Conversion, calib: FeedSet | None, opts: ExportOptions,
+                    work: Path, out: Path, stages: StageLog,
+                    seen: precision.RangesSeen | None) -> precision.RangesSeen | None:
+    """Every graph's fp32 file to precision `p`. `seen`: the activation ranges an earlier
+    precision step found on the same files and clips (spares their forward passes); returns
+    what this step found."""
+    assert calib is not None, "resolve_inputs asks for calibration data beyond fp32"
     with Stopwatch() as sw:
-        answers = load_report.metadata.get("answers") if contract.task == "qa" else None
-        model = _reload(ckpt_path, config, opts.trust_checkpoint)
-        results, metrics, reference = validate_files(model, contract, files, val, answers,
-                                                     {**validate.DEFAULT_GATES, **opts.gates})
+        for (graph, q), fp32 in list(conversion.files.items()):
+            if q != "fp32":
+                continue
+            dst = conversion.files[(graph, p)] = work / f"{graph}.{p}.onnx"
+            if p == "fp16":
+                with precision.ActivationRanges(fp32, calib) as ranges:
+                    if seen is not None:
+                        ranges.resume(seen)
+                    rep = precision.to_fp16(fp32, dst, ranges)
+                    seen = ranges.seen()
+            else:
+                rep = precision.to_int8(fp32, dst, calib, opts.calib_method,
+                                        use_cache=opts.calib_cache, seen=seen)
+    rep.seconds = sw.seconds
+    conversion.reports[p] = rep.to_dict()
+    int8 = rep.calibration.get("int8_nodes")
+    stages.line(p, sw.seconds, out / dst.name,
+                (f"{int8} INT8 layers, " if int8 else "")
+                + f"{len(rep.kept_fp32_selection)} selection nodes FP32, "
+                f"{len(rep.kept_fp32_range)} other nodes kept FP32 by AutoCast"
+                + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
+                + "".join(f"; {step} {sec:.1f}s" for step, sec in rep.steps.items())
+                + (f"; {rep.note}" if rep.note else ""), dst)
+    return seen
+
+
+def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: ExportOptions,
+                   work: Path, out: Path, stages: StageLog) -> Validation:
+    """PyTorch against ONNX Runtime on every precision of the whole-model graph; the reference
+    data a device validates against."""
+    with Stopwatch() as sw:
+        model = _reload(loaded, opts.trust_checkpoint)
+        contract = loaded.contract
+        results, metrics, reference = validate_files(
+            model, contract, conversion.of(MODEL_GRAPH), val, loaded.answers,
+            {**validate.DEFAULT_GATES, **opts.gates})
+        del model
         ref_rows = min(REFERENCE_ROWS, len(val))
         ref_feeds = batched(val.feed(slice(0, ref_rows)), contract.batch.max)
         ref_outputs = [{k: v[i * contract.batch.max:(i + 1) * contract.batch.max]
@@ -275,54 +391,68 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         save_polygraphy_reference(work / "reference", ref_feeds, ref_outputs, "torch-hard")
         save_validation_reference(work / "reference", val, reference, metrics, contract)
     verdicts = ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}" for p, r in results.items())
-    stages.line("validate", sw.seconds, out / "report.json", verdicts, work / "report.json")
+    stages.line("validate", sw.seconds, out / REPORT_FILE, verdicts, work / REPORT_FILE)
+    return Validation(results, metrics)
 
-    # -- artifacts ------------------------------------------------------------------------------
-    shutil.copyfile(tokenizer.source, work / "tokenizer.json") if tokenizer.source.endswith(
-        ".json") else shutil.copyfile(tokenizer.source, work / "vocab.txt")
+
+def _reload(loaded: Loaded, trust_checkpoint: bool):
+    """The checkpoint's model again, with the configuration the export used (its schedule).
+
+    Why a second read rather than keeping the weights: they would sit idle through the
+    precision steps, whose peak is the export's (1 GB more at the base preset), and the read
+    takes about a second; the file is checked unchanged since the load stage."""
+    from model import load_checkpoint
+
+    stat = loaded.ckpt_path.stat()
+    if (stat.st_size, stat.st_mtime_ns) != loaded.ckpt_stat:
+        raise RuntimeError(f"{loaded.ckpt_path} changed during the export")
+    model, _ = load_checkpoint(loaded.ckpt_path, schedule=loaded.config.selector.schedule,
+                               trust_pickle=trust_checkpoint)
+    if model.cfg != loaded.config:
+        raise RuntimeError(f"{loaded.ckpt_path} changed during the export")
+    return model.eval()
+
+
+def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion,
+                          validation: Validation, val: FeedSet, calib: FeedSet | None,
+                          lint_warnings: list[Any], opts: ExportOptions, work: Path,
+                          stages: StageLog) -> tuple[Manifest, Report]:
+    """Tokenizer, answers, manifest, device kit and report.md (report.json is written last,
+    with the total time, by run_export)."""
+    tokenizer_name = "tokenizer.json" if inputs.tokenizer.source.endswith(".json") else "vocab.txt"
+    shutil.copyfile(inputs.tokenizer.source, work / tokenizer_name)
+    answers = loaded.answers
     if answers:
         write_json(work / "answers.json", answers)
-    last = precisions[-1]
+    results = validation.results
+    last = inputs.precisions[-1]
     next_commands = [
         f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
         f"python3 -m twbert_export.reference --engine model.{last}.engine   # the host's gates",
         polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
-    report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
-              "next_commands": next_commands,
-              "stages": stages.rows, "lint_warnings": [str(w) for w in lint_warnings],
-              "validation_data": val.identity, "skipped_videos": val.skipped_videos}
-    manifest = {
-        "format": "twbert-export-artifact", "format_version": 1,
-        "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(ckpt_path),
-                       "format": load_report.format},
-        "model_config": model.cfg.to_dict(), "schedule": contract.schedule,
-        "contract": contract.to_dict(),
-        "files": {p: {"path": f.name, "sha256": file_sha256(f), "bytes": f.stat().st_size}
-                  for p, f in files.items()},
-        "calibration": (calib.identity | {"clips": len(calib.video), "method": opts.calib_method}
-                        if calib else None),
-        "validation_data": val.identity,
-        "parity": {p: {"passed": r["passed"]} for p, r in results.items()},
-        "tools": tool_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": "tokenizer.json" if tokenizer.source.endswith(".json") else "vocab.txt",
-        "answers": "answers.json" if answers else None,
-    }
-    write_json(work / "manifest.json", manifest)
+    report = Report(
+        precisions={p: PrecisionResult.from_comparison(r, conversion.reports.get(p))
+                    for p, r in results.items()},
+        task_metrics=validation.metrics, validation_data=val.identity,
+        next_commands=next_commands, stages=stages.rows,
+        lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos)
+    ckpt = loaded.ckpt_path
+    manifest = Manifest(
+        checkpoint=CheckpointInfo(str(ckpt), file_sha256(ckpt), loaded.load_report.format),
+        model_config=loaded.config.to_dict(), schedule=loaded.contract.schedule,
+        contract=loaded.contract,
+        files=[FileEntry(graph=g, precision=p, path=f.name, sha256=file_sha256(f),
+                         bytes=f.stat().st_size) for (g, p), f in conversion.files.items()],
+        calibration=(calib.identity | {"clips": len(calib.video), "method": opts.calib_method}
+                     if calib else None),
+        validation_data=val.identity, parity={p: r["passed"] for p, r in results.items()},
+        tools=tool_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        tokenizer=tokenizer_name, answers="answers.json" if answers else None)
+    manifest.write(work)
     write_device_kit(work, manifest)
     write_text(work / "report.md", render_report_md(manifest, report))
-    return report
-
-
-def _reload(ckpt_path: Path, config, trust_checkpoint: bool):
-    """The checkpoint's model again, with the configuration the export used (its schedule)."""
-    from model import load_checkpoint
-
-    model, _ = load_checkpoint(ckpt_path, schedule=config.selector.schedule,
-                               trust_pickle=trust_checkpoint)
-    if model.cfg != config:
-        raise RuntimeError(f"{ckpt_path} changed during the export")
-    return model.eval()
+    return manifest, report
 
 
 def validate_files(model, contract: IOContract, files: dict[str, Path], val,
@@ -356,16 +486,15 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
                   gates: dict[str, Any] | None = None, tokenizer: str | None = None,
                   trust_checkpoint: bool = False, on_error: str = "fail") -> dict[str, Any]:
     """Validate one ONNX file against the checkpoint (the `validate` subcommand). The contract
-    comes from the artifact's manifest.json when present, else from the checkpoint and task."""
-    import json
-
+    comes from the artifact's manifest.json when present, else from the checkpoint and task;
+    the precision from --precision, else from the manifest's entry for the file."""
     from model import CheckpointError, load_checkpoint
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UserError(f"ONNX file not found: {onnx_path}")
-    manifest_path = onnx_path.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = (Manifest.load(onnx_path.parent)
+                if (onnx_path.parent / MANIFEST_FILE).is_file() else None)
     try:
         model, load_report = load_checkpoint(resolve_checkpoint(ckpt),
                                              trust_pickle=trust_checkpoint)
@@ -374,19 +503,18 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     if manifest:
-        contract = IOContract.from_dict(manifest["contract"])
+        contract = manifest.contract
         if task and task != contract.task:
             raise UserError(f"{onnx_path} was exported for {contract.task}, not {task}")
-        by_file = {f["path"]: p for p, f in manifest["files"].items()}
-        precision_name = precision_name or by_file.get(onnx_path.name)
+        entry = manifest.entry_for(onnx_path)
+        precision_name = precision_name or (entry.precision if entry else None)
         if contract.schedule != model.cfg.selector.schedule:
             model = _with_schedule(model, contract.schedule)
     else:
         contract = IOContract.for_model(model.cfg, task or "retrieval")
-    name_parts = onnx_path.name.split(".")
-    precision_name = precision_name or (name_parts[-2] if len(name_parts) > 2 else None)
-    if precision_name not in PRECISION_ORDER:
-        raise UserError(f"cannot tell the precision of {onnx_path.name}: pass --precision")
+    if precision_name not in PRECISIONS:
+        raise UserError(f"cannot tell the precision of {onnx_path.name} (not listed in an "
+                        "artifact's manifest.json): pass --precision")
     answers = load_report.metadata.get("answers") if contract.task == "qa" else None
     val = load_feeds(val_dir, contract, tok, on_error)
     results, metrics, _ = validate_files(model, contract, {precision_name: onnx_path}, val,
@@ -403,22 +531,22 @@ def _with_schedule(model, schedule: str):
     return other
 
 
-def render_report_md(manifest: dict[str, Any], report: dict[str, Any]) -> str:
-    lines = [f"# Parity report: F@{manifest['schedule']}, task {manifest['contract']['task']}", "",
-             f"Checkpoint `{manifest['checkpoint']['path']}` "
-             f"(sha256 {manifest['checkpoint']['sha256'][:12]}), validation data "
-             f"`{report['validation_data']['data_dir']}` "
-             f"({report['validation_data']['num_videos']} clips). Reference: PyTorch, hard "
+def render_report_md(manifest: Manifest, report: Report) -> str:
+    lines = [f"# Parity report: F@{manifest.schedule}, task {manifest.contract.task}", "",
+             f"Checkpoint `{manifest.checkpoint.path}` "
+             f"(sha256 {manifest.checkpoint.sha256[:12]}), validation data "
+             f"`{report.validation_data['data_dir']}` "
+             f"({report.validation_data['num_videos']} clips). Reference: PyTorch, hard "
              "selection.", "", "## Gates", "", "| precision | gate | result | detail |",
              "| --- | --- | --- | --- |"]
-    for p, r in report["precisions"].items():
-        for g in r["gates"]:
+    for p, r in report.precisions.items():
+        for g in r.gates:
             lines.append(f"| {p} | {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | "
                          f"{g['detail']} |")
     lines += ["", "## Output errors (paired rows)", "",
               "| precision | output | max abs | max rel | cosine |", "| --- | --- | --- | --- | --- |"]
-    for p, r in report["precisions"].items():
-        for name, e in r["outputs"].items():
+    for p, r in report.precisions.items():
+        for name, e in r.outputs.items():
             if "max_abs" in e:
                 lines.append(f"| {p} | {name} | {e['max_abs']:.3g} | {e['max_rel']:.3g} | "
                              f"{e['cosine']:.6f} |")
@@ -428,11 +556,11 @@ def render_report_md(manifest: dict[str, Any], report: dict[str, Any]) -> str:
     lines += ["", "## Frame selection agreement", "",
               "| precision | selector | identical | near-tie | divergent |",
               "| --- | --- | --- | --- | --- |"]
-    for p, r in report["precisions"].items():
-        for s, c in r["selection"].items():
+    for p, r in report.precisions.items():
+        for s, c in r.selection.items():
             lines.append(f"| {p} | {s} | {c['identical']} | {c['near_tie']} | {c['divergent']} |")
     lines += ["", "## Task metrics", ""]
-    metrics = report["task_metrics"]
+    metrics = report.task_metrics
     if any("accuracy" in m for m in metrics.values()):
         lines += ["| run | QA accuracy |", "| --- | --- |"]
         lines += [f"| {n} | {100 * m['accuracy']:.1f}% |" for n, m in metrics.items()]
@@ -447,12 +575,14 @@ def render_report_md(manifest: dict[str, Any], report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(report: dict[str, Any]) -> str:
+def summary_table(result: ExportResult) -> str:
     rows = [f"{'precision':<10}{'file':<22}{'gates':<8}{'max |itm| err':>14}{'selection':>22}"]
-    for p, r in report["precisions"].items():
-        itm = r["outputs"].get("itm_logits", {}).get("max_abs", float("nan"))
-        sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r["selection"].items())
-        rows.append(f"{p:<10}{'model.' + p + '.onnx':<22}{'PASS' if r['passed'] else 'FAIL':<8}"
+    for p, r in result.report.precisions.items():
+        entry = result.manifest.file(p)
+        name = entry.path if entry else ""
+        itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
+        sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
+        rows.append(f"{p:<10}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     return "\n".join(rows)
 

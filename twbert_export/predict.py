@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import IOContract
+from .artifact import FileEntry, Manifest
 from .metrics import rerank, softmax
 from .preprocess import TextTruncatedWarning, Tokenizer, VideoDecodeError, load_video
 
@@ -36,19 +36,20 @@ class Artifact:
         if not self.model_path.is_file():
             raise ValueError(f"model not found: {self.model_path}")
         self.dir = self.model_path.parent
-        manifest_path = self.dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise ValueError(f"{self.dir} has no manifest.json: pass a model from an export.py "
-                             "artifact directory")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.contract = IOContract.from_dict(self.manifest["contract"])
-        answers = self.manifest.get("answers")
+        self.manifest = Manifest.load(self.dir)
+        self.contract = self.manifest.contract
+        answers = self.manifest.answers
         self.answers = json.loads((self.dir / answers).read_text()) if answers else None
+
+    @property
+    def entry(self) -> FileEntry | None:
+        """The manifest's entry for the ONNX file the model is (or was built from)."""
+        return self.manifest.entry_for(self.model_path)
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         """Loaded on first use: validating against reference data needs no tokenizer."""
-        return Tokenizer.from_file(self.dir / self.manifest["tokenizer"])
+        return Tokenizer.from_file(self.dir / self.manifest.tokenizer)
 
     def runner(self, threads: int | None = None) -> Any:
         """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import validate
+from .artifact import PRECISIONS
 from .calibration import FeedSet
 from .contract import IOContract
 from .util import atomic_path, require, write_json
@@ -137,12 +138,6 @@ def validate_against_reference(runner: Any, precision: str, contract: IOContract
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _artifact_precision(manifest: dict[str, Any], model_path: Path) -> str | None:
-    """The precision the artifact lists for the ONNX file a model (.onnx or .engine) came from."""
-    onnx_name = model_path.with_suffix(".onnx").name
-    return next((p for p, f in manifest["files"].items() if f["path"] == onnx_name), None)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python export.py validate --engine model.fp16.engine` (also `python3 -m
     twbert_export.reference ...` on a device without export.py). Exit 0 pass, 1 a gate failed,
@@ -163,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="model.PRECISION.engine built by `export.py build`, or an .onnx file "
                          "(ONNX Runtime) from the same artifact directory")
     ap.add_argument("--reference", help="reference directory (default: reference/ beside it)")
-    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+    ap.add_argument("--precision", choices=PRECISIONS,
                     help="gates to apply (default: the artifact's precision of the file)")
     ap.add_argument("--gate", action="append", default=[], metavar="PRECISION.FIELD=VALUE")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -177,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gates = validate.parse_gate_overrides(args.gate)
         artifact = Artifact(args.model)
-        precision = args.precision or _artifact_precision(artifact.manifest, artifact.model_path)
+        precision = args.precision or (artifact.entry.precision if artifact.entry else None)
         if precision is None:
             return bad_input(f"{artifact.model_path.name} does not match a file listed in "
                              f"{artifact.dir / 'manifest.json'}: pass --precision")

@@ -60,24 +60,25 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
         schedule = model.cfg.selector.schedule
         del model
         setup_seconds = time.perf_counter() - t0
-        report = run_export(ExportOptions(
+        result = run_export(ExportOptions(
             ckpt=str(ckpt), precisions=precisions, schedule=schedule, calib_data=calib_data,
             val_data=val_data, val_limit=val_clips, out=str(Path(tmp) / "artifact"),
             calib_cache=False))
-        sizes = {p: (Path(report["out"]) / f"model.{p}.onnx").stat().st_size
-                 for p in report["precisions"]}
+        report = result.report
+        sizes = {f.precision: f.bytes for f in result.manifest.files}
     total = time.perf_counter() - t0
     # The pipeline resets the peak after each stage (stage_peak_rss_gb): take the largest.
-    peak = max([peak_rss_gb()] + [r["peak_rss_gb"] or 0.0 for r in report["stages"]])
+    peak = max([peak_rss_gb()] + [r["peak_rss_gb"] or 0.0 for r in report.stages])
     return {
         "preset": preset, "schedule": schedule,
-        "parameters": params, "precisions": list(report["precisions"]),
-        "calibration_clips": report["precision"].get("int8", report["precision"].get("fp16", {}))
-        .get("calibration", {}).get("clips"),
-        "validation_clips": report["validation_data"]["num_videos"],
-        "stages": report["stages"], "setup_seconds": setup_seconds,
+        "parameters": params, "precisions": list(report.precisions),
+        "calibration_clips": next((r.conversion["calibration"].get("clips")
+                                   for r in reversed(report.precisions.values()) if r.conversion),
+                                  None),
+        "validation_clips": report.validation_data["num_videos"],
+        "stages": report.stages, "setup_seconds": setup_seconds,
         "total_seconds": total, "peak_rss_gb": peak, "onnx_bytes": sizes,
-        "gates": {p: r["passed"] for p, r in report["precisions"].items()},
+        "gates": {p: r.passed for p, r in report.precisions.items()},
         "targets": {"seconds": TARGET_SECONDS, "peak_rss_gb": TARGET_PEAK_GB},
         "within_targets": total <= TARGET_SECONDS and peak <= TARGET_PEAK_GB,
         "machine": _machine(),

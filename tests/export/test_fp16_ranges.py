@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export.precision import (FP16_DATA_MAX, ActivationRanges, _quiet_modelopt,
-                                     _RowReader, to_fp16, to_int8)
+from twbert_export.modelopt_compat import quiet_modelopt
+from twbert_export.precision import FP16_DATA_MAX, ActivationRanges, to_fp16, to_int8
+from twbert_export.precision.int8 import _RowReader
 
 
 class Clips:
@@ -66,11 +67,11 @@ def test_fp16_keeps_the_out_of_range_nodes_in_fp32(tmp_path):
 
 
 def test_a_large_model_is_checked_on_fewer_clips_and_extends_on_demand(tmp_path, monkeypatch):
-    from twbert_export import precision
+    from twbert_export.precision import ranges as ranges_module
 
     src = scale_graph(tmp_path / "m.onnx")
-    monkeypatch.setattr(precision, "LARGE_MODEL_TENSOR_BYTES", 16)  # more than one 4-float tensor
-    monkeypatch.setattr(precision, "LARGE_MODEL_RANGE_CLIPS", 2)
+    monkeypatch.setattr(ranges_module, "LARGE_MODEL_TENSOR_BYTES", 16)  # > one 4-float tensor
+    monkeypatch.setattr(ranges_module, "LARGE_MODEL_RANGE_CLIPS", 2)
     x = np.full((3, 4), 1e-3, np.float32)
     x[2, 1] = 1.0  # only the third clip is loud: beyond the clips checked by default
     with ActivationRanges(src, Clips(x)) as ranges:
@@ -117,7 +118,7 @@ def test_int8_max_scales_equal_modelopts_own_calibration(tmp_path):
     calib = Clips((smooth * np.linspace(0.5, 3, 20)[:, None, None]).astype(np.float32))
     report = to_int8(src, tmp_path / "ours.onnx", calib, "max", use_cache=False)
     assert report.calibration["scales_checked"] == 2
-    with _quiet_modelopt():
+    with quiet_modelopt():
         quantize(str(src), quantize_mode="int8", calibration_method="max",
                  calibration_data_reader=_RowReader(calib, np.arange(len(calib))),
                  calibration_eps=["cpu"], op_types_to_quantize=["MatMul"],
@@ -140,7 +141,7 @@ def test_linear_dead_node_cleanup_removes_what_modelopts_removes():
 
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    from twbert_export.precision import _linear_dead_node_cleanup
+    from twbert_export.modelopt_compat import linear_dead_node_cleanup
 
     nodes = [helper.make_node("Relu", ["x"], ["r1"], name="feeds_dead"),
              helper.make_node("Relu", ["r1"], ["r2"], name="dead"),
@@ -156,7 +157,7 @@ def test_linear_dead_node_cleanup_removes_what_modelopts_removes():
     theirs.CopyFrom(model)
     ours.CopyFrom(model)
     PrecisionConverter._cleanup_no_consumer_nodes(SimpleNamespace(model=theirs))
-    with _linear_dead_node_cleanup():
+    with linear_dead_node_cleanup():
         PrecisionConverter._cleanup_no_consumer_nodes(SimpleNamespace(model=ours))
     assert [n.name for n in ours.graph.node] == ["feeds_dead", "half_read", "output"]
     assert ours.SerializeToString() == theirs.SerializeToString()
@@ -168,7 +169,7 @@ def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
     from modelopt.onnx.autocast import convert_to_mixed_precision
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    from twbert_export.precision import _linear_dead_node_cleanup
+    from twbert_export.modelopt_compat import linear_dead_node_cleanup
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
@@ -184,7 +185,7 @@ def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(src))
 
     def autocast() -> bytes:
-        with _quiet_modelopt():
+        with quiet_modelopt():
             return convert_to_mixed_precision(
                 str(src), low_precision_type="fp16", keep_io_types=True,
                 nodes_to_exclude=["keep_fp32"], data_max=np.inf,
@@ -192,7 +193,7 @@ def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
 
     theirs = autocast()
     original = PrecisionConverter._cleanup_no_consumer_nodes
-    with _linear_dead_node_cleanup():
+    with linear_dead_node_cleanup():
         assert PrecisionConverter._cleanup_no_consumer_nodes is not original
         ours = autocast()
     assert PrecisionConverter._cleanup_no_consumer_nodes is original

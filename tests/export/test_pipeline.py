@@ -9,13 +9,14 @@ import onnx
 import pytest
 
 import export
+from twbert_export.artifact import Manifest, Report
 from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
 from twbert_export.contract import IOContract
 from twbert_export.pipeline import (ExportOptions, StageLog, UserError, run_export,
                                     validate_onnx)
 from twbert_export.precision import to_int8
 from twbert_export.preprocess import Tokenizer
-from twbert_export.util import human_size
+from twbert_export.util import file_sha256, human_size
 
 from blocked_imports import run_without
 from clipdata import copy_clips, write_data_dir
@@ -26,10 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, small_val):
     out = tmp_path_factory.mktemp("engines") / "demo"
-    report = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
+    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
                                       val_data=str(small_val), out=str(out),
                                       calib_cache=False))
-    return out, report
+    return out, result.report
 
 
 def test_artifact_directory_holds_everything_a_device_needs(artifact):
@@ -37,22 +38,25 @@ def test_artifact_directory_holds_everything_a_device_needs(artifact):
     names = {p.name for p in out.iterdir()}
     assert {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx", "manifest.json",
             "report.json", "report.md", "reference", "tokenizer.json"} <= names
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = Manifest.load(out)
     for p in ("fp32", "fp16", "int8"):
-        assert len(manifest["files"][p]["sha256"]) == 64
-    assert manifest["calibration"]["clips"] >= MIN_CALIBRATION_CLIPS
-    assert manifest["contract"]["inputs"][0]["shape"][0] == "batch"
-    assert manifest["parity"] == {p: {"passed": True} for p in ("fp32", "fp16", "int8")}
+        entry = manifest.file(p)
+        assert entry.path == f"model.{p}.onnx" and entry.sha256 == file_sha256(out / entry.path)
+    assert manifest.calibration["clips"] >= MIN_CALIBRATION_CLIPS
+    assert manifest.contract.inputs[0].shape[0] == "batch"
+    assert manifest.parity == {p: True for p in ("fp32", "fp16", "int8")}
+    assert Report.load(out).to_dict() == json.loads(json.dumps(report.to_dict(), default=str))
     assert not any(n.startswith(".") for n in names), "no scratch files left behind"
 
 
 def test_gates_pass_with_documented_numbers(artifact):
     _, report = artifact
-    fp32, fp16 = report["precisions"]["fp32"], report["precisions"]["fp16"]
-    assert fp32["outputs"]["itm_logits"]["max_abs"] <= 1e-4
-    assert all(s["divergent"] == 0 for s in fp32["selection"].values())
-    assert all(s["identical"] / s["samples"] >= 0.99 for s in fp16["selection"].values())
-    metrics = report["task_metrics"]
+    fp32, fp16 = report.precisions["fp32"], report.precisions["fp16"]
+    assert fp32.outputs["itm_logits"]["max_abs"] <= 1e-4
+    assert all(s["divergent"] == 0 for s in fp32.selection.values())
+    assert all(s["identical"] / s["samples"] >= 0.99 for s in fp16.selection.values())
+    assert fp32.conversion is None and fp16.conversion["kept_fp32_selection"]
+    metrics = report.task_metrics
     assert {"torch-hard", "torch-perturbed", "onnx-fp32", "onnx-fp16", "onnx-int8"} <= set(metrics)
     assert metrics["onnx-fp32"]["t2v"] == metrics["torch-hard"]["t2v"]
 
@@ -131,7 +135,7 @@ def test_gate_fails_on_a_planted_perturbation(artifact, small_val, tmp_path, cap
 
 def test_calibration_refuses_random_and_too_small_data(artifact, tmp_path):
     out, _ = artifact
-    contract = IOContract.from_dict(json.loads((out / "manifest.json").read_text())["contract"])
+    contract = Manifest.load(out).contract
     tok = Tokenizer.default()
     rng = np.random.default_rng(0)
     noise = write_data_dir(tmp_path / "noise", [
@@ -148,8 +152,9 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
                                                                 monkeypatch):
     """ModelOpt given our maxima as a calibration cache, as it comes (its own one-clip
     calibration run, a run of the model for the GEMV check, shape inference on the whole model)
-    and without running anything, shape inference on the graph alone (`_calibrator_from`,
-    `_matmul_shapes_from`, `_light_shape_inference`): the same bytes, on the demo's FP32 graph
+    and without running anything, shape inference on the graph alone
+    (`modelopt_compat.calibrator_from`, `matmul_shapes_from`, `light_shape_inference`): the same
+    bytes, on the demo's FP32 graph
     (attention products excluded, a GEMV, the selection path excluded)."""
     import filecmp
     import shutil
@@ -157,12 +162,14 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
     from modelopt.onnx.quantization import graph_utils, quantize
     from onnxruntime.quantization import calibrate
 
+    from twbert_export import modelopt_compat as compat
     from twbert_export import precision
     from twbert_export.assets import resolve_data
+    from twbert_export.precision.int8 import _RowReader
 
     out, _ = artifact
     src = out / "model.fp32.onnx"
-    contract = IOContract.from_dict(json.loads((out / "manifest.json").read_text())["contract"])
+    contract = Manifest.load(out).contract
     calib = load_feeds(resolve_data("demo:calib"), contract, Tokenizer.default(), limit=16)
     ranges = precision.ActivationRanges(src, calib)
     ranges.over(2)
@@ -174,9 +181,9 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
     def quantized(name: str) -> Path:
         work, dst = tmp_path / f"{name}.in.onnx", tmp_path / f"{name}.onnx"
         shutil.copyfile(src, work)
-        with precision._quiet_modelopt():
-            quantize(str(work), quantize_mode="int8", calibration_data_reader=precision.
-                     _RowReader(calib, np.arange(1)), calibration_method="max",
+        with compat.quiet_modelopt():
+            quantize(str(work), quantize_mode="int8",
+                     calibration_data_reader=_RowReader(calib, np.arange(1)), calibration_method="max",
                      calibration_eps=["cpu"], calibration_cache_path=str(cache),
                      op_types_to_quantize=precision.INT8_OP_TYPES,
                      nodes_to_exclude=precision.SELECTION_NODES, high_precision_dtype="fp32",
@@ -187,8 +194,8 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
     originals = (calibrate.create_calibrator, graph_utils.get_extended_model_outputs,
                  onnx.shape_inference.infer_shapes_path)
     assert calibrate.create_calibrator.__name__ == "_create_calibrator_with_extra_options"
-    with (precision._calibrator_from(absmax) as made,
-          precision._matmul_shapes_from(ranges.shapes), precision._light_shape_inference(),
+    with (compat.calibrator_from(absmax) as made,
+          compat.matmul_shapes_from(ranges.shapes), compat.light_shape_inference(),
           monkeypatch.context() as no_runs):
         no_runs.setattr(graph_utils, "create_inference_session", None)  # a run would fail
         ours = quantized("ours")
@@ -206,10 +213,11 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
     from modelopt.onnx import utils
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
+    from twbert_export import modelopt_compat as compat
     from twbert_export import precision
 
     def autocast(src: Path, exclude: list[str] | None) -> bytes:
-        with precision._quiet_modelopt():
+        with compat.quiet_modelopt():
             return convert_to_mixed_precision(
                 str(src), low_precision_type="fp16", keep_io_types=True,
                 nodes_to_exclude=precision.SELECTION_NODES, op_types_to_exclude=exclude,
@@ -220,7 +228,7 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
                          (out / "model.int8.onnx", precision.QDQ_OPS)):
         theirs = autocast(src, exclude)
         original = utils.infer_shapes
-        with precision._light_shape_inference():
+        with compat.light_shape_inference():
             assert utils.infer_shapes is not original
             ours = autocast(src, exclude)
         assert utils.infer_shapes is original
@@ -305,7 +313,7 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
     The bench's trt-* backends need the engine `export.py build` writes."""
     import shutil
 
-    from twbert_export import bench
+    from twbert_export import artifact_bench as bench
 
     out, _ = artifact
     copy = tmp_path / "artifact"
@@ -324,7 +332,7 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
 
 
 def test_bench_op_profile_breaks_ort_latency_down_by_op_type(artifact, tmp_path, capsys):
-    from twbert_export import bench
+    from twbert_export import artifact_bench as bench
 
     out, _ = artifact
     saved = tmp_path / "ops.json"
@@ -347,11 +355,11 @@ def test_reference_validation_reproduces_the_hosts_verdicts(artifact, capsys):
         assert export.main(["validate", "--model", str(out / f"model.{p}.onnx"), "--json"]) == 0
         printed = capsys.readouterr().out
         device = json.loads(printed[:printed.rindex("}") + 1])
-        host = report["precisions"][p]
-        assert device["precisions"][p]["outputs"] == host["outputs"]
-        assert device["precisions"][p]["selection"] == host["selection"]
-        assert device["precisions"][p]["gates"] == host["gates"]
-        assert device["task_metrics"][f"model.{p} (this run)"] == report["task_metrics"][
+        host = report.precisions[p]
+        assert device["precisions"][p]["outputs"] == host.outputs
+        assert device["precisions"][p]["selection"] == host.selection
+        assert device["precisions"][p]["gates"] == host.gates
+        assert device["task_metrics"][f"model.{p} (this run)"] == report.task_metrics[
             f"onnx-{p}"]
 
 

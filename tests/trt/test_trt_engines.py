@@ -26,7 +26,7 @@ if query_cuda_device() is None:
 if not (importlib.util.find_spec("pycuda") or importlib.util.find_spec("cuda")):
     pytest.skip("the TensorRT runner needs pycuda or cuda-python", allow_module_level=True)
 
-from twbert_export.contract import IOContract  # noqa: E402
+from twbert_export.artifact import PRECISIONS  # noqa: E402
 from twbert_export.pipeline import DEVICE_ATOL_FLOOR, ExportOptions, run_export  # noqa: E402
 from twbert_export.runners import ort_runner, run_batches  # noqa: E402
 from twbert_export.trt.build import BuildOptions, build_engine  # noqa: E402
@@ -34,30 +34,28 @@ from twbert_export.trt.engine_manifest import EngineMismatch, sidecar_path  # no
 from twbert_export.trt.runtime import trt_runner  # noqa: E402
 from twbert_export.trt.targets import resolve_target  # noqa: E402
 
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     val = copy_clips(tmp_path_factory.mktemp("val") / "data", 6)
     out = tmp_path_factory.mktemp("engines") / "demo"
-    report = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
+    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
                                       val_data=str(val), out=str(out), calib_cache=False))
-    manifest = json.loads((out / "manifest.json").read_text())
-    return out, report, manifest
+    return out, result.report, result.manifest
 
 
 @pytest.fixture(scope="module")
 def engines(artifact, tmp_path_factory):
     out, _, manifest = artifact
-    contract = IOContract.from_dict(manifest["contract"])
+    contract = manifest.contract
     target, _ = resolve_target("auto")
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
     built = {}
     for p in PRECISIONS:
         result = build_engine(BuildOptions(out / f"model.{p}.onnx", contract, p, target,
                                            timing_cache=cache,
-                                           onnx_sha256=manifest["files"][p]["sha256"]))
+                                           onnx_sha256=manifest.file(p).sha256))
         built[p] = result
     assert cache.stat().st_size > 0  # written after the first build, read by the next ones
     return built
@@ -81,7 +79,7 @@ def feeds(out, contract, batches=(1, 2)):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_engine_matches_onnx_runtime_within_the_gate(artifact, engines, precision):
     out, report, manifest = artifact
-    contract = IOContract.from_dict(manifest["contract"])
+    contract = manifest.contract
     plan = engines[precision].plan
     assert plan.strongly_typed == (int(trt.__version__.split(".")[0]) >= 10)
     batch_feeds = feeds(out, contract)
@@ -89,7 +87,7 @@ def test_engine_matches_onnx_runtime_within_the_gate(artifact, engines, precisio
         ref = run_batches(ort, batch_feeds)
     with trt_runner(engines[precision].engine) as runner:
         got = run_batches(runner, batch_feeds)
-    errors = report["precisions"][precision]["outputs"]
+    errors = report.precisions[precision].outputs
     for name, r in ref.items():
         if np.issubdtype(r.dtype, np.integer):
             continue  # frame indices may differ on near-ties; the float scores are gated
@@ -101,7 +99,7 @@ def test_engine_matches_onnx_runtime_within_the_gate(artifact, engines, precisio
 
 def test_cuda_graph_path_equals_plain_path(artifact, engines):
     out, _, manifest = artifact
-    contract = IOContract.from_dict(manifest["contract"])
+    contract = manifest.contract
     batch_feeds = feeds(out, contract, batches=(2, 1))  # graphs for two batch sizes
     with trt_runner(engines["fp16"].engine) as plain:
         a = run_batches(plain, batch_feeds)

@@ -11,11 +11,10 @@ export.py, no torch). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no T
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ..contract import IOContract
+from ..artifact import PRECISIONS, ArtifactFormatError, Manifest
 from ..util import MissingDependency, human_size
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target
 
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per TensorRT version under ~/.cache/twbert-export)")
     p.add_argument("--version-compatible", action="store_true",
                    help="engine that also runs on newer TensorRT runtimes (8.6+; slower)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="precision of --onnx (default: from manifest.json)")
     p.add_argument("--record-trtexec-build", metavar="TRT_VERSION",
                    help="build nothing: write the sidecar manifest of the engine trtexec built "
@@ -49,15 +48,14 @@ def build_main(argv: list[str] | None = None) -> int:
     err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
     if not onnx.is_file():
         return err(f"ONNX file not found: {onnx}")
-    manifest_path = onnx.parent / "manifest.json"
-    if not manifest_path.is_file():
-        return err(f"{onnx.parent} has no manifest.json: pass an ONNX file from an export.py "
-                   "artifact directory (the I/O contract and profile shapes come from it)")
-    artifact = json.loads(manifest_path.read_text())
-    contract = IOContract.from_dict(artifact["contract"])
-    by_file = {f["path"]: (p, f.get("sha256")) for p, f in artifact["files"].items()}
-    precision, sha = by_file.get(onnx.name, (args.precision, None))
-    precision = args.precision or precision
+    try:
+        artifact = Manifest.load(onnx.parent)  # the I/O contract and profile shapes
+    except ArtifactFormatError as e:
+        return err(str(e))
+    contract = artifact.contract
+    entry = artifact.entry_for(onnx)
+    sha = entry.sha256 if entry else None
+    precision = args.precision or (entry.precision if entry else None)
     if precision is None:
         return err(f"{onnx.name} is not listed in manifest.json: pass --precision")
     try:

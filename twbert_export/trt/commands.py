@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
 
+from ..artifact import PRECISIONS, Manifest
 from ..contract import IOContract
 from ..util import write_text
 from .targets import dla_available
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024  # the kit's default: safe on an 8 GB Jetson
 TIMING_CACHE_DIR = "${XDG_CACHE_HOME:-$HOME/.cache}/twbert-export"
 
@@ -122,9 +121,14 @@ def _bash_array(args: list[str]) -> str:
     return "(" + " ".join(out) + ")"
 
 
-def build_script(manifest: dict[str, Any]) -> str:
-    contract = IOContract.from_dict(manifest["contract"])
-    files = {p: f["path"] for p, f in manifest["files"].items()}
+def _model_files(manifest: Manifest) -> dict[str, str]:
+    """precision -> file name of the whole-model graph, default flavour."""
+    return {p: entry.path for p in manifest.precisions if (entry := manifest.file(p))}
+
+
+def build_script(manifest: Manifest) -> str:
+    contract = manifest.contract
+    files = _model_files(manifest)
     default = next(p for p in reversed(PRECISIONS) if p in files)
     dyn, static = shape_flags(contract), shape_flags(contract, contract.batch.opt)
     lines = [
@@ -228,9 +232,9 @@ def build_script(manifest: dict[str, Any]) -> str:
 
 
 # -- DEPLOY.md ---------------------------------------------------------------------------------
-def deploy_md(manifest: dict[str, Any]) -> str:
-    contract = IOContract.from_dict(manifest["contract"])
-    files = {p: f["path"] for p, f in manifest["files"].items()}
+def deploy_md(manifest: Manifest) -> str:
+    contract = manifest.contract
+    files = _model_files(manifest)
     default = next(p for p in reversed(PRECISIONS) if p in files)
     onnx = files[default]
     b = contract.batch
@@ -240,7 +244,7 @@ def deploy_md(manifest: dict[str, Any]) -> str:
         onnx, engine_name(onnx), contract, default, v, DEFAULT_WORKSPACE_MB,
         "timing.cache", 3 if v >= (8, 6) else None))
     return "\n".join([
-        f"# Deploying this artifact (F@{manifest.get('schedule', contract.schedule)}, task "
+        f"# Deploying this artifact (F@{manifest.schedule}, task "
         f"{contract.task})", "",
         "Engines are built on the device that runs them: an engine only loads on the TensorRT "
         "version, GPU and JetPack that built it.", "",
@@ -288,7 +292,7 @@ def deploy_md(manifest: dict[str, Any]) -> str:
     ])
 
 
-def write_device_kit(artifact_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+def write_device_kit(artifact_dir: Path, manifest: Manifest) -> list[Path]:
     """Write build_on_device.sh and DEPLOY.md into artifact_dir (called by the export pipeline
     after manifest.json). Returns the paths written."""
     artifact_dir = Path(artifact_dir)

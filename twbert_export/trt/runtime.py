@@ -367,16 +367,15 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
     """A runner for an engine built by `export.py build`. The contract comes from the
     artifact's manifest.json beside the engine when not given (and with it the ONNX hash that
     the preflight checks)."""
-    import json
+    from ..artifact import Manifest
 
     path = Path(engine_path)
     if contract is None:
-        art = json.loads((path.parent / "manifest.json").read_text())
-        contract = IOContract.from_dict(art["contract"])
+        art = Manifest.load(path.parent)
+        contract = art.contract
         if onnx_sha256 is None:
-            onnx_name = path.name[:-len(".engine")] + ".onnx"
-            onnx_sha256 = next((f["sha256"] for f in art["files"].values()
-                                if f["path"] == onnx_name), None)
+            entry = art.entry_for(path)
+            onnx_sha256 = entry.sha256 if entry else None
     spec_contract: IOContract = contract
     Base = _runner_base()
 

@@ -1,6 +1,6 @@
 """Latency and throughput of an exported artifact per backend (a benchmark, not a test).
 
-    python -m twbert_export.bench --artifact engines/NAME --backends torch,ort-fp32,ort-fp16,ort-int8 \
+    python -m twbert_export.artifact_bench --artifact engines/NAME --backends torch,ort-fp32,ort-fp16,ort-int8 \
         --batch 1,8 --threads 2 --json bench.json
 
 Each backend runs in its own process (so its peak memory is its own), with the same number of
@@ -27,25 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from .contract import IOContract
+from .artifact import ArtifactFormatError, Manifest
 from .onnx_export import example_feed
+from .util import write_json
 
 BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
 
 
-def backend_file(artifact: Path, manifest: dict[str, Any], backend: str) -> Path | None:
+def backend_file(artifact: Path, manifest: Manifest, backend: str) -> Path | None:
     """The file an ort-*/trt-* backend runs (the ONNX file, or the engine `export.py build`
     wrote beside it); None when the artifact has no such precision."""
     kind, precision = backend.split("-", 1)
-    entry = manifest["files"].get(precision)
+    entry = manifest.file(precision)
     if entry is None:
         return None
-    onnx_path = artifact / entry["path"]
+    onnx_path = artifact / entry.path
     return onnx_path.with_suffix(".engine") if kind == "trt" else onnx_path
 
 
-def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
-    manifest = json.loads((artifact / "manifest.json").read_text())
+def _runner(artifact: Path, backend: str, manifest: Manifest, threads: int):
+    contract = manifest.contract
     if backend == "torch":
         import torch
 
@@ -54,7 +55,7 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
         from .runners import make_torch_runner
 
         torch.set_num_threads(threads)
-        model, _ = load_checkpoint(manifest["checkpoint"]["path"])
+        model, _ = load_checkpoint(manifest.checkpoint.path)
         if model.cfg.selector.schedule != contract.schedule:
             from .pipeline import _with_schedule
 
@@ -64,8 +65,9 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
     if backend.startswith("trt-"):
         from .trt.runtime import trt_runner
 
+        entry = manifest.file(backend[4:])
         return trt_runner(path, contract, name=backend,
-                          onnx_sha256=manifest["files"][backend[4:]]["sha256"])
+                          onnx_sha256=entry.sha256 if entry else None)
     from .runners import ort_runner
 
     return ort_runner(path, name=backend, threads=threads)
@@ -73,10 +75,9 @@ def _runner(artifact: Path, backend: str, contract: IOContract, threads: int):
 
 def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int, repeat: int
             ) -> dict[str, Any]:
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    contract = IOContract.from_dict(manifest["contract"])
-    feed = example_feed(contract, batch)
-    runner = _runner(artifact, backend, contract, threads)
+    manifest = Manifest.load(artifact)
+    feed = example_feed(manifest.contract, batch)
+    runner = _runner(artifact, backend, manifest, threads)
     times = []
     with runner:
         for i in range(warmup + repeat):
@@ -100,8 +101,8 @@ def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: i
 
     from .runners import ort_session
 
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    feed = example_feed(IOContract.from_dict(manifest["contract"]), batch)
+    manifest = Manifest.load(artifact)
+    feed = example_feed(manifest.contract, batch)
     with tempfile.TemporaryDirectory() as tmp:
         path = backend_file(artifact, manifest, backend)
         assert path is not None, "main checks the artifact has the backend's file"
@@ -125,7 +126,7 @@ def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: i
 def _in_worker(artifact: Path, args: argparse.Namespace, backend: str, batch: int) -> Any:
     """Run one backend and batch in its own process (`--worker`) with this run's settings;
     its last stdout line, as JSON. Raises RuntimeError with its stderr tail if it fails."""
-    cmd = [sys.executable, "-m", "twbert_export.bench", "--artifact", str(artifact),
+    cmd = [sys.executable, "-m", "twbert_export.artifact_bench", "--artifact", str(artifact),
            "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--repeat", str(args.repeat), *(["--op-profile"] if args.op_profile else []),
            "--worker", backend, str(batch)]
@@ -135,13 +136,12 @@ def _in_worker(artifact: Path, args: argparse.Namespace, backend: str, batch: in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _save(path: str | None, artifact: Path, manifest: dict[str, Any], **results: Any) -> None:
+def _save(path: str | None, artifact: Path, manifest: Manifest, **results: Any) -> None:
     if path:
-        Path(path).write_text(json.dumps({"artifact": str(artifact),
-                                          "schedule": manifest["schedule"], **results}, indent=2))
+        write_json(path, {"artifact": str(artifact), "schedule": manifest.schedule, **results})
 
 
-def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
+def _op_profiles(artifact: Path, manifest: Manifest, backends: list[str],
                  args: argparse.Namespace) -> int:
     """--op-profile: each ort-* backend and batch in its own process; a table per profile."""
     if not backends:
@@ -169,7 +169,7 @@ def _op_profiles(artifact: Path, manifest: dict[str, Any], backends: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twbert_export.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m twbert_export.artifact_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", required=True, help="an export.py artifact directory")
     ap.add_argument("--backends", default=",".join(BACKENDS))
@@ -194,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                       args.repeat)
         print(json.dumps(row))
         return 0
-    if not (artifact / "manifest.json").is_file():
-        print(f"error: {artifact} is not an artifact directory (no manifest.json)",
-              file=sys.stderr)
+    try:
+        manifest = Manifest.load(artifact)
+    except ArtifactFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    manifest = json.loads((artifact / "manifest.json").read_text())
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
     missing = [b for b in backends if b in BACKENDS and b != "torch"

@@ -1,0 +1,276 @@
+"""What an artifact directory is: its manifest (manifest.json) and its report (report.json).
+
+The export writes both through this module and every reader (validate, predict, the benchmark,
+the scale check, the TensorRT builder and runtime) reads them through it, so "which precision is
+this file" has one answer: the manifest's file entry, never the file's name.
+
+An artifact holds one or more graphs (today `model`, the whole network; split deployments add
+more beside it), each in one or more precisions, each possibly in more than one flavour (the
+default `trt10`; e.g. a legacy opset for TensorRT 8). Every ONNX file is one `FileEntry`.
+
+Torch-free: a device with only TensorRT and numpy reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .contract import IOContract
+from .util import write_json
+
+FORMAT = "twbert-export-artifact"
+FORMAT_VERSION = 2  # 2: files as a list of graph/precision/flavour entries; one report key
+MANIFEST_FILE, REPORT_FILE = "manifest.json", "report.json"
+# Every precision the export writes, in order of conversion (fp32 first: the others start from it).
+PRECISIONS = ("fp32", "fp16", "int8")
+MODEL_GRAPH = "model"  # the whole network as one graph
+DEFAULT_FLAVOUR = "trt10"
+
+
+class ArtifactFormatError(ValueError):
+    """A manifest or report this version cannot read (older format, or edited by hand)."""
+
+
+def _read(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+          optional: bool = False) -> Any:
+    """data[key], checked to be of `kind`; the error names the field and the file."""
+    if key not in data or data[key] is None:
+        if optional:
+            return None
+        raise ArtifactFormatError(f"{where}: field '{key}' is missing")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ArtifactFormatError(f"{where}: field '{key}' should be {names}, got "
+                                  f"{type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _check_format(data: Any, where: str, expected: str) -> None:
+    if not isinstance(data, dict):
+        raise ArtifactFormatError(f"{where}: not a JSON object")
+    if data.get("format") != expected:
+        raise ArtifactFormatError(f"{where}: field 'format' is {data.get('format')!r}, not "
+                                  f"{expected!r}")
+    version = _read(data, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise ArtifactFormatError(f"{where}: field 'format_version' is {version}, this version of "
+                                  f"twbert-export reads {FORMAT_VERSION}: re-export the artifact")
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ArtifactFormatError(f"{path.parent} has no {path.name}: not an export.py artifact "
+                                  "directory")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactFormatError(f"{path}: unreadable ({e})") from None
+
+
+# -- manifest ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileEntry:
+    """One ONNX file of the artifact."""
+    graph: str
+    precision: str
+    path: str  # relative to the artifact directory
+    sha256: str
+    bytes: int
+    flavour: str = DEFAULT_FLAVOUR
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "FileEntry":
+        if not isinstance(d, dict):
+            raise ArtifactFormatError(f"{where}: not a JSON object")
+        entry = cls(graph=_read(d, "graph", str, where), precision=_read(d, "precision", str, where),
+                    path=_read(d, "path", str, where), sha256=_read(d, "sha256", str, where),
+                    bytes=_read(d, "bytes", int, where), flavour=_read(d, "flavour", str, where))
+        if entry.precision not in PRECISIONS:
+            raise ArtifactFormatError(f"{where}: field 'precision' is {entry.precision!r}, not "
+                                      f"one of {', '.join(PRECISIONS)}")
+        return entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graph": self.graph, "precision": self.precision, "flavour": self.flavour,
+                "path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    sha256: str
+    format: str
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what the artifact holds and what it was made from."""
+    checkpoint: CheckpointInfo
+    model_config: dict[str, Any]
+    schedule: str
+    contract: IOContract
+    files: list[FileEntry]
+    validation_data: dict[str, Any]
+    parity: dict[str, bool]  # precision -> whether its gates passed on the host
+    tools: dict[str, str]
+    created: str
+    tokenizer: str  # file name in the artifact directory
+    calibration: dict[str, Any] | None = None
+    answers: str | None = None  # file name of the QA answer list
+
+    # -- lookups ---------------------------------------------------------------------------------
+    @property
+    def precisions(self) -> list[str]:
+        """The precisions of the artifact, in PRECISIONS order."""
+        present = {f.precision for f in self.files}
+        return [p for p in PRECISIONS if p in present]
+
+    def file(self, precision: str, graph: str = MODEL_GRAPH,
+             flavour: str = DEFAULT_FLAVOUR) -> FileEntry | None:
+        return next((f for f in self.files if (f.graph, f.precision, f.flavour)
+                     == (graph, precision, flavour)), None)
+
+    def entry_for(self, model_path: str | Path) -> FileEntry | None:
+        """The entry of the ONNX file a model (.onnx, or an .engine built beside it) came from."""
+        onnx_name = Path(model_path).with_suffix(".onnx").name
+        return next((f for f in self.files if f.path == onnx_name), None)
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        c = self.checkpoint
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "checkpoint": {"path": c.path, "sha256": c.sha256, "format": c.format},
+            "model_config": self.model_config, "schedule": self.schedule,
+            "contract": self.contract.to_dict(),
+            "files": [f.to_dict() for f in self.files],
+            "calibration": self.calibration, "validation_data": self.validation_data,
+            "parity": {p: {"passed": passed} for p, passed in self.parity.items()},
+            "tools": self.tools, "created": self.created, "tokenizer": self.tokenizer,
+            "answers": self.answers}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> "Manifest":
+        _check_format(d, where, FORMAT)
+        ckpt = _read(d, "checkpoint", dict, where)
+        ckpt_where = f"{where} checkpoint"
+        files = _read(d, "files", list, where)
+        parity = _read(d, "parity", dict, where)
+        for p, verdict in parity.items():
+            _read(verdict if isinstance(verdict, dict) else {}, "passed", bool,
+                  f"{where} parity.{p}")
+        try:
+            contract = IOContract.from_dict(_read(d, "contract", dict, where))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactFormatError(f"{where}: field 'contract' is malformed ({e!r})") from None
+        return cls(
+            checkpoint=CheckpointInfo(_read(ckpt, "path", str, ckpt_where),
+                                      _read(ckpt, "sha256", str, ckpt_where),
+                                      _read(ckpt, "format", str, ckpt_where)),
+            model_config=_read(d, "model_config", dict, where),
+            schedule=_read(d, "schedule", str, where), contract=contract,
+            files=[FileEntry.from_dict(f, f"{where} files[{i}]") for i, f in enumerate(files)],
+            validation_data=_read(d, "validation_data", dict, where),
+            parity={p: v["passed"] for p, v in parity.items()},
+            tools=_read(d, "tools", dict, where), created=_read(d, "created", str, where),
+            tokenizer=_read(d, "tokenizer", str, where),
+            calibration=_read(d, "calibration", dict, where, optional=True),
+            answers=_read(d, "answers", str, where, optional=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        """The manifest of an artifact directory; ArtifactFormatError (a ValueError) names what
+        is missing or malformed."""
+        path = Path(directory) / MANIFEST_FILE
+        return cls.from_dict(_load_json(path), str(path))
+
+    def write(self, directory: str | Path) -> Path:
+        return write_json(Path(directory) / MANIFEST_FILE, self.to_dict())
+
+
+# -- report --------------------------------------------------------------------------------------
+@dataclass
+class PrecisionResult:
+    """Everything about one precision: the parity comparison with its gate verdicts
+    (`validate.compare_precision`) and, for a converted precision, the conversion step's report
+    (`precision.PrecisionReport`: nodes kept FP32, calibration, sub-step times)."""
+    passed: bool
+    gates: list[dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+    selection: dict[str, dict[str, Any]]
+    metric_drops_pt: dict[str, Any] | None
+    gate: dict[str, Any]
+    conversion: dict[str, Any] | None = None
+
+    @classmethod
+    def from_comparison(cls, comparison: dict[str, Any],
+                        conversion: dict[str, Any] | None = None) -> "PrecisionResult":
+        return cls(**comparison, conversion=conversion)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "PrecisionResult":
+        if not isinstance(d, dict):
+            raise ArtifactFormatError(f"{where}: not a JSON object")
+        return cls(passed=_read(d, "passed", bool, where), gates=_read(d, "gates", list, where),
+                   outputs=_read(d, "outputs", dict, where),
+                   selection=_read(d, "selection", dict, where),
+                   metric_drops_pt=_read(d, "metric_drops_pt", dict, where, optional=True),
+                   gate=_read(d, "gate", dict, where),
+                   conversion=_read(d, "conversion", dict, where, optional=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "gates": self.gates, "outputs": self.outputs,
+                "selection": self.selection, "metric_drops_pt": self.metric_drops_pt,
+                "gate": self.gate, "conversion": self.conversion}
+
+
+@dataclass
+class Report:
+    """report.json: the parity verdicts and how the export went."""
+    precisions: dict[str, PrecisionResult]
+    task_metrics: dict[str, Any]
+    validation_data: dict[str, Any]
+    next_commands: list[str] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    lint_warnings: list[str] = field(default_factory=list)
+    skipped_videos: list[Any] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[str]:
+        return [p for p, r in self.precisions.items() if not r.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "twbert-export-report", "format_version": FORMAT_VERSION,
+                "precisions": {p: r.to_dict() for p, r in self.precisions.items()},
+                "task_metrics": self.task_metrics, "next_commands": self.next_commands,
+                "stages": self.stages, "lint_warnings": self.lint_warnings,
+                "validation_data": self.validation_data, "skipped_videos": self.skipped_videos,
+                "total_seconds": self.total_seconds}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
+        _check_format(d, where, "twbert-export-report")
+        precisions = _read(d, "precisions", dict, where)
+        return cls(
+            precisions={p: PrecisionResult.from_dict(r, f"{where} precisions.{p}")
+                        for p, r in precisions.items()},
+            task_metrics=_read(d, "task_metrics", dict, where),
+            validation_data=_read(d, "validation_data", dict, where),
+            next_commands=_read(d, "next_commands", list, where),
+            stages=_read(d, "stages", list, where),
+            lint_warnings=_read(d, "lint_warnings", list, where),
+            skipped_videos=_read(d, "skipped_videos", list, where),
+            total_seconds=_read(d, "total_seconds", (int, float), where))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Report":
+        path = Path(directory) / REPORT_FILE
+        return cls.from_dict(_load_json(path), str(path))
+
+    def write(self, directory: str | Path) -> Path:
+        return write_json(Path(directory) / REPORT_FILE, self.to_dict())

@@ -1,0 +1,223 @@
+"""INT8: ModelOpt Q/DQ on the weight matrix products (MatMul, Gemm, Conv; not the attention
+products), calibrated on real clips with the selection path excluded; the rest then goes through
+the same AutoCast as FP16, with the Q/DQ nodes (and their scales) left in FP32. The result is
+cached by (model hash, calibration data identity, settings) and reused only on a full match
+(`cached_result`, `store_result`).
+
+Max calibration is the running maximum of `ActivationRanges` (checked equal to ModelOpt's own
+calibration: tests/export/test_fp16_ranges.py); it reaches ModelOpt as a TensorRT calibration
+cache, and its scales are checked to be ours in the Q/DQ graph (`check_scales`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import modelopt_compat as compat
+from ..calibration import FeedSet, check_calibration_set
+from ..util import Stopwatch, atomic_path, file_sha256, release_heap, require, write_json
+from .fp16 import PrecisionReport, _classify, to_fp16
+from .policy import CALIB_METHODS, FP16_DATA_MAX, INT8_OP_TYPES, QDQ_OPS, SELECTION_NODES
+from .ranges import ActivationRanges, RangesSeen
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TWBERT_CACHE") or Path.home() / ".cache" / "twbert-export"
+    return Path(root) / "int8"
+
+
+def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
+    settings = {"model": model_sha, "data": calib.identity["files_sha256"],
+                "preprocessing": calib.identity["preprocessing_sha256"], "method": method,
+                "op_types": INT8_OP_TYPES, "exclude": SELECTION_NODES, "mha_qdq": False,
+                "fp32_in_fp16": QDQ_OPS,
+                "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1,
+                "max_calibration": "activation-ranges"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class _RowReader:
+    """Calibration rows one at a time (ONNX Runtime's CalibrationDataReader protocol, plus
+    ModelOpt's `get_first`). ModelOpt's calibrators fold each batch into running ranges; given
+    all rows as one batch, the base preset would hold every quantized input of 64 clips at once
+    (tens of GB). Same ranges either way."""
+
+    def __init__(self, calib: FeedSet, order: np.ndarray):
+        self.calib, self.order, self.next_row = calib, order, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.next_row >= len(self.order):
+            return None
+        row = self.order[self.next_row:self.next_row + 1]
+        self.next_row += 1
+        return self.calib.feed(row)
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        """The first row without advancing (ModelOpt's test run of the session)."""
+        return self.calib.feed(self.order[:1])
+
+    def rewind(self) -> None:
+        self.next_row = 0
+
+
+def write_scale_cache(path: Path, absmax: dict[str, float]) -> Path:
+    """INT8 activation scales (symmetric: |max| / 127) in TensorRT's calibration-cache text
+    format, which ModelOpt imports (`calibration_cache_path`): a header line, then
+    `tensor: <scale as big-endian float32 hex>` per tensor. A tensor that is all zeros gets
+    scale 1, as ONNX Runtime's calibration gives it."""
+    lines = ["TRT-twbert-export-MaxCalibration"]
+    for name, amax in absmax.items():
+        scale = amax / 127.0 if amax > 0 else 1.0
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_scales(model, absmax: dict[str, float]) -> int:
+    """Every activation QuantizeLinear must carry the scale of our own max calibration (ModelOpt
+    replaces scales by tensor name; a silent miss would leave a one-clip scale in place).
+    Returns how many were checked."""
+    numpy_helper = require("onnx.numpy_helper", "to read the scales")
+    inits = {t.name: t for t in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        amax = absmax.get(node.input[0])
+        scale = float(numpy_helper.to_array(inits[node.input[1]]))
+        expected = np.float32(amax / 127.0 if amax else 1.0)
+        if amax is None or scale != expected:
+            raise RuntimeError(f"INT8 scale of {node.input[0]} is {scale}, not the calibrated "
+                               f"{expected}: ModelOpt did not take the calibration cache")
+        checked += 1
+    return checked
+
+
+def cached_result(key: str) -> Path | None:
+    """The cached INT8 graph for a calibration key, or None when there is none."""
+    cached = _cache_dir() / key / "model.int8.onnx"
+    return cached if cached.is_file() else None
+
+
+def store_result(key: str, dst: Path, identity: dict[str, Any]) -> Path:
+    """Keep `dst` in the cache under `key` (atomically), with what it was made from."""
+    cached = _cache_dir() / key / "model.int8.onnx"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cached) as tmp_cached:
+        shutil.copyfile(dst, tmp_cached)
+    write_json(cached.parent / "identity.json", identity)
+    return cached
+
+
+def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max",
+            use_cache: bool = True, seen: RangesSeen | None = None) -> PrecisionReport:
+    """Q/DQ INT8 on the matrix products from real clips, then FP16 for the rest (AutoCast).
+
+    `max`: the activation maxima come from this step's own `ActivationRanges` over every
+    calibration clip (the FP16 check's clips on every tensor, then the INT8 inputs alone on the
+    rest; `seen`, what the FP16 step found on the same graph and clips, spares those first
+    passes) and reach ModelOpt as a calibration cache, and to ONNX Runtime's calibrator inside
+    ModelOpt as its result (`modelopt_compat.calibrator_from`: no calibration run of ModelOpt's
+    own); ModelOpt's scales are checked to be ours. Its GEMV check takes the shapes our passes
+    saw (`modelopt_compat.matmul_shapes_from`).
+    `entropy`: ModelOpt calibrates on every clip (histograms are its own)."""
+    if method not in CALIB_METHODS:
+        raise ValueError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
+    check_calibration_set(calib)
+    require("modelopt.onnx.quantization", "for INT8 Q/DQ (pip install nvidia-modelopt)")
+    calibration = {"clips": len(calib.video), "rows": len(calib), "method": method,
+                   "data": calib.identity}
+    key = calibration_key(file_sha256(src), calib, method)
+    cached = cached_result(key) if use_cache else None
+    if cached:
+        shutil.copyfile(cached, dst)
+        report = to_report_from(src, dst, calibration)
+        report.cache = f"reused {cached}"
+        return report
+
+    with ActivationRanges(src, calib) as ranges:
+        if seen is not None:
+            ranges.resume(seen)
+        steps = _quantize(Path(src), Path(dst), calib, method, ranges, calibration)
+        calibration["range_check_clips"] = ranges.rows_done
+    report = to_report_from(src, dst, calibration)
+    if use_cache:
+        stored = store_result(key, Path(dst), {"source_model_sha256": file_sha256(src),
+                                               **calibration})
+        report.cache = f"stored {stored}"
+    report.steps = steps
+    report.note = compat.untested_note()
+    return report
+
+
+def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: ActivationRanges,
+              calibration: dict[str, Any]) -> dict[str, float]:
+    """ModelOpt Q/DQ, then AutoCast, from `src` to `dst`; the seconds of each sub-step."""
+    from modelopt.onnx.quantization import quantize
+
+    onnx = require("onnx", "to read the quantized graph")
+    steps: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # ModelOpt writes scratch files beside its input: work on a copy in our own folder.
+        work = Path(tmp) / "model.onnx"
+        shutil.copyfile(src, work)
+        qdq = Path(tmp) / "model.qdq.onnx"
+        # A padded text first: the mask bias must not be all zeros in the first batch, or
+        # the entropy histogram's range is fixed too small (seen to crash ORT's calibrator).
+        order = np.argsort(calib.attention_mask.sum(1), kind="stable")
+        scales = None
+        if method == "max":
+            with Stopwatch() as passes:
+                ranges.over(ranges.default_rows())  # what the FP16 step below needs
+                quantized = ranges.narrowed(ranges.int8_inputs | set(ranges.inputs))
+                try:
+                    absmax = dict(quantized.over(len(calib)))
+                finally:
+                    quantized.close()
+                    release_heap()  # before ModelOpt loads its copies of the model
+            steps["calibration passes"] = passes.seconds
+            scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
+            order = order[:1]
+        known = compat.calibrator_from(absmax) if scales else contextlib.nullcontext()
+        with (compat.quiet_modelopt(), known, compat.matmul_shapes_from(ranges.shapes),
+              compat.light_shape_inference(), Stopwatch() as quantizing):
+            quantize(str(work), quantize_mode="int8",
+                     calibration_data_reader=_RowReader(calib, order),
+                     calibration_method=method, calibration_eps=["cpu"],
+                     calibration_cache_path=str(scales) if scales else None,
+                     op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
+                     high_precision_dtype="fp32", disable_mha_qdq=True,
+                     output_path=str(qdq), log_level="ERROR")
+        steps["ModelOpt Q/DQ"] = quantizing.seconds
+        if scales:
+            calibration["scales_checked"] = check_scales(onnx.load(str(qdq)), absmax)
+        fp16 = to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges, op_types_to_exclude=QDQ_OPS)
+        steps["AutoCast"] = fp16.steps["AutoCast"]
+        shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
+    return steps
+
+
+def to_report_from(src: str | Path, dst: str | Path, calibration: dict[str, Any]
+                   ) -> PrecisionReport:
+    onnx = require("onnx", "to inspect the graph")
+    model = onnx.load(str(dst))
+    low, total, selection, kept = _classify(onnx.load(str(src)), model)
+    # Nodes fed by DequantizeLinear run in INT8 (TensorRT fuses Q/DQ into the layer); their
+    # FP32 type in the file is that of the dequantized values, not a range decision.
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8_nodes = {n.name for n in model.graph.node if dequantized.intersection(n.input)}
+    by_range = [n for n in kept if n not in int8_nodes and n not in selection]
+    qdq = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    return PrecisionReport("int8", selection, by_range, low, total,
+                           calibration={**calibration, "quantized_tensors": qdq,
+                                        "int8_nodes": len(int8_nodes)})

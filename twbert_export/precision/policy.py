@@ -1,0 +1,21 @@
+"""The precision policy: which nodes each precision converts and which it keeps FP32.
+
+One place for the decisions the FP16, INT8 and range modules share (the measurements behind
+them: docs/benchmarks.md, "Precision choices").
+"""
+
+from __future__ import annotations
+
+# Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
+# the product that gathers the kept frames (all named under the selector modules at export).
+SELECTION_NODES = [r"/model/selector[12]/.*"]
+# Quantize only the matrix products: residual Adds and LayerNorms in INT8 cost accuracy for
+# little speed (10x larger logit error with them quantized, docs/benchmarks.md).
+INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]
+# Activations beyond this stay FP32. Our attention mask adds -1e4 (finite in FP16); ModelOpt's
+# default of 512 would keep every masked softmax in FP32 for no reason. Half of FP16's maximum
+# leaves headroom for clips brighter than the calibration set.
+FP16_DATA_MAX = 32768.0
+CALIB_METHODS = ("max", "entropy")
+# Q/DQ nodes (and their scales) stay FP32 when the rest of an INT8 graph goes to FP16.
+QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
