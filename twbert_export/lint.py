@@ -297,7 +297,7 @@ RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Multinomial", "Bernoulli"})
 TOPK_MAX_K = 3840  # K must be < 3840 (operators.md, TopK)
 TOPK_INT_SINCE = 9  # 8.5 rejects integer TopK (8.6 added INT32 only); INT64 is native from 9.0
-TOPK_LAST_AXES = 4  # TopK only over one of the last four axes (deployment-facts.md)
+TOPK_LAST_AXES = 4  # TopK only over one of the last four axes (operators.md, TopK)
 WARN_OPS = {
     "Loop": "control flow: supported but slow and limited (scan outputs of static length only)",
     "If": "control flow: supported but limited and slow; branch outputs need the same rank",
@@ -446,7 +446,8 @@ def check_topk(facts: ModelFacts) -> Iterator[LintFinding]:
 def check_einsum(facts: ModelFacts) -> Iterator[LintFinding]:
     """Ellipsis, diagonals (a label repeated in one operand) and > 2 operands: TensorRT before
     10.12 rejects the first two (Changelog 10.12), and JetPack 6.x ships 10.3; the operand limit
-    is this project's rule (deployment-facts.md). Rewrite such einsums as MatMul/Transpose."""
+    is this project's rule (TensorRT supports Einsum, but not with ellipsis or more than two
+    operands in every version we target). Rewrite such einsums as MatMul/Transpose."""
     for label, node in _default_ops(facts, "Einsum"):
         equation = str(_attrs(node).get("equation", "")).replace(" ", "")
         operands = equation.split("->")[0].split(",")

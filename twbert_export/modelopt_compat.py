@@ -4,7 +4,8 @@ without touching ModelOpt: ModelOpt then runs its own path (slower, never wrong:
 are still checked to be ours, `precision.int8.check_scales`), and `untested_note()` gives the
 line the stage prints.
 
-The patches and why (ModelOpt 0.47 on the base preset; each tested to give byte-identical
+The patches and why (what each saves on the base preset: docs/benchmarks.md, "Export-time
+measurements behind the code"; each tested to give byte-identical
 graphs to ModelOpt's own path: tests/export/test_fp16_ranges.py, tests/export/test_pipeline.py):
 - `linear_dead_node_cleanup`: AutoCast's dead-node pass is quadratic in the node count;
 - `light_shape_inference`: ModelOpt's shape inference serialises the weights on every call;
@@ -67,8 +68,8 @@ def quiet_modelopt():
 def linear_dead_node_cleanup():
     """AutoCast's last pass drops nodes whose outputs nothing reads
     (`PrecisionConverter._cleanup_no_consumer_nodes`, ModelOpt 0.47) by scanning every node
-    for each output: quadratic, 47 of the 106 s AutoCast took on the base preset's INT8 graph
-    (12.6k nodes). Within this context the same rule runs from one set of the consumed names
+    for each output: quadratic in the node count (most of AutoCast's time on the base preset's
+    INT8 graph). Within this context the same rule runs from one set of the consumed names
     (tests/export/test_fp16_ranges.py checks the output is byte-identical). A ModelOpt without
     that method runs unchanged."""
     if not patches_apply():
@@ -135,7 +136,7 @@ def light_shape_inference():
 def calibrator_from(absmax: dict[str, float]):
     """ModelOpt 0.47 runs ONNX Runtime's calibrator even when a calibration cache gives every
     scale: it writes an augmented copy of the model and runs one clip keeping every calibrated
-    tensor (34 s and the INT8 step's memory peak on the base preset), then replaces the scales
+    tensor (the INT8 step's memory peak on the base preset), then replaces the scales
     by the cache's. Within this context the calibrator factory (ModelOpt's, which it installs
     into ONNX Runtime at each `quantize`) gives these maxima as symmetric ranges without running
     anything; the context yields the list of calibrators it made.
@@ -177,7 +178,7 @@ def calibrator_from(absmax: dict[str, float]):
 def matmul_shapes_from(shapes: dict[str, tuple[int, ...]]):
     """ModelOpt's GEMV check (`graph_utils.get_extended_model_outputs`, ModelOpt 0.47) runs one
     clip through the model once more keeping every matrix product's result, for their shapes
-    only (17-19 s on the base preset). Within this context it gets the shapes our range passes saw
+    only. Within this context it gets the shapes our range passes saw
     (`precision.ranges.ActivationRanges.shapes`: batch 1, and frames and text length are fixed per export, so
     every clip gives the same), as zero-stride arrays; a tensor we did not see sends the call
     to ModelOpt's own run."""

@@ -5,7 +5,7 @@
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 \
         --question "which way does the camera move?"
 
-Retrieval ranks the videos for the caption as the spec does: the ITC shortlist (`--k`, 50) is
+Retrieval ranks the videos for the caption as the authors' evaluation does: the ITC shortlist (`--k`, 50) is
 ordered by the ITM match probability. QA answers from the answer list shipped in the artifact.
 Preprocessing is `twbert_export.preprocess`, the code calibration and validation used; the
 tokenizer and answers come from the artifact directory.

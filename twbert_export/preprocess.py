@@ -5,7 +5,7 @@ Jetson with only numpy, PyAV and `tokenizers` (no PyTorch) preprocesses exactly 
 Module-level imports are the standard library and numpy only; PyAV (`av`) and `tokenizers` are
 imported inside the functions that need them.
 
-Video (architecture spec, section 1):
+Video (as the authors preprocess it for training and evaluation):
 - T frames sampled uniformly: `indices = arange(0, n, n / T)` cast to int (a video shorter than T
   repeats frames);
 - every frame converted to RGB by the decoder (`to_ndarray(format="rgb24")`), then resized to
@@ -91,7 +91,7 @@ def _import_tokenizers():
 # ---------------------------------------------------------------------------------------------
 
 def sample_indices(num_frames_in_video: int, num_frames: int) -> np.ndarray:
-    """Uniform frame indices, the spec's `arange(0, n, n / T)` cast to int; always T of them.
+    """Uniform frame indices, the authors' `arange(0, n, n / T)` cast to int; always T of them.
 
     A video with fewer than T frames repeats frames (the step is below 1). Floating-point `arange`
     can return one element too many for some (n, T); the extra element is dropped.

@@ -127,9 +127,9 @@ def map_large_allocations(threshold: int = 2**20) -> bool:
     """Serve allocations of `threshold` bytes or more from their own mappings, so that freeing
     one returns it to the system at once (glibc; a no-op elsewhere). By default glibc raises
     this threshold (up to 32 MB) as large blocks are freed, and then keeps freed weight-sized
-    blocks in its heap: ModelOpt's INT8 step, which loads the model several times over, peaked
-    at 11.1 GB with the default and 10.0 GB with this (base preset, measured alone). Returns
-    whether the setting took."""
+    blocks in its heap, which ModelOpt's INT8 step (loading the model several times over) stacks
+    on (docs/benchmarks.md, "Export-time measurements behind the code"). Returns whether the
+    setting took."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
@@ -153,8 +153,8 @@ def infer_shapes(model, weights: bool = True, **kwargs):
 
     Inference reads the values of small constants only (shapes, axes, pads); each initializer
     of more than LIGHT_TENSOR_ELEMENTS elements goes to it as a graph input of the same type
-    and shape instead, so a call no longer serialises and parses the whole model (on the base
-    preset's 1 GB graph 4.3 s per call, 0.7 s this way; ModelOpt makes several per conversion).
+    and shape instead, so a call no longer serialises and parses the whole model (ModelOpt makes several calls per
+    conversion; times in docs/benchmarks.md, "Export-time measurements behind the code").
     The model returned is `model` with the inferred nodes, value_info and outputs
     (tests/export/test_shape_inference.py checks it equals ONNX's own result); with
     `weights=False`, for reading types and shapes only, the large initializers are left out

@@ -143,8 +143,8 @@ def selection_agreement(test_idx: np.ndarray, ref_idx: np.ndarray, ref_scores: n
 # -- task metrics -------------------------------------------------------------------------------
 def validation_batch(contract: IOContract) -> int:
     """Rows per forward pass in validation: 2 where the exported range allows it, which runs
-    the dynamic batch axis; a larger batch adds memory and no speed on a CPU (the base preset at
-    batch 8 took validation to 15.8 GB)."""
+    the dynamic batch axis; a larger batch adds memory and no speed on a CPU (docs/benchmarks.md,
+    "Export-time measurements behind the code")."""
     return min(contract.batch.max, max(contract.batch.min, 2))
 
 

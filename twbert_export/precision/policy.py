@@ -10,7 +10,7 @@ from __future__ import annotations
 # the product that gathers the kept frames (all named under the selector modules at export).
 SELECTION_NODES = [r"/model/selector[12]/.*"]
 # Quantize only the matrix products: residual Adds and LayerNorms in INT8 cost accuracy for
-# little speed (10x larger logit error with them quantized, docs/benchmarks.md).
+# little speed (docs/benchmarks.md, "Export-time measurements behind the code").
 INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 # Activations beyond this stay FP32. Our attention mask adds -1e4 (finite in FP16); ModelOpt's
 # default of 512 would keep every masked softmax in FP32 for no reason. Half of FP16's maximum

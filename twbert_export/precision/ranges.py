@@ -48,10 +48,10 @@ class ActivationRanges:
 
     Each watched tensor gets a ReduceMax and a ReduceMin placed right after the node that makes
     it, and the graph's outputs become those scalars; ONNX Runtime's priority-based order runs
-    each reduction as soon as it can, so no tensor outlives its consumers (with the default
-    order the base preset held 11 GB per clip and ran 2.7x slower). AutoCast's own reference run
-    instead makes every tensor a graph output and keeps them for all clips at once (one base
-    clip is about 24 GB of tensors; it was killed at 24 GB). Rows are taken in order; asking
+    each reduction as soon as it can, so no tensor outlives its consumers (the default order
+    holds far more per clip). AutoCast's own reference run instead makes every tensor a graph
+    output and keeps them for all clips at once, which does not fit in memory at the base preset
+    (figures: docs/benchmarks.md, "Export-time measurements behind the code"). Rows are taken in order; asking
     for more rows extends the running maxima. `watch` limits the tensors (default: every float
     tensor a node makes); `narrowed` continues on fewer tensors, which costs less per row.
     Without `watch` the passes also record the shapes of the matrix products' operands and
