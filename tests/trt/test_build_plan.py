@@ -213,9 +213,7 @@ def test_polygraphy_loaders_get_only_the_options_in_use(tmp_path, monkeypatch, v
 
 
 def test_cli_without_tensorrt_points_to_the_device_kit(tmp_path, capsys):
-    import json
-
-    (tmp_path / "manifest.json").write_text(json.dumps(artifact_manifest()))
+    artifact_manifest().write(tmp_path)
     (tmp_path / "model.fp16.onnx").write_bytes(b"onnx")
     code = build_main(["--onnx", str(tmp_path / "model.fp16.onnx"), "--target", "orin-nx"])
     err = capsys.readouterr()
@@ -256,7 +254,7 @@ def test_a_trtexec_engine_gets_its_sidecar_without_tensorrt(tmp_path, capsys, mo
     import json
 
     monkeypatch.setattr(build_mod, "query_cuda_device", lambda: ("Orin (nvgpu)", "8.7"))
-    (tmp_path / "manifest.json").write_text(json.dumps(artifact_manifest()))
+    artifact_manifest().write(tmp_path)
     (tmp_path / "model.fp16.onnx").write_bytes(b"onnx")
     args = ["--onnx", str(tmp_path / "model.fp16.onnx"), "--target", "agx-orin",
             "--workspace-mb", "1024", "--record-trtexec-build", "10.3.0"]
