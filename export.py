@@ -61,8 +61,8 @@ def input_errors() -> tuple[type[Exception], ...]:
     from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import GateSpecError
 
-    return (UserError, ArtifactFormatError, CalibrationDataError, VideoDecodeError, AnnotationError, GateSpecError,
-            FileNotFoundError)
+    return (UserError, ArtifactFormatError, CalibrationDataError, VideoDecodeError,
+            AnnotationError, GateSpecError, FileNotFoundError)
 
 
 def bad_input(error: Exception, hint: str) -> int:

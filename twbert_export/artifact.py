@@ -86,7 +86,8 @@ class FileEntry:
     def from_dict(cls, d: Any, where: str) -> "FileEntry":
         if not isinstance(d, dict):
             raise ArtifactFormatError(f"{where}: not a JSON object")
-        entry = cls(graph=_read(d, "graph", str, where), precision=_read(d, "precision", str, where),
+        entry = cls(graph=_read(d, "graph", str, where),
+                    precision=_read(d, "precision", str, where),
                     path=_read(d, "path", str, where), sha256=_read(d, "sha256", str, where),
                     bytes=_read(d, "bytes", int, where), flavour=_read(d, "flavour", str, where))
         if entry.precision not in PRECISIONS:

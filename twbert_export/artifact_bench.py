@@ -1,6 +1,7 @@
 """Latency and throughput of an exported artifact per backend (a benchmark, not a test).
 
-    python -m twbert_export.artifact_bench --artifact engines/NAME --backends torch,ort-fp32,ort-fp16,ort-int8 \
+    python -m twbert_export.artifact_bench --artifact engines/NAME \
+        --backends torch,ort-fp32,ort-fp16,ort-int8 \
         --batch 1,8 --threads 2 --json bench.json
 
 Each backend runs in its own process (so its peak memory is its own), with the same number of

@@ -5,8 +5,8 @@ are still checked to be ours, `precision.int8.check_scales`), and `untested_note
 line the stage prints.
 
 The patches and why (what each saves on the base preset: docs/benchmarks.md, "Export-time
-measurements behind the code"; each tested to give byte-identical
-graphs to ModelOpt's own path: tests/export/test_fp16_ranges.py, tests/export/test_pipeline.py):
+measurements behind the code"; each is tested to give the bytes ModelOpt's own path gives:
+tests/export/test_fp16_ranges.py, tests/export/test_pipeline.py):
 - `linear_dead_node_cleanup`: AutoCast's dead-node pass is quadratic in the node count;
 - `light_shape_inference`: ModelOpt's shape inference serialises the weights on every call;
 - `calibrator_from`: ModelOpt runs ONNX Runtime's calibrator even when a calibration cache
@@ -179,9 +179,9 @@ def matmul_shapes_from(shapes: dict[str, tuple[int, ...]]):
     """ModelOpt's GEMV check (`graph_utils.get_extended_model_outputs`, ModelOpt 0.47) runs one
     clip through the model once more keeping every matrix product's result, for their shapes
     only. Within this context it gets the shapes our range passes saw
-    (`precision.ranges.ActivationRanges.shapes`: batch 1, and frames and text length are fixed per export, so
-    every clip gives the same), as zero-stride arrays; a tensor we did not see sends the call
-    to ModelOpt's own run."""
+    (`precision.ranges.ActivationRanges.shapes`: batch 1, and frames and text length are fixed
+    per export, so every clip gives the same), as zero-stride arrays; a tensor we did not see
+    sends the call to ModelOpt's own run."""
     if not patches_apply():
         yield
         return

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import lint, precision, validate
-from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, CheckpointInfo, FileEntry, Manifest,
-                       PrecisionResult, Report)
+from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, CheckpointInfo,
+                       FileEntry, Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
 from .calibration import FeedSet, load_feeds
 from .contract import BatchRange, IOContract
@@ -142,7 +142,7 @@ def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
             f"--check-error-stat max")
 
 
-# -- the job: one function per stage ----------------------------------------------------------------
+# -- the job: one function per stage --------------------------------------------------------------
 @dataclass
 class Inputs:
     """The options resolved and checked before anything runs."""
@@ -267,7 +267,8 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
         if contract.task == "qa" and not load_report.metadata.get("answers"):
             raise UserError(f"{inputs.ckpt_path}: the checkpoint's metadata has no answer list, "
                             "which a QA export needs")
-    stages.line("load", sw.seconds, inputs.ckpt_path, f"{load_report.format}, F@{contract.schedule}")
+    stages.line("load", sw.seconds, inputs.ckpt_path,
+                f"{load_report.format}, F@{contract.schedule}")
     return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
                   (stat.st_size, stat.st_mtime_ns))
 

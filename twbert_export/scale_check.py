@@ -6,10 +6,10 @@
 
 Builds the preset with random weights (seeded; no pretrained weights ship with the project),
 saves it as a checkpoint in a temporary directory (or in --keep DIR, which then also keeps the
-artifact for `python -m twbert_export.artifact_bench --artifact DIR/artifact`) and runs the pipeline of
-`export.py` on it: export, rewrite, lint, FP16 (range check + AutoCast) and INT8 calibration on
-every clip of --calib-data (no cached calibration is reused), validation on the first
---val-clips validation clips. Prints the stage
+artifact for `python -m twbert_export.artifact_bench --artifact DIR/artifact`) and runs the
+pipeline of `export.py` on it: export, rewrite, lint, FP16 (range check + AutoCast) and INT8
+calibration on every clip of --calib-data (no cached calibration is reused), validation on the
+first --val-clips validation clips. Prints the stage
 table and the totals against the targets (15 min, 12 GB peak resident memory on the project's
 2-core machine) and saves them as JSON. Random weights make the task metrics meaningless; the
 output errors and selection agreement still measure the numerics.

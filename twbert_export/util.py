@@ -153,9 +153,9 @@ def infer_shapes(model, weights: bool = True, **kwargs):
 
     Inference reads the values of small constants only (shapes, axes, pads); each initializer
     of more than LIGHT_TENSOR_ELEMENTS elements goes to it as a graph input of the same type
-    and shape instead, so a call no longer serialises and parses the whole model (ModelOpt makes several calls per
-    conversion; times in docs/benchmarks.md, "Export-time measurements behind the code").
-    The model returned is `model` with the inferred nodes, value_info and outputs
+    and shape instead, so a call no longer serialises and parses the whole model (ModelOpt makes
+    several calls per conversion; times: docs/benchmarks.md, "Export-time measurements behind
+    the code"). The model returned is `model` with the inferred nodes, value_info and outputs
     (tests/export/test_shape_inference.py checks it equals ONNX's own result); with
     `weights=False`, for reading types and shapes only, the large initializers are left out
     of it (they stay graph inputs)."""

@@ -183,7 +183,8 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
         shutil.copyfile(src, work)
         with compat.quiet_modelopt():
             quantize(str(work), quantize_mode="int8",
-                     calibration_data_reader=_RowReader(calib, np.arange(1)), calibration_method="max",
+                     calibration_data_reader=_RowReader(calib, np.arange(1)),
+                     calibration_method="max",
                      calibration_eps=["cpu"], calibration_cache_path=str(cache),
                      op_types_to_quantize=precision.INT8_OP_TYPES,
                      nodes_to_exclude=precision.SELECTION_NODES, high_precision_dtype="fp32",

@@ -51,9 +51,9 @@ class ActivationRanges:
     each reduction as soon as it can, so no tensor outlives its consumers (the default order
     holds far more per clip). AutoCast's own reference run instead makes every tensor a graph
     output and keeps them for all clips at once, which does not fit in memory at the base preset
-    (figures: docs/benchmarks.md, "Export-time measurements behind the code"). Rows are taken in order; asking
-    for more rows extends the running maxima. `watch` limits the tensors (default: every float
-    tensor a node makes); `narrowed` continues on fewer tensors, which costs less per row.
+    (figures: docs/benchmarks.md, "Export-time measurements behind the code"). Rows are taken in
+    order; asking for more rows extends the running maxima. `watch` limits the tensors
+    (default: every float tensor a node makes); `narrowed` continues on fewer tensors, which costs less per row.
     Without `watch` the passes also record the shapes of the matrix products' operands and
     results and of the graph outputs (`shapes`), which ModelOpt's GEMV check needs
     (`modelopt_compat.matmul_shapes_from`).
