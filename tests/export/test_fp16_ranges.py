@@ -201,3 +201,19 @@ def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
     model = onnx.load_from_string(ours)
     assert "dead" not in {n.name for n in model.graph.node}
     assert any(n.op_type == "Cast" for n in model.graph.node)
+
+
+def test_on_an_untested_modelopt_its_own_path_writes_the_same_int8_graph(tmp_path, monkeypatch):
+    """With the compat patches standing aside (an untested ModelOpt version), ModelOpt runs its
+    own calibrator, GEMV check, shape inference and dead-node pass: the same bytes, and the
+    report says which path ran."""
+    from twbert_export import modelopt_compat
+
+    src = matmul_graph(tmp_path / "m.onnx")
+    smooth = np.cumsum(np.random.default_rng(1).standard_normal((20, 16, 64)), axis=-1)
+    calib = Clips(smooth.astype(np.float32))
+    patched = to_int8(src, tmp_path / "patched.onnx", calib, "max", use_cache=False)
+    monkeypatch.setattr(modelopt_compat, "modelopt_version", lambda: "0.99.0")
+    own = to_int8(src, tmp_path / "own.onnx", calib, "max", use_cache=False)
+    assert patched.note == "" and own.note == "ModelOpt 0.99.0 untested: its own path"
+    assert (tmp_path / "own.onnx").read_bytes() == (tmp_path / "patched.onnx").read_bytes()
