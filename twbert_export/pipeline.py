@@ -427,11 +427,13 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
         write_json(work / "answers.json", answers)
     results = validation.results
     last = inputs.precisions[-1]
+    onnx = conversion.files[(MODEL_GRAPH, last)]
     next_commands = [
         f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
-        f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
-        f"python3 -m twbert_export.reference --engine model.{last}.engine   # the host's gates",
-        polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
+        f"python3 -m twbert_export.trt.cli --onnx {onnx.name} --target auto",
+        f"python3 -m twbert_export.reference --engine {onnx.with_suffix('.engine').name}"
+        "   # the host's gates",
+        polygraphy_command(onnx.name, last, results[last]["outputs"], "trt")]
     report = Report(
         precisions={p: PrecisionResult.from_comparison(r, conversion.reports.get(p))
                     for p, r in results.items()},
