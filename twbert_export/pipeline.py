@@ -23,6 +23,7 @@ from . import lint, precision, validate
 from .assets import resolve_checkpoint, resolve_data
 from .calibration import load_feeds
 from .contract import BatchRange, IOContract
+from .input_checks import check_out_dir
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
@@ -180,6 +181,7 @@ def run_export(opts: ExportOptions) -> dict[str, Any]:
     stages.line("load", sw.seconds, ckpt_path, f"{load_report.format}, F@{contract.schedule}")
 
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task, contract.schedule))
+    check_out_dir(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --out another directory")
     work = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -354,7 +356,8 @@ def validate_files(model, contract: IOContract, files: dict[str, Path], val,
 def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
                   task: str | None = None, precision_name: str | None = None,
                   gates: dict[str, Any] | None = None, tokenizer: str | None = None,
-                  trust_checkpoint: bool = False, on_error: str = "fail") -> dict[str, Any]:
+                  trust_checkpoint: bool = False, on_error: str = "fail",
+                  limit: int | None = None) -> dict[str, Any]:
     """Validate one ONNX file against the checkpoint (the `validate` subcommand). The contract
     comes from the artifact's manifest.json when present, else from the checkpoint and task."""
     import json
@@ -388,7 +391,7 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
     if precision_name not in PRECISION_ORDER:
         raise UserError(f"cannot tell the precision of {onnx_path.name}: pass --precision")
     answers = load_report.metadata.get("answers") if contract.task == "qa" else None
-    val = load_feeds(val_dir, contract, tok, on_error)
+    val = load_feeds(val_dir, contract, tok, on_error, limit=limit)
     results, metrics, _ = validate_files(model, contract, {precision_name: onnx_path}, val,
                                          answers, gates or validate.DEFAULT_GATES)
     return {"precisions": results, "task_metrics": metrics, "validation_data": val.identity,
