@@ -3,6 +3,7 @@
     python export.py [--ckpt best.pt] [--precision fp16] [--task retrieval|qa] [--schedule 20-14-8]
                      [--batch 1:1:8] [--calib-data DIR] [--val-data DIR] [--out engines/NAME] [--force]
     python export.py validate --ckpt CKPT --onnx engines/NAME/model.fp16.onnx [--val-data DIR]
+                     [--val-clips N]
     python export.py validate --engine engines/NAME/model.fp16.engine   (on the device: against
                      the reference data shipped in engines/NAME/reference/, no PyTorch)
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]

@@ -108,15 +108,17 @@ def test_the_artifacts_own_files_fit_their_contract(artifact):
 
 
 # -- --out --------------------------------------------------------------------------------------
-def test_out_naming_the_current_directory_is_refused_and_nothing_is_touched(tmp_path,
-                                                                            monkeypatch, capsys):
+def test_out_naming_the_current_directory_or_a_file_is_refused_and_nothing_is_touched(
+        tmp_path, monkeypatch, capsys):
     (tmp_path / "thesis.tex").write_text("x")
     monkeypatch.chdir(tmp_path)
-    for out in (".", ".."):
+    for out, message in ((".", "current directory"), ("..", "current directory"),
+                         ("thesis.tex", "is a file")):
         assert export.main(["--precision", "fp32", "--out", out, "--force"]) == 2
         (line,) = error_lines(capsys.readouterr().err)
-        assert "current directory" in line
+        assert message in line
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "x"
 
 
 @pytest.fixture
