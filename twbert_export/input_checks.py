@@ -34,9 +34,10 @@ def check_onnx_file(onnx_path: str | Path, contract: IOContract,
     path = Path(onnx_path)
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # protobuf raises its own DecodeError, onnx others
+    except Exception as e:  # onnx's parsers (binary, text, JSON) each raise their own errors
+        reason = " ".join(str(e).split())  # one line
         raise ModelFileMismatch(f"{path}: not a readable ONNX file ({type(e).__name__}: "
-                                f"{e})") from None
+                                f"{reason})") from None
     initializers = {t.name for t in graph.initializer}
     inputs = {i.name: i.type.tensor_type for i in graph.input if i.name not in initializers}
     problems = []
@@ -53,11 +54,13 @@ def check_onnx_file(onnx_path: str | Path, contract: IOContract,
         raise ModelFileMismatch(f"{path} does not fit the artifact's contract (task "
                                 f"{contract.task}, F@{contract.schedule}): "
                                 f"{'; '.join(problems)}; it was exported for another model")
-    actual_sha256 = file_sha256(path) if expected_sha256 else None
-    if actual_sha256 != expected_sha256:
-        raise ModelFileMismatch(f"{path} is not the file the artifact's manifest.json lists "
-                                f"(sha256 {actual_sha256[:12]}, listed {expected_sha256[:12]}): "
-                                "copy the artifact directory again or re-export")
+    if expected_sha256:
+        actual_sha256 = file_sha256(path)
+        if actual_sha256 != expected_sha256:
+            raise ModelFileMismatch(f"{path} is not the file the artifact's manifest.json lists "
+                                    f"(sha256 {actual_sha256[:12]}, listed "
+                                    f"{expected_sha256[:12]}): copy the artifact directory "
+                                    "again or re-export")
 
 
 def _input_problems(onnx, spec: TensorSpec, tensor_type, batch: BatchRange) -> list[str]:
