@@ -3,6 +3,7 @@
     python export.py [--ckpt best.pt] [--precision fp16] [--task retrieval|qa] [--schedule 20-14-8]
                      [--batch 1:1:8] [--calib-data DIR] [--val-data DIR] [--out engines/NAME] [--force]
     python export.py validate --ckpt CKPT --onnx engines/NAME/model.fp16.onnx [--val-data DIR]
+                     [--val-clips N]
     python export.py validate --engine engines/NAME/model.fp16.engine   (on the device: against
                      the reference data shipped in engines/NAME/reference/, no PyTorch)
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
@@ -11,15 +12,19 @@
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
-Exit codes: 0 success, 1 a validation gate failed, 2 bad input.
+Exit codes: 0 success, 1 a validation gate failed, 2 bad input (one line), 3 an internal error
+(one line; the traceback goes to a file named there, and TWBERT_DEBUG=1 lets it through instead),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-EXIT_GATE_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 1, 2, 3, 130
+DEBUG_ENV = "TWBERT_DEBUG"  # =1: an internal error raises with its traceback
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -57,12 +62,13 @@ def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises: each is reported as one line with exit code 2."""
     from twbert_export.artifact import ArtifactFormatError
     from twbert_export.calibration import CalibrationDataError
+    from twbert_export.input_checks import ModelFileMismatch, OutputDirError
     from twbert_export.pipeline import UserError
     from twbert_export.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validate import GateSpecError
 
     return (UserError, ArtifactFormatError, CalibrationDataError, VideoDecodeError,
-            AnnotationError, GateSpecError, FileNotFoundError)
+            AnnotationError, GateSpecError, OutputDirError, ModelFileMismatch, FileNotFoundError)
 
 
 def bad_input(error: Exception, hint: str) -> int:
@@ -128,6 +134,8 @@ def run_validate(argv: list[str]) -> int:
     ap.add_argument("--ckpt", default="demo")
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--val-data", default="demo")
+    ap.add_argument("--val-clips", type=int, metavar="N",
+                    help="validate on the first N clips only (retrieval: N^2 forwards per runner)")
     ap.add_argument("--task", choices=["retrieval", "qa"])
     ap.add_argument("--precision", choices=PRECISIONS,
                     help="default: from the artifact manifest or the file name model.<p>.onnx")
@@ -137,10 +145,13 @@ def run_validate(argv: list[str]) -> int:
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
+    if args.val_clips is not None and args.val_clips < 1:
+        return bad_input(ValueError(f"--val-clips must be >= 1, got {args.val_clips}"),
+                         "python export.py validate --help")
     try:
         report = validate_onnx(args.ckpt, args.onnx, args.val_data, args.task, args.precision,
                                parse_gate_overrides(args.gate), args.tokenizer,
-                               args.trust_checkpoint, args.on_error)
+                               args.trust_checkpoint, args.on_error, limit=args.val_clips)
     except input_errors() as e:
         return bad_input(e, "python export.py validate --help")
     if args.json:
@@ -166,8 +177,7 @@ def run_predict(argv: list[str]) -> int:
     return main(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run_command(argv: list[str]) -> int:
     commands = {"validate": run_validate, "predict": run_predict, "build": run_build}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
@@ -176,5 +186,46 @@ def main(argv: list[str] | None = None) -> int:
     return run_export(argv)
 
 
+def internal_error(error: Exception) -> int:
+    """One line for an exception nobody expected (exit 1 means a failed gate, so never that);
+    the traceback goes to a file for the bug report."""
+    import tempfile
+    import traceback
+
+    message = " ".join(str(error).split())  # one line, whatever the exception printed
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="twbert-export-", suffix=".traceback",
+                                         delete=False) as f:
+            f.write(traceback.format_exc())
+        where = f"traceback in {f.name}"
+    except OSError:
+        where = "no traceback file could be written"
+    print(f"internal error: {type(error).__name__}: {message} ({where}; {DEBUG_ENV}=1 shows it "
+          "here)", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input and failed gates return their own codes, and nothing else
+    reaches the user as a traceback (see the exit codes above)."""
+    try:
+        return run_command(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        return internal_error(e)
+
+
+def one_line_warnings() -> None:
+    """Warnings (a skipped video, a repeated frame, an empty caption) as `warning: ...` lines."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+
+
 if __name__ == "__main__":
+    one_line_warnings()
     sys.exit(main())

@@ -27,6 +27,7 @@ from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, Chec
 from .assets import resolve_checkpoint, resolve_data
 from .calibration import FeedSet, load_feeds
 from .contract import BatchRange, IOContract
+from .input_checks import check_onnx_file, check_out_dir
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
@@ -273,9 +274,11 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
                   (stat.st_size, stat.st_mtime_ns))
 
 
+
 def _claim_output_dir(out: Path, force: bool) -> Path:
     """Refuse an existing `out` without --force; return the scratch directory beside it where
     the artifact is assembled."""
+    check_out_dir(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it, or --out another directory")
     work = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -487,7 +490,8 @@ def validate_files(model, contract: IOContract, files: dict[str, Path], val,
 def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
                   task: str | None = None, precision_name: str | None = None,
                   gates: dict[str, Any] | None = None, tokenizer: str | None = None,
-                  trust_checkpoint: bool = False, on_error: str = "fail") -> dict[str, Any]:
+                  trust_checkpoint: bool = False, on_error: str = "fail",
+                  limit: int | None = None) -> dict[str, Any]:
     """Validate one ONNX file against the checkpoint (the `validate` subcommand). The contract
     comes from the artifact's manifest.json when present, else from the checkpoint and task;
     the precision from --precision, else from the manifest's entry for the file."""
@@ -514,12 +518,14 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
         if contract.schedule != model.cfg.selector.schedule:
             model = _with_schedule(model, contract.schedule)
     else:
-        contract = IOContract.for_model(model.cfg, task or "retrieval")
+        contract, entry = IOContract.for_model(model.cfg, task or "retrieval"), None
+    # A file from another export (another model, frame count or edit) is refused up front.
+    check_onnx_file(onnx_path, contract, entry.sha256 if entry else None)
     if precision_name not in PRECISIONS:
         raise UserError(f"cannot tell the precision of {onnx_path.name} (not listed in an "
                         "artifact's manifest.json): pass --precision")
     answers = load_report.metadata.get("answers") if contract.task == "qa" else None
-    val = load_feeds(val_dir, contract, tok, on_error)
+    val = load_feeds(val_dir, contract, tok, on_error, limit=limit)
     results, metrics, _ = validate_files(model, contract, {precision_name: onnx_path}, val,
                                          answers, gates or validate.DEFAULT_GATES)
     return {"precisions": results, "task_metrics": metrics, "validation_data": val.identity,

@@ -52,10 +52,15 @@ class Artifact:
         return Tokenizer.from_file(self.dir / self.manifest.tokenizer)
 
     def runner(self, threads: int | None = None) -> Any:
-        """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`."""
+        """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`.
+        An .onnx file is first checked against the contract and the manifest's hash (raises
+        ModelFileMismatch, a ValueError: a file from another export)."""
         if self.model_path.suffix == ".onnx":
+            from .input_checks import check_onnx_file
             from .runners import ort_runner
 
+            check_onnx_file(self.model_path, self.contract,
+                            self.entry.sha256 if self.entry else None)
             return ort_runner(self.model_path, threads=threads)
         if self.model_path.suffix == ".engine":
             from .trt.runtime import trt_runner
@@ -103,13 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    text = args.question if args.text is None else args.text
     try:
+        if not text.strip():
+            raise ValueError(f"{'--text' if args.text is not None else '--question'} is empty: "
+                             "give the caption or question to run")
         artifact = Artifact(args.model)
-        if args.question and not artifact.answers:
+        if args.question is not None and (not artifact.answers or artifact.contract.task != "qa"):
             raise ValueError(f"{artifact.dir} was exported for retrieval: it has no QA head "
                              "outputs or answer list (export with --task qa)")
         videos = load_videos(artifact, args.video)
-        ids, mask = encode_text(artifact, args.text or args.question)
+        ids, mask = encode_text(artifact, text)
     except (ValueError, VideoDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result: dict[str, Any]
-    if args.text:
+    if args.text is not None:
         itm = softmax(out["itm_logits"].astype(np.float64))[:, 1]
         final = rerank(out["itc_sim"][None, :], itm[None, :], args.k)[0]
         order = np.argsort(-final, kind="stable")

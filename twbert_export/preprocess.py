@@ -7,7 +7,7 @@ imported inside the functions that need them.
 
 Video (as the authors preprocess it for training and evaluation):
 - T frames sampled uniformly: `indices = arange(0, n, n / T)` cast to int (a video shorter than T
-  repeats frames);
+  repeats frames, with a ShortVideoWarning);
 - every frame converted to RGB by the decoder (`to_ndarray(format="rgb24")`), then resized to
   size x size (square resize, no crop) by `resize_bilinear` below, scaled to [0, 1] and normalised
   with the CLIP mean and std; output float32 (T, 3, size, size).
@@ -67,6 +67,14 @@ class AnnotationError(ValueError):
 
 class TextTruncatedWarning(UserWarning):
     """Some texts were longer than max_len tokens and were truncated."""
+
+
+class ShortVideoWarning(UserWarning):
+    """A video with fewer frames than the model samples: frames are repeated."""
+
+
+class EmptyTextWarning(UserWarning):
+    """An annotation line whose caption or question is empty: the text is treated as absent."""
 
 
 def _import_av():
@@ -210,6 +218,11 @@ def read_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
                 raise VideoDecodeError(path, f"decoded {count} frames, then {recount} on a second pass")
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
+    if count < num_frames:
+        still = " (a still image: the model sees no motion)" if count == 1 else ""
+        warnings.warn(f"{path}: {count} frame{'s' if count > 1 else ''}, fewer than the "
+                      f"{num_frames} the model samples; frames are repeated{still}",
+                      ShortVideoWarning, stacklevel=2)
     return [picked[i] for i in sample_indices(count, num_frames).tolist()]
 
 
@@ -359,8 +372,10 @@ def read_annotations(data_dir: str | Path) -> list[dict]:
     """Read and validate DIR/annotations.jsonl.
 
     Each non-blank line is a JSON object with a non-empty string `video` (a path relative to DIR,
-    or absolute) and optional string `caption`, `question`, `answer`; other keys are kept. Each
-    returned dict is the line's object plus `video_path`, the resolved path of the video.
+    or absolute) and optional string `caption`, `question`, `answer`; other keys are kept. An
+    empty or whitespace-only caption or question (with its answer) is dropped with an
+    EmptyTextWarning. Each returned dict is the line's object plus `video_path`, the resolved
+    path of the video.
     Errors are AnnotationError with `file:line:` in front.
     """
     data_dir = Path(data_dir)
@@ -387,6 +402,14 @@ def read_annotations(data_dir: str | Path) -> list[dict]:
                 if key in obj and not isinstance(obj[key], str):
                     raise AnnotationError(f"{where}: \"{key}\" must be a string, "
                                           f"got {type(obj[key]).__name__}")
+            for key in ("caption", "question"):
+                if key in obj and not obj[key].strip():
+                    # Training would learn "[CLS] [SEP]" as this clip's text: treat it as absent.
+                    del obj[key]
+                    answer = obj.pop("answer", None) if key == "question" else None
+                    warnings.warn(f"{where}: empty \"{key}\"; the line is used without it"
+                                  + (" and its answer" if answer is not None else ""),
+                                  EmptyTextWarning, stacklevel=2)
             if "answer" in obj and "question" not in obj:
                 raise AnnotationError(f"{where}: \"answer\" without \"question\"")
             obj["video_path"] = str(data_dir / video)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import av
@@ -11,9 +12,10 @@ import pytest
 from PIL import Image
 
 from twbert_export import preprocess as P
-from twbert_export.preprocess import (CLIP_MEAN, CLIP_STD, AnnotationError, TextTruncatedWarning,
-                                      Tokenizer, VideoDecodeError, load_clips, load_video,
-                                      read_annotations, read_frames, sample_indices)
+from twbert_export.preprocess import (CLIP_MEAN, CLIP_STD, AnnotationError, EmptyTextWarning,
+                                      ShortVideoWarning, TextTruncatedWarning, Tokenizer,
+                                      VideoDecodeError, load_clips, load_video, read_annotations,
+                                      read_frames, sample_indices)
 
 REPO = Path(__file__).resolve().parents[2]
 MEAN = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
@@ -138,10 +140,25 @@ def test_container_without_frame_count_and_short_video(tmp_path):
     video = counter_video(tmp_path / "count.mkv", 5, codec="libx264rgb", pix_fmt="rgb24")
     with av.open(str(video)) as c:
         assert c.streams.video[0].frames == 0
-    grey = np.array([f.mean() for f in read_frames(video, 8)])
+    with pytest.warns(ShortVideoWarning, match="5 frames, fewer than the 8"):
+        grey = np.array([f.mean() for f in read_frames(video, 8)])
     np.testing.assert_allclose(grey / 8, sample_indices(5, 8), atol=0.5)  # repeats frames
-    x = load_video(video, 8)
+    with pytest.warns(ShortVideoWarning):
+        x = load_video(video, 8)
     np.testing.assert_array_equal(x[0], x[1])
+
+
+def test_a_video_shorter_than_the_sampled_frames_warns_once_naming_it(tmp_path):
+    still = counter_video(tmp_path / "still.mp4", 1)
+    with pytest.warns(ShortVideoWarning) as warned:
+        x = load_video(still, 8)
+    (warning,) = warned
+    assert str(warning.message) == (f"{still}: 1 frame, fewer than the 8 the model samples; "
+                                    "frames are repeated (a still image: the model sees no motion)")
+    assert (x == x[0]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShortVideoWarning)
+        load_video(counter_video(tmp_path / "eight.mp4", 8), 8)  # enough frames: silent
 
 
 def test_resize_matches_pillow_bilinear():
@@ -277,6 +294,22 @@ def test_read_annotations_resolves_paths_and_keeps_fields(tmp_path):
     (tmp_path / "annotations.jsonl").write_text("\n")
     with pytest.raises(AnnotationError, match="no annotations"):
         read_annotations(tmp_path)
+
+
+def test_empty_captions_and_questions_warn_and_are_dropped(tmp_path):
+    lines = [{"video": "a.mp4", "caption": "", "question": "what?", "answer": "a"},
+             {"video": "a.mp4", "caption": " \t ", "question": "  ", "answer": "b"},
+             {"video": "b.mp4", "caption": "a real caption"}]
+    (tmp_path / "annotations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.warns(EmptyTextWarning) as warned:
+        records = read_annotations(tmp_path)
+    assert [str(w.message) for w in warned] == [
+        f'{tmp_path / "annotations.jsonl"}:1: empty "caption"; the line is used without it',
+        f'{tmp_path / "annotations.jsonl"}:2: empty "caption"; the line is used without it',
+        f'{tmp_path / "annotations.jsonl"}:2: empty "question"; the line is used without it '
+        "and its answer"]
+    assert [sorted(k for k in r if k in ("caption", "question", "answer")) for r in records] == [
+        ["answer", "question"], [], ["caption"]]
 
 
 # --- no torch --------------------------------------------------------------------------------

@@ -24,15 +24,6 @@ from clipdata import copy_clips, write_data_dir
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, small_val):
-    out = tmp_path_factory.mktemp("engines") / "demo"
-    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
-                                      val_data=str(small_val), out=str(out),
-                                      calib_cache=False))
-    return out, result.report
-
-
 def test_artifact_directory_holds_everything_a_device_needs(artifact):
     out, report = artifact
     names = {p.name for p in out.iterdir()}

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from model.data.dataset import ClipTextDataset
 from model.evaluate import evaluate_qa, evaluate_retrieval
 from model.train import build_parser, train, training_step, video_warmup
 from twbert_export.assets import AssetError, resolve_checkpoint, resolve_data
-from twbert_export.preprocess import Tokenizer, VideoDecodeError
+from twbert_export.preprocess import EmptyTextWarning, Tokenizer, VideoDecodeError
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,20 @@ def test_dataset_skips_and_names_the_corrupt_video(dataset, small_data):
     assert ids.shape == (6, 40) and (ids[:, 0] == 101).all() and video.tolist() == list(range(6))
     _, _, _, answer = dataset.questions()
     assert (answer >= 0).all() and len(answer) == 12
+
+
+def test_an_empty_caption_is_not_trained_on_and_is_warned_about(small_data, answers, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    lines = [json.loads(x) for x in (data / "annotations.jsonl").read_text().splitlines()][:4]
+    blank = next(i for i, x in enumerate(lines) if "caption" in x)
+    lines[blank]["caption"] = "   "
+    (data / "annotations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.warns(EmptyTextWarning, match=f'annotations.jsonl:{blank + 1}: empty "caption"'):
+        dataset = ClipTextDataset(data, 8, 64, Tokenizer.default(), 40, answers)
+    assert not dataset[blank]["has_caption"]
+    assert sum(bool(dataset[i]["has_caption"]) for i in range(len(dataset))) == sum(
+        "caption" in x for x in lines) - 1
 
 
 def test_dataset_fails_on_the_corrupt_video_by_default(small_data, answers):

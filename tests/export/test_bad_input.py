@@ -1,0 +1,208 @@
+"""Bad input to the command line: one line and exit 2, never a traceback; whatever else goes
+wrong is one line and exit 3 (exit 1 means only that a gate failed); Ctrl-C is one line and 130."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import export
+from twbert_export.contract import IOContract
+from twbert_export.input_checks import ModelFileMismatch, check_onnx_file
+
+from clipdata import write_video
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def a_video(small_val: Path) -> str:
+    return str(sorted((small_val / "videos").glob("*.mp4"))[0])
+
+
+@pytest.fixture
+def artifact_copy(artifact, tmp_path) -> Path:
+    out, _ = artifact
+    copy = tmp_path / "artifact"
+    shutil.copytree(out, copy)
+    return copy
+
+
+# -- predict ------------------------------------------------------------------------------------
+def test_predict_refuses_an_empty_text_and_a_question_to_a_retrieval_artifact(artifact,
+                                                                              small_val, capsys):
+    out, _ = artifact
+    args = ["predict", "--model", str(out / "model.fp32.onnx"), "--video", a_video(small_val)]
+    for text in ("", "   "):
+        assert export.main(args + ["--text", text]) == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert "--text is empty" in line
+    assert export.main(args + ["--question", "which way does the camera move?"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "exported for retrieval" in line
+
+
+# -- a model file from another export -------------------------------------------------------------
+def with_frames(model: onnx.ModelProto, frames: int) -> onnx.ModelProto:
+    """The same graph declaring another frame count, as another schedule's export would."""
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    video = next(i for i in other.graph.input if i.name == "video")
+    video.type.tensor_type.shape.dim[1].dim_value = frames
+    return other
+
+
+def another_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 224, 224])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 224, 224])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["logits"])],
+                              "classifier", [x], [y])
+    return helper.make_model(graph)
+
+
+def test_a_model_file_from_another_export_is_refused_by_predict_and_validate(
+        artifact_copy, small_val, capsys):
+    model_path = artifact_copy / "model.fp32.onnx"
+    original = onnx.load(str(model_path))
+    predict = ["predict", "--model", str(model_path), "--video", a_video(small_val),
+               "--text", "a cat"]
+    validate = ["validate", "--model", str(model_path)]
+    validate_onnx = ["validate", "--onnx", str(model_path), "--val-data", str(small_val)]
+    for foreign, named in [(with_frames(original, 6), "video dim 1 is 6, the contract's 8"),
+                           (another_model(), "inputs ['pixel_values']")]:
+        onnx.save(foreign, str(model_path))
+        for args in (predict, validate, validate_onnx):
+            assert export.main(args) == 2
+            (line,) = error_lines(capsys.readouterr().err)
+            assert named in line and "another model" in line
+    # The right inputs, other bytes: not the file the manifest lists.
+    original.doc_string = "edited"
+    onnx.save(original, str(model_path))
+    for args in (predict, validate, validate_onnx):
+        assert export.main(args) == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert "not the file the artifact's manifest.json lists" in line
+
+
+def test_the_artifacts_own_files_fit_their_contract(artifact):
+    out, _ = artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    contract = IOContract.from_dict(manifest["contract"])
+    for entry in manifest["files"].values():
+        check_onnx_file(out / entry["path"], contract, entry["sha256"])
+    with pytest.raises(ModelFileMismatch, match="not a readable ONNX file"):
+        check_onnx_file(out / "manifest.json", contract)
+
+
+# -- --out --------------------------------------------------------------------------------------
+def test_out_naming_the_current_directory_or_a_file_is_refused_and_nothing_is_touched(
+        tmp_path, monkeypatch, capsys):
+    (tmp_path / "thesis.tex").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for out, message in ((".", "current directory"), ("..", "current directory"),
+                         ("thesis.tex", "is a file")):
+        assert export.main(["--precision", "fp32", "--out", out, "--force"]) == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert message in line
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "x"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write, root included (root ignores the mode: make it immutable)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = os.access(path, os.W_OK) and subprocess.run(
+        ["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    if os.access(path, os.W_OK):
+        pytest.skip("cannot make a directory read-only here (root without chattr)")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
+
+
+def test_read_only_out_is_refused_with_one_line(read_only_dir, capsys):
+    assert export.main(["--precision", "fp32", "--out", str(read_only_dir / "demo")]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"cannot write in {read_only_dir}" in line
+
+
+# -- everything else ----------------------------------------------------------------------------
+def test_an_unexpected_error_is_one_line_and_exit_3_with_the_traceback_in_a_file(
+        monkeypatch, tmp_path, capsys):
+    import twbert_export.predict
+
+    def broken(argv):
+        raise RuntimeError("something nobody expected\nover two lines")
+
+    monkeypatch.setattr(twbert_export.predict, "main", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(export.DEBUG_ENV, raising=False)
+    assert export.main(["predict"]) == export.EXIT_INTERNAL_ERROR == 3
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("internal error: RuntimeError: something nobody expected over two")
+    (saved,) = tmp_path.glob("twbert-export-*.traceback")
+    assert str(saved) in line and "Traceback" in saved.read_text()
+    monkeypatch.setenv(export.DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="nobody expected"):
+        export.main(["predict"])
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_exit_130(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "TWBERT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([PYTHON, str(REPO / "export.py"), "--precision", "fp32", "--out",
+                             str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("[1/"), "the load stage line"
+        proc.send_signal(signal.SIGINT)  # during the ONNX export
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".demo.partial-*"))
+
+
+def test_validate_val_clips_bounds_the_validation_set(artifact, small_val, capsys):
+    out, _ = artifact
+    args = ["validate", "--onnx", str(out / "model.fp32.onnx"), "--val-data", str(small_val)]
+    assert export.main(args + ["--val-clips", "2", "--json"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[:printed.rindex("}") + 1])
+    assert report["validation_data"]["num_videos"] == 2
+    assert export.main(args + ["--val-clips", "0"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--val-clips must be >= 1" in line
+
+
+def test_predict_warns_in_one_line_about_a_one_frame_video(artifact, tmp_path):
+    out, _ = artifact
+    still = tmp_path / "still.mp4"
+    write_video(still, np.full((1, 64, 64, 3), 128, np.uint8))
+    proc = subprocess.run([PYTHON, str(REPO / "export.py"), "predict", "--model",
+                           str(out / "model.fp32.onnx"), "--video", str(still), "--text", "a cat"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "still.mp4" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    assert "1 frame, fewer than the 8 the model samples; frames are repeated" in warnings[0]
