@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import export
-from twbert_export.contract import IOContract
+from twbert_export.artifact import Manifest
 from twbert_export.input_checks import ModelFileMismatch, check_onnx_file
 
 from clipdata import write_video
@@ -100,12 +100,11 @@ def test_a_model_file_from_another_export_is_refused_by_predict_and_validate(
 
 def test_the_artifacts_own_files_fit_their_contract(artifact):
     out, _ = artifact
-    manifest = json.loads((out / "manifest.json").read_text())
-    contract = IOContract.from_dict(manifest["contract"])
-    for entry in manifest["files"].values():
-        check_onnx_file(out / entry["path"], contract, entry["sha256"])
+    manifest = Manifest.load(out)
+    for entry in manifest.files:
+        check_onnx_file(out / entry.path, manifest.contract, entry.sha256)
     with pytest.raises(ModelFileMismatch, match="not a readable ONNX file"):
-        check_onnx_file(out / "manifest.json", contract)
+        check_onnx_file(out / "manifest.json", manifest.contract)
 
 
 # -- --out --------------------------------------------------------------------------------------
