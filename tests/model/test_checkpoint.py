@@ -183,25 +183,26 @@ def test_authors_qa_checkpoint_loads_with_sizes_from_tensors(tmp_path, inputs):
     assert_same_outputs(model, loaded, (video[:, :4], ids, mask))
 
 
-@pytest.mark.parametrize("preset", [None, "tiny"])
-def test_authors_schedule_comes_from_the_time_table_not_the_preset(tmp_path, retrieval_model,
-                                                                  preset):
-    """An 8-frame file (the tiny model's) loaded without a schedule: the base preset alone would
-    say 32-24-16 and resize the time table; the table's length says 8, with selectors 8-6-4."""
-    path = tmp_path / "authors_8_frames.pt"
-    torch.save(to_authors_state_dict(retrieval_model), path)
-    if preset is None:  # the base preset: only the schedule is checked, the sizes do not fit
-        with pytest.raises(CheckpointError, match="schedule 8-6-4"):
-            load_checkpoint(path)
-        return
-    loaded, report = load_checkpoint(path, preset=preset)
-    assert loaded.cfg.selector.schedule == "8-6-4" and loaded.cfg.video.time_embed_frames == 8
-    assert report.schedule_reason == "F@8-6-4 from the checkpoint's 8-frame time table"
-    assert "F@8-6-4 from the checkpoint's 8-frame time table" in report.summary()
+def test_authors_schedule_comes_from_the_time_table_not_the_preset(tmp_path, inputs):
+    """A 16-frame file loaded without a schedule: the preset alone would say its own (tiny 8-6-4,
+    base 32-24-16) and resize the time table; the table's length says 16, with selectors
+    16-12-8."""
+    cfg = TWBertConfig.tiny(schedule="16-12-8")
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=16))
+    model = make_model(cfg, seed=5)
+    path = tmp_path / "authors_16_frames.pt"
+    torch.save(to_authors_state_dict(model), path)
 
-    requested, report = load_checkpoint(path, preset=preset, schedule="16-12-8")
-    assert requested.cfg.selector.schedule == "16-12-8"
-    assert report.schedule_reason == ("F@16-12-8 as requested (the checkpoint's 8-frame time "
+    loaded, report = load_checkpoint(path, preset="tiny")
+    assert loaded.cfg == cfg and report.complete
+    assert report.schedule_reason == "F@16-12-8 from the checkpoint's 16-frame time table"
+    assert "schedule: F@16-12-8 from the checkpoint's 16-frame time table" in report.summary()
+    video, ids, mask = inputs
+    assert_same_outputs(model, loaded, (torch.cat([video, video], dim=1), ids, mask))
+
+    requested, report = load_checkpoint(path, preset="tiny", schedule="8-6-4")
+    assert requested.cfg.selector.schedule == "8-6-4"
+    assert report.schedule_reason == ("F@8-6-4 as requested (the checkpoint's 16-frame time "
                                       "table is interpolated)")
 
 
