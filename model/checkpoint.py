@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from .config import TWBertConfig
-from .twbert import TWBert
+from .config import TWBertConfig, schedule_for_frames
+from .twbert import TEMPERATURE_RANGE, TWBert
 
 FORMAT_NAME = "twbert-export"
 FORMAT_VERSION = 1
@@ -142,6 +143,9 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Which frame schedule the model got and why, e.g. "F@8-6-4 from the checkpoint's 8-frame
+    # time table" (the export prints it on its load line).
+    schedule_reason: str = ""
 
     @property
     def complete(self) -> bool:
@@ -156,6 +160,8 @@ class LoadReport:
 
     def summary(self) -> str:
         lines = [f"{self.path}: {self.format} checkpoint, {self.loaded} tensors loaded"]
+        if self.schedule_reason:
+            lines.append(f"schedule: {self.schedule_reason}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} tensors:")
             for reason, names in self.skipped_by_reason().items():
@@ -230,8 +236,13 @@ def load_checkpoint(path: str | os.PathLike, *, preset: str | None = None, sched
 
     Our files carry their config; `schedule` / `select_layers` may change the frame schedule,
     since no weight depends on it (only whether selectors exist does). The authors' files carry
-    no usable config: it is `preset` (default "base") with the given schedule, and the values the
-    tensors' shapes fix (answer count, time-embedding length, vocabulary and positions).
+    no usable config: it is `preset` (default "base") with the values the tensors' shapes fix
+    (answer count, time-embedding length, vocabulary and positions), and without `schedule` the
+    schedule of the frame count their time table was trained with (`schedule_for_frames`).
+    `report.schedule_reason` says which schedule was chosen and why.
+
+    The ITC temperature is used as stored (as the authors do at inference); a stored value
+    outside TEMPERATURE_RANGE is clamped into it, with a warning and a note in the report.
 
     strict=True raises CheckpointError on missing, unexpected or mis-shaped tensors; strict=False
     loads what fits and lists the rest in the report. Files that need full unpickling are refused
@@ -247,7 +258,21 @@ def load_checkpoint(path: str | os.PathLike, *, preset: str | None = None, sched
         model, report = _load_export(path, contents, preset, schedule, select_layers, strict)
     else:
         model, report = _load_authors(path, contents, preset, schedule, select_layers, strict)
+    _check_temperature(model, report)
     return model.to(map_location).eval(), report
+
+
+def _check_temperature(model: TWBert, report: LoadReport) -> None:
+    stored = model.temp.item()
+    if not torch.isfinite(model.temp):
+        raise CheckpointError(f"{report.path} stores a non-finite ITC temperature ({stored})")
+    if model.clamp_temperature_():
+        low, high = TEMPERATURE_RANGE
+        message = (f"{report.path}: ITC temperature {stored:g} is outside [{low:g}, {high:g}], the "
+                   f"range the authors' training keeps it in; using {model.temp.item():g}")
+        report.notes.append(message)
+        # Python shows a warning once per message and line: loading the file again stays quiet.
+        warnings.warn(message)
 
 
 def _read_checkpoint_file(path: Path, trust_pickle: bool) -> tuple[Any, dict[str, str] | None]:
@@ -280,14 +305,18 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        blocked = _blocked_global(str(e))
-        if blocked is None:
+        refused = _refused_global(str(e))
+        if refused is None:
             raise _unreadable(path, _short_reason(e)) from None
+        name, blocked_module = refused
         if not trust_pickle:
+            what = (f"it calls {name}, from module {blocked_module}, which PyTorch's safe loader "
+                    "blocks outright" if blocked_module else
+                    f"it stores an object of class {name}")
             raise CheckpointError(
-                f"{path} needs full unpickling (it stores an object of class {blocked}), which can "
-                "run arbitrary code. Refusing to load it. If you trust where the file comes from, "
-                "pass trust_pickle=True (CLI: --trust-checkpoint); never for files from unknown "
+                f"{path} was blocked: it needs full unpickling ({what}), which can run arbitrary "
+                "code. Refusing to load it. If you trust where the file comes from, pass "
+                "--trust-checkpoint (Python: trust_pickle=True); never for files from unknown "
                 "sources.") from None
     except Exception as e:  # damaged files surface as RuntimeError, EOFError, KeyError, ...
         raise _unreadable(path, _short_reason(e)) from None
@@ -300,12 +329,18 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> Any:
         raise _unreadable(path, _short_reason(e)) from None
 
 
-def _blocked_global(message: str) -> str | None:
-    """The class a weights-only load refused ("Unsupported global: GLOBAL argparse.Namespace"
-    since torch 2.4, "Unsupported class argparse.Namespace" before); None for other failures such
-    as a text file's "Unsupported operand"."""
+def _refused_global(message: str) -> tuple[str, str | None] | None:
+    """(name, blocked module or None) of what a weights-only load refused; None for other
+    failures such as a text file's "Unsupported operand". Wordings: "Unsupported global: GLOBAL
+    argparse.Namespace was not an allowed global" (torch 2.4+), "Unsupported class
+    argparse.Namespace" (earlier), and for modules torch never allows (os, subprocess, ...)
+    "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (torch 2.6+)."""
+    match = re.search(r"unsupported GLOBAL ([\w.]+) whose module ([\w.]+) is blocked", message,
+                      re.IGNORECASE)
+    if match:
+        return match.group(1), match.group(2)
     match = re.search(r"Unsupported (?:global|class):?\s+(?:GLOBAL\s+)?([\w.]+)", message)
-    return match.group(1) if match else None
+    return (match.group(1), None) if match else None
 
 
 def _unreadable(path: Path, reason: str) -> CheckpointError:
@@ -352,10 +387,13 @@ def _load_export(path: Path, contents: dict[str, Any], preset: str | None, sched
         cfg = TWBertConfig.from_dict(contents.get("config"))
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} has an invalid model config: {e}") from None
+    trained = cfg.selector.schedule
     cfg = _override_schedule(path, cfg, schedule, select_layers)
     metadata = contents.get("metadata") or {}
     report = LoadReport(path=str(path), format=FORMAT_NAME,
                         metadata=dict(metadata) if isinstance(metadata, dict) else {"value": metadata})
+    report.schedule_reason = (f"F@{trained}, the checkpoint's own" if schedule is None else
+                              f"F@{cfg.selector.schedule} as requested (trained at F@{trained})")
     if preset is not None:
         report.notes.append(f"preset {preset!r} ignored: the file carries its own config")
     model = TWBert(cfg)
@@ -380,8 +418,9 @@ def _load_authors(path: Path, contents: Any, preset: str | None, schedule: str |
                   ) -> tuple[TWBert, LoadReport]:
     state_dict, extras = _unwrap_state_dict(path, contents)
     layout = _detect_layout(path, state_dict)
-    cfg = _authors_config(path, state_dict, layout, preset, schedule, select_layers)
-    report = LoadReport(path=str(path), format=f"authors-{layout}", metadata=extras)
+    cfg, schedule_reason = _authors_config(path, state_dict, layout, preset, schedule, select_layers)
+    report = LoadReport(path=str(path), format=f"authors-{layout}", metadata=extras,
+                        schedule_reason=schedule_reason)
     model = TWBert(cfg)
     renamed: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
@@ -444,8 +483,12 @@ def _detect_layout(path: Path, state_dict: dict[str, torch.Tensor]) -> AuthorsLa
 
 def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: AuthorsLayout,
                     preset: str | None, schedule: str | None,
-                    select_layers: str | tuple[int, int] | None) -> TWBertConfig:
-    """The preset, corrected by the sizes the file's tensors fix."""
+                    select_layers: str | tuple[int, int] | None) -> tuple[TWBertConfig, str]:
+    """The preset, corrected by the sizes the file's tensors fix, and why it has its schedule.
+
+    The authors size the time table by the frame count they train with (TimeSformer's
+    `num_frames`, set from their `num_frm`), so without `schedule` its length is T, and the
+    selector weights say whether there is selection."""
     text = AUTHORS_TEXT_PREFIX[layout]
 
     def rows(name: str) -> int | None:
@@ -456,13 +499,19 @@ def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: Aut
         tensor = state_dict.get(name)
         return tensor.shape[1] if tensor is not None and tensor.ndim == 3 else None
 
+    time_table_frames = frames("visual_encoder.model.time_embed")
+    preset = preset or "base"
+    requested = schedule is not None
+    has_selectors = any(_is_selector_name(name) for name in state_dict)
+    if not requested and time_table_frames:
+        schedule = schedule_for_frames(time_table_frames, has_selectors)
     try:
-        cfg = TWBertConfig.preset(preset or "base", schedule, select_layers)
+        cfg = TWBertConfig.preset(preset, schedule, select_layers)
         inferred_text = {"vocab_size": rows(f"{text}embeddings.word_embeddings.weight"),
                          "max_positions": rows(f"{text}embeddings.position_embeddings.weight"),
                          "type_vocab_size": rows(f"{text}embeddings.token_type_embeddings.weight")}
-        inferred_video = {"time_embed_frames": frames("visual_encoder.model.time_embed")}
-        return dataclasses.replace(
+        inferred_video = {"time_embed_frames": time_table_frames}
+        cfg = dataclasses.replace(
             cfg,
             text=dataclasses.replace(cfg.text, **{k: v for k, v in inferred_text.items() if v}),
             video=dataclasses.replace(cfg.video, **{k: v for k, v in inferred_video.items() if v}),
@@ -470,6 +519,18 @@ def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: Aut
         )
     except ValueError as e:
         raise CheckpointError(f"cannot build the model for {path}: {e}") from None
+    chosen = f"F@{cfg.selector.schedule}"
+    if requested:
+        reason = f"{chosen} as requested"
+        if time_table_frames and time_table_frames != cfg.selector.frames:
+            reason += f" (the checkpoint's {time_table_frames}-frame time table is interpolated)"
+    elif time_table_frames:
+        reason = f"{chosen} from the checkpoint's {time_table_frames}-frame time table"
+        if not has_selectors:
+            reason += " and its lack of frame-selector weights"
+    else:
+        reason = f"{chosen}, the {preset} preset's default (the checkpoint has no time table)"
+    return cfg, reason
 
 
 def _skip_reason(name: str, layout: AuthorsLayout, text_layers: int) -> str | None:
@@ -577,15 +638,41 @@ def _mismatch_message(report: LoadReport, cfg: TWBertConfig, file_name_of: Calla
     lines = [f"{report.path} ({report.format}) does not fit the model "
              f"(schedule {cfg.selector.schedule}): {counts}"]
     lines += _problem_lines(report, file_name_of)
-    selection = cfg.selector
-    if not selection.enabled and any(_is_selector_name(n) for n in report.unexpected):
-        lines.append(f"The frame-selector weights are unused by schedule {selection.schedule} "
-                     "(no selection); pass strict=False to drop them.")
-    elif selection.enabled and any(n.startswith("selector") for n in report.missing):
-        lines.append("The file has no frame-selector weights: load it with a schedule without "
-                     "selection (e.g. schedule='T').")
-    lines.append("Pass strict=False to load the weights that fit and list the rest in the report.")
+    lines += _mismatch_advice(report, cfg)
     return "\n".join(lines)
+
+
+def _mismatch_advice(report: LoadReport, cfg: TWBertConfig) -> list[str]:
+    """What to do about a file that does not fit, in terms of the command-line flags (the CLI has
+    no loose loading: an export needs every weight)."""
+    selection, advice = cfg.selector, []
+    selector_weights_unused = (not selection.enabled
+                               and any(_is_selector_name(n) for n in report.unexpected))
+    if selector_weights_unused:
+        advice.append(f"The file has frame-selector weights, which schedule {selection.schedule} "
+                      "(no selection) has no place for: give a schedule with selection, "
+                      f"e.g. --schedule {schedule_for_frames(selection.frames)}, or leave "
+                      "--schedule out to use the file's own.")
+    elif selection.enabled and any(_is_selector_name(n) for n in report.missing):
+        advice.append("The file has no frame-selector weights: give a schedule without "
+                      f"selection, --schedule {selection.frames}.")
+    if report.mismatched:
+        if report.format == FORMAT_NAME:
+            advice.append("The file's tensors do not have the shapes its own config gives: it was "
+                          "damaged or edited; write it again with save_checkpoint.")
+        else:
+            advice.append(f"The file's tensors are sized for another model than the {cfg.dim}-wide "
+                          "one built here: the checkpoint is for another model size. Load it with "
+                          "the preset of its size (model.train: --preset base|tiny; Python: "
+                          "preset=...); the export reads the authors' files as the base model.")
+    elif (report.missing or report.unexpected) and not (advice and _only_selector_names(report)):
+        advice.append("It is not a complete TW-BERT of this layout. To start training from the "
+                      "weights that fit: python -m model.train --init FILE --non-strict.")
+    return advice
+
+
+def _only_selector_names(report: LoadReport) -> bool:
+    return all(_is_selector_name(n) for n in (*report.missing, *report.unexpected))
 
 
 def _is_selector_name(name: str) -> bool:

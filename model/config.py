@@ -207,6 +207,20 @@ def parse_schedule(schedule: str) -> tuple[int, tuple[int, ...]]:
     return parts[0], tuple(parts[1:])
 
 
+# The paper's schedules by input frame count; other counts keep the proportions of the first two.
+PAPER_SCHEDULES = {32: "32-24-16", 24: "24-18-12", 20: "20-14-8"}
+
+
+def schedule_for_frames(frames: int, selection: bool = True) -> str:
+    """The schedule for T input frames: "T" without selection; with it the paper's schedule for T,
+    else K1 = 3T/4 and K2 = T/2 rounded (8 -> 8-6-4, as the tiny preset)."""
+    if not selection:
+        return str(frames)
+    if frames in PAPER_SCHEDULES:
+        return PAPER_SCHEDULES[frames]
+    return f"{frames}-{max(1, (3 * frames + 2) // 4)}-{max(1, frames // 2)}"
+
+
 def parse_layers(layers: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(layers, str):
         try:

@@ -46,7 +46,7 @@ def retrieval_losses(model: TWBert, stems: torch.Tensor, text: torch.Tensor, mas
     B = len(stems)
     video = model.select_and_encode(stems, text[:, 0])["video_embeds"]
     text_feat, video_feat, _ = model.itc(text[:, 0], video[:, 0])
-    sim_t2v = text_feat @ video_feat.T / model.temperature
+    sim_t2v = text_feat @ video_feat.T / model.temp
     targets = same.float() / same.float().sum(1, keepdim=True)
     itc = (-(sim_t2v.log_softmax(1) * targets).sum(1).mean()
            - (sim_t2v.T.log_softmax(1) * targets.T).sum(1).mean()) / 2
@@ -79,6 +79,7 @@ def qa_loss(model: TWBert, stems: torch.Tensor, text: torch.Tensor, mask: torch.
 
 def training_step(model: TWBert, batch: dict[str, torch.Tensor], task: str
                   ) -> dict[str, torch.Tensor]:
+    model.clamp_temperature_()  # as the authors' training step does; the losses divide by temp
     stems = model.encode_video_stem(batch["video"])
     losses: dict[str, torch.Tensor] = {}
     has_caption = batch["has_caption"]
@@ -215,6 +216,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = TWBertConfig.preset(args.preset, args.schedule, args.select_layers,
                                   num_answers=len(answers))
         model = TWBert(cfg)
+    if args.estimator:
+        model.use_estimator(args.estimator)
     cfg = model.cfg
     if answers and cfg.num_answers != len(answers):
         raise ValueError(f"the model has {cfg.num_answers} answers, {answers_path} lists "
@@ -303,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-data", default="demo", help="validation data directory or demo")
     ap.add_argument("--task", choices=["retrieval", "qa", "both"], default="both")
     ap.add_argument("--preset", choices=["base", "tiny"], default="tiny")
-    ap.add_argument("--schedule", help="frame schedule T-K1-K2 (default: the preset's)")
+    ap.add_argument("--schedule", help="frame schedule T-K1-K2 (default: the checkpoint's with "
+                                       "--init, else the preset's)")
     ap.add_argument("--select-layers")
+    ap.add_argument("--estimator", choices=["full", "diagonal"],
+                    help="gradient of the training-time frame selection (perturbed top-k): the "
+                         "full-Jacobian estimator of Berthet et al. or the authors' diagonal one "
+                         "(default: the checkpoint's with --init, else full; docs/model.md)")
     ap.add_argument("--init", help="start from a checkpoint (ours or the authors'); default scratch")
     ap.add_argument("--non-strict", action="store_true",
                     help="with --init: load what matches, report the rest")

@@ -8,6 +8,7 @@ The forward pass is the composition of the stages a deployment cuts along:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -22,6 +23,8 @@ from .text import TextEncoder
 from .video import VideoEncoder
 
 SELECTION_MODES = ("auto", "hard", "perturbed")
+# The range the authors' training keeps the ITC temperature in (clamped in place before each step).
+TEMPERATURE_RANGE = (0.001, 0.5)
 
 
 class QAHead(nn.Module):
@@ -88,6 +91,14 @@ class TWBert(nn.Module):
             for s, m in zip(self.selectors, previous):
                 s.mode = m
 
+    def use_estimator(self, estimator: str) -> None:
+        """Choose the perturbed top-k gradient estimator ("full" or the authors' "diagonal") of
+        both selectors; the config records it, so a saved checkpoint keeps it."""
+        selector = dataclasses.replace(self.cfg.selector, estimator=estimator)
+        self.cfg = dataclasses.replace(self.cfg, selector=selector)  # validates the name
+        for s in self.selectors:
+            s.estimator = estimator
+
     # -- stages ---------------------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> text_embeds (B, L, D); text_cls is text_embeds[:, 0]."""
@@ -139,11 +150,16 @@ class TWBert(nn.Module):
         """L2-normalised projections and the paired similarity v . t / temp."""
         text_feat = F.normalize(self.text_proj(text_cls), dim=-1)
         video_feat = F.normalize(self.vision_proj(video_cls), dim=-1)
-        return text_feat, video_feat, (text_feat * video_feat).sum(-1) / self.temperature
+        return text_feat, video_feat, (text_feat * video_feat).sum(-1) / self.temp
 
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(0.001, 0.5)
+    def clamp_temperature_(self) -> bool:
+        """Clamp `temp` into TEMPERATURE_RANGE in place, as the authors' training does before
+        every step; everywhere else they divide by the stored value, and so does `itc`.
+        Returns whether the value changed."""
+        with torch.no_grad():
+            before = self.temp.item()
+            self.temp.clamp_(*TEMPERATURE_RANGE)
+            return self.temp.item() != before
 
     def pair_features(self, fused: torch.Tensor, num_words: int) -> torch.Tensor:
         """Concatenation of the fused text cls and fused video cls (B, 2D)."""

@@ -20,3 +20,14 @@ def tiny_model(tiny_cfg) -> TWBert:
         for block in model.video.blocks:
             torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
     return model
+
+
+# -- tiers ------------------------------------------------------------------------------------------
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After a default run (pyproject's `-m 'not slow'`), say how to run what it left out."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if config.option.markexpr == "not slow" and deselected:
+        terminalreporter.write_line(
+            f"fast tier only: {deselected} slow test{'s' * (deselected != 1)} deselected. Run "
+            "them with `python -m pytest -m slow`; `bash .ci/run` runs both tiers from a fresh "
+            "environment.")

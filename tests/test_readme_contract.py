@@ -19,6 +19,16 @@ def test_ci_runs_the_readme_commands_verbatim():
     assert "pytest" in tests and tests in ci
 
 
+def test_ci_runs_the_slow_tier_after_the_readme_tests_and_the_readme_says_how():
+    _, tests = readme_commands()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    slow = ".venv/bin/python -m pytest -m slow"
+    assert slow in ci and ci.index(slow) > ci.index(tests)
+    assert "pytest -m slow" in (REPO / "README.md").read_text()
+    # The default run is the fast tier: a plain `pytest` deselects exactly the slow tests.
+    assert "-m 'not slow'" in (REPO / "pyproject.toml").read_text()
+
+
 def test_readme_setup_installs_the_pinned_cpu_torch_first():
     setup, _ = readme_commands()
     assert setup.index("torch==2.13.0") < setup.index("pip install -e .")

@@ -198,6 +198,7 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
     assert precision.check_scales(onnx.load(str(ours)), absmax) > 0
 
 
+@pytest.mark.slow  # four AutoCast runs: about 40 s
 def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
     """AutoCast (as to_fp16 runs it) with ModelOpt's shape inference and with ours, which
     leaves the weights out: the same bytes, on the demo's FP32 graph and on its INT8 graph

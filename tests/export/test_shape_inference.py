@@ -54,6 +54,7 @@ def test_equals_onnx_shape_inference_on_a_hand_made_graph(options):
     assert {t.name for t in types_only.graph.initializer} == {"target", "last", "zero"}
 
 
+@pytest.mark.slow  # an ONNX export of its own and ONNX's full inference: about 25 s
 def test_equals_onnx_shape_inference_on_the_exported_tiny_model(tmp_path, tiny_cfg, tiny_model):
     from twbert_export.contract import IOContract
     from twbert_export.onnx_export import export_onnx

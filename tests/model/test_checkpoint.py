@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from model import TWBert, TWBertConfig
+from model.config import schedule_for_frames
 from model.checkpoint import (FORMAT_NAME, CheckpointError, load_checkpoint, save_checkpoint,
                               to_authors_state_dict)
 
@@ -119,7 +121,8 @@ def test_schedule_without_selection_reports_selector_weights(tmp_path, qa_model,
     path = save_checkpoint(qa_model, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="selector1.scorer.norm.weight") as error:
         load_checkpoint(path, schedule="8")
-    assert "strict=False" in str(error.value)
+    # Advice in the command line's terms: the CLI has no strict=False.
+    assert "--schedule 8-6-4" in str(error.value) and "strict=False" not in str(error.value)
 
     loaded, report = load_checkpoint(path, schedule="8", strict=False)
     selector_names = [n for n in qa_model.state_dict() if n.startswith("selector")]
@@ -163,19 +166,107 @@ def test_authors_retrieval_checkpoint_loads_and_lists_skipped(tmp_path, retrieva
 
 
 def test_authors_qa_checkpoint_loads_with_sizes_from_tensors(tmp_path, inputs):
-    cfg = TWBertConfig.tiny(num_answers=7)
+    cfg = TWBertConfig.tiny(schedule="4-3-2", num_answers=7)
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=4),
                               text=dataclasses.replace(cfg.text, max_positions=64))
     model = make_model(cfg, seed=3)
     path = tmp_path / "authors_qa.pt"
     torch.save(authors_state_dict(model, "qa"), path)
 
-    # The tiny preset has no QA head, 8 time steps and 512 positions: the tensors decide.
+    # The tiny preset has no QA head, 8 frames and 512 positions: the tensors decide.
     loaded, report = load_checkpoint(path, preset="tiny")
     assert report.format == "authors-qa" and report.complete
     assert loaded.cfg == cfg
+    assert report.schedule_reason == "F@4-3-2 from the checkpoint's 4-frame time table"
     assert len(report.skipped) == len(training_only_entries(model, "text_encoder."))
+    video, ids, mask = inputs
+    assert_same_outputs(model, loaded, (video[:, :4], ids, mask))
+
+
+def test_authors_schedule_comes_from_the_time_table_not_the_preset(tmp_path, inputs):
+    """A 16-frame file loaded without a schedule: the preset alone would say its own (tiny 8-6-4,
+    base 32-24-16) and resize the time table; the table's length says 16, with selectors
+    16-12-8."""
+    cfg = TWBertConfig.tiny(schedule="16-12-8")
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=16))
+    model = make_model(cfg, seed=5)
+    path = tmp_path / "authors_16_frames.pt"
+    torch.save(to_authors_state_dict(model), path)
+
+    loaded, report = load_checkpoint(path, preset="tiny")
+    assert loaded.cfg == cfg and report.complete
+    assert report.schedule_reason == "F@16-12-8 from the checkpoint's 16-frame time table"
+    assert "schedule: F@16-12-8 from the checkpoint's 16-frame time table" in report.summary()
+    video, ids, mask = inputs
+    assert_same_outputs(model, loaded, (torch.cat([video, video], dim=1), ids, mask))
+
+    requested, report = load_checkpoint(path, preset="tiny", schedule="8-6-4")
+    assert requested.cfg.selector.schedule == "8-6-4"
+    assert report.schedule_reason == ("F@8-6-4 as requested (the checkpoint's 16-frame time "
+                                      "table is interpolated)")
+
+
+def test_authors_file_without_selectors_gets_a_schedule_without_selection(tmp_path, inputs):
+    cfg = TWBertConfig.tiny(schedule="8")
+    model = make_model(cfg, seed=4)
+    path = tmp_path / "authors_no_selection.pt"
+    torch.save(to_authors_state_dict(model), path)
+    loaded, report = load_checkpoint(path, preset="tiny")
+    assert loaded.cfg.selector.schedule == "8" and report.complete
+    assert report.schedule_reason == ("F@8 from the checkpoint's 8-frame time table and its lack "
+                                      "of frame-selector weights")
     assert_same_outputs(model, loaded, inputs)
+
+
+@pytest.mark.parametrize("frames, schedule", [(32, "32-24-16"), (24, "24-18-12"), (20, "20-14-8"),
+                                              (8, "8-6-4"), (16, "16-12-8"), (2, "2-2-1")])
+def test_schedule_for_frames_follows_the_paper(frames, schedule):
+    assert schedule_for_frames(frames) == schedule
+    assert schedule_for_frames(frames, selection=False) == str(frames)
+
+
+def test_our_format_reports_its_own_schedule(tmp_path, qa_model):
+    path = save_checkpoint(qa_model, tmp_path / "model.pt")
+    assert load_checkpoint(path)[1].schedule_reason == "F@8-6-4, the checkpoint's own"
+    assert load_checkpoint(path, schedule="8-4-2")[1].schedule_reason == \
+        "F@8-4-2 as requested (trained at F@8-6-4)"
+
+
+# -- the ITC temperature ----------------------------------------------------------------------------
+def test_itc_divides_by_the_stored_temperature_as_the_authors_do(retrieval_model, inputs):
+    with torch.no_grad():
+        out = retrieval_model(*inputs)
+        cosine = (out["text_feat"] * out["video_feat"]).sum(-1)
+    torch.testing.assert_close(out["itc_sim"], cosine / retrieval_model.temp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stored, used", [(0.9, 0.5), (1e-5, 0.001)])
+def test_out_of_range_temperature_is_clamped_with_a_warning(tmp_path, retrieval_model, stored,
+                                                            used):
+    state = to_authors_state_dict(retrieval_model)
+    state["temp"] = torch.tensor(stored)
+    path = tmp_path / "authors_temp.pt"
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match=f"ITC temperature {stored:g} is outside"):
+        loaded, report = load_checkpoint(path, preset="tiny")
+    assert loaded.temp.item() == pytest.approx(used)
+    assert any("ITC temperature" in note for note in report.notes)
+
+
+def test_in_range_temperature_loads_as_stored_and_silently(tmp_path, retrieval_model, recwarn):
+    path = save_checkpoint(retrieval_model, tmp_path / "model.pt")
+    loaded, report = load_checkpoint(path)
+    assert loaded.temp.item() == retrieval_model.temp.item() and not report.notes
+    assert not [w for w in recwarn if "temperature" in str(w.message)]
+
+
+def test_non_finite_temperature_is_refused(tmp_path, retrieval_model):
+    state = to_authors_state_dict(retrieval_model)
+    state["temp"] = torch.tensor(float("nan"))
+    path = tmp_path / "authors_nan_temp.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="non-finite ITC temperature"):
+        load_checkpoint(path, preset="tiny")
 
 
 # Spec sections 5 and 8, written out independently of the loader's table.
@@ -246,8 +337,22 @@ def test_misshaped_tensor_error_gives_both_shapes(tmp_path, retrieval_model):
     state["vision_proj.weight"] = torch.zeros(33, 64)
     path = tmp_path / "authors.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"vision_proj.weight \(model \[32, 64\], file \[33, 64\]\)"):
+    with pytest.raises(CheckpointError, match=r"vision_proj.weight \(model \[32, 64\], file \[33, 64\]\)") \
+            as error:
         load_checkpoint(path, preset="tiny")
+    # Actionable in the CLI's terms: another model size, the preset flag; no strict=False.
+    assert "another model size" in str(error.value) and "--preset" in str(error.value)
+    assert "strict=False" not in str(error.value)
+
+
+def test_misshaped_tensor_in_our_format_says_the_file_is_damaged(tmp_path, retrieval_model):
+    state = dict(retrieval_model.state_dict(), **{"text_proj.weight": torch.zeros(33, 64)})
+    path = tmp_path / "edited.pt"
+    torch.save({"format": FORMAT_NAME, "format_version": 1, "config": retrieval_model.cfg.to_dict(),
+                "state_dict": state, "metadata": {}}, path)
+    with pytest.raises(CheckpointError, match="damaged or edited") as error:
+        load_checkpoint(path)
+    assert "strict=False" not in str(error.value)
 
 
 def test_long_key_lists_are_truncated(tmp_path, retrieval_model):
@@ -324,13 +429,31 @@ def test_unreadable_file_gives_one_clear_error(tmp_path, qa_model, kind, message
     assert error.value.__context__ is None or error.value.__suppress_context__
 
 
+class RunsACommand:
+    """Unpickling calls os.system: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return os.system, ("echo this-must-not-run",)
+
+
+def test_pickle_calling_a_blocked_module_says_it_was_blocked(tmp_path, retrieval_model, capfd):
+    path = tmp_path / "malicious.pt"
+    torch.save({"model": to_authors_state_dict(retrieval_model), "payload": RunsACommand()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path, preset="tiny")
+    message = str(error.value)
+    assert "was blocked" in message and "system" in message and "--trust-checkpoint" in message
+    assert "truncated" not in message
+    assert "this-must-not-run" not in capfd.readouterr().out
+
+
 def test_pickle_needing_full_unpickling_is_refused_unless_trusted(tmp_path, retrieval_model, inputs):
     path = tmp_path / "authors_with_args.pt"
     torch.save({"model": to_authors_state_dict(retrieval_model), "args": argparse.Namespace(lr=1e-4)},
                path)
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path, preset="tiny")
-    for phrase in ("argparse.Namespace", "trust_pickle=True", "--trust-checkpoint", "trust"):
+    for phrase in ("argparse.Namespace", "was blocked", "trust_pickle=True", "--trust-checkpoint"):
         assert phrase in str(error.value)
 
     loaded, report = load_checkpoint(path, preset="tiny", trust_pickle=True)

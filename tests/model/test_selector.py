@@ -89,6 +89,32 @@ def test_full_jacobian_gradient_matches_finite_differences_of_the_smoothed_objec
     assert (scores.grad[0] - finite_diff).abs().max() > 0.2 * finite_diff.abs().max()
 
 
+def test_diagonal_estimator_is_the_diagonal_of_the_full_estimators_jacobian():
+    """The authors' estimator keeps, of the full Jacobian dM[k, t] / ds[u], only the u = t terms:
+    with the same noise, its gradient is sum_k G[k, t] J[k, t, t] exactly."""
+    T, K, S, sigma = 6, 3, 200, 0.3
+    scores = torch.tensor([[0.3, -0.2, 0.5, 0.1, 0.0, 0.25]], requires_grad=True)
+    jacobian = torch.zeros(K, T, T)  # [k, t, u] = dM[k, t] / ds[u] by the full estimator
+    for k in range(K):
+        for t in range(T):
+            scores.grad = None
+            torch.manual_seed(7)  # the same noise samples for every backward pass
+            perturbed_topk_indicators(scores, K, S, sigma, "full")[0, k, t].backward()
+            jacobian[k, t] = scores.grad[0]
+    G = torch.randn(1, K, T, generator=torch.Generator().manual_seed(3))
+
+    def gradient(estimator: str) -> torch.Tensor:
+        scores.grad = None
+        torch.manual_seed(7)
+        (perturbed_topk_indicators(scores, K, S, sigma, estimator) * G).sum().backward()
+        return scores.grad[0].clone()
+
+    diagonal = jacobian.diagonal(dim1=1, dim2=2)  # [k, t] = J[k, t, t]
+    torch.testing.assert_close(gradient("diagonal"), (G[0] * diagonal).sum(0))
+    torch.testing.assert_close(gradient("full"), torch.einsum("kt,ktu->u", G[0], jacobian))
+    assert not torch.allclose(gradient("diagonal"), gradient("full"), atol=1e-3)
+
+
 def test_perturbed_topk_rejects_unknown_estimator():
     with pytest.raises(ValueError, match="estimator"):
         perturbed_topk_indicators(torch.rand(1, 4), 2, estimator="exact")

@@ -163,6 +163,8 @@ def test_runs_in_half_precision_with_the_same_choices(tiny_model, make_inputs, d
     tol = 2e-2 if dtype == torch.float16 else 1e-1
     torch.testing.assert_close(out["itm_logits"].float(), ref["itm_logits"], atol=tol, rtol=tol)
     torch.testing.assert_close(out["frame_scores_1"], ref["frame_scores_1"], atol=tol, rtol=tol)
+    for name in ("frame_indices_1", "frame_indices_2"):  # the same frames kept
+        assert torch.equal(out[name], ref[name]), f"{dtype} keeps other frames in {name}"
 
 
 @torch.no_grad()

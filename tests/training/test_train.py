@@ -92,8 +92,8 @@ def test_video_warmup_trains_only_the_video_encoder_and_learns(dataset, answers)
 
 def test_short_training_run_saves_resumes_and_evaluates(small_data, tmp_path):
     out = tmp_path / "run"
-    args = ["--data", str(small_data), "--val-data", str(small_data), "--out", str(out),
-            "--epochs", "1", "--batch-size", "6", "--on-error", "skip"]
+    args = ["--estimator", "diagonal", "--data", str(small_data), "--val-data", str(small_data),
+            "--out", str(out), "--epochs", "1", "--batch-size", "6", "--on-error", "skip"]
     train(build_parser().parse_args(args))
     assert (out / "best.pt").is_file() and (out / "resume.pt").is_file()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -106,6 +106,8 @@ def test_short_training_run_saves_resumes_and_evaluates(small_data, tmp_path):
     assert [e["epoch"] for e in log] == [1, 2] and resumed["epochs"] == 2
 
     model, report = load_checkpoint(out / "best.pt")
+    assert model.cfg.selector.estimator == "diagonal"  # the run's choice, kept in the checkpoint
+    assert all(s.estimator == "diagonal" for s in model.selectors)
     assert report.metadata["answers"][:6] == ["left", "right", "up", "down", "in", "out"]
     data = ClipTextDataset(small_data, 8, 64, Tokenizer.default(), 40,
                            report.metadata["answers"], on_error="skip")
