@@ -269,10 +269,9 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
             raise UserError(f"{inputs.ckpt_path}: the checkpoint's metadata has no answer list, "
                             "which a QA export needs")
     stages.line("load", sw.seconds, inputs.ckpt_path,
-                f"{load_report.format}, F@{contract.schedule}")
+                f"{load_report.format}, {load_report.schedule_reason or 'F@' + contract.schedule}")
     return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
                   (stat.st_size, stat.st_mtime_ns))
-
 
 
 def _claim_output_dir(out: Path, force: bool) -> Path:
