@@ -9,6 +9,9 @@
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
                      (--text "a caption" | --question "...")
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto]   (needs TensorRT)
+    python export.py serve --artifact engines/NAME [--http-port 8000] [--grpc-port 8001]
+                     [--instances N] [--max-batch B] [--max-queue-delay-us U]   (Triton, PyTriton)
+    python export.py triton-repo --artifact engines/NAME --out REPO   (for the Triton container)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
@@ -177,8 +180,21 @@ def run_predict(argv: list[str]) -> int:
     return main(argv)
 
 
+def run_serve(argv: list[str]) -> int:
+    from twbert_export.serve import main
+
+    return main(argv)
+
+
+def run_triton_repo(argv: list[str]) -> int:
+    from twbert_export.triton_repo import main
+
+    return main(argv)
+
+
 def run_command(argv: list[str]) -> int:
-    commands = {"validate": run_validate, "predict": run_predict, "build": run_build}
+    commands = {"validate": run_validate, "predict": run_predict, "build": run_build,
+                "serve": run_serve, "triton-repo": run_triton_repo}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "export":
