@@ -30,6 +30,7 @@ import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -197,7 +198,6 @@ def pytriton():
 def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[Any]:
     """Triton running with the artifact's models bound; yields the pytriton `Triton` object.
     Stops the server and deactivates the runners on the way out."""
-    decorators, model_config, triton_module = pytriton()
     path = model_file(opts.artifact, opts.precision)
     artifact = Artifact(path)
     c = artifact.contract
@@ -207,6 +207,7 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                          f"1..{c.batch.max}")
     if opts.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {opts.instances}")
+    decorators, model_config, triton_module = pytriton()
     use_own_libpython()
     log_file = Path(tempfile.gettempdir()) / f"twbert-triton-{os.getpid()}.log"
     config = triton_module.TritonConfig(
@@ -239,18 +240,20 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
             f"{opts.max_queue_delay_us} us, {opts.instances} instance(s)")
         log(f"  http://{LOOPBACK}:{opts.http_port}  grpc {LOOPBACK}:{opts.grpc_port}  "
             f"metrics http://{LOOPBACK}:{opts.metrics_port}/metrics  "
-            f"ready: GET /v2/health/ready; Triton's log: {log_file}")
+            f"Triton's log: {log_file}")
         yield server
 
 
 def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
-    """Serve until SIGINT or SIGTERM, then stop Triton cleanly."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    """Serve until SIGINT or SIGTERM (or until Triton or a model stops), then stop Triton."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     with started(opts, log) as server:
-        server.serve()  # returns on Ctrl-C / SIGTERM, or when Triton or a model stops
+        server.run()  # the models load; returns once they are ready
+        log("ready (GET /v2/health/ready; each model: GET /v2/models/NAME/ready)")
+        while server.is_alive() and not stop.wait(1.0):
+            pass
     log("stopped")
 
 
