@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from .served import QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT
 from .util import MissingDependency, require
 
-SCORE_MODEL, QA_MODEL = "twbert_score", "twbert_qa"  # as serve.py binds them
 TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
                  np.dtype(np.int64): "INT64", np.dtype(np.object_): "BYTES"}
 
@@ -111,7 +111,7 @@ def score(client: TritonClient, videos: np.ndarray, text: str, max_batch: int
     for i in range(0, len(videos), max_batch):
         chunk = videos[i:i + max_batch]
         parts.append(client.infer(SCORE_MODEL, {"video": chunk,
-                                                "text": text_column(text, len(chunk))}))
+                                                SCORE_TEXT: text_column(text, len(chunk))}))
     out = {"itm_logits": np.concatenate([p["itm_logits"] for p in parts]),
            "itc_sim": np.concatenate([p["itc_similarity"] for p in parts])[:, 0]}
     if "frames" in parts[0]:
@@ -125,7 +125,7 @@ def answer(client: TritonClient, videos: np.ndarray, question: str, max_batch: i
     for i in range(0, len(videos), max_batch):
         chunk = videos[i:i + max_batch]
         out = client.infer(QA_MODEL, {"video": chunk,
-                                      "question": text_column(question, len(chunk))})
+                                      QA_TEXT: text_column(question, len(chunk))})
         answers += [a.decode("utf-8") for a in out["answer"][:, 0]]
         probability.append(out["probability"][:, 0])
     return answers, np.concatenate(probability)

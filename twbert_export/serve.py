@@ -38,21 +38,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .artifact import Manifest
-from .metrics import softmax
 from .predict import Artifact
 from .runners import batched, run_batches
+from .served import (QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT, answer_outputs,
+                     score_outputs, texts_of)
 from .util import require
 
-SCORE_MODEL, QA_MODEL = "twbert_score", "twbert_qa"
 LOOPBACK = "127.0.0.1"
 # PyTriton protects these endpoints with a generated token by default; the statistics endpoint
 # is left open (read-only, loopback only) so that clients and the load test can read the batch
 # sizes the dynamic batcher formed.
 PROTECTED_ENDPOINTS = ["shared-memory", "model-repository", "trace", "logging"]
-
-
-class BadRequest(ValueError):
-    """A request the model refuses (Triton answers it with an error; the server stays up)."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +83,6 @@ def model_file(artifact: str | Path, precision: str | None = None) -> Path:
     return engine if engine.is_file() else onnx
 
 
-def texts_of(column: np.ndarray, name: str) -> list[str]:
-    """A BYTES input batch (N, 1) as N strings; an empty or undecodable one is a BadRequest."""
-    texts = []
-    for row, value in enumerate(column.reshape(len(column), -1)[:, 0]):
-        try:
-            text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        except UnicodeDecodeError:
-            raise BadRequest(f"{name} is not UTF-8 text") from None
-        if not text.strip():
-            raise BadRequest(f"{name} is empty: give the caption or question to run")
-        texts.append(text)
-    return texts
-
-
 class ArtifactModel:
     """One model instance: the artifact's runner (activated) and the computations the served
     models make, the same as `predict` makes them."""
@@ -122,23 +104,11 @@ class ArtifactModel:
         return {k: v[:n] for k, v in out.items()}
 
     def score(self, video: np.ndarray, text: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.forward(video, texts_of(text, "text"))
-        result = {
-            "match_probability": softmax(out["itm_logits"].astype(np.float64))[:, 1:],
-            "itc_similarity": out["itc_sim"].astype(np.float32).reshape(-1, 1),
-            "itm_logits": out["itm_logits"].astype(np.float32)}
-        if "frame_indices_2" in out:
-            result["frames"] = out["frame_indices_2"].astype(np.int64)
-        return result
+        return score_outputs(self.forward(video, texts_of(text, SCORE_TEXT)))
 
     def answer(self, video: np.ndarray, question: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.forward(video, texts_of(question, "question"))
-        probs = softmax(out["qa_logits"].astype(np.float64))
-        best = probs.argmax(-1)
-        answers = self.artifact.answers or []
-        return {"answer": np.array([[answers[b].encode()] for b in best], dtype=np.object_),
-                "probability": probs[np.arange(len(best)), best].reshape(-1, 1),
-                "answer_index": best.astype(np.int64).reshape(-1, 1)}
+        return answer_outputs(self.forward(video, texts_of(question, QA_TEXT)),
+                              self.artifact.answers or [])
 
 
 @dataclass(frozen=True)
@@ -158,10 +128,10 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
     kept = next((t for t in c.outputs if t.name == "frame_indices_2"), None)
     if kept is not None:
         score_out.append(("frames", np.int64, (int(kept.shape[1]),)))
-    specs = [ModelSpec(SCORE_MODEL, [video, ("text", bytes, (1,))], score_out,
+    specs = [ModelSpec(SCORE_MODEL, [video, (SCORE_TEXT, bytes, (1,))], score_out,
                        lambda m: m.score)]
     if c.task == "qa" and artifact.answers:
-        specs.append(ModelSpec(QA_MODEL, [video, ("question", bytes, (1,))],
+        specs.append(ModelSpec(QA_MODEL, [video, (QA_TEXT, bytes, (1,))],
                                [("answer", bytes, (1,)), ("probability", np.float64, (1,)),
                                 ("answer_index", np.int64, (1,))], lambda m: m.answer))
     return specs

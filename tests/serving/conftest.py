@@ -6,37 +6,16 @@ Tests that need the server skip, saying so, where that environment is missing.""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from clipdata import copy_clips
+from triton_server import (REPO, SERVE_ENV, STOP_TIMEOUT_S, Server, free_port, serve_python,
+                           wait_ready)
 from twbert_export.pipeline import ExportOptions, run_export
-
-REPO = Path(__file__).resolve().parents[2]
-SERVE_ENV = "TWBERT_SERVE_PYTHON"
-START_TIMEOUT_S, STOP_TIMEOUT_S, REQUEST_TIMEOUT_S = 180, 60, 60
-
-
-def serve_python() -> Path | None:
-    path = Path(os.environ.get(SERVE_ENV) or REPO / ".venv-serve" / "bin" / "python")
-    return path if path.is_file() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -66,49 +45,6 @@ def qa_artifact(tmp_path_factory, serve_clips) -> Path:
     run_export(ExportOptions(ckpt="demo", precisions=("fp32",), task="qa", val_data=str(serve_clips),
                              out=str(out), calib_cache=False))
     return out
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    http: str
-    grpc: str
-    python: Path
-    log: Path
-
-    def get(self, path: str) -> tuple[int, dict]:
-        return self.request("GET", path)
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-                raw = r.read()
-                return r.status, json.loads(raw) if raw else {}
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            return e.code, json.loads(raw) if raw else {}
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.output()}")
-        try:
-            # The server is ready before PyTriton has loaded the models; then each model is.
-            if all(server.get(f"/v2/models/{model}/ready")[0] == 200
-                   for model in ("twbert_score", "twbert_qa")):
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the server was not ready within {START_TIMEOUT_S} s:\n{server.output()}")
 
 
 @pytest.fixture(scope="module")

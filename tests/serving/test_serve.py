@@ -4,51 +4,21 @@ requests are batched within the exported range."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import export
+from triton_server import (QUESTION, REPO, caption_of, predicted, served, v2_request,
+                           videos_of)
 from twbert_export.predict import Artifact, load_videos
-
-REPO = Path(__file__).resolve().parents[2]
-QUESTION = "which way does the camera move?"
-
-
-def videos_of(data: Path, n: int = 3) -> list[str]:
-    return sorted(str(p) for p in (data / "videos").glob("*.mp4"))[:n]
-
-
-def predicted(artifact: Path, videos: list[str], flag: str, text: str, capsys) -> dict:
-    args = ["predict", "--model", str(artifact / "model.fp32.onnx"), flag, text, "--json"]
-    for v in videos:
-        args += ["--video", v]
-    assert export.main(args) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def served(server, protocol: str, videos: list[str], flag: str, text: str) -> dict:
-    url = server.http if protocol == "http" else server.grpc
-    args = [str(server.python), "-m", "twbert_export.client", "--url", url, "--protocol",
-            protocol, flag, text, "--json"]
-    for v in videos:
-        args += ["--video", v]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def caption_of(data: Path) -> str:
-    return json.loads((data / "annotations.jsonl").read_text().splitlines()[0])["caption"]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_served_ranking_and_answers_equal_predicts(server, qa_artifact, serve_clips, protocol, capsys):
+def test_served_ranking_and_answers_equal_predicts(server, qa_artifact, serve_clips, protocol,
+                                                   capsys):
     videos = videos_of(serve_clips)
     caption = caption_of(serve_clips)
     want = predicted(qa_artifact, videos, "--text", caption, capsys)
@@ -63,14 +33,6 @@ def test_served_ranking_and_answers_equal_predicts(server, qa_artifact, serve_cl
     assert [a["answer"] for a in got["answers"]] == [a["answer"] for a in want["answers"]]
     assert [a["probability"] for a in got["answers"]] == pytest.approx(
         [a["probability"] for a in want["answers"]], abs=1e-6)
-
-
-def v2_request(video: np.ndarray, text: str) -> dict:
-    """A KServe v2 JSON request of one row."""
-    return {"inputs": [
-        {"name": "video", "shape": [1, *video.shape], "datatype": video.dtype == np.int64
-         and "INT64" or "FP32", "data": video.ravel().tolist()},
-        {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
 
 
 def test_bad_requests_get_errors_and_the_server_stays_up(server, qa_artifact, serve_clips):
@@ -103,7 +65,8 @@ def test_bad_requests_get_errors_and_the_server_stays_up(server, qa_artifact, se
     assert 0.0 <= reply["outputs"][0]["data"][0] <= 1.0
 
 
-def test_concurrent_requests_are_batched_within_the_exported_range(server, qa_artifact, serve_clips):
+def test_concurrent_requests_are_batched_within_the_exported_range(server, qa_artifact,
+                                                                   serve_clips):
     artifact = Artifact(qa_artifact / "model.fp32.onnx")
     clip = load_videos(artifact, videos_of(serve_clips, 1))[0]
     body = v2_request(clip, caption_of(serve_clips))
