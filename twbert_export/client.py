@@ -45,8 +45,7 @@ class TritonClient:
     def __init__(self, url: str, protocol: str = "http", timeout_s: float = 60.0):
         if protocol not in ("http", "grpc"):
             raise ValueError(f"--protocol must be http or grpc, got {protocol!r}")
-        why = "for the Triton client (pip install -r requirements-serve.txt)"
-        self.module = require(f"tritonclient.{protocol}", why)
+        self.module = require(f"tritonclient.{protocol}", "for the Triton client")
         self.protocol, self.url, self.timeout_s = protocol, url, timeout_s
         if protocol == "http":
             self.client = self.module.InferenceServerClient(url, connection_timeout=timeout_s,

@@ -157,8 +157,7 @@ def use_own_libpython() -> None:
 
 def pytriton():
     """PyTriton's modules, or MissingDependency naming the serving install."""
-    why = "to serve on Triton Inference Server (pip install -r requirements-serve.txt)"
-    require("pytriton", why)
+    require("pytriton", "to serve on Triton Inference Server")
     from pytriton import decorators, model_config, triton
 
     return decorators, model_config, triton
