@@ -30,7 +30,7 @@ import signal
 import sys
 import sysconfig
 import tempfile
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -214,15 +214,17 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
 
 
 def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
-    """Serve until SIGINT or SIGTERM (or until Triton or a model stops), then stop Triton."""
-    stop = threading.Event()
+    """Serve until SIGINT or SIGTERM (or until Triton or a model stops), then stop Triton.
+    The signal handler only sets a flag: taking a lock there (threading.Event.set) can deadlock
+    with the main thread's own wait on that lock."""
+    stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _: stopping.append(signum))
     with started(opts, log) as server:
         server.run()  # the models load; returns once they are ready
         log("ready (GET /v2/health/ready; each model: GET /v2/models/NAME/ready)")
-        while server.is_alive() and not stop.wait(1.0):
-            pass
+        while server.is_alive() and not stopping:
+            time.sleep(0.5)
     log("stopped")
 
 
