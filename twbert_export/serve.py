@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -137,6 +138,18 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
     return specs
 
 
+def check_ports_free(ports: dict[str, int]) -> None:
+    """ValueError naming the first port already taken on the loopback address: Triton would
+    exit on it, and PyTriton only notice after its start-up timeout."""
+    for option, port in ports.items():
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError as e:
+                raise ValueError(f"{option} {port}: cannot listen on {LOOPBACK}:{port} "
+                                 f"({e.strerror}): choose another port") from None
+
+
 def use_own_libpython() -> None:
     """Make Triton's Python-backend stub load this interpreter's libpython.
 
@@ -176,6 +189,8 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                          f"1..{c.batch.max}")
     if opts.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {opts.instances}")
+    check_ports_free({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
+                      "--metrics-port": opts.metrics_port})
     decorators, model_config, triton_module = pytriton()
     use_own_libpython()
     log_file = Path(tempfile.gettempdir()) / f"twbert-triton-{os.getpid()}.log"

@@ -4,6 +4,7 @@ requests are batched within the exported range."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,9 +87,15 @@ def test_concurrent_requests_are_batched_within_the_exported_range(server, qa_ar
 
 
 def test_serve_refuses_bad_arguments_in_one_line(qa_artifact, tmp_path, capsys):
-    for args in (["--artifact", str(tmp_path / "missing")],
-                 ["--artifact", str(qa_artifact), "--max-batch", "99"],
-                 ["--artifact", str(qa_artifact), "--precision", "int8"]):
-        assert export.main(["serve", *args]) == 2, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: "), err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        for args in (["--artifact", str(tmp_path / "missing")],
+                     ["--artifact", str(qa_artifact), "--max-batch", "99"],
+                     ["--artifact", str(qa_artifact), "--precision", "int8"],
+                     ["--artifact", str(qa_artifact), "--http-port", busy]):
+            assert export.main(["serve", *args]) == 2, args
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"--http-port {busy}" in err[0]
