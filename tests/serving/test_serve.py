@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,24 @@ def test_serve_refuses_bad_arguments_in_one_line(qa_artifact, tmp_path, capsys):
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("error: "), err
     assert f"--http-port {busy}" in err[0]
+
+
+def descendants(pid: int) -> list[int]:
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_python_backend_stubs_run_the_serving_pythons_own_libpython(server):
+    """The stub would otherwise load the system's libpython, of another patch level than a
+    pyenv Python's standard library, and fail to load the models (README, Serving)."""
+    libdir = subprocess.run([str(server.python), "-c", "import sysconfig; print(sysconfig."
+                             "get_config_var('LIBDIR'))"], capture_output=True, text=True,
+                            timeout=60).stdout.strip()
+    stubs = [p for p in descendants(server.process.pid)
+             if b"triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert stubs, "no Python-backend stub process found under the server"
+    for pid in stubs:
+        loaded = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                  if "libpython3" in line}
+        assert loaded and all(Path(lib).parent == Path(libdir) for lib in loaded), loaded
