@@ -191,10 +191,11 @@ class ComposedSplit:
 
     def __init__(self, files: dict[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
-                 text_cache: int = 4096):
+                 text_cache: int = 4096, stem_storage: str = "float32"):
         from .runners import ort_session
 
         self.contracts, self.monolithic = contracts, monolithic
+        self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
         self.sessions = {g: ort_session(files[g], threads) for g in GRAPHS}
         self.executions: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
@@ -242,11 +243,14 @@ class ComposedSplit:
                                        selected["video_embeds"])}
         return {name: out[name] for name in self.monolithic.output_names}
 
+    def _stored_stems(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stem = self.run("video_stem", feed)["stem"]
+        return {"stem": stem.astype(self.stem_storage).astype(np.float32)}
+
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The monolithic graph's computation, each clip's stem and each text computed once."""
         self.monolithic.check_feed(feed)
-        stems = _cached(self._stems, {"video": feed["video"]},
-                        lambda f: self.run("video_stem", f))
+        stems = _cached(self._stems, {"video": feed["video"]}, self._stored_stems)
         texts = _cached(self._texts, {n: feed[n] for n in ("input_ids", "attention_mask")},
                         lambda f: self.run("text", f))
         return self.score(stems["stem"], texts, feed["attention_mask"])
@@ -300,6 +304,26 @@ def split_runner(files: dict[str, str | Path], contracts: dict[str, IOContract],
             self.pipeline = None
 
     return SplitRunner()
+
+
+def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
+                   monolithic: IOContract, precision: str, val: FeedSet,
+                   reference: dict[str, np.ndarray], reference_metrics: dict[str, Any],
+                   gate: Any, answers: list[str] | None = None) -> dict[str, Any]:
+    """The split graphs of one precision, composed, against the PyTorch reference with the
+    monolithic gates (`validate.compare_precision`); adds the graph runs, rows and seconds."""
+    import time
+
+    from . import validate
+
+    runner = split_runner(files, contracts, monolithic, name=f"split-{precision}")
+    start = time.perf_counter()
+    with runner:
+        test, metrics = validate.run_validation(runner, val, monolithic, answers=answers)
+    result = validate.compare_precision(precision, test, reference, monolithic, gate, metrics,
+                                        reference_metrics)
+    return {**result, "task_metrics": metrics, "seconds": time.perf_counter() - start,
+            "graph_runs": runner.executions, "graph_rows": runner.rows}
 
 
 # -- precision ----------------------------------------------------------------------------------
@@ -402,7 +426,7 @@ def bench(n_clips: int = 100, k: int = 50, repeats: int = 3, data: str = "demo:t
         pipeline = ComposedSplit(files, contracts, monolithic, threads)
         t0 = time.perf_counter()
         index = ClipIndex.open(tmp / "index", artifact="bench", stem_dtype="float32",
-                               stem_shape=contracts["select"].inputs[0].shape[1:])
+                               stem_shape=contracts["video_stem"].outputs[0].shape[1:])
         index_videos(index, videos, pipeline, contracts["video_stem"], root=data_dir)
         index_seconds = (time.perf_counter() - t0) / n_clips
         clip_videos = np.stack([_load(v, monolithic) for v in videos])
@@ -436,6 +460,25 @@ def bench(n_clips: int = 100, k: int = 50, repeats: int = 3, data: str = "demo:t
             "rankings_equal": rankings["split"] == rankings["monolithic"],
             "split_graph_runs_per_query": split_runs,
             "monolithic_graph_runs_per_query": -(-n_clips // monolithic.batch.max)}
+
+
+def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
+                       monolithic: IOContract, feeds: FeedSet, dtype: str = "float16"
+                       ) -> dict[str, Any]:
+    """What storing stems in `dtype` costs: the validation protocol (`validate.run_validation`:
+    outputs on the paired rows, retrieval over every text and clip) with stems rounded to
+    `dtype` against exact FP32 stems, both through the same FP32 graphs."""
+    from . import validate
+
+    runs = {}
+    for storage in ("float32", dtype):
+        pipeline = ComposedSplit(files, contracts, monolithic, stem_storage=storage)
+        runs[storage] = validate.run_validation(pipeline, feeds, monolithic)
+    (test, test_metrics), (ref, ref_metrics) = runs[dtype], runs["float32"]
+    result = validate.compare_precision("fp16", test, ref, monolithic, validate.DEFAULT_GATES[
+        "fp16"], test_metrics, ref_metrics)
+    return {"outputs": result["outputs"], "selection": result["selection"],
+            "metrics": {"float32": ref_metrics, dtype: test_metrics}}
 
 
 def _load(path: str, contract: IOContract) -> np.ndarray:
