@@ -84,7 +84,7 @@ class ClipIndex:
         Raises ForeignIndexError for another artifact's index, ClipIndexError for an index of
         another stem shape or a file that is not an index."""
         path = Path(path)
-        stem_shape = tuple(int(d) for d in stem_shape)
+        shape = tuple(int(d) for d in stem_shape)
         if stem_dtype not in STEM_DTYPES:
             raise ValueError(f"stem dtype must be one of {STEM_DTYPES}, got {stem_dtype!r}")
         index_file = path / INDEX_FILE
@@ -92,7 +92,7 @@ class ClipIndex:
             if path.exists() and any(path.iterdir()):
                 raise ClipIndexError(f"{path} is not empty and has no {INDEX_FILE}: not a clip "
                                      "index (pass a new directory)")
-            return cls(path, artifact, stem_shape, stem_dtype, {})
+            return cls(path, artifact, shape, stem_dtype, {})
         try:
             d = json.loads(index_file.read_text())
             if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
@@ -105,10 +105,10 @@ class ClipIndex:
             raise ForeignIndexError(f"{path} was made by artifact {stored[0][:16]}, not "
                                     f"{artifact[:16]}: its stems do not fit this model; index "
                                     "into another directory")
-        if stored[1] != stem_shape:
+        if stored[1] != shape:
             raise ClipIndexError(f"{path} holds stems of shape {stored[1]}, this artifact "
-                                 f"makes {stem_shape}")
-        return cls(path, artifact, stem_shape, stored[2], entries)
+                                 f"makes {shape}")
+        return cls(path, artifact, shape, stored[2], entries)
 
     @property
     def clip_ids(self) -> list[str]:
@@ -229,7 +229,8 @@ def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,
     itc = np.empty(len(ids), np.float32)
     frames = None
     top_rows = np.empty(0, np.int64)
-    top_embeds = None
+    video_embeds = next(t for t in pipeline.contracts["select"].outputs if t.name == "video_embeds")
+    top_embeds = np.empty(video_embeds.concrete(0), np.float32)
     for start in range(0, len(ids), step):
         rows = np.arange(start, min(start + step, len(ids)))
         out = pipeline.select(index.stems([ids[r] for r in rows]),
@@ -241,8 +242,7 @@ def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,
             frames[rows] = out["frame_indices_2"]
         # Running top k by ITC; ties go to the earlier clip, as `metrics.shortlist` breaks them.
         candidates = np.concatenate([top_rows, rows])
-        embeds = (out["video_embeds"] if top_embeds is None
-                  else np.concatenate([top_embeds, out["video_embeds"]]))
+        embeds = np.concatenate([top_embeds, out["video_embeds"]])
         keep = np.lexsort((candidates, -itc[candidates].astype(np.float64)))[:k]
         top_rows, top_embeds = candidates[keep], embeds[keep]
     n = len(top_rows)

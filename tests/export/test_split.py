@@ -95,6 +95,22 @@ def test_split_graphs_composed_equal_the_monolithic_graph_at_fp32(demo, graphs, 
             np.testing.assert_array_equal(got[name], expected[name])
 
 
+def test_qa_split_answers_as_pytorch_does(demo, graphs, val, tmp_path):
+    """For QA only the fuse graph changes (it adds qa_logits)."""
+    import torch
+
+    model, _, _ = demo
+    qa = IOContract.for_model(model.cfg, "qa")
+    contracts = split_contracts(qa, model.cfg)
+    files = {**graphs[1], **export_split(model, contracts, tmp_path, graphs=("fuse",))}
+    feed = val.feed(slice(0, 4))
+    got = ComposedSplit(files, contracts, qa).infer(feed)
+    with torch.no_grad(), model.selection("hard"):
+        expected = model(*(torch.from_numpy(feed[n]) for n in qa.input_names))
+    assert list(got) == qa.output_names
+    np.testing.assert_allclose(got["qa_logits"], expected["qa_logits"].numpy(), atol=1e-4)
+
+
 def test_composed_validation_passes_the_fp32_gates_computing_each_stem_and_text_once(
         demo, graphs, val, reference):
     _, monolithic, contracts = demo
