@@ -24,7 +24,7 @@ from . import lint, outdir, precision, validate
 from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, CheckpointInfo,
                        FileEntry, Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
-from .calibration import FeedSet, load_feeds
+from .calibration import FeedSet, check_calibration_count, check_data, load_feeds
 from .contract import BatchRange, IOContract
 from .input_checks import check_onnx_file
 from .onnx_export import export_onnx
@@ -231,6 +231,8 @@ class ExportResult:
 
 
 def resolve_inputs(opts: ExportOptions) -> Inputs:
+    """The options checked, the data sets included (`calibration.check_data`), before any
+    expensive work."""
     unknown = [p for p in opts.precisions if p not in PRECISIONS]
     if unknown:
         raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -238,7 +240,7 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
-        return Inputs(
+        inputs = Inputs(
             precisions=precisions, ckpt_path=resolve_checkpoint(opts.ckpt),
             val_dir=resolve_data(opts.val_data),
             calib_dir=(resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None),
@@ -247,6 +249,14 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
                        else Tokenizer.default()))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    # The data sets are read before the export, which takes minutes at the base preset: a bad
+    # annotation line or video fails here, not after it.
+    check_data(inputs.val_dir, opts.task, opts.on_error, opts.val_limit)
+    if inputs.calib_dir:
+        usable = check_data(inputs.calib_dir, opts.task, opts.on_error)
+        if "int8" in precisions:
+            check_calibration_count(usable)
+    return inputs
 
 
 def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:

@@ -20,7 +20,7 @@ import export
 from twbert_export.artifact import Manifest
 from twbert_export.input_checks import ModelFileMismatch, check_onnx_file
 
-from clipdata import write_video
+from clipdata import copy_clips, write_video
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -245,3 +245,33 @@ def test_predict_warns_in_one_line_about_a_one_frame_video(artifact, tmp_path):
     warnings = [line for line in proc.stderr.splitlines() if "still.mp4" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ")
     assert "1 frame, fewer than the 8 the model samples; frames are repeated" in warnings[0]
+
+
+# -- data sets are checked before the export ----------------------------------------------------
+def broken_data(kind: str, tmp_path: Path) -> Path:
+    data = copy_clips(tmp_path / kind, 4)
+    ann = data / "annotations.jsonl"
+    if kind == "bad-json":
+        ann.write_text(ann.read_text() + '{"video": "videos/x.mp4", "caption": \n')
+    elif kind == "missing-video":
+        next((data / "videos").glob("*.mp4")).unlink()
+    elif kind == "not-a-video":
+        next((data / "videos").glob("*.mp4")).write_text("not a video")
+    return data
+
+
+@pytest.mark.parametrize("option, kind, message", [
+    ("--val-data", "bad-json", "invalid JSON"),
+    ("--val-data", "missing-video", "file not found"),
+    ("--calib-data", "not-a-video", "cannot decode video"),
+    ("--calib-data", "few-clips", "4 calibration clips; INT8 calibration needs at least 16"),
+])
+def test_bad_data_fails_before_the_export_starts(tmp_path, capsys, option, kind, message):
+    data = broken_data(kind, tmp_path)
+    assert export.main(["--precision", "int8", option, str(data),
+                        "--out", str(tmp_path / "demo")]) == 2
+    captured = capsys.readouterr()
+    (line,) = error_lines(captured.err)
+    assert message in line
+    assert captured.out == "", "no stage ran, not even the checkpoint's load"
+    assert not (tmp_path / "demo").exists()
