@@ -13,7 +13,8 @@ the one place their names are translated to ours; `_skip_reason` says which of t
 drop and why. Loading never prints: `load_checkpoint` returns a `LoadReport`.
 
 This module is tooling, not network definition: it may use safetensors (imported lazily, so that
-`import model` needs only torch).
+`import model` needs only torch) and the project's one atomic writer,
+`twbert_export.util.atomic_path` (a module of the standard library only).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import os
 import pickle
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from twbert_export.util import atomic_path  # standard library only: the one atomic writer
 
 from .config import TWBertConfig, schedule_for_frames
 from .twbert import TEMPERATURE_RANGE, TWBert
@@ -176,8 +178,8 @@ def save_checkpoint(model: TWBert, path: str | os.PathLike, metadata: Mapping[st
                     overwrite: bool = False) -> Path:
     """Write `model` (config + weights + JSON `metadata`) to a `.pt` or `.safetensors` file.
 
-    The file appears whole or not at all (temporary file in the same directory, then
-    `os.replace`). An existing file is only replaced with `overwrite=True`. Returns the path.
+    The file appears whole or not at all (`atomic_path`: a temporary file in the same directory,
+    flushed to disk, then `os.replace`). An existing file is only replaced with `overwrite=True`. Returns the path.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -197,11 +199,13 @@ def save_checkpoint(model: TWBert, path: str | os.PathLike, metadata: Mapping[st
 
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                   "config": json.dumps(config), "metadata": json.dumps(metadata)}
-        _write_atomically(path, lambda tmp: save_file(state_dict, str(tmp), metadata=header))
+        with atomic_path(path) as tmp:
+            save_file(state_dict, str(tmp), metadata=header)
     else:
         payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config,
                    "state_dict": state_dict, "metadata": metadata}
-        _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
     return path
 
 
@@ -212,19 +216,6 @@ def _plain_json(value: dict[str, Any], what: str) -> dict[str, Any]:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    # A unique name in the target directory: os.replace is atomic only within one file system.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
-    try:
-        write(tmp)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- loading --------------------------------------------------------------------------------------
