@@ -7,8 +7,10 @@ weights and free-form JSON metadata.
   - `.safetensors`: the weights, with format, version, config and metadata as JSON strings in
     the file's metadata header.
 
-The authors' training checkpoints (spec section 8) store the weights of their modules under their
-names, next to training-only state (momentum copies, queues, the MLM head). `AUTHORS_NAME_MAP` is
+The authors' training checkpoints store the weights of their modules under their names
+(`visual_encoder.model.` for TimeSformer and the selectors, `text_encoder.bert.` (retrieval) or
+`text_encoder.` (QA) for BERT, `crossmodal_encoder.`, the heads at the top level), next to
+training-only state (momentum copies `*_m.*`, queues, the MLM head), which is skipped. `AUTHORS_NAME_MAP` is
 the one place their names are translated to ours; `_skip_reason` says which of their tensors we
 drop and why. Loading never prints: `load_checkpoint` returns a `LoadReport`.
 
@@ -55,7 +57,7 @@ AUTHORS_TEXT_PREFIX: dict[str, str] = {"retrieval": "text_encoder.bert.", "qa": 
 # Authors' name -> our name, for modules (".weight" / ".bias" follow) and bare parameters.
 # "{i}" / "{s}" stand for a block / selector number; "<text>." for the layout's text prefix.
 AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
-    # TimeSformer (spec section 3)
+    # TimeSformer: divided space-time blocks (temporal attention first, then spatial, then MLP)
     ("visual_encoder.model.patch_embed.proj", "video.patch_embed"),
     ("visual_encoder.model.cls_token", "video.cls_token"),
     ("visual_encoder.model.pos_embed", "video.pos_embed"),
@@ -71,7 +73,8 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("visual_encoder.model.blocks.{i}.mlp.fc1", "video.blocks.{i}.mlp.fc1"),
     ("visual_encoder.model.blocks.{i}.mlp.fc2", "video.blocks.{i}.mlp.fc2"),
     ("visual_encoder.model.norm", "video.norm"),
-    # Frame selectors: PredictorLG's Sequential slots (spec section 4)
+    # Frame selectors: PredictorLG's Sequential slots, in_conv = (LayerNorm, Linear),
+    # out_conv = (Linear, GELU, Linear)
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.in_conv.0", "selector{s}.scorer.norm"),
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.in_conv.1",
      "selector{s}.scorer.frame_proj"),
@@ -79,7 +82,7 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
      "selector{s}.scorer.fuse_proj"),
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.out_conv.2",
      "selector{s}.scorer.score_out"),
-    # BERT text encoder, Hugging Face names (spec section 2)
+    # BERT text encoder, Hugging Face names (only its first six layers are the text path)
     ("<text>.embeddings.word_embeddings", "text.embeddings.word"),
     ("<text>.embeddings.position_embeddings", "text.embeddings.position"),
     ("<text>.embeddings.token_type_embeddings", "text.embeddings.token_type"),
@@ -92,7 +95,7 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("<text>.encoder.layer.{i}.intermediate.dense", "text.layers.{i}.ffn_in"),
     ("<text>.encoder.layer.{i}.output.dense", "text.layers.{i}.ffn_out"),
     ("<text>.encoder.layer.{i}.output.LayerNorm", "text.layers.{i}.ffn_norm"),
-    # Cross-modal encoder: `linears[0..7]` by role (spec section 5)
+    # Cross-modal encoder: `linears[0..7]` by role (the table in model/cross.py)
     ("crossmodal_encoder.layers.{i}.self_attn.linears.0", "cross.layers.{i}.attn.shared_q"),
     ("crossmodal_encoder.layers.{i}.self_attn.linears.1", "cross.layers.{i}.attn.shared_k"),
     ("crossmodal_encoder.layers.{i}.self_attn.linears.2", "cross.layers.{i}.attn.shared_v"),
@@ -108,7 +111,8 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("crossmodal_encoder.layers.{i}.feed_forward.w_1", "cross.layers.{i}.ffn_in"),
     ("crossmodal_encoder.layers.{i}.feed_forward.w_2", "cross.layers.{i}.ffn_out"),
     ("crossmodal_encoder.norm", "cross.norm"),
-    # Heads (spec section 6); the QA classifier is Sequential(Linear, ReLU, Linear).
+    # Heads: ITC projections, ITM, the ITC temperature; the QA classifier is
+    # Sequential(Linear, ReLU, Linear).
     ("vision_proj", "vision_proj"),
     ("text_proj", "text_proj"),
     ("itm_head", "itm_head"),
