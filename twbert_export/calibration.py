@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from .contract import IOContract
-from .preprocess import (CLIP_MEAN, CLIP_STD, Tokenizer, VideoDecodeError, load_clips,
-                         probe_video, read_annotations)
+from .preprocess import (CLIP_MEAN, CLIP_STD, EmptyTextWarning, Tokenizer, VideoDecodeError,
+                         load_clips, probe_video, read_annotations)
 from .util import file_sha256
 
 # Fewer clips than this do not cover the activation ranges of a video model: refused for INT8.
@@ -112,8 +113,10 @@ def check_data(data_dir: str | Path, task: str, on_error: str = "fail",
     VideoDecodeError with on_error="fail" and is left out of the count with "skip" (the data
     stage warns about it then). Returns how many videos are usable (at least one)."""
     field_name = text_field(task)
-    videos = list(dict.fromkeys(r["video_path"] for r in read_annotations(data_dir)
-                                if r.get(field_name)))[:limit]
+    with warnings.catch_warnings():  # an empty caption is warned about once, by the data stage
+        warnings.simplefilter("ignore", EmptyTextWarning)
+        records = read_annotations(data_dir)
+    videos = list(dict.fromkeys(r["video_path"] for r in records if r.get(field_name)))[:limit]
     if not videos:
         raise CalibrationDataError(f"{data_dir}: no annotation line has a {field_name} "
                                    f"(the {task} task's text)")
