@@ -113,7 +113,12 @@ def remove_stale_partials(parent: Path) -> list[Path]:
         if (marker is None or marker.get("pid") != pid
                 or marker.get("host") != socket.gethostname() or pid_alive(pid)):
             continue
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:  # litter we cannot remove must not stop this export
+            warnings.warn(f"could not remove {path}, left by an export (process {pid}) that was "
+                          f"killed: {e.strerror}", StalePartialRemoved, stacklevel=2)
+            continue
         warnings.warn(f"removed {path}, left by an export (process {pid}) that was killed",
                       StalePartialRemoved, stacklevel=2)
         removed.append(path)
