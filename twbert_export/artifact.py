@@ -71,6 +71,19 @@ def _load_json(path: Path) -> Any:
         raise ArtifactFormatError(f"{path}: unreadable ({e})") from None
 
 
+def is_artifact_dir(directory: str | Path) -> bool:
+    """Whether `directory` is an export artifact of ours, of any format version: its
+    manifest.json names our format (what --force may replace)."""
+    path = Path(directory) / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
 # -- manifest ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileEntry:

@@ -3,14 +3,13 @@
 `run_export` calls one function per stage (`load_stage`, `export_stage`, ...), each printing one
 line (artifact, size, time) and handing small dataclasses to the next. Files are kept by
 (graph, precision) so that an artifact can hold more graphs than the whole-model one.
-Artifacts are assembled in a scratch directory beside the target (`_claim_output_dir`) and moved
-into place at the end (`_move_into_place`), so an existing artifact directory is never
-half-overwritten (and never overwritten at all without --force).
+Artifacts are assembled in a scratch directory beside the target (`outdir.claim`) and moved
+into place at the end (`outdir.move_into_place`): what --out may replace, and how, is
+`twbert_export/outdir.py`.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import sys
@@ -21,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from . import lint, precision, validate
+from . import lint, outdir, precision, validate
 from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, CheckpointInfo,
                        FileEntry, Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
-from .calibration import FeedSet, load_feeds
+from .calibration import FeedSet, check_calibration_count, check_data, load_feeds
 from .contract import BatchRange, IOContract
-from .input_checks import check_onnx_file, check_out_dir
+from .input_checks import check_onnx_file
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
@@ -197,7 +196,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
     loaded = load_stage(inputs, opts, stages)
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
                                                             loaded.contract.schedule))
-    work = _claim_output_dir(out, opts.force)
+    work = outdir.claim(out, opts.force)
     try:
         conversion = Conversion()
         export_stage(loaded, work, out, stages, conversion)
@@ -211,9 +210,9 @@ def run_export(opts: ExportOptions) -> ExportResult:
                                                  calib, lint_warnings, opts, work, stages)
         report.total_seconds = time.perf_counter() - t_start
         report.write(work)
-        _move_into_place(work, out)
+        outdir.move_into_place(work, out, opts.force)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        outdir.discard_partial(work)
     return ExportResult(out, manifest, report)
 
 
@@ -232,6 +231,8 @@ class ExportResult:
 
 
 def resolve_inputs(opts: ExportOptions) -> Inputs:
+    """The options checked, the data sets included (`calibration.check_data`), before any
+    expensive work."""
     unknown = [p for p in opts.precisions if p not in PRECISIONS]
     if unknown:
         raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -239,7 +240,7 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
-        return Inputs(
+        inputs = Inputs(
             precisions=precisions, ckpt_path=resolve_checkpoint(opts.ckpt),
             val_dir=resolve_data(opts.val_data),
             calib_dir=(resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None),
@@ -248,6 +249,14 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
                        else Tokenizer.default()))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    # The data sets are read before the export, which takes minutes at the base preset: a bad
+    # annotation line or video fails here, not after it.
+    check_data(inputs.val_dir, opts.task, opts.on_error, opts.val_limit)
+    if inputs.calib_dir:
+        usable = check_data(inputs.calib_dir, opts.task, opts.on_error)
+        if "int8" in precisions:
+            check_calibration_count(usable)
+    return inputs
 
 
 def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
@@ -272,29 +281,6 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
                 f"{load_report.format}, {load_report.schedule_reason or 'F@' + contract.schedule}")
     return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
                   (stat.st_size, stat.st_mtime_ns))
-
-
-def _claim_output_dir(out: Path, force: bool) -> Path:
-    """Refuse an existing `out` without --force; return the scratch directory beside it where
-    the artifact is assembled."""
-    check_out_dir(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it, or --out another directory")
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    return work
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Replace `out` by the finished scratch directory `work`."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out)
 
 
 def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,

@@ -12,6 +12,7 @@ import export
 from twbert_export.artifact import Manifest, Report
 from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
 from twbert_export.contract import IOContract
+from twbert_export.input_checks import OutputDirError
 from twbert_export.pipeline import (ExportOptions, StageLog, UserError, run_export,
                                     validate_onnx)
 from twbert_export.precision import to_int8
@@ -84,7 +85,7 @@ def test_reference_data_loads_in_polygraphy(artifact):
 def test_existing_directory_needs_force(artifact, small_val):
     out, _ = artifact
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(OutputDirError, match="--force"):
         run_export(ExportOptions(ckpt="demo", precisions=("fp32",), val_data=str(small_val),
                                  out=str(out)))
     assert (out / "manifest.json").read_text() == before
