@@ -22,12 +22,15 @@ MODEL_ORIN_NX = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00"
 MODEL_AGX_ORIN = "NVIDIA Jetson AGX Orin Developer Kit\x00"
 MODEL_THOR = "NVIDIA Jetson AGX Thor Developer Kit\x00"
 MEMINFO_8GB = "MemTotal:        7620344 kB\nMemFree:         5123456 kB\n"
+MEMINFO_16GB = "MemTotal:       15655436 kB\nMemFree:        12123456 kB\n"
 MEMINFO_4GB = "MemTotal:        3794668 kB\nMemFree:         2123456 kB\n"
 # nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader
 SMI_H100 = "NVIDIA H100 80GB HBM3, 9.0, 81559 MiB\n"
 SMI_TWO_GPUS = "NVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\nNVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\n"
 SMI_T4 = "Tesla T4, 7.5, 15360 MiB\n"
 SMI_NO_DEVICE = "No devices were found\n"
+# `nvpmodel -q` on an AGX Orin in MAXN (mode 0).
+NVPMODEL_MAXN = "NV Fan Mode:quiet\nNV Power Mode: MAXN\n0\n"
 
 
 def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:

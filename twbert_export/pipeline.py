@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import lint, precision, validate
+from . import legacy, lint, precision, validate
 from .assets import resolve_checkpoint, resolve_data
 from .calibration import load_feeds
 from .contract import BatchRange, IOContract
@@ -28,7 +28,7 @@ from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
-from .trt.commands import write_device_kit
+from .trt.commands import polygraphy_command, write_device_kit
 from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
                    require, stage_peak_rss_gb, write_json, write_text)
 
@@ -121,24 +121,6 @@ def tensorrt_available() -> tuple[bool, str]:
     return (True, "") if cuda else (False, "no CUDA GPU is visible")
 
 
-# -- device comparison ---------------------------------------------------------------------
-# Smallest absolute tolerance per precision for the device comparison; above it, twice the error
-# ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
-DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
-
-
-def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
-                       backend: str) -> str:
-    """`polygraphy run` against the shipped PyTorch reference, a tolerance per float output.
-    Frame indices are left out: a near-tie may legitimately pick another frame."""
-    floor = DEVICE_ATOL_FLOOR[precision]
-    per_output = " ".join(f"{name}:{max(floor, 2 * e['max_abs']):.2g}"
-                          for name, e in errors.items() if "max_abs" in e)
-    return (f"polygraphy run {onnx_name} --{backend} --load-inputs reference/inputs.json "
-            f"--load-outputs reference/outputs.json --atol {per_output} --rtol 0 "
-            f"--check-error-stat max")
-
-
 # -- the job --------------------------------------------------------------------------------------
 def run_export(opts: ExportOptions) -> dict[str, Any]:
     """Run every stage and return the report (its gate verdicts included: the caller decides the
@@ -160,7 +142,7 @@ def run_export(opts: ExportOptions) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 
-    stages = StageLog(total=5 + len(precisions))
+    stages = StageLog(total=6 + len(precisions))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     with Stopwatch() as sw:
@@ -262,6 +244,13 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
                         + "".join(f"; {step} {sec:.1f}s" for step, sec in rep.steps.items()),
                         files[p])
 
+    # TensorRT 8.5 / 8.6 (JetPack 5.1 / 6.0) graphs, validated below with the same gates.
+    with Stopwatch() as sw:
+        trt8 = legacy.write_legacy_graphs(files, work)
+        files.update(trt8)
+    stages.line("trt8", sw.seconds, out / trt8[legacy.legacy_key(precisions[-1])].name,
+                legacy.describe(trt8), trt8[legacy.legacy_key(precisions[-1])])
+
     # -- validation ------------------------------------------------------------------------------
     with Stopwatch() as sw:
         answers = load_report.metadata.get("answers") if contract.task == "qa" else None
@@ -287,7 +276,10 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
         f"python3 -m twbert_export.reference --engine model.{last}.engine   # the host's gates",
-        polygraphy_command(f"model.{last}.onnx", last, results[last]["outputs"], "trt")]
+        polygraphy_command(f"model.{last}.engine", last, results[last]["outputs"]),
+        polygraphy_command(f"model.{last}.trt8.engine", last,
+                           results[legacy.legacy_key(last)]["outputs"], trt_major=8)
+        + "   # TensorRT 8.5 / 8.6"]
     report = {"precisions": results, "task_metrics": metrics, "precision": precision_reports,
               "next_commands": next_commands,
               "stages": stages.rows, "lint_warnings": [str(w) for w in lint_warnings],
@@ -346,7 +338,8 @@ def validate_files(model, contract: IOContract, files: dict[str, Path], val,
         with runner:
             test, metrics[f"onnx-{p}"] = validate.run_validation(runner, val, contract,
                                                                  answers=answers)
-        results[p] = validate.compare_precision(p, test, reference, contract, gates[p],
+        results[p] = validate.compare_precision(p, test, reference, contract,
+                                                gates[legacy.base_precision(p)],
                                                 metrics[f"onnx-{p}"], metrics["torch-hard"])
     return results, metrics, reference
 

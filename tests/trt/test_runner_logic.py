@@ -8,14 +8,14 @@ the same rows as computing them directly. What TensorRT itself does is for `pyte
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pytest
 from trtdata import tiny_contract
+from trtapi import StrictModule, enum, strict_class
 
 from twbert_export.contract import BatchRange
-from twbert_export.trt import runtime
+from twbert_export.trt import runtime, targets
 from twbert_export.trt.engine_manifest import (
     EngineManifest,
     MachineInfo,
@@ -97,55 +97,58 @@ class FakeGraphs:
 
 
 def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dtype: str):
-    trt = types.ModuleType("tensorrt")
+    """Each object answers only to the names of the TensorRT class it stands for (trtapi)."""
+    trt = StrictModule("tensorrt")
     trt.__version__ = MACHINE.tensorrt_version
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
     trt.nptype = lambda dtype: dtype
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Logger = type("Logger", (strict_class("Logger"),),
+                      {"WARNING": 2, "__init__": lambda self, level: None})
     lo, hi = batch_range
     dtypes = {s.name: (int_dtype if s.dtype == "int64" else s.dtype)
               for s in (*contract.inputs, *contract.outputs)}
 
-    class Context:
+    class Context(strict_class("IExecutionContext")):
         def __init__(self):
-            self.address: dict[str, int] = {}
-            self.shapes: dict[str, tuple[int, ...]] = {}
+            self._address: dict[str, int] = {}
+            self._shapes: dict[str, tuple[int, ...]] = {}
 
         def set_tensor_address(self, name, ptr):
-            self.address[name] = ptr
+            self._address[name] = ptr
 
         def set_input_shape(self, name, shape):
             if not lo <= shape[0] <= hi:
                 return False
-            self.shapes[name] = tuple(shape)
+            self._shapes[name] = tuple(shape)
             return True
 
         def get_tensor_shape(self, name):
             spec = next(s for s in contract.outputs if s.name == name)
-            return spec.concrete(self.shapes["video"][0])
+            return spec.concrete(self._shapes["video"][0])
 
         def execute_async_v3(self, stream):
             feed = {}
             for spec in contract.inputs:
-                shape = self.shapes[spec.name]
+                shape = self._shapes[spec.name]
                 count = int(np.prod(shape))
-                block = memory.blocks[self.address[spec.name]]
+                block = memory.blocks[self._address[spec.name]]
                 feed[spec.name] = block.view(dtypes[spec.name])[:count].reshape(shape)
             for name, value in expected_outputs(feed).items():
                 raw = value.astype(dtypes[name]).reshape(-1).view(np.uint8)
-                memory.blocks[self.address[name]][:raw.size] = raw
+                memory.blocks[self._address[name]][:raw.size] = raw
             return True
 
     names = [s.name for s in (*contract.inputs, *contract.outputs)]
 
-    class Engine:
+    class Engine(strict_class("ICudaEngine")):
         num_io_tensors = len(names)
 
         def get_tensor_name(self, i):
             return names[i]
 
         def get_tensor_mode(self, name):
-            return "in" if name in contract.input_names else "out"
+            return trt.TensorIOMode.INPUT if name in contract.input_names \
+                else trt.TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
             return dtypes[name]
@@ -161,7 +164,7 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
         def create_execution_context(self):
             return Context()
 
-    class Runtime:
+    class Runtime(strict_class("Runtime")):
         def __init__(self, logger):
             self.engine_host_code_allowed = False
 
@@ -183,8 +186,8 @@ def make_runner(tmp_path, monkeypatch):
         monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: FakeCuda(memory))
         graphs = FakeGraphs()
         monkeypatch.setattr(runtime, "_DriverGraphs", lambda: graphs)
-        monkeypatch.setattr(runtime, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
-        monkeypatch.setattr(runtime, "detect_platform", lambda: Platform(jetson=False))
+        monkeypatch.setattr(targets, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
+        monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
         engine = tmp_path / "model.fp16.engine"
         engine.write_bytes(b"PLAN")
         write_manifest(EngineManifest(

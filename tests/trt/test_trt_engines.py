@@ -27,7 +27,8 @@ if not (importlib.util.find_spec("pycuda") or importlib.util.find_spec("cuda")):
     pytest.skip("the TensorRT runner needs pycuda or cuda-python", allow_module_level=True)
 
 from twbert_export.contract import IOContract  # noqa: E402
-from twbert_export.pipeline import DEVICE_ATOL_FLOOR, ExportOptions, run_export  # noqa: E402
+from twbert_export.pipeline import ExportOptions, run_export  # noqa: E402
+from twbert_export.trt.commands import DEVICE_ATOL_FLOOR  # noqa: E402
 from twbert_export.runners import ort_runner, run_batches  # noqa: E402
 from twbert_export.trt.build import BuildOptions, build_engine  # noqa: E402
 from twbert_export.trt.engine_manifest import EngineMismatch, sidecar_path  # noqa: E402

@@ -2,27 +2,35 @@
 
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto|orin-nano-8gb|...]
         [--workspace-mb N] [--opt-level N] [--dla-core N] [--timing-cache PATH]
-        [--version-compatible] [--engine PATH]
+        [--version-compatible] [--engine PATH] [--parser 8.5|8.6|10|11]
+    python3 -m twbert_export.trt.cli --layer-report model.fp16.engine.layers.json
 
 Also `python3 -m twbert_export.trt.cli --onnx ...` (what build_on_device.sh --python runs: no
-export.py, no torch). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT.
+export.py, no torch). The file built is the one the TensorRT version found needs: on 8.5 / 8.6
+the artifact's `model.PRECISION.trt8.onnx` (refused when the artifact has none), and the graph
+is linted with that parser's rules first (`--parser` to check for another release without
+building). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT (one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from ..contract import IOContract
+from ..legacy import base_precision
 from ..util import MissingDependency, human_size
+from .commands import polygraphy_command
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target
+from .version import parse_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export.py build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--onnx", required=True, help="model.PRECISION.onnx in an artifact directory")
+    p.add_argument("--onnx", help="model.PRECISION.onnx in an artifact directory")
     p.add_argument("--target", default="auto", choices=TARGET_CHOICES,
                    help="device preset; auto detects the GPU / Jetson (default)")
     p.add_argument("--engine", help="engine path (default: model.PRECISION.engine beside --onnx)")
@@ -37,16 +45,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine that also runs on newer TensorRT runtimes (8.6+; slower)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="precision of --onnx (default: from manifest.json)")
+    p.add_argument("--parser", metavar="TRT_VERSION",
+                   help="check the file this TensorRT release would build (8.5, 8.6, 10, 11): "
+                        "which file, and the lint of that parser; builds nothing")
+    p.add_argument("--layer-report", metavar="LAYERS_JSON",
+                   help="print how many layers of a DLA engine run on the DLA and on the GPU "
+                        "(the file trtexec --exportLayerInfo or the Python builder wrote)")
     p.add_argument("--record-trtexec-build", metavar="TRT_VERSION",
                    help="build nothing: write the sidecar manifest of the engine trtexec built "
                         "from --onnx with these options (build_on_device.sh runs this)")
     return p
 
 
+def onnx_for_version(onnx: Path, artifact: dict, trt_version: str) -> Path:
+    """The file of `onnx`'s precision that TensorRT `trt_version` builds: on 8.x the artifact's
+    opset-17 `model.PRECISION.trt8.onnx` (ValueError if it has none), else `onnx` itself."""
+    from ..legacy import base_precision, legacy_key
+    from .version import check_supported, needs_legacy_graph
+
+    check_supported(trt_version)
+    by_file = {f["path"]: k for k, f in artifact["files"].items()}
+    key = by_file.get(onnx.name)
+    if not needs_legacy_graph(trt_version) or key is None or key != base_precision(key):
+        return onnx
+    entry = artifact["files"].get(legacy_key(key))
+    if entry is None:
+        raise ValueError(f"TensorRT {trt_version} mis-imports {onnx.name} (opset "
+                         f"{artifact['contract'].get('opset', '?')}) and this artifact has no "
+                         f"TensorRT 8.x graph for {key}: re-export it with a current "
+                         "twbert-export")
+    return onnx.parent / entry["path"]
+
+
+def layer_report(path: Path) -> str:
+    from .build import layer_placement
+
+    counts = layer_placement(path.read_text())
+    return (f"layers     {counts['DLA']} on DLA, {counts['GPU']} on GPU ({path.name}; GPU "
+            "fallback is silent: this is where it shows)")
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    onnx = Path(args.onnx)
     err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    if args.layer_report:
+        try:
+            print(layer_report(Path(args.layer_report)))
+        except (OSError, ValueError) as e:
+            return err(f"cannot read layer information {args.layer_report}: {e}")
+        return 0
+    if not args.onnx:
+        return err("--onnx is required (or --layer-report FILE)")
+    onnx = Path(args.onnx)
     if not onnx.is_file():
         return err(f"ONNX file not found: {onnx}")
     manifest_path = onnx.parent / "manifest.json"
@@ -55,11 +105,29 @@ def build_main(argv: list[str] | None = None) -> int:
                    "artifact directory (the I/O contract and profile shapes come from it)")
     artifact = json.loads(manifest_path.read_text())
     contract = IOContract.from_dict(artifact["contract"])
+    known_version = args.parser or args.record_trtexec_build or _installed_tensorrt()
+    if known_version:
+        try:
+            chosen = onnx_for_version(onnx, artifact, known_version)
+        except ValueError as e:
+            return err(str(e))
+        if chosen != onnx:
+            print(f"onnx       {chosen.name} (TensorRT {known_version} needs the opset-17 graph)")
+            onnx = chosen
     by_file = {f["path"]: (p, f.get("sha256")) for p, f in artifact["files"].items()}
-    precision, sha = by_file.get(onnx.name, (args.precision, None))
-    precision = args.precision or precision
+    key, sha = by_file.get(onnx.name, (None, None))
+    precision = args.precision or (base_precision(key) if key else None)
     if precision is None:
         return err(f"{onnx.name} is not listed in manifest.json: pass --precision")
+    if args.parser:
+        from .build import check_graph_for
+
+        try:
+            check_graph_for(onnx, args.parser)
+        except ValueError as e:
+            return err(str(e))
+        print(f"lint       {onnx.name}: TensorRT {args.parser} parser: no errors")
+        return 0
     try:
         target, why = resolve_target(args.target)
     except TargetError as e:
@@ -80,6 +148,9 @@ def build_main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return err(str(e))
         print(f"manifest   {opts.engine}.json (built for {recorded.built_for()})")
+        layers = Path(f"{opts.engine}.layers.json")
+        if opts.dla_core is not None and layers.is_file():
+            print(layer_report(layers))
         return 0
     try:
         opts.check()
@@ -101,10 +172,28 @@ def build_main(argv: list[str] | None = None) -> int:
              if opts.dla_core is not None else ""))
     print(f"manifest   {result.engine.name}.json (built for {result.manifest.built_for()})")
     print(f"cache      {opts.timing_cache}")
-    print("next       polygraphy run "
-          f"{result.engine} --trt --load-inputs {onnx.parent / 'reference/inputs.json'} "
-          f"--load-outputs {onnx.parent / 'reference/outputs.json'}")
+    errors = {k: v["outputs"] for k, v in _host_results(onnx.parent).items()}
+    host_key = key or precision
+    if host_key in errors:
+        trt_major = parse_version(result.plan.trt_version)[0]
+        print("next       cd " + shlex.quote(str(onnx.parent)) + " && " + polygraphy_command(
+            result.engine.name, precision, errors[host_key], trt_major=trt_major))
     return 0
+
+
+def _installed_tensorrt() -> str | None:
+    """tensorrt.__version__ when the bindings are importable (None otherwise)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(getattr(tensorrt, "__version__", "")) or None
+
+
+def _host_results(artifact_dir: Path) -> dict:
+    """The host's validation results per file key, from report.json (empty when absent)."""
+    report = artifact_dir / "report.json"
+    return json.loads(report.read_text()).get("precisions", {}) if report.is_file() else {}
 
 
 def main() -> int:

@@ -32,8 +32,8 @@ import numpy as np
 
 from ..contract import IOContract
 from ..util import require
-from .engine_manifest import EngineManifest, MachineInfo, preflight
-from .targets import detect_platform, query_cuda_device
+from .engine_manifest import EngineManifest, preflight
+from .targets import machine_info
 
 Shape = tuple[int, ...]
 
@@ -308,13 +308,6 @@ def cuda_backend(prefer: str | None = None) -> Any:
     return CudaPythonBackend()
 
 
-def current_machine(trt_version: str) -> MachineInfo:
-    platform = detect_platform()
-    device = query_cuda_device()
-    name, cc = device if device else (platform.gpu_name, platform.compute_capability)
-    return MachineInfo(trt_version, name, cc, platform.l4t, platform.jetpack)
-
-
 # -- the runner --------------------------------------------------------------------------------
 class _PlainRunner:
     """Polygraphy's BaseRunner contract, for a device without Polygraphy."""
@@ -389,7 +382,7 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
         def activate_impl(self) -> None:
             trt = require("tensorrt", "to run TensorRT engines")
             # Preflight BEFORE deserialising: refuse with what it was built for.
-            self.engine_manifest = preflight(path, current_machine(trt.__version__),
+            self.engine_manifest = preflight(path, machine_info(trt.__version__),
                                              onnx_sha256)
             self.cuda = cuda_backend(backend)
             self.graphs_api = _DriverGraphs() if self.cuda_graph else None
