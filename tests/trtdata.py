@@ -47,10 +47,14 @@ def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:
 
 
 def artifact_manifest(precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
-                      contract: IOContract | None = None) -> dict[str, Any]:
-    """The keys of manifest.json that the device kit reads."""
+                      contract: IOContract | None = None, trt8: bool = True) -> dict[str, Any]:
+    """The keys of manifest.json that the device kit reads (with the TensorRT 8.x files
+    `model.PRECISION.trt8.onnx` an export writes, unless trt8=False: an older artifact)."""
     contract = contract or tiny_contract()
+    files = {p: {"path": f"model.{p}.onnx", "sha256": f"{i}" * 64, "bytes": 1000}
+             for i, p in enumerate(precisions)}
+    if trt8:
+        files |= {f"{p}.trt8": {"path": f"model.{p}.trt8.onnx", "sha256": f"{i}a" * 32,
+                                "bytes": 1000} for i, p in enumerate(precisions)}
     return {"format": "twbert-export-artifact", "format_version": 1,
-            "schedule": contract.schedule, "contract": contract.to_dict(),
-            "files": {p: {"path": f"model.{p}.onnx", "sha256": f"{i}" * 64, "bytes": 1000}
-                      for i, p in enumerate(precisions)}}
+            "schedule": contract.schedule, "contract": contract.to_dict(), "files": files}

@@ -18,8 +18,9 @@ Why (read in github.com/onnx/onnx-tensorrt, branches 8.5-GA and 8.6-GA):
   (`onnx.checker`, full check), so anything this module does not convert fails here, on the
   host, not in the device's parser.
 - Q/DQ (INT8 file): the 8.5-GA importer requires three inputs (an explicit zero point), FP32
-  positive scales and all-zero zero points (`QuantDequantLinearHelper`); missing zero points are
-  added, anything else is refused. 8.x builds a Q/DQ network with the INT8 builder flag.
+  positive scales and all-zero zero points (`QuantDequantLinearHelper`); anything else is
+  refused (a missing zero point means UINT8 in ONNX, which TensorRT would read as INT8). 8.x
+  builds a Q/DQ network with the INT8 builder flag.
 - INT64: 8.x parsers narrow INT64 tensors to INT32 themselves (INT64 is native from 9.0), so
   the graph keeps the contract's INT64 I/O; the engine binds it as INT32 and the runner casts.
 
@@ -111,9 +112,10 @@ def downgrade_changed_ops(graph: "gs.Graph") -> "gs.Graph":
                 raise LegacyGraphError(f"node {node.name} ({node.op}): TensorRT 8.x needs "
                                        "constant, positive FP32 scales")
             if len(node.inputs) < 3:  # 8.5-GA: "requires 3 inputs"
-                zero = np.zeros(scale.values.shape, np.int8)
-                node.inputs.append(gs.Constant(f"{node.name}/trt8_zero_point", zero))
-            elif isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.any():
+                raise LegacyGraphError(f"node {node.name} ({node.op}): no zero point, so ONNX "
+                                       "quantizes to UINT8 where TensorRT uses INT8; TensorRT 8.x "
+                                       "needs an explicit INT8 zero point")
+            if isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.any():
                 raise LegacyGraphError(f"node {node.name} ({node.op}): TensorRT supports "
                                        "symmetric quantization only (zero points must be 0)")
     return graph.cleanup().toposort()

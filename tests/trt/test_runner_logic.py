@@ -8,6 +8,7 @@ the same rows as computing them directly. What TensorRT itself does is for `pyte
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -79,11 +80,14 @@ class FakeCuda:
 class FakeGraphs:
     """Capture records the enqueue; launch replays it (as a CUDA graph replays device work)."""
 
-    def __init__(self):
+    def __init__(self, fail: bool = False):
         self.captured: dict[int, object] = {}
         self.launches = 0
+        self.fail = fail
 
     def capture(self, stream, enqueue):
+        if self.fail:
+            raise RuntimeError("cuStreamBeginCapture failed with CUDA driver error 900")
         handle = len(self.captured) + 1
         self.captured[handle] = enqueue
         return handle
@@ -178,13 +182,13 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
 
 @pytest.fixture
 def make_runner(tmp_path, monkeypatch):
-    def make(batch_range=(1, 4), int_dtype="int64", cuda_graph=False):
+    def make(batch_range=(1, 4), int_dtype="int64", cuda_graph=False, capture_fails=False):
         contract = tiny_contract(BatchRange(1, 2, 4))
         memory = Memory()
         monkeypatch.setitem(sys.modules, "tensorrt",
                             fake_tensorrt(memory, contract, batch_range, int_dtype))
         monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: FakeCuda(memory))
-        graphs = FakeGraphs()
+        graphs = FakeGraphs(fail=capture_fails)
         monkeypatch.setattr(runtime, "_DriverGraphs", lambda: graphs)
         monkeypatch.setattr(targets, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
         monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
@@ -237,3 +241,64 @@ def test_cuda_graph_replay_equals_the_plain_path(make_runner):
             check(runner.infer(inputs), inputs)
             assert len(graphs.captured) == 1  # only the current shape's graph is kept
     assert graphs.launches == 4 and not graphs.captured  # freed at deactivation
+
+
+def test_a_failed_graph_capture_falls_back_to_plain_enqueue_and_says_why(make_runner):
+    runner, graphs = make_runner(cuda_graph=True, capture_fails=True)
+    with runner:
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .*error 900"):
+            inputs = feed(2)
+            check(runner.infer(inputs), inputs)
+        for batch in (2, 1):  # no second attempt, no second warning: plain enqueue
+            inputs = feed(batch, seed=batch)
+            check(runner.infer(inputs), inputs)
+        assert "error 900" in runner.graph_error and graphs.launches == 0
+
+
+class FakeDriver:
+    """libcuda's graph calls, recording the order; cuStreamEndCapture fails after a failed
+    enqueue, as the driver does for an invalidated capture."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.invalidated = False
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            return 901 if name == "cuStreamEndCapture" and self.invalidated else 0
+        return call
+
+
+def test_capture_reports_the_enqueue_error_not_the_end_capture_error():
+    graphs = runtime._DriverGraphs.__new__(runtime._DriverGraphs)
+    graphs.lib = FakeDriver()
+
+    def enqueue():
+        graphs.lib.invalidated = True
+        raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        graphs.capture(7, enqueue)
+    assert graphs.lib.calls == ["cuStreamBeginCapture_v2", "cuStreamEndCapture"]
+
+
+def test_the_pycuda_context_is_popped_and_released_even_when_a_free_fails(monkeypatch):
+    calls: list[str] = []
+
+    class Alloc:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def free(self):
+            calls.append("free")
+            if not self.ok:
+                raise RuntimeError("cuMemFree failed")
+
+    backend = runtime.PyCudaBackend.__new__(runtime.PyCudaBackend)
+    backend.ctx = types.SimpleNamespace(pop=lambda: calls.append("pop"),
+                                        detach=lambda: calls.append("detach"))
+    backend.stream_obj, backend._allocs = object(), [Alloc(False), Alloc(True)]
+    with pytest.raises(RuntimeError, match="cuMemFree failed"):
+        backend.close()
+    assert calls == ["free", "free", "pop", "detach"]

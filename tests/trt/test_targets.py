@@ -139,3 +139,4 @@ def test_detect_platform_without_nvidia_smi(tmp_path):
         raise FileNotFoundError("nvidia-smi")
 
     assert detect_platform(tmp_path, run=missing) == targets.Platform(jetson=False)
+
