@@ -678,17 +678,17 @@ def format_findings(findings: Iterable[LintFinding]) -> str:
 
 def read_facts(model: "onnx.ModelProto | str | Path", trt_major: int,
                plugins: Iterable[str] = ()) -> ModelFacts:
-    onnx = require("onnx", "to lint ONNX graphs for TensorRT")
-    if isinstance(model, (str, Path)):
-        model = onnx.load(str(model))
-    facts = ModelFacts(model, trt_major, frozenset(plugins))
+    onnx_lib = require("onnx", "to lint ONNX graphs for TensorRT")
+    proto: "onnx.ModelProto" = (onnx_lib.load(str(model)) if isinstance(model, (str, Path))
+                                else model)
+    facts = ModelFacts(proto, trt_major, frozenset(plugins))
     try:
-        inferred = infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = infer_shapes(proto, check_type=False, strict_mode=False)
     except Exception as e:  # an unreadable graph still gets its op checks
-        inferred = model
+        inferred = proto
         facts.notes.append(LintFinding(GRAPH, "Model", f"shape inference failed ({e}); dtypes "
                                        "of intermediate tensors are unknown", "warning"))
-    facts.functions = {(f.domain, f.name) for f in model.functions}
+    facts.functions = {(f.domain, f.name) for f in proto.functions}
     graph = inferred.graph
     facts.graph_io = {v.name for v in (*graph.input, *graph.output)}
     _walk(facts, graph)

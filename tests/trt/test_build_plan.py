@@ -372,3 +372,74 @@ def test_a_trtexec_engine_gets_its_sidecar_without_tensorrt(tmp_path, capsys, mo
     assert manifest.dla_core == 1 and manifest.workspace_mb == 1024
     assert manifest.profile_shapes["video"][0] == manifest.profile_shapes["video"][2]  # static
     assert (tmp_path / "model.fp16.engine").read_bytes() == b"PLAN"
+
+
+# -- which file a TensorRT version builds, checked with that parser's lint -----------------------
+def reduce_l2_artifact(tmp_path, trt8: str | None):
+    """An artifact whose model.fp16.onnx is an opset-19 ReduceL2 (axes as an input) and whose
+    model.fp16.trt8.onnx is `trt8`: "converted", "unconverted" (a copy) or None (absent)."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from twbert_export.legacy import to_trt8_graph
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])
+    node = helper.make_node("ReduceL2", ["x", "axes"], ["y"], keepdims=1, name="norm")
+    graph = helper.make_graph([node], "g", [x], [y],
+                              [numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "model.fp16.onnx"))
+    if trt8 == "converted":
+        to_trt8_graph(tmp_path / "model.fp16.onnx", tmp_path / "model.fp16.trt8.onnx", "8.5")
+    elif trt8 == "unconverted":
+        onnx.save(model, str(tmp_path / "model.fp16.trt8.onnx"))
+    manifest = artifact_manifest(("fp16",), trt8=trt8 is not None)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "model.fp16.onnx"
+
+
+@pytest.mark.parametrize("parser, trt8, code, says", [
+    ("8.6", "converted", 0, "onnx       model.fp16.trt8.onnx (TensorRT 8.6 needs the opset-17"),
+    ("8.5", "converted", 0, "lint       model.fp16.trt8.onnx: TensorRT 8.5 parser: no errors"),
+    ("10", None, 0, "lint       model.fp16.onnx: TensorRT 10 parser: no errors"),
+    ("8.6", "unconverted", 2, "TensorRT 8.6 would reject or mis-import it: node norm (ReduceL2)"),
+    ("8.6", None, 2, "has no TensorRT 8.x graph for fp16: re-export it"),
+    ("8.4", "converted", 2, "TensorRT 8.4 is too old"),
+])
+def test_build_picks_the_file_the_parser_needs_and_lints_it_first(tmp_path, capsys, parser, trt8,
+                                                                  code, says):
+    onnx_path = reduce_l2_artifact(tmp_path, trt8)
+    assert build_main(["--onnx", str(onnx_path), "--parser", parser]) == code
+    out = capsys.readouterr()
+    assert says in (out.out if code == 0 else out.err)
+    if code:
+        assert len(out.err.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_an_installed_tensorrt_84_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("8.4.1", []))
+    onnx_path = reduce_l2_artifact(tmp_path, "converted")
+    assert build_main(["--onnx", str(onnx_path), "--target", "orin-nx"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 8.4.1 is too old" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_layer_report_counts_dla_and_gpu_layers(tmp_path, capsys):
+    """The engine inspector's JSON (trtexec --exportLayerInfo --profilingVerbosity=detailed):
+    what TensorRT put on the DLA shows as {ForeignNode[...]} layers."""
+    import json
+
+    layers = {"Layers": [{"Name": "{ForeignNode[/video/patch_embed/Conv.../Add_3]}",
+                          "LayerType": "DLA"},
+                         {"Name": "/text/MatMul", "LayerType": "CaskGemm"},
+                         {"Name": "/selector/TopK", "LayerType": "TopK"}]}
+    path = tmp_path / "model.fp16.engine.layers.json"
+    path.write_text(json.dumps(layers))
+    assert build_mod.layer_placement(path.read_text()) == {"DLA": 1, "GPU": 2}
+    assert build_main(["--layer-report", str(path)]) == 0
+    assert "1 on DLA, 2 on GPU" in capsys.readouterr().out
