@@ -7,8 +7,9 @@ the TensorRT class it stands for, and reading or setting a public name that clas
 in `API` raises AttributeError, as the real bindings would. `API` is a curated subset of
 NVIDIA's tensorrt-stubs 10.13 (the names our code and the stand-ins use);
 `test_stand_in_names_exist_in_tensorrt_stubs` checks every entry against the stub file when the
-stub wheel can be fetched (see tests/trt/test_static_types.py). Version differences (8.x's EXPLICIT_BATCH,
-11.x without FP16/INT8 flags) are made by the stand-ins defining fewer names, never more.
+stub wheel can be fetched (see tests/trt/test_static_types.py). Version differences (8.x's
+EXPLICIT_BATCH, 11.x without FP16/INT8 flags) are made by the stand-ins defining fewer names,
+never more.
 """
 
 from __future__ import annotations

@@ -232,5 +232,6 @@ def describe(written: dict[str, Path]) -> str:
             f"{' and '.join(PARSERS)}: no errors")
 
 
-__all__ = ["to_trt8_graph", "write_legacy_graphs", "describe", "legacy_name", "legacy_key", "base_precision",
+__all__ = ["to_trt8_graph", "write_legacy_graphs", "describe", "legacy_name", "legacy_key",
+           "base_precision",
            "LegacyGraphError", "LEGACY_OPSET", "PARSERS"]

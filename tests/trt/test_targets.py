@@ -2,7 +2,8 @@ import subprocess
 
 import pytest
 from trtdata import (MEMINFO_4GB, MEMINFO_8GB, MEMINFO_16GB, MODEL_AGX_ORIN, MODEL_ORIN_NANO,
-                     MODEL_ORIN_NX, MODEL_THOR, NVPMODEL_MAXN, SMI_H100, SMI_NO_DEVICE, SMI_T4, SMI_TWO_GPUS, TEGRA_R35_4_1,
+                     MODEL_ORIN_NX, MODEL_THOR, NVPMODEL_MAXN, SMI_H100, SMI_NO_DEVICE, SMI_T4,
+                     SMI_TWO_GPUS, TEGRA_R35_4_1,
                      TEGRA_R36_3_0, TEGRA_R36_4_3, TEGRA_R38_2_0)
 
 from twbert_export.trt import targets

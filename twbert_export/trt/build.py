@@ -33,7 +33,8 @@ from ..util import atomic_path, file_sha256, require
 from .commands import default_timing_cache, engine_name, python_build_command
 from .engine_manifest import EngineManifest, write_manifest
 from .targets import Platform, Target, machine_info
-from .version import UnsupportedTensorRT, check_supported, dla_available, parse_version
+from .version import (STRONG_TYPING_SINCE, UnsupportedTensorRT, check_supported, dla_available,
+                      parse_version)
 
 
 class BuildError(RuntimeError):
@@ -83,7 +84,7 @@ def plan_for(trt_version: str, precision: str, dla: bool = False) -> BuildPlan:
     v = check_supported(trt_version)
     if dla:
         check_dla(trt_version, precision)
-    if v >= (10, 0, 0) and not (dla and v < (11, 0, 0)):
+    if v >= STRONG_TYPING_SINCE and not (dla and v < (11, 0, 0)):
         return BuildPlan(trt_version, precision, strongly_typed=True)
     # 8.5 / 8.6, and DLA on 10.0-10.7 (documented with the FP16 flag, not strongly typed).
     weak = precision in ("fp16", "int8")

@@ -14,7 +14,7 @@ Version = tuple[int, int, int]
 # Oldest TensorRT this toolchain builds for: 8.5 (JetPack 5.1). 8.4 (JetPack 5.0.x) has no
 # named-tensor I/O API (`execute_async_v3`, `set_input_shape` came with 8.5).
 OLDEST_SUPPORTED = (8, 5, 0)
-# First TensorRT whose networks can be strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED).
+# First TensorRT we build strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED).
 STRONG_TYPING_SINCE = (10, 0, 0)
 # DLA on Jetson: TensorRT <= 10.7, and again from 11.4.1 ("Working with DLA", 11.4.1 developer
 # guide; deployment-facts.md).
@@ -31,10 +31,6 @@ def parse_version(text: str) -> Version:
         raise ValueError(f"cannot read a TensorRT version from {text!r} (expected e.g. 8.6 or "
                          "10.3.0)")
     return int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
-
-
-def format_version(version: Version) -> str:
-    return ".".join(map(str, version))
 
 
 class UnsupportedTensorRT(ValueError):
@@ -59,10 +55,6 @@ def check_supported(text: str) -> Version:
 def needs_legacy_graph(text: str) -> bool:
     """8.x parsers need the opset-17 graph `model.PRECISION.trt8.onnx` (twbert_export.legacy)."""
     return parse_version(text) < (9, 0, 0)
-
-
-def strongly_typed(text: str) -> bool:
-    return parse_version(text) >= STRONG_TYPING_SINCE
 
 
 def dla_available(text: str) -> bool:
