@@ -273,7 +273,7 @@ def _export_into(work: Path, out: Path, opts: ExportOptions, precisions: list[st
         write_json(work / "answers.json", answers)
     last = precisions[-1]
     next_commands = [
-        f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
+        f"./build_on_device.sh {last}   # the file and flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx model.{last}.onnx --target auto",
         f"python3 -m twbert_export.reference --engine model.{last}.engine   # the host's gates",
         polygraphy_command(f"model.{last}.engine", last, results[last]["outputs"]),

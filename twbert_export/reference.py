@@ -24,6 +24,7 @@ import numpy as np
 from . import validate
 from .calibration import FeedSet
 from .contract import IOContract
+from .legacy import base_precision
 from .util import atomic_path, require, write_json
 
 VALIDATION_ARRAYS, VALIDATION_META = "validation.npz", "validation.json"
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{artifact.dir / 'manifest.json'}: pass --precision")
         reference_dir = Path(args.reference or artifact.dir / "reference")
         report = validate_against_reference(artifact.runner(), precision, artifact.contract,
-                                            reference_dir, gates[precision], artifact.answers)
+                                            reference_dir, gates[base_precision(precision)],
+                                            artifact.answers)
     except (ValueError, FileNotFoundError, MissingDependency, EngineMismatch) as e:
         return bad_input(str(e))
     if args.json:

@@ -42,7 +42,8 @@ def test_artifact_directory_holds_everything_a_device_needs(artifact):
         assert len(manifest["files"][p]["sha256"]) == 64
     assert manifest["calibration"]["clips"] >= MIN_CALIBRATION_CLIPS
     assert manifest["contract"]["inputs"][0]["shape"][0] == "batch"
-    assert manifest["parity"] == {p: {"passed": True} for p in ("fp32", "fp16", "int8")}
+    assert manifest["parity"] == {p: {"passed": True} for p in (
+        "fp32", "fp16", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8")}  # + TensorRT 8.x graphs
     assert not any(n.startswith(".") for n in names), "no scratch files left behind"
 
 
@@ -343,7 +344,7 @@ def test_reference_validation_reproduces_the_hosts_verdicts(artifact, capsys):
     """The shipped validation set re-run through ONNX Runtime (the runner a device swaps for
     TensorRT) gives exactly the host's per-output errors, selections and task metrics."""
     out, report = artifact
-    for p in ("fp32", "fp16", "int8"):
+    for p in ("fp32", "fp16", "int8", "int8.trt8"):
         assert export.main(["validate", "--model", str(out / f"model.{p}.onnx"), "--json"]) == 0
         printed = capsys.readouterr().out
         device = json.loads(printed[:printed.rindex("}") + 1])

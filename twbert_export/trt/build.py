@@ -5,17 +5,24 @@ Which path is taken depends on the TensorRT found (`plan_for`):
 - TensorRT >= 10: a strongly typed network (`1 << int(NetworkDefinitionCreationFlag.
   STRONGLY_TYPED)`, or Polygraphy's `NetworkFromOnnxPath(strongly_typed=True)`): the FP16 /
   Q/DQ types in the file are what gets built. On 11.x no weak-typing call is made at all.
-- TensorRT 8.5 / 8.6 (JetPack 5.1 / 6.0): no strong typing; `BuilderFlag.FP16` for the FP16
-  file, `INT8` + `FP16` for the Q/DQ file (explicit quantization: no calibrator).
+- TensorRT 8.5 / 8.6 (JetPack 5.1 / 6.0): the artifact's opset-17 `model.PRECISION.trt8.onnx`
+  (twbert_export.legacy; `check_graph_for` lints the file with that parser's rules first); no
+  strong typing, so `BuilderFlag.FP16` for the FP16 file, `INT8` + `FP16` for the Q/DQ file
+  (explicit quantization: no calibrator), and every layer pinned to the type the file gives it
+  (`pin_file_types`, OBEY_PRECISION_CONSTRAINTS): otherwise the FP16 flag lets TensorRT run the
+  FP32 frame-selection nodes in FP16.
+- DLA: only what is documented (`check_dla`), with the layer placement read back from the
+  engine (`layer_placement`, `<engine>.layers.json`).
 
 Everything else is shared: one optimization profile from the I/O contract (batch MIN:OPT:MAX;
 static at OPT on DLA), a workspace cap, the builder optimization level, a timing cache file
 read before and written after every build, DLA with GPU fallback, version compatibility.
-TF32 stays off (parity with the FP32 ONNX file is what validation measured).
+TF32 stays off on every path (TF32_NOTE; trtexec gets `--noTF32`), recorded in the sidecar.
 
-Polygraphy's loaders (`NetworkFromOnnxPath`, `CreateConfig`, `EngineBytesFromNetwork`) are
-used when Polygraphy is installed; a Jetson with only TensorRT and numpy takes the equivalent
-direct TensorRT API path. `tensorrt` is imported lazily; nothing here imports torch.
+Polygraphy's loaders (`NetworkFromOnnxPath`, `CreateConfig`, `EngineBytesFromNetwork`) build
+the strongly typed GPU engines when Polygraphy is installed; weak typing and DLA, and a Jetson
+with only TensorRT and numpy, take the direct TensorRT API path. `tensorrt` is imported lazily;
+nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -4,16 +4,21 @@ Engines are built ON the target (they are not portable across GPUs, TensorRT ver
 JetPacks), so an artifact ships the commands rather than engines. What differs per TensorRT
 major (checked against the trtexec reference of each release):
 
-- 8.5 / 8.6 (JetPack 5.1 / 6.0): no strong typing; the precision comes from flags: `--fp16`
-  for the FP16 file, `--int8 --fp16` for the Q/DQ file (its non-quantized part is FP16).
-  8.5 has neither `--builderOptimizationLevel` nor `--versionCompatible` (both from 8.6) and
-  says `--buildOnly` where 8.6+ says `--skipInference`.
+- 8.5 / 8.6 (JetPack 5.1 / 6.0): the opset-17 `model.PRECISION.trt8.onnx` file. No strong
+  typing: trtexec's `--fp16` / `--int8 --fp16` would let TensorRT run the file's FP32 nodes in
+  FP16, so FP16 / INT8 go through the Python builder, which pins each layer to the file's type
+  (`trtexec_route`); FP32 through trtexec. 8.5 has neither `--builderOptimizationLevel` nor
+  `--versionCompatible` (both from 8.6) and says `--buildOnly` where 8.6+ says
+  `--skipInference`. 8.4 and older and 9.x are refused.
 - 10.x: `--stronglyTyped`: the types written in the ONNX file are the types built.
 - 11.x: every network is strongly typed; there are no precision flags at all.
 
-Shapes come from the I/O contract's profile (batch MIN:OPT:MAX). DLA (Orin NX / AGX Orin)
-runs only static shapes, so a DLA build pins every input to the OPT batch. Torch-free and
-tensorrt-free.
+Every trtexec build gets `--noTF32` (trtexec enables TF32 by default: samples/common/
+sampleOptions.cpp, release/8.5 to 11.1). Shapes come from the I/O contract's profile (batch
+MIN:OPT:MAX). DLA (Orin NX / AGX Orin) runs only static shapes, so a DLA build pins every input
+to the OPT batch, and reports its layer placement (`--exportLayerInfo`). The Polygraphy check
+of a built engine against the shipped reference (`polygraphy_command`) lives here too.
+Torch-free and tensorrt-free.
 """
 
 from __future__ import annotations
