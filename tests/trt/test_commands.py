@@ -174,7 +174,11 @@ def test_script_refuses_what_it_cannot_build_with_one_line(tmp_path, version, me
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
 def test_script_dla_and_bad_precision(tmp_path):
-    args = _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0", "WORKSPACE_MB": "512"})
+    agx = {"JETSON_MODEL": "NVIDIA Jetson AGX Orin Developer Kit"}
+    err = _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0", "JETSON_MODEL": "NVIDIA "
+                      "Jetson Orin NX Engineering Reference Developer Kit"}, expect_rc=2)
+    assert "documented for Jetson AGX Orin (JetPack >= 7.2.2) only" in err
+    args = _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0", "WORKSPACE_MB": "512", **agx})
     assert "--useDLACore=0" in args and "--allowGPUFallback" in args
     assert "--exportLayerInfo=model.fp16.engine.layers.json" in args
     assert args[-1].endswith("--dla-core 0 --record-trtexec-build 11.4.1")

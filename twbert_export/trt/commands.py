@@ -220,7 +220,8 @@ def build_script(manifest: dict[str, Any]) -> str:
         f"# Default precision: {default}. Environment: WORKSPACE_MB (default "
         f"{DEFAULT_WORKSPACE_MB}, sized for 8 GB Jetsons),",
         "# OPT_LEVEL (builder optimization level, default 3), DLA_CORE (AGX Orin / Orin NX only;",
-        "# pins the batch to the profile's OPT value), TIMING_CACHE, TRTEXEC, TRT_VERSION.",
+        "# pins the batch to the profile's OPT value), TIMING_CACHE, TRTEXEC, TRT_VERSION,",
+        "# JETSON_MODEL (default: /proc/device-tree/model).",
         "# TensorRT 8.5 / 8.6 build the model.PRECISION.trt8.onnx file (opset 17; the opset-19",
         "# file would be mis-imported), and FP16/INT8 there (and DLA before 11.x) go through the",
         "# Python builder: without strong typing only it keeps the file's FP32 nodes in FP32.",
@@ -301,6 +302,10 @@ def build_script(manifest: dict[str, Any]) -> str:
         '  elif [ "$(printf \'%s\\n\' 11.4.1 "$TRT_VERSION" | sort -V | head -n1)" != 11.4.1 ]; '
         'then',
         '    echo "TensorRT $TRT_VERSION has no DLA support: unset DLA_CORE" >&2; exit 2',
+        '  elif ! printf \'%s\' "${JETSON_MODEL:-$(tr -d \'\\0\' < /proc/device-tree/model '
+        '2>/dev/null || true)}" | grep -q "AGX Orin"; then',
+        '    echo "DLA with TensorRT $TRT_VERSION is documented for Jetson AGX Orin (JetPack >= '
+        '7.2.2) only: unset DLA_CORE" >&2; exit 2',
         "  fi",
         f"  SHAPES={_bash_array(static)}  # DLA: static shapes",
         '  DLA_FLAGS=(--useDLACore="$DLA_CORE" --allowGPUFallback --profilingVerbosity=detailed '

@@ -42,11 +42,15 @@ PRESETS: dict[str, Target] = {t.name: t for t in (
     # DLA cores per module: NVIDIA's Jetson Orin NX series module specification (16GB: 2x
     # NVDLA v2.0, 8GB: 1x); the Orin Nano has none. Detection tells them apart by memory.
     Target("orin-nx", "Jetson Orin NX 8GB", jetson=True, workspace_mb=1536,
-           dla_cores=1, compute_capability="8.7", note="8 GB shared: one engine at a time"),
+           dla_cores=1, compute_capability="8.7",
+           note="8 GB shared: one engine at a time; DLA with TensorRT <= 10.7 only (the "
+                "11.4.1 DLA is documented for the AGX Orin)"),
     Target("orin-nx-16gb", "Jetson Orin NX 16GB", jetson=True, workspace_mb=3072,
-           dla_cores=2, compute_capability="8.7"),
+           dla_cores=2, compute_capability="8.7",
+           note="DLA with TensorRT <= 10.7 only (the 11.4.1 DLA is documented for the AGX Orin)"),
     Target("agx-orin", "Jetson AGX Orin 32GB / 64GB", jetson=True, workspace_mb=4096,
-           dla_cores=2, compute_capability="8.7"),
+           dla_cores=2, compute_capability="8.7",
+           note="DLA with TensorRT <= 10.7 (JetPack 5.1 - 6.x) or >= 11.4.1 on JetPack >= 7.2.2"),
     Target("thor", "Jetson AGX Thor (JetPack 7.x)", jetson=True, workspace_mb=4096,
            dla_cores=0, compute_capability=None,
            note="no DLA on Thor; compute capability read from the device at build time"),
