@@ -26,8 +26,8 @@ API: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
                "build_serialized_network",
     "OnnxParser": "parse_from_file num_errors get_error",
     "INetworkDefinition": "num_layers get_layer",
-    "ILayer": "type precision num_outputs get_output set_output_type",
-    "ITensor": "dtype",
+    "ILayer": "type precision num_inputs get_input num_outputs get_output set_output_type",
+    "ITensor": "dtype name",
     "IBuilderConfig": "set_memory_pool_limit builder_optimization_level clear_flag set_flag "
                       "add_optimization_profile create_timing_cache set_timing_cache "
                       "get_timing_cache default_device_type DLA_core profiling_verbosity",

@@ -106,27 +106,35 @@ def rec(api):
     return Rec
 
 
-# A parsed network: (layer type, output dtype) per layer, as the parser would leave a mixed
-# FP16 file (FP16 matrix products, an FP32 selection path, Q/DQ, shape arithmetic).
-LAYERS = [("MATRIX_MULTIPLY", "HALF"), ("CONVOLUTION", "FLOAT"), ("QUANTIZE", "INT8"),
-          ("DEQUANTIZE", "HALF"), ("SHAPE", "INT64"), ("CONSTANT", "HALF")]
+# A parsed network: (layer type, output dtype, the layer its input comes from) per layer, as the
+# parser would leave a mixed file (FP16 matrix products, an FP32 selection path, Q/DQ feeding a
+# quantized matrix product, shape arithmetic).
+LAYERS = [("MATRIX_MULTIPLY", "HALF", None), ("CONVOLUTION", "FLOAT", 0),
+          ("QUANTIZE", "INT8", 0), ("DEQUANTIZE", "HALF", 2), ("SHAPE", "INT64", 0),
+          ("CONSTANT", "HALF", None), ("MATRIX_MULTIPLY", "HALF", 3)]
 
 
 def fake_network(trt, log):
     Tensor, Layer, Network = (strict_class(a) for a in ("ITensor", "ILayer", "INetworkDefinition"))
 
-    def layer(index, kind, dtype):
+    outputs = []
+    for index, (_, dtype, _) in enumerate(LAYERS):
         tensor = Tensor()
         tensor.dtype = getattr(trt.DataType, dtype)
+        tensor.name = f"t{index}"
+        outputs.append(tensor)
+
+    def layer(index, kind, source):
         obj = rec("ILayer")(log, f"layer{index}")
         object.__setattr__(obj, "type", getattr(trt.LayerType, kind))
         object.__setattr__(obj, "num_outputs", 1)
-        object.__setattr__(obj, "get_output", lambda i: tensor)
-        object.__setattr__(obj, "_kind", kind)
+        object.__setattr__(obj, "get_output", lambda i: outputs[index])
+        object.__setattr__(obj, "num_inputs", 0 if source is None else 1)
+        object.__setattr__(obj, "get_input", lambda i: outputs[source])
         return obj
 
     network = Network()
-    layers = [layer(i, k, d) for i, (k, d) in enumerate(LAYERS)]
+    layers = [layer(i, k, src) for i, (k, _, src) in enumerate(LAYERS)]
     network.num_layers = len(layers)
     network.get_layer = lambda i: layers[i]
     return network
@@ -148,7 +156,7 @@ def fake_tensorrt(version, log):
     trt.MemoryPoolType = enum("MemoryPoolType", "WORKSPACE")
     trt.DeviceType = enum("DeviceType", "GPU", "DLA")
     trt.DataType = enum("DataType", "FLOAT", "HALF", "INT8", "INT32", "INT64", "BOOL")
-    trt.LayerType = enum("LayerType", *{k for k, _ in LAYERS})
+    trt.LayerType = enum("LayerType", *sorted({k for k, _, _ in LAYERS}))
     trt.ProfilingVerbosity = enum("ProfilingVerbosity", "DETAILED")
     trt.LayerInformationFormat = enum("LayerInformationFormat", "JSON")
     trt.Dims = lambda shape: tuple(shape)
@@ -248,7 +256,8 @@ def test_tensorrt_86_int8_uses_flags_and_explicit_batch(tmp_path, monkeypatch):
 
 def test_weak_typing_pins_every_float_layer_to_the_files_type(tmp_path, monkeypatch):
     """8.x with the FP16 flag may run any layer in FP16: the FP32 layer (the selection path)
-    is pinned to FP32, the FP16 ones to FP16; Q/DQ, shape and constant layers are left alone."""
+    is pinned to FP32, the FP16 ones to FP16; Q/DQ, shape and constant layers, and the
+    quantized matrix product fed by the DequantizeLinear, are left alone."""
     _, log = run_fake_build(tmp_path, monkeypatch, "8.5.2", "fp16")
     pinned = {n.split(".")[0]: a[0] for n, a in log if n.endswith(".precision=")}
     assert pinned == {"layer0": 1, "layer1": 0}  # MATRIX_MULTIPLY HALF, CONVOLUTION FLOAT

@@ -235,7 +235,9 @@ def pin_file_types(network: "tensorrt.INetworkDefinition") -> int:
     """Weak typing (8.x; DLA before 11) with the FP16 flag lets the builder run ANY layer in
     FP16, the FP32 frame-selection nodes and LayerNorm statistics of the file included. Pin
     each layer whose outputs are all FP32 (or all FP16) to that type, as a strongly typed build
-    would; Q/DQ and constant layers keep TensorRT's own rules. Returns how many were pinned."""
+    would. Q/DQ, constant and shape layers, and the layers fed by a DequantizeLinear (the
+    quantized matrix products, whose INT8 precision the Q/DQ pair decides), keep TensorRT's own
+    rules. Returns how many were pinned."""
     if TYPE_CHECKING:
         import tensorrt as trt
     else:
@@ -243,10 +245,13 @@ def pin_file_types(network: "tensorrt.INetworkDefinition") -> int:
     floats = (trt.DataType.FLOAT, trt.DataType.HALF)
     skip = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE, trt.LayerType.CONSTANT,
             trt.LayerType.SHAPE)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    dequantized = {layer.get_output(0).name for layer in layers
+                   if layer.type == trt.LayerType.DEQUANTIZE}
     pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in skip:
+    for layer in layers:
+        inputs = (layer.get_input(j) for j in range(layer.num_inputs))
+        if layer.type in skip or any(t is not None and t.name in dequantized for t in inputs):
             continue
         types = {layer.get_output(j).dtype for j in range(layer.num_outputs)}
         if len(types) == 1 and next(iter(types)) in floats:
