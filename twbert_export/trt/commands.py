@@ -365,7 +365,7 @@ DLA_TABLE = [
     "(Python builder) | fp16 |",
     "| 10.0 - 10.7 | (6.1/6.2 ship 10.3) | as 8.x: trtexec would add FP16 and "
     "prefer-precision-constraints to a strongly typed network, so the Python builder | fp16 |",
-    "| 10.8 - 11.4.0 | 6.x later, 7.0 / 7.1 | no DLA | - |",
+    "| 10.8 - 11.4.0 | 7.0 / 7.1 (Thor, which has no DLA) | no DLA | - |",
     "| 11.4.1+ | 7.2.2+, Jetson AGX Orin only | strongly typed: the file's types decide | "
     "fp16, int8 |",
 ]
