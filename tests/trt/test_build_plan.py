@@ -439,16 +439,20 @@ def test_an_installed_tensorrt_84_is_refused_with_one_line(tmp_path, capsys, mon
 
 
 def test_the_layer_report_counts_dla_and_gpu_layers(tmp_path, capsys):
-    """The engine inspector's JSON (trtexec --exportLayerInfo --profilingVerbosity=detailed):
-    what TensorRT put on the DLA shows as {ForeignNode[...]} layers."""
+    """From trtexec's build log (its Layers Running on DLA / GPU lists) or the inspector's
+    JSON; a Myelin subgraph is named {ForeignNode[...]} too but runs on the GPU."""
     import json
 
-    layers = {"Layers": [{"Name": "{ForeignNode[/video/patch_embed/Conv.../Add_3]}",
-                          "LayerType": "DLA"},
-                         {"Name": "/text/MatMul", "LayerType": "CaskGemm"},
-                         {"Name": "/selector/TopK", "LayerType": "TopK"}]}
-    path = tmp_path / "model.fp16.engine.layers.json"
-    path.write_text(json.dumps(layers))
-    assert build_mod.layer_placement(path.read_text()) == {"DLA": 1, "GPU": 2}
+    log = ("[I] [TRT] ---------- Layers Running on DLA ----------\n"
+           "[I] [TRT] [DlaLayer] {ForeignNode[/video/patch_embed/Conv.../Add_3]}\n"
+           "[I] [TRT] ---------- Layers Running on GPU ----------\n"
+           "[I] [TRT] [GpuLayer] MYELIN: {ForeignNode[/text/MatMul.../Softmax]}\n"
+           "[I] [TRT] [GpuLayer] SHUFFLE: /selector/Reshape\n")
+    path = tmp_path / "model.fp16.engine.build.log"
+    path.write_text(log)
+    assert build_mod.layer_placement(log) == {"DLA": 1, "GPU": 2}
     assert build_main(["--layer-report", str(path)]) == 0
     assert "1 on DLA, 2 on GPU" in capsys.readouterr().out
+    layers = {"Layers": [{"Name": "{ForeignNode[/text/MatMul.../Softmax]}", "LayerType": "Myelin"},
+                         {"Name": "{ForeignNode[/video/Conv]}", "LayerType": "DLA"}]}
+    assert build_mod.layer_placement(json.dumps(layers)) == {"DLA": 1, "GPU": 1}

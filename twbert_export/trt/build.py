@@ -263,20 +263,27 @@ def pin_file_types(network: "tensorrt.INetworkDefinition") -> int:
     return pinned
 
 
-def layer_placement(layer_info: str | dict[str, Any]) -> dict[str, int]:
-    """{"DLA": n, "GPU": m} from TensorRT's engine-inspector JSON (the file trtexec writes with
-    `--exportLayerInfo=FILE --profilingVerbosity=detailed`, or `IEngineInspector.
-    get_engine_information(LayerInformationFormat.JSON)`). TensorRT folds what runs on the DLA
-    into `{ForeignNode[...]}` layers; a layer counts as DLA when its name says ForeignNode or
-    one of its fields names the DLA, as GPU otherwise."""
-    import json
+def layer_placement(report: str) -> dict[str, int]:
+    """{"DLA": n, "GPU": m}: where the layers of a DLA build run, from either record TensorRT
+    leaves of it.
 
-    info = json.loads(layer_info) if isinstance(layer_info, str) else layer_info
+    - The builder's log (trtexec's output; what `build_on_device.sh` keeps as
+      `<engine>.build.log`): the "Layers Running on DLA / GPU" lists, one `[DlaLayer] ...` or
+      `[GpuLayer] ...` line per layer.
+    - The engine inspector's JSON (`--exportLayerInfo=FILE --profilingVerbosity=detailed`, or
+      `IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`): a layer counts
+      as DLA when its record names the DLA. (Not by its `{ForeignNode[...]}` name: Myelin's
+      fused GPU subgraphs are named that way too.)"""
+    import json
+    import re
+
+    if not report.lstrip().startswith("{"):
+        return {"DLA": len(re.findall(r"\[DlaLayer\]", report)),
+                "GPU": len(re.findall(r"\[GpuLayer\]", report))}
     counts = {"DLA": 0, "GPU": 0}
-    for layer in info.get("Layers", []):
+    for layer in json.loads(report).get("Layers", []):
         text = layer if isinstance(layer, str) else json.dumps(layer)
-        on_dla = "ForeignNode" in text or '"DLA' in text or "DLA_" in text
-        counts["DLA" if on_dla else "GPU"] += 1
+        counts["DLA" if re.search(r"\bDLA|Dla", text) else "GPU"] += 1
     return counts
 
 

@@ -3,7 +3,7 @@
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto|orin-nano-8gb|...]
         [--workspace-mb N] [--opt-level N] [--dla-core N] [--timing-cache PATH]
         [--version-compatible] [--engine PATH] [--parser 8.5|8.6|10|11]
-    python3 -m twbert_export.trt.cli --layer-report model.fp16.engine.layers.json
+    python3 -m twbert_export.trt.cli --layer-report model.fp16.engine.build.log
 
 Also `python3 -m twbert_export.trt.cli --onnx ...` (what build_on_device.sh --python runs: no
 export.py, no torch). The file built is the one the TensorRT version found needs: on 8.5 / 8.6
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the file this TensorRT release would build (8.5, 8.6, 10, 11): "
                         "which file, and the lint of that parser; builds nothing")
     p.add_argument("--layer-report", metavar="LAYERS_JSON",
-                   help="print how many layers of a DLA engine run on the DLA and on the GPU "
-                        "(the file trtexec --exportLayerInfo or the Python builder wrote)")
+                   help="print how many layers of a DLA engine run on the DLA and on the GPU, "
+                        "from trtexec's build log or the layer-information JSON")
     p.add_argument("--record-trtexec-build", metavar="TRT_VERSION",
                    help="build nothing: write the sidecar manifest of the engine trtexec built "
                         "from --onnx with these options (build_on_device.sh runs this)")
@@ -148,9 +148,9 @@ def build_main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return err(str(e))
         print(f"manifest   {opts.engine}.json (built for {recorded.built_for()})")
-        layers = Path(f"{opts.engine}.layers.json")
-        if opts.dla_core is not None and layers.is_file():
-            print(layer_report(layers))
+        logged = [Path(f"{opts.engine}.{s}") for s in ("build.log", "layers.json")]
+        if opts.dla_core is not None and any(p.is_file() for p in logged):
+            print(layer_report(next(p for p in logged if p.is_file())))
         return 0
     try:
         opts.check()

@@ -332,10 +332,12 @@ def build_script(manifest: dict[str, Any]) -> str:
         "",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         'echo "TensorRT $TRT_VERSION: building $ENGINE from $ONNX" >&2',
+        "# A DLA build keeps trtexec's log: its Layers Running on DLA / GPU lists are the report.",
+        'LOG=/dev/null; if [ -n "${DLA_CORE:-}" ]; then LOG="$ENGINE.build.log"; fi',
         "set -x",
         '"$TRTEXEC" --onnx="$ONNX" --saveEngine="$ENGINE" "${PRECISION_FLAGS[@]}" --noTF32 '
         '"${SHAPES[@]}" --memPoolSize=workspace:"$WORKSPACE_MB" --timingCacheFile="$TIMING_CACHE" '
-        '"${BUILD_FLAGS[@]}" "${DLA_FLAGS[@]}"',
+        '"${BUILD_FLAGS[@]}" "${DLA_FLAGS[@]}" 2>&1 | tee "$LOG"',
         "set +x",
         "# The sidecar manifest (what the engine was built for) that predict / validate --engine",
         "# check before loading; it needs this package, not TensorRT's Python bindings.",
@@ -433,10 +435,12 @@ def deploy_md(manifest: dict[str, Any]) -> str:
         *DLA_TABLE, "",
         "DLA cores: AGX Orin 2, Orin NX 16GB 2, Orin NX 8GB 1, Orin Nano and Thor none. DLA runs "
         "static shapes only and no Gather; most transformer layers fall back to the GPU "
-        "(`--allowGPUFallback`, silently), so every DLA build writes `<engine>.layers.json` "
-        "(`--profilingVerbosity=detailed --exportLayerInfo`, or the engine inspector in the "
-        "Python builder) and prints how many layers landed on the DLA and on the GPU: "
-        "`python3 -m twbert_export.trt.cli --layer-report <engine>.layers.json`.", "",
+        "(`--allowGPUFallback`, silently), so every DLA build keeps what TensorRT says about "
+        "placement (trtexec's log with its Layers Running on DLA / GPU lists as "
+        "`<engine>.build.log`, and `<engine>.layers.json` from `--profilingVerbosity=detailed "
+        "--exportLayerInfo` or the Python builder's engine inspector) and prints how many layers "
+        "landed on the DLA and on the GPU: `python3 -m twbert_export.trt.cli --layer-report "
+        "<engine>.build.log`.", "",
         "## Validate on the device", "",
         "```bash",
         f"python3 -m twbert_export.reference --engine {engine_name(onnx)}",
