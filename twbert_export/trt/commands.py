@@ -463,9 +463,9 @@ def deploy_md(manifest: Manifest) -> str:
         "/swapfile && sudo swapon /swapfile`) and build one engine at a time.",
         f"- Smoke test and benchmark: `trtexec --loadEngine={engine_name(onnx)} "
         f"--shapes={shape_flags(contract)[1].split('=', 1)[1]} --useCudaGraph --useSpinWait "
-        "--noDataTransfers` (8.x engines: the `.trt8.engine`); `python -m twbert_export.bench "
-        "--artifact . --backends trt-" + default + "` reads `tegrastats` alongside where "
-        "present.",
+        "--noDataTransfers` (8.x engines: the `.trt8.engine`); `python -m "
+        "twbert_export.artifact_bench --artifact . --backends trt-" + default + "` reads "
+        "`tegrastats` alongside where present.",
         "- The Python runner (`twbert_export.trt.runtime.TrtRunner`) refuses an engine whose "
         "sidecar `<engine>.json` says it was built for another TensorRT, GPU or JetPack.", "",
     ])
