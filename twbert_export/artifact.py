@@ -5,8 +5,10 @@ the scale check, the TensorRT builder and runtime) reads them through it, so "wh
 this file" has one answer: the manifest's file entry, never the file's name.
 
 An artifact holds one or more graphs (today `model`, the whole network; split deployments add
-more beside it), each in one or more precisions, each possibly in more than one flavour (the
-default `trt10`; e.g. a legacy opset for TensorRT 8). Every ONNX file is one `FileEntry`.
+more beside it), each in one or more precisions, each in one or more flavours: the default
+`trt10` (the file TensorRT 10.x / 11.x build) and `trt8`, its opset-17 twin for TensorRT 8.5 / 8.6
+(legacy.py). Every ONNX file is one `FileEntry`; parity verdicts and results are kept per
+(precision, flavour).
 
 Torch-free: a device with only TensorRT and numpy reads it.
 """
@@ -28,6 +30,8 @@ MANIFEST_FILE, REPORT_FILE = "manifest.json", "report.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_GRAPH = "model"  # the whole network as one graph
 DEFAULT_FLAVOUR = "trt10"
+TRT8_FLAVOUR = "trt8"  # the opset-17 twin of a trt10 file, for TensorRT 8.5 / 8.6 (legacy.py)
+FLAVOURS = (DEFAULT_FLAVOUR, TRT8_FLAVOUR)
 
 
 class ArtifactFormatError(ValueError):
@@ -71,6 +75,25 @@ def _load_json(path: Path) -> Any:
         raise ArtifactFormatError(f"{path}: unreadable ({e})") from None
 
 
+def is_artifact_dir(directory: str | Path) -> bool:
+    """Whether `directory` is an export artifact of ours, of any format version: its
+    manifest.json names our format (what --force may replace)."""
+    path = Path(directory) / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _read_verdicts(verdicts: dict[str, Any], where: str) -> dict[str, bool]:
+    """{precision: {"passed": bool}} -> {precision: bool}."""
+    return {p: _read(v if isinstance(v, dict) else {}, "passed", bool, f"{where}.{p}")
+            for p, v in verdicts.items()}
+
+
 # -- manifest ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileEntry:
@@ -93,6 +116,9 @@ class FileEntry:
         if entry.precision not in PRECISIONS:
             raise ArtifactFormatError(f"{where}: field 'precision' is {entry.precision!r}, not "
                                       f"one of {', '.join(PRECISIONS)}")
+        if entry.flavour not in FLAVOURS:
+            raise ArtifactFormatError(f"{where}: field 'flavour' is {entry.flavour!r}, not one "
+                                      f"of {', '.join(FLAVOURS)}")
         return entry
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,12 +142,15 @@ class Manifest:
     contract: IOContract
     files: list[FileEntry]
     validation_data: dict[str, Any]
-    parity: dict[str, bool]  # precision -> whether its gates passed on the host
+    parity: dict[str, bool]  # precision -> whether its default-flavour file passed on the host
     tools: dict[str, str]
     created: str
     tokenizer: str  # file name in the artifact directory
     calibration: dict[str, Any] | None = None
     answers: str | None = None  # file name of the QA answer list
+    # flavour -> precision -> whether that flavour's file passed, for the flavours beyond the
+    # default (optional in the JSON: manifests written before the trt8 flavour have none)
+    flavour_parity: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -134,6 +163,19 @@ class Manifest:
              flavour: str = DEFAULT_FLAVOUR) -> FileEntry | None:
         return next((f for f in self.files if (f.graph, f.precision, f.flavour)
                      == (graph, precision, flavour)), None)
+
+    def entries(self, flavour: str = DEFAULT_FLAVOUR) -> list[FileEntry]:
+        """Every file of one flavour, every graph and precision, in manifest order."""
+        return [f for f in self.files if f.flavour == flavour]
+
+    def twin(self, entry: FileEntry, flavour: str) -> FileEntry | None:
+        """The same graph and precision as `entry`, in another flavour."""
+        return self.file(entry.precision, entry.graph, flavour)
+
+    def passed(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> bool | None:
+        """The host's parity verdict of a precision's file of that flavour (None: not judged)."""
+        return (self.parity if flavour == DEFAULT_FLAVOUR
+                else self.flavour_parity.get(flavour, {})).get(precision)
 
     def entry_for(self, model_path: str | Path) -> FileEntry | None:
         """The entry of the ONNX file a model (.onnx, or an .engine built beside it) came from."""
@@ -152,7 +194,9 @@ class Manifest:
             "calibration": self.calibration, "validation_data": self.validation_data,
             "parity": {p: {"passed": passed} for p, passed in self.parity.items()},
             "tools": self.tools, "created": self.created, "tokenizer": self.tokenizer,
-            "answers": self.answers}
+            "answers": self.answers,
+            "flavour_parity": {fl: {p: {"passed": passed} for p, passed in verdicts.items()}
+                               for fl, verdicts in self.flavour_parity.items()}}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> "Manifest":
@@ -160,10 +204,11 @@ class Manifest:
         ckpt = _read(d, "checkpoint", dict, where)
         ckpt_where = f"{where} checkpoint"
         files = _read(d, "files", list, where)
-        parity = _read(d, "parity", dict, where)
-        for p, verdict in parity.items():
-            _read(verdict if isinstance(verdict, dict) else {}, "passed", bool,
-                  f"{where} parity.{p}")
+        parity = _read_verdicts(_read(d, "parity", dict, where), f"{where} parity")
+        by_flavour = _read(d, "flavour_parity", dict, where, optional=True) or {}
+        flavour_parity = {fl: _read_verdicts(_read(by_flavour, fl, dict, where),
+                                             f"{where} flavour_parity.{fl}")
+                          for fl in by_flavour}
         try:
             contract = IOContract.from_dict(_read(d, "contract", dict, where))
         except (KeyError, TypeError, ValueError) as e:
@@ -176,7 +221,7 @@ class Manifest:
             schedule=_read(d, "schedule", str, where), contract=contract,
             files=[FileEntry.from_dict(f, f"{where} files[{i}]") for i, f in enumerate(files)],
             validation_data=_read(d, "validation_data", dict, where),
-            parity={p: v["passed"] for p, v in parity.items()},
+            parity=parity, flavour_parity=flavour_parity,
             tools=_read(d, "tools", dict, where), created=_read(d, "created", str, where),
             tokenizer=_read(d, "tokenizer", str, where),
             calibration=_read(d, "calibration", dict, where, optional=True),
@@ -232,7 +277,7 @@ class PrecisionResult:
 @dataclass
 class Report:
     """report.json: the parity verdicts and how the export went."""
-    precisions: dict[str, PrecisionResult]
+    precisions: dict[str, PrecisionResult]  # of the default-flavour files
     task_metrics: dict[str, Any]
     validation_data: dict[str, Any]
     next_commands: list[str] = field(default_factory=list)
@@ -240,10 +285,23 @@ class Report:
     lint_warnings: list[str] = field(default_factory=list)
     skipped_videos: list[Any] = field(default_factory=list)
     total_seconds: float = 0.0
+    # flavour -> precision -> result, for the flavours beyond the default (the trt8 files)
+    flavours: dict[str, dict[str, PrecisionResult]] = field(default_factory=dict)
+
+    def result(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> PrecisionResult | None:
+        return (self.precisions if flavour == DEFAULT_FLAVOUR
+                else self.flavours.get(flavour, {})).get(precision)
+
+    def results(self) -> list[tuple[str, str, PrecisionResult]]:
+        """(precision, flavour, result) of every file judged, the default flavour first."""
+        return ([(p, DEFAULT_FLAVOUR, r) for p, r in self.precisions.items()]
+                + [(p, fl, r) for fl, by_p in self.flavours.items() for p, r in by_p.items()])
 
     @property
     def failed(self) -> list[str]:
-        return [p for p, r in self.precisions.items() if not r.passed]
+        """What failed its gates, for messages: 'fp16', or 'fp16 (trt8)' for another flavour."""
+        return [p if fl == DEFAULT_FLAVOUR else f"{p} ({fl})"
+                for p, fl, r in self.results() if not r.passed]
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "twbert-export-report", "format_version": FORMAT_VERSION,
@@ -251,15 +309,21 @@ class Report:
                 "task_metrics": self.task_metrics, "next_commands": self.next_commands,
                 "stages": self.stages, "lint_warnings": self.lint_warnings,
                 "validation_data": self.validation_data, "skipped_videos": self.skipped_videos,
-                "total_seconds": self.total_seconds}
+                "total_seconds": self.total_seconds,
+                "flavours": {fl: {p: r.to_dict() for p, r in by_p.items()}
+                             for fl, by_p in self.flavours.items()}}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
         _check_format(d, where, "twbert-export-report")
         precisions = _read(d, "precisions", dict, where)
+        flavours = _read(d, "flavours", dict, where, optional=True) or {}
         return cls(
             precisions={p: PrecisionResult.from_dict(r, f"{where} precisions.{p}")
                         for p, r in precisions.items()},
+            flavours={fl: {p: PrecisionResult.from_dict(r, f"{where} flavours.{fl}.{p}")
+                           for p, r in _read(flavours, fl, dict, where).items()}
+                      for fl in flavours},
             task_metrics=_read(d, "task_metrics", dict, where),
             validation_data=_read(d, "validation_data", dict, where),
             next_commands=_read(d, "next_commands", list, where),

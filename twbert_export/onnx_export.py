@@ -57,16 +57,24 @@ def export_wrapper(model: "TWBert", contract: IOContract) -> "torch.nn.Module":
     return ContractModel().eval()
 
 
-def export_onnx(model: "TWBert", contract: IOContract, path: str | Path) -> Path:
-    """Export with hard selection, nodes named by module scope, then check the file fully."""
+def export_onnx(model: "TWBert", contract: IOContract, path: str | Path,
+                wrapper: "torch.nn.Module | None" = None,
+                example: dict[str, np.ndarray] | None = None) -> Path:
+    """Export with hard selection, nodes named by module scope, then check the file fully.
+
+    By default the whole model (`export_wrapper`) on `example_feed`; a part of it (the split
+    graphs, `twbert_export.split`) passes its own wrapper, which must hold the model as its
+    `model` attribute (node names, hence the FP32 selection, depend on it), and an example
+    input of batch 2 for its contract."""
     import torch
 
     onnx = require("onnx", "to write and check ONNX files")
     path = Path(path)
-    feed = {k: torch.from_numpy(v) for k, v in example_feed(contract).items()}
+    feed = {k: torch.from_numpy(v) for k, v in (example or example_feed(contract)).items()}
     # Batch 1 would be specialised by torch.export; the example uses 2 and the axis stays dynamic.
     batch = torch.export.Dim(BATCH, min=1, max=max(64, contract.batch.max))
-    wrapper = export_wrapper(model, contract)
+    if wrapper is None:
+        wrapper = export_wrapper(model, contract)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), model.selection("hard"), torch.no_grad():
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,524 @@
+"""Split deployment: four graphs from one TW-BERT, composed back into the monolithic I/O.
+
+    text        input_ids, attention_mask      -> text_embeds, text_cls
+    video_stem  video                          -> stem
+    select      stem, text_cls                 -> itc_sim, video_embeds, frame_scores_1,
+                                                  frame_indices_1, frame_scores_2, frame_indices_2
+    fuse        text_embeds, attention_mask,   -> itm_logits (and qa_logits for QA)
+                video_embeds
+
+The cuts are the model's own stages (`TWBert.encode_text`, `encode_video_stem`,
+`select_and_encode`, `fuse`, `heads`). The stem does not depend on the text, so a clip's stem is
+computed once when the clip is recorded (`clip_index`); the text runs once per query.
+
+`select` takes the text's CLS vector (B, D), not all of text_embeds (B, L, D) and the mask: the
+selectors and ITC read only the CLS, and a graph input nobody reads would still have to be fed
+(and, on TensorRT, bound to a device buffer of L times the size). The `text` graph therefore
+outputs `text_cls` beside `text_embeds`: a device runner binds it as its own buffer instead of
+slicing a strided view on the host. ITC is computed in `select` (it needs the video CLS that
+`select` makes, and the text projection is one small matrix product), so a query scores every
+clip with `select` alone and runs `fuse` only on its shortlist (docs/split.md).
+
+Each graph has its own `IOContract` (batch dynamic), is exported by `onnx_export.export_onnx`
+(dynamo, opset 19, nodes named by module scope: the selectors' nodes keep the names
+`/model/selector{1,2}/...` that `precision.SELECTION_NODES` keeps in FP32) and rewritten by
+`rewrite.rewrite`. `ComposedSplit` runs the four files on ONNX Runtime and gives the monolithic
+outputs; `split_runner` wraps it in the runner interface validation uses.
+
+    python -m twbert_export.split --bench [--clips 100]   # one query, split vs monolithic
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
+
+import numpy as np
+
+from .calibration import FeedSet
+from .contract import BATCH, IOContract, TensorSpec
+from .util import require
+
+if TYPE_CHECKING:
+    import torch
+    from model import TWBert, TWBertConfig
+
+    from .precision import PrecisionReport
+
+GRAPHS = ("text", "video_stem", "select", "fuse")
+SELECTION_OUTPUTS = ("frame_scores_1", "frame_indices_1", "frame_scores_2", "frame_indices_2")
+
+
+# -- contracts ----------------------------------------------------------------------------------
+def split_contracts(monolithic: IOContract, cfg: "TWBertConfig") -> dict[str, IOContract]:
+    """The four graphs' contracts, derived from the monolithic one (text length, frames, image
+    size, task, batch range) and the model configuration (widths). Torch-free."""
+    D, L, T = cfg.dim, monolithic.text_len, monolithic.frames
+    stem_tokens = cfg.video.tokens_per_frame
+    spec = {t.name: t for t in (*monolithic.inputs, *monolithic.outputs)}
+    text_embeds = TensorSpec("text_embeds", "float32", (BATCH, L, D))
+    text_cls = TensorSpec("text_cls", "float32", (BATCH, D))
+    stem = TensorSpec("stem", "float32", (BATCH, T, stem_tokens, D))
+    video_embeds = TensorSpec("video_embeds", "float32", (BATCH, cfg.video_tokens, D))
+    selection = tuple(spec[n] for n in SELECTION_OUTPUTS if n in spec)
+    heads = tuple(spec[n] for n in ("itm_logits", "qa_logits") if n in spec)
+    graphs = {
+        "text": ((spec["input_ids"], spec["attention_mask"]), (text_embeds, text_cls)),
+        "video_stem": ((spec["video"],), (stem,)),
+        "select": ((stem, text_cls), (spec["itc_sim"], video_embeds, *selection)),
+        "fuse": ((text_embeds, spec["attention_mask"], video_embeds), heads),
+    }
+    return {name: IOContract(inputs, outputs, monolithic.batch, monolithic.task,
+                             monolithic.schedule, monolithic.opset)
+            for name, (inputs, outputs) in graphs.items()}
+
+
+def example_inputs(contract: IOContract, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for any graph's contract; the second sample's text is half padding (as
+    `onnx_export.example_feed` does for the monolithic graph)."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for spec in contract.inputs:
+        shape = spec.concrete(batch)
+        if spec.name == "input_ids":
+            feed[spec.name] = rng.integers(1000, 2000, shape, dtype=np.int64)
+            feed[spec.name][:, 0] = 101
+        elif spec.name == "attention_mask":
+            feed[spec.name] = np.ones(shape, np.int64)
+            feed[spec.name][1:, shape[1] // 2:] = 0
+        else:
+            feed[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+    if "input_ids" in feed and "attention_mask" in feed:
+        feed["input_ids"] *= feed["attention_mask"]
+    return feed
+
+
+# -- export -------------------------------------------------------------------------------------
+def graph_wrapper(model: "TWBert", graph: str, contract: IOContract) -> "torch.nn.Module":
+    """One stage of the model as a module whose forward takes the contract's inputs by name
+    (torch.export matches dynamic shapes by parameter name) and returns its outputs in order.
+    The model is the `model` attribute, as in the monolithic wrapper, so nodes are named alike."""
+    import torch
+
+    names = contract.output_names
+
+    class Stage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+    class Text(Stage):
+        def forward(self, input_ids, attention_mask):
+            text_embeds = self.model.encode_text(input_ids, attention_mask)
+            return text_embeds, text_embeds[:, 0]
+
+    class VideoStem(Stage):
+        def forward(self, video):
+            return (self.model.encode_video_stem(video),)
+
+    class Select(Stage):
+        def forward(self, stem, text_cls):
+            out = self.model.select_and_encode(stem, text_cls)
+            _, _, out["itc_sim"] = self.model.itc(text_cls, out["video_embeds"][:, 0])
+            return tuple(out[n] for n in names)
+
+    class Fuse(Stage):
+        def forward(self, text_embeds, attention_mask, video_embeds):
+            fused = self.model.fuse(text_embeds, attention_mask, video_embeds)
+            out = self.model.heads(fused, text_embeds.shape[1])
+            return tuple(out[n] for n in names)
+
+    stages = {"text": Text, "video_stem": VideoStem, "select": Select, "fuse": Fuse}
+    return stages[graph]().eval()
+
+
+def export_split(model: "TWBert", contracts: dict[str, IOContract], out_dir: str | Path,
+                 graphs: tuple[str, ...] = GRAPHS) -> dict[str, Path]:
+    """Export and rewrite each graph to OUT/<graph>.fp32.onnx (the raw export is removed)."""
+    from .onnx_export import export_onnx
+    from .rewrite import rewrite
+
+    out_dir = Path(out_dir)
+    files = {}
+    for graph in graphs:
+        contract = contracts[graph]
+        raw = out_dir / f"{graph}.raw.onnx"
+        export_onnx(model, contract, raw, wrapper=graph_wrapper(model, graph, contract),
+                    example=example_inputs(contract))
+        files[graph] = out_dir / f"{graph}.fp32.onnx"
+        rewrite(raw, files[graph], contract)
+        raw.unlink()
+    return files
+
+
+# -- the composed pipeline ----------------------------------------------------------------------
+def _content_key(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+
+
+class _LRU(OrderedDict):
+    """Rows by content hash, the least recently used dropped beyond `capacity`."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def touch(self, key: bytes) -> Any:
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key: bytes, value: Any) -> None:
+        self[key] = value
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class ComposedSplit:
+    """The four split graphs on ONNX Runtime (CPU), composed into TW-BERT's monolithic I/O.
+
+    Explicit parts for retrieval over stored stems: `encode_clips`, `encode_texts`, `select`,
+    `fuse`, `score`. `infer` takes the monolithic feed (video, input_ids, attention_mask) and
+    computes each distinct clip's stem and each distinct text once while they stay in its
+    caches (keyed by content hash; validation visits clips video-major, so a few stems
+    suffice, and every text). `executions` counts session runs per graph, `rows` the rows
+    each graph computed. Every run stays within the contracts' batch range.
+    """
+
+    def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
+                 monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
+                 text_cache: int = 4096, stem_storage: str = "float32"):
+        from .runners import ort_session
+
+        self.contracts, self.monolithic = contracts, monolithic
+        self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
+        self.sessions = {g: ort_session(files[g], threads) for g in GRAPHS}
+        self.executions: Counter[str] = Counter()
+        self.rows: Counter[str] = Counter()
+        self._stems, self._texts = _LRU(stem_cache), _LRU(text_cache)
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One graph over any number of rows, in runs of at most the contract's batch max."""
+        contract = self.contracts[graph]
+        n = len(next(iter(feed.values())))
+        step = contract.batch.max
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in contract.output_names}
+        for start in range(0, n, step):
+            chunk = {k: np.ascontiguousarray(v[start:start + step]) for k, v in feed.items()}
+            values = self.sessions[graph].run(contract.output_names, chunk)
+            self.executions[graph] += 1
+            self.rows[graph] += len(next(iter(chunk.values())))
+            for name, value in zip(contract.output_names, values):
+                parts[name].append(value)
+        return {name: np.concatenate(p) for name, p in parts.items()}
+
+    def encode_clips(self, videos: np.ndarray) -> np.ndarray:
+        """(N, T, 3, S, S) -> stems (N, T, tokens, D)."""
+        return self.run("video_stem", {"video": videos})["stem"]
+
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                     ) -> dict[str, np.ndarray]:
+        """-> text_embeds (N, L, D) and text_cls (N, D)."""
+        return self.run("text", {"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def select(self, stems: np.ndarray, text_cls: np.ndarray) -> dict[str, np.ndarray]:
+        """Row i: stem i with text i -> itc_sim, video_embeds, the selectors' scores, indices."""
+        return self.run("select", {"stem": stems.astype(np.float32, copy=False),
+                                   "text_cls": text_cls})
+
+    def fuse(self, text_embeds: np.ndarray, attention_mask: np.ndarray,
+             video_embeds: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run("fuse", {"text_embeds": text_embeds, "attention_mask": attention_mask,
+                                 "video_embeds": video_embeds})
+
+    def score(self, stems: np.ndarray, text: dict[str, np.ndarray],
+              attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Paired rows of stems and encoded texts -> the monolithic outputs, in its order."""
+        selected = self.select(stems, text["text_cls"])
+        out = {**selected, **self.fuse(text["text_embeds"], attention_mask,
+                                       selected["video_embeds"])}
+        return {name: out[name] for name in self.monolithic.output_names}
+
+    def _stored_stems(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stem = self.run("video_stem", feed)["stem"]
+        return {"stem": stem.astype(self.stem_storage).astype(np.float32)}
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The monolithic graph's computation, each clip's stem and each text computed once."""
+        self.monolithic.check_feed(feed)
+        stems = _cached(self._stems, {"video": feed["video"]}, self._stored_stems)
+        texts = _cached(self._texts, {n: feed[n] for n in ("input_ids", "attention_mask")},
+                        lambda f: self.run("text", f))
+        return self.score(stems["stem"], texts, feed["attention_mask"])
+
+
+def _cached(cache: _LRU, feed: dict[str, np.ndarray],
+            compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+            ) -> dict[str, np.ndarray]:
+    """`compute(feed)` row by row from the cache where it holds the row's content; the missing
+    rows computed in one call (duplicates once) and cached."""
+    keys = [b"".join(_content_key(v[i]) for v in feed.values())
+            for i in range(len(next(iter(feed.values()))))]
+    found = {key: cache.touch(key) for key in keys if key in cache}
+    missing = {key: i for i, key in enumerate(keys) if key not in found}
+    if missing:
+        rows = list(missing.values())
+        computed = compute({name: value[rows] for name, value in feed.items()})
+        for j, key in enumerate(missing):
+            found[key] = {name: value[j] for name, value in computed.items()}
+            cache.put(key, found[key])
+    return {name: np.stack([found[key][name] for key in keys]) for name in found[keys[0]]}
+
+
+def split_runner(files: Mapping[str, str | Path], contracts: dict[str, IOContract],
+                 monolithic: IOContract, name: str = "onnx-split", threads: int | None = None):
+    """`ComposedSplit` as a Polygraphy runner with the monolithic contract's inputs and outputs
+    (what `validate.run_validation` takes). Its graph runs and rows per graph are
+    `runner.pipeline.executions` / `.rows` while active, `runner.executions` / `.rows` after."""
+    BaseRunner = require("polygraphy.backend.base", "for the runner interface").BaseRunner
+    TensorMetadata = require("polygraphy.common", "for runner metadata").TensorMetadata
+
+    class SplitRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name, prefix="split-runner")
+            self.pipeline: ComposedSplit | None = None
+
+        def activate_impl(self):
+            self.pipeline = ComposedSplit(files, contracts, monolithic, threads)
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for spec in monolithic.inputs:
+                meta.add(spec.name, spec.np_dtype, [-1 if d == BATCH else d for d in spec.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            return OrderedDict(self.pipeline.infer(feed_dict))
+
+        def deactivate_impl(self):
+            self.executions = dict(self.pipeline.executions)
+            self.rows = dict(self.pipeline.rows)
+            self.pipeline = None
+
+    return SplitRunner()
+
+
+def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
+                   monolithic: IOContract, precision: str, val: FeedSet,
+                   reference: dict[str, np.ndarray], reference_metrics: dict[str, Any],
+                   gate: Any, answers: list[str] | None = None) -> dict[str, Any]:
+    """The split graphs of one precision, composed, against the PyTorch reference with the
+    monolithic gates (`validate.compare_precision`); adds the graph runs, rows and seconds."""
+    import time
+
+    from . import validate
+
+    runner = split_runner(files, contracts, monolithic, name=f"split-{precision}")
+    start = time.perf_counter()
+    with runner:
+        test, metrics = validate.run_validation(runner, val, monolithic, answers=answers)
+    result = validate.compare_precision(precision, test, reference, monolithic, gate, metrics,
+                                        reference_metrics)
+    return {**result, "task_metrics": metrics, "seconds": time.perf_counter() - start,
+            "graph_runs": runner.executions, "graph_rows": runner.rows}
+
+
+# -- precision ----------------------------------------------------------------------------------
+@dataclass
+class GraphFeeds:
+    """Calibration rows of one split graph, read by `precision.ActivationRanges` as it reads a
+    `FeedSet` (`feed(rows)`, `len`, `video`, `identity`): the graph's inputs as the FP32
+    graphs upstream of it compute them from the clips and texts of `source`."""
+    inputs: dict[str, np.ndarray]
+    source: FeedSet
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def feed(self, rows: slice | np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        return {name: value[rows] for name, value in self.inputs.items()}
+
+    @property
+    def video(self) -> np.ndarray:
+        return self.source.video
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.source.identity
+
+
+def graph_feeds(pipeline: ComposedSplit, rows: FeedSet) -> dict[str, GraphFeeds]:
+    """Each graph's inputs over the rows (clips and texts of a calibration set): the stem graph
+    sees each distinct clip once; the others one row per (clip, text) row."""
+    stems = pipeline.encode_clips(rows.video)
+    text = pipeline.encode_texts(rows.input_ids, rows.attention_mask)
+    row_stems = stems[rows.video_index]
+    selected = pipeline.select(row_stems, text["text_cls"])
+    inputs = {
+        "text": {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask},
+        "video_stem": {"video": rows.video},
+        "select": {"stem": row_stems, "text_cls": text["text_cls"]},
+        "fuse": {"text_embeds": text["text_embeds"], "attention_mask": rows.attention_mask,
+                 "video_embeds": selected["video_embeds"]},
+    }
+    return {graph: GraphFeeds(inputs[graph], rows) for graph in GRAPHS}
+
+
+def split_to_fp16(fp32_files: dict[str, Path], contracts: dict[str, IOContract],
+                  monolithic: IOContract, calib: FeedSet, out_dir: str | Path
+                  ) -> tuple[dict[str, Path], dict[str, "PrecisionReport"]]:
+    """Each graph through `precision.to_fp16` (AutoCast, FP32 I/O, the selection and
+    out-of-range nodes kept FP32), its activation ranges taken on its own inputs as the FP32
+    pipeline computes them from the calibration rows. -> OUT/<graph>.fp16.onnx and reports."""
+    from . import precision
+
+    pipeline = ComposedSplit(fp32_files, contracts, monolithic)
+    feeds = graph_feeds(pipeline, calib)
+    del pipeline
+    files, reports = {}, {}
+    for graph in GRAPHS:
+        files[graph] = Path(out_dir) / f"{graph}.fp16.onnx"
+        # GraphFeeds reads as a FeedSet where ActivationRanges and to_fp16 read one.
+        graph_rows = cast(FeedSet, feeds[graph])
+        with precision.ActivationRanges(fp32_files[graph], graph_rows) as ranges:
+            reports[graph] = precision.to_fp16(fp32_files[graph], files[graph], ranges)
+    return files, reports
+
+
+# -- measurement --------------------------------------------------------------------------------
+def bench(n_clips: int = 100, k: int = 50, repeats: int = 5, data: str = "demo:train",
+          ckpt: str = "demo", threads: int | None = None) -> dict[str, Any]:
+    """Time one text query over N indexed clips, split against monolithic, on ONNX Runtime FP32.
+
+    Monolithic: the N (clip, text) pairs through model.fp32.onnx, then the ITC shortlist
+    re-ranked by ITM. Split: the text graph once, `select` on the N stored stems, `fuse` on the
+    k shortlisted clips (`clip_index.rank`). Indexing (decode + stem) is timed once per clip.
+    Best of `repeats` per row; checks the two rankings are equal."""
+    import tempfile
+    import time
+
+    from model import load_checkpoint
+
+    from .assets import resolve_checkpoint, resolve_data
+    from .clip_index import ClipIndex, index_videos, rank
+    from .metrics import rerank, softmax
+    from .onnx_export import export_onnx
+    from .preprocess import Tokenizer, read_annotations
+    from .rewrite import rewrite
+    from .runners import batched, ort_session
+
+    model, _ = load_checkpoint(resolve_checkpoint(ckpt))
+    monolithic = IOContract.for_model(model.cfg)
+    contracts = split_contracts(monolithic, model.cfg)
+    data_dir = resolve_data(data)
+    videos = list(dict.fromkeys(str(data_dir / r["video"]) for r in read_annotations(data_dir)))
+    if len(videos) < n_clips:
+        raise ValueError(f"{data_dir} has {len(videos)} clips, fewer than --clips {n_clips}")
+    videos = videos[:n_clips]
+    caption = next(r["caption"] for r in read_annotations(data_dir) if r.get("caption"))
+    ids, mask, _ = Tokenizer.default().encode([caption], monolithic.text_len)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        files = export_split(model.eval(), contracts, tmp)
+        export_onnx(model, monolithic, tmp / "model.raw.onnx")
+        rewrite(tmp / "model.raw.onnx", tmp / "model.fp32.onnx", monolithic)
+        pipeline = ComposedSplit(files, contracts, monolithic, threads)
+        t0 = time.perf_counter()
+        index = ClipIndex.open(tmp / "index", artifact="bench", stem_dtype="float32",
+                               stem_shape=contracts["video_stem"].outputs[0].shape[1:])
+        index_videos(index, videos, pipeline, contracts["video_stem"], root=data_dir)
+        index_seconds = (time.perf_counter() - t0) / n_clips
+        clip_videos = np.stack([_load(v, monolithic) for v in videos])
+        session = ort_session(tmp / "model.fp32.onnx", threads)
+
+        def monolithic_query() -> list[str]:
+            feed = {"video": clip_videos, "input_ids": np.repeat(ids, n_clips, 0),
+                    "attention_mask": np.repeat(mask, n_clips, 0)}
+            outs = [session.run(["itc_sim", "itm_logits"], chunk)
+                    for chunk in batched(feed, monolithic.batch.max)]
+            itc = np.concatenate([o[0] for o in outs])
+            itm = softmax(np.concatenate([o[1] for o in outs]).astype(np.float64))[:, 1]
+            final = rerank(itc[None], itm[None], k)[0]
+            return [index.clip_ids[i] for i in np.argsort(-final, kind="stable")]
+
+        def split_query() -> list[str]:
+            return [r.clip_id for r in rank(index, pipeline, ids, mask, k)]
+
+        # Alternated, so that load from other processes falls on both alike.
+        seconds: dict[str, list[float]] = {"monolithic": [], "split": []}
+        rankings = {}
+        for _ in range(repeats):
+            for name, query in (("monolithic", monolithic_query), ("split", split_query)):
+                before = Counter(pipeline.executions)
+                t0 = time.perf_counter()
+                rankings[name] = query()
+                seconds[name].append(time.perf_counter() - t0)
+        split_runs = dict(pipeline.executions - before)
+        timings = {name: min(s) for name, s in seconds.items()}
+    return {"clips": n_clips, "k": k, "repeats": repeats, "index_seconds_per_clip": index_seconds,
+            "query_seconds": timings, "ratio": timings["split"] / timings["monolithic"],
+            "rankings_equal": rankings["split"] == rankings["monolithic"],
+            "split_graph_runs_per_query": split_runs,
+            "monolithic_graph_runs_per_query": -(-n_clips // monolithic.batch.max),
+            "load_average_1min": os.getloadavg()[0]}
+
+
+def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
+                       monolithic: IOContract, feeds: FeedSet, dtype: str = "float16"
+                       ) -> dict[str, Any]:
+    """What storing stems in `dtype` costs: the validation protocol (`validate.run_validation`:
+    outputs on the paired rows, retrieval over every text and clip) with stems rounded to
+    `dtype` against exact FP32 stems, both through the same FP32 graphs."""
+    from . import validate
+
+    runs = {}
+    for storage in ("float32", dtype):
+        pipeline = ComposedSplit(files, contracts, monolithic, stem_storage=storage)
+        runs[storage] = validate.run_validation(pipeline, feeds, monolithic)
+    (test, test_metrics), (ref, ref_metrics) = runs[dtype], runs["float32"]
+    result = validate.compare_precision("fp16", test, ref, monolithic, validate.DEFAULT_GATES[
+        "fp16"], test_metrics, ref_metrics)
+    return {"outputs": result["outputs"], "selection": result["selection"],
+            "metrics": {"float32": ref_metrics, dtype: test_metrics}}
+
+
+def _load(path: str, contract: IOContract) -> np.ndarray:
+    from .preprocess import load_video
+
+    return load_video(path, contract.frames, contract.image_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twbert_export.split", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", action="store_true", help="time one query, split vs monolithic")
+    ap.add_argument("--clips", type=int, default=100)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--data", default="demo:train", help="clips to index (a data directory)")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    args = ap.parse_args(argv)
+    if not args.bench:
+        ap.print_help()
+        return 2
+    r = bench(args.clips, args.k, args.repeats, args.data, threads=args.threads)
+    mono, split = r["query_seconds"]["monolithic"], r["query_seconds"]["split"]
+    print(f"one query over {r['clips']} indexed clips, k={r['k']}, ONNX Runtime FP32 CPU, "
+          f"best of {r['repeats']}")
+    print(f"{'pipeline':<12}{'seconds':>9}{'graph runs':>34}")
+    print(f"{'monolithic':<12}{mono:>9.3f}{r['monolithic_graph_runs_per_query']:>34}")
+    runs = ", ".join(f"{g} {n}" for g, n in r["split_graph_runs_per_query"].items())
+    print(f"{'split':<12}{split:>9.3f}{runs:>34}")
+    print(f"split / monolithic: {r['ratio']:.2f}; rankings equal: {r['rankings_equal']}; "
+          f"indexing: {1000 * r['index_seconds_per_clip']:.1f} ms per clip (decode + stem); "
+          f"load average {r['load_average_1min']:.1f} on {os.cpu_count()} CPUs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
