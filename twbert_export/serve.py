@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True,
                     help="artifact directory (engines/NAME) or a model file in one")
     ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
-    ap.add_argument("--index", help="clip index for the retrieval model (not wired yet)")
+    ap.add_argument("--index", help="clip index for the retrieval model (needs the split "
+                    "graphs in the artifact: not written by the export yet)")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
@@ -265,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     from .util import MissingDependency
 
     if args.index:
-        print("error: --index: the retrieval model over a clip index needs the split graphs "
-              "(issue 13), not merged yet", file=sys.stderr)
+        print("error: --index: the retrieval model over a clip index needs the split graphs in "
+              "the artifact, which the export does not write yet (docs/split.md, 'For wiring')",
+              file=sys.stderr)
         return 2
     opts = ServeOptions(args.artifact, args.precision, args.http_port, args.grpc_port,
                         args.metrics_port, args.instances, args.max_batch,
