@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m twbert_export.client", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of Triton's HTTP or gRPC")
+    ap.add_argument("--url", help="HOST:PORT of Triton's HTTP or gRPC endpoint (default "
+                    "127.0.0.1:8000, or :8001 with --protocol grpc: serve's defaults)")
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http")
     ap.add_argument("--video", action="append", required=True, help="a video file (repeatable)")
     group = ap.add_mutually_exclusive_group(required=True)
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    args.url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
     text = args.question if args.text is None else args.text
     try:
         if not text.strip():
