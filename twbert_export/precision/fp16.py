@@ -56,10 +56,12 @@ def _classify(fp32_model, converted) -> tuple[int, int, list[str], list[str]]:
 
 
 def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
-            op_types_to_exclude: list[str] | None = None) -> PrecisionReport:
-    """AutoCast to FP16 with FP32 I/O, selection and out-of-range nodes kept in FP32. `ranges`
-    watches `src`, or the FP32 graph `src` was made from (INT8: its Q/DQ graph keeps the node
-    names); rows not yet seen are checked first (`ActivationRanges.default_rows`)."""
+            op_types_to_exclude: list[str] | None = None,
+            nodes_kept_fp32: list[str] | tuple[str, ...] = ()) -> PrecisionReport:
+    """AutoCast to FP16 with FP32 I/O, selection and out-of-range nodes (and `nodes_kept_fp32`,
+    patterns) kept in FP32. `ranges` watches `src`, or the FP32 graph `src` was made from (INT8:
+    its Q/DQ graph keeps the node names); rows not yet seen are checked first
+    (`ActivationRanges.default_rows`)."""
     require("modelopt.onnx.autocast", "for FP16 AutoCast (pip install nvidia-modelopt)")
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -75,7 +77,7 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
         # run (the memory problem ActivationRanges describes).
         model = convert_to_mixed_precision(
             str(src), low_precision_type="fp16", keep_io_types=True,
-            nodes_to_exclude=SELECTION_NODES + out_of_range,
+            nodes_to_exclude=[*SELECTION_NODES, *nodes_kept_fp32, *out_of_range],
             op_types_to_exclude=op_types_to_exclude, data_max=np.inf, providers=["cpu"])
     # AutoCast reuses one symbolic dim name for different sizes; let inference redo value_info.
     del model.graph.value_info[:]

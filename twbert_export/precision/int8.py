@@ -239,6 +239,9 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
             steps["calibration passes"] = passes.seconds
             scales = write_scale_cache(Path(tmp) / "scales.cache", absmax)
             order = order[:1]
+        # ModelOpt appends the matrix products it leaves unquantized (GEMV shapes) to the
+        # exclusion list it is given; those stay FP32 in the AutoCast below, as they always did.
+        excluded = list(SELECTION_NODES)
         known = compat.calibrator_from(absmax) if scales else contextlib.nullcontext()
         with (compat.quiet_modelopt(), known, compat.matmul_shapes_from(ranges.shapes),
               compat.light_shape_inference(), Stopwatch() as quantizing):
@@ -246,13 +249,14 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
                      calibration_data_reader=_RowReader(calib, order),
                      calibration_method=method, calibration_eps=["cpu"],
                      calibration_cache_path=str(scales) if scales else None,
-                     op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
+                     op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=excluded,
                      high_precision_dtype="fp32", disable_mha_qdq=True,
                      output_path=str(qdq), log_level="ERROR")
         steps["ModelOpt Q/DQ"] = quantizing.seconds
         if scales:
             calibration["scales_checked"] = check_scales(onnx.load(str(qdq)), absmax)
-        fp16 = to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges, op_types_to_exclude=QDQ_OPS)
+        fp16 = to_fp16(qdq, Path(tmp) / "model.int8.onnx", ranges, op_types_to_exclude=QDQ_OPS,
+                       nodes_kept_fp32=excluded[len(SELECTION_NODES):])
         steps["AutoCast"] = fp16.steps["AutoCast"]
         shutil.copyfile(Path(tmp) / "model.int8.onnx", dst)
     return steps
