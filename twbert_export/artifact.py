@@ -27,6 +27,7 @@ MANIFEST_FILE, REPORT_FILE = "manifest.json", "report.json"
 # Every precision the export writes, in order of conversion (fp32 first: the others start from it).
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_GRAPH = "model"  # the whole network as one graph
+SPLIT_GRAPHS = ("text", "video_stem", "select", "fuse")  # the split deployment (split.py)
 DEFAULT_FLAVOUR = "trt10"
 
 
@@ -122,6 +123,8 @@ class Manifest:
     tokenizer: str  # file name in the artifact directory
     calibration: dict[str, Any] | None = None
     answers: str | None = None  # file name of the QA answer list
+    # The I/O contract of each split graph (split.split_contracts); empty without split graphs.
+    graph_contracts: dict[str, IOContract] = field(default_factory=dict)
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -134,6 +137,23 @@ class Manifest:
              flavour: str = DEFAULT_FLAVOUR) -> FileEntry | None:
         return next((f for f in self.files if (f.graph, f.precision, f.flavour)
                      == (graph, precision, flavour)), None)
+
+    @property
+    def graphs(self) -> list[str]:
+        """The graphs the artifact holds, in the order of their first file entry."""
+        return list(dict.fromkeys(f.graph for f in self.files))
+
+    @property
+    def has_split(self) -> bool:
+        return all(g in self.graphs for g in SPLIT_GRAPHS)
+
+    def contract_of(self, graph: str) -> IOContract:
+        """The I/O contract of one graph of the artifact."""
+        if graph == MODEL_GRAPH:
+            return self.contract
+        if graph not in self.graph_contracts:
+            raise ArtifactFormatError(f"{MANIFEST_FILE}: no contract for graph {graph!r}")
+        return self.graph_contracts[graph]
 
     def entry_for(self, model_path: str | Path) -> FileEntry | None:
         """The entry of the ONNX file a model (.onnx, or an .engine built beside it) came from."""
@@ -152,7 +172,9 @@ class Manifest:
             "calibration": self.calibration, "validation_data": self.validation_data,
             "parity": {p: {"passed": passed} for p, passed in self.parity.items()},
             "tools": self.tools, "created": self.created, "tokenizer": self.tokenizer,
-            "answers": self.answers}
+            "answers": self.answers,
+            **({"graph_contracts": {g: c.to_dict() for g, c in self.graph_contracts.items()}}
+               if self.graph_contracts else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> "Manifest":
@@ -168,6 +190,13 @@ class Manifest:
             contract = IOContract.from_dict(_read(d, "contract", dict, where))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactFormatError(f"{where}: field 'contract' is malformed ({e!r})") from None
+        graph_contracts = {}
+        for graph, c in (_read(d, "graph_contracts", dict, where, optional=True) or {}).items():
+            try:
+                graph_contracts[graph] = IOContract.from_dict(c)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ArtifactFormatError(f"{where}: field 'graph_contracts.{graph}' is "
+                                          f"malformed ({e!r})") from None
         return cls(
             checkpoint=CheckpointInfo(_read(ckpt, "path", str, ckpt_where),
                                       _read(ckpt, "sha256", str, ckpt_where),
@@ -180,7 +209,8 @@ class Manifest:
             tools=_read(d, "tools", dict, where), created=_read(d, "created", str, where),
             tokenizer=_read(d, "tokenizer", str, where),
             calibration=_read(d, "calibration", dict, where, optional=True),
-            answers=_read(d, "answers", str, where, optional=True))
+            answers=_read(d, "answers", str, where, optional=True),
+            graph_contracts=graph_contracts)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
@@ -240,10 +270,15 @@ class Report:
     lint_warnings: list[str] = field(default_factory=list)
     skipped_videos: list[Any] = field(default_factory=list)
     total_seconds: float = 0.0
+    # The split graphs composed, per precision, against the same reference and gates.
+    split: dict[str, PrecisionResult] = field(default_factory=dict)
+    # Per validation runner (onnx-fp32, split-fp32, ...): graph executions, rows, seconds.
+    validation_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[str]:
-        return [p for p, r in self.precisions.items() if not r.passed]
+        return ([p for p, r in self.precisions.items() if not r.passed]
+                + [f"{p} (split)" for p, r in self.split.items() if not r.passed])
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "twbert-export-report", "format_version": FORMAT_VERSION,
@@ -251,7 +286,9 @@ class Report:
                 "task_metrics": self.task_metrics, "next_commands": self.next_commands,
                 "stages": self.stages, "lint_warnings": self.lint_warnings,
                 "validation_data": self.validation_data, "skipped_videos": self.skipped_videos,
-                "total_seconds": self.total_seconds}
+                "total_seconds": self.total_seconds,
+                **({"split": {p: r.to_dict() for p, r in self.split.items()},
+                    "validation_runs": self.validation_runs} if self.split else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
@@ -266,7 +303,10 @@ class Report:
             stages=_read(d, "stages", list, where),
             lint_warnings=_read(d, "lint_warnings", list, where),
             skipped_videos=_read(d, "skipped_videos", list, where),
-            total_seconds=_read(d, "total_seconds", (int, float), where))
+            total_seconds=_read(d, "total_seconds", (int, float), where),
+            split={p: PrecisionResult.from_dict(r, f"{where} split.{p}")
+                   for p, r in (_read(d, "split", dict, where, optional=True) or {}).items()},
+            validation_runs=_read(d, "validation_runs", dict, where, optional=True) or {})
 
     @classmethod
     def load(cls, directory: str | Path) -> "Report":

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 
 import numpy as np
 
+from .artifact import SPLIT_GRAPHS
 from .calibration import FeedSet
 from .contract import BATCH, IOContract, TensorSpec
 from .util import require
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
     from .precision import PrecisionReport
 
-GRAPHS = ("text", "video_stem", "select", "fuse")
+GRAPHS = SPLIT_GRAPHS  # ("text", "video_stem", "select", "fuse")
 SELECTION_OUTPUTS = ("frame_scores_1", "frame_indices_1", "frame_scores_2", "frame_indices_2")
 
 
@@ -179,8 +180,45 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+class EngineSession:
+    """A TensorRT engine of one split graph behind the `run(output_names, feed)` call of an ONNX
+    Runtime session, so `ComposedSplit` runs a mix of .onnx and .engine files. Each graph's
+    outputs come back to the host (the runner's own copies); passing device buffers between
+    engines is not done here."""
+
+    def __init__(self, path: str | Path, contract: IOContract):
+        from .artifact import MANIFEST_FILE, Manifest
+        from .trt.runtime import trt_runner
+
+        path = Path(path)
+        entry = (Manifest.load(path.parent).entry_for(path)
+                 if (path.parent / MANIFEST_FILE).is_file() else None)
+        self.runner = trt_runner(path, contract, name=f"trt-{path.stem}",
+                                 onnx_sha256=entry.sha256 if entry else None)
+        self.runner.activate()
+
+    def run(self, output_names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.runner.infer(feed)
+        return [np.asarray(out[name]) for name in output_names]
+
+    def close(self) -> None:
+        if self.runner.is_active:
+            self.runner.deactivate()
+
+
+def graph_session(path: str | Path, contract: IOContract, threads: int | None = None) -> Any:
+    """ONNX Runtime for an .onnx file, the TensorRT runner for an .engine (built by
+    `export.py build` from the graph's .onnx beside it)."""
+    from .runners import ort_session
+
+    if Path(path).suffix == ".engine":
+        return EngineSession(path, contract)
+    return ort_session(path, threads)
+
+
 class ComposedSplit:
-    """The four split graphs on ONNX Runtime (CPU), composed into TW-BERT's monolithic I/O.
+    """The four split graphs (ONNX Runtime on the CPU for .onnx files, TensorRT for .engine
+    files: `graph_session`), composed into TW-BERT's monolithic I/O.
 
     Explicit parts for retrieval over stored stems: `encode_clips`, `encode_texts`, `select`,
     `fuse`, `score`. `infer` takes the monolithic feed (video, input_ids, attention_mask) and
@@ -193,14 +231,24 @@ class ComposedSplit:
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
                  text_cache: int = 4096, stem_storage: str = "float32"):
-        from .runners import ort_session
-
         self.contracts, self.monolithic = contracts, monolithic
         self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
-        self.sessions = {g: ort_session(files[g], threads) for g in GRAPHS}
+        self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
         self.executions: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
         self._stems, self._texts = _LRU(stem_cache), _LRU(text_cache)
+
+    def close(self) -> None:
+        """Release the engines (ONNX Runtime sessions need nothing)."""
+        for session in self.sessions.values():
+            if isinstance(session, EngineSession):
+                session.close()
+
+    def __enter__(self) -> "ComposedSplit":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One graph over any number of rows, in runs of at most the contract's batch max."""
@@ -308,24 +356,78 @@ def split_runner(files: Mapping[str, str | Path], contracts: dict[str, IOContrac
     return SplitRunner()
 
 
+def unique_texts(pipeline: ComposedSplit, input_ids: np.ndarray, attention_mask: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """The text graph once per distinct (ids, mask) row; its outputs for every row."""
+    keys = [row.tobytes() for row in np.concatenate([input_ids, attention_mask], axis=1)]
+    first_row: dict[bytes, int] = {}
+    for row, key in enumerate(keys):
+        first_row.setdefault(key, row)
+    slot = {key: j for j, key in enumerate(first_row)}
+    distinct = list(first_row.values())
+    encoded = pipeline.encode_texts(input_ids[distinct], attention_mask[distinct])
+    order = np.array([slot[key] for key in keys])
+    return {name: value[order] for name, value in encoded.items()}
+
+
+def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
+                         answers: list[str] | None = None
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """`validate.run_every_row` for the split graphs, each part computed once: the stem of
+    every clip and the text graph of every distinct text once each, then `select` and `fuse`
+    on every (clip, text) pair in runs of the batch max. -> the outputs of every pair (in
+    `validate.validation_pairs` order; QA: of the paired rows), of the paired rows, and the
+    task metrics.
+
+    Why `fuse` runs on every pair, not only on the ITC shortlists that the metrics read: the
+    monolithic validation compares its outputs on every row it ran (the paired rows gate, all
+    pairs feed the metrics and the split-vs-monolithic check), and with k = 50 over the 60
+    demo clips the two shortlists cover most pairs anyway; keeping the video embeddings of the
+    shortlists instead would cost memory (a base pair's are 9.6 MB) or a second `select`."""
+    from . import validate
+
+    monolithic = pipeline.monolithic
+    stems = pipeline.encode_clips(feeds.video)
+    stems = stems.astype(pipeline.stem_storage).astype(np.float32)  # as `infer` stores them
+    text = unique_texts(pipeline, feeds.input_ids, feeds.attention_mask)
+    if monolithic.task == "qa":
+        v, t = feeds.video_index, np.arange(len(feeds))
+    else:
+        v, t = validate.validation_pairs(feeds)
+    step = pipeline.contracts["select"].batch.max
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in monolithic.output_names}
+    for start in range(0, len(v), step):
+        rows_v, rows_t = v[start:start + step], t[start:start + step]
+        out = pipeline.score(stems[rows_v], {name: value[rows_t] for name, value in text.items()},
+                             feeds.attention_mask[rows_t])
+        for name, value in out.items():
+            parts[name].append(value)
+    every = {name: np.concatenate(p) for name, p in parts.items()}
+    if monolithic.task == "qa":
+        return every, every, validate.qa_metrics(every, feeds, answers)
+    return (every, *validate.summarize_pairs(every, feeds, k))
+
+
 def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
                    monolithic: IOContract, precision: str, val: FeedSet,
                    reference: dict[str, np.ndarray], reference_metrics: dict[str, Any],
                    gate: Any, answers: list[str] | None = None) -> dict[str, Any]:
-    """The split graphs of one precision, composed, against the PyTorch reference with the
-    monolithic gates (`validate.compare_precision`); adds the graph runs, rows and seconds."""
+    """The split graphs of one precision, composed (`run_split_validation`), against the
+    PyTorch reference with the monolithic gates (`validate.compare_precision`); adds the task
+    metrics, the graph runs and rows, the seconds, and the outputs of every pair (`every`)."""
     import time
 
     from . import validate
 
-    runner = split_runner(files, contracts, monolithic, name=f"split-{precision}")
     start = time.perf_counter()
-    with runner:
-        test, metrics = validate.run_validation(runner, val, monolithic, answers=answers)
+    with ComposedSplit(files, contracts, monolithic) as pipeline:
+        every, test, metrics = run_split_validation(pipeline, val, answers=answers)
+    seconds = time.perf_counter() - start
     result = validate.compare_precision(precision, test, reference, monolithic, gate, metrics,
                                         reference_metrics)
-    return {**result, "task_metrics": metrics, "seconds": time.perf_counter() - start,
-            "graph_runs": runner.executions, "graph_rows": runner.rows}
+    return {**result, "task_metrics": metrics, "seconds": seconds,
+            "graph_runs": dict(pipeline.executions), "graph_rows": dict(pipeline.rows),
+            "every": every}
 
 
 # -- precision ----------------------------------------------------------------------------------
@@ -346,6 +448,14 @@ class GraphFeeds:
     @property
     def video(self) -> np.ndarray:
         return self.source.video
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """The graph's own mask input; a graph without text gets ones (the INT8 step orders
+        rows by mask length, which is only meaningful where a mask biases attention)."""
+        if "attention_mask" in self.inputs:
+            return self.inputs["attention_mask"]
+        return np.ones((len(self), 1), np.int64)
 
     @property
     def identity(self) -> dict[str, Any]:
