@@ -32,7 +32,8 @@ from .preprocess import AnnotationError, Tokenizer, VideoDecodeError
 from .split import ComposedSplit
 
 EXIT_BAD_INPUT = 2
-BAD_INPUT = (ValueError, VideoDecodeError, AnnotationError, FileNotFoundError)
+BAD_INPUT: tuple[type[Exception], ...] = (ValueError, VideoDecodeError, AnnotationError,
+                                          FileNotFoundError)
 
 
 class SplitArtifact:
@@ -135,7 +136,7 @@ def index_main(argv: list[str] | None = None) -> int:
         if not videos:
             raise ValueError(f"no video files under {videos_dir}")
         index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
-    except (*BAD_INPUT, ArtifactFormatError) as e:
+    except BAD_INPUT + (ArtifactFormatError,) as e:
         return _bad_input(e)
     print(f"index {args.out}: {len(index)} clips indexed before; {len(videos)} videos in "
           f"{videos_dir}; video_stem.{artifact.precision} ({artifact.files['video_stem'].name}, "
@@ -148,11 +149,12 @@ def index_main(argv: list[str] | None = None) -> int:
         print(f"  {done:>5}/{to_do} new or changed clips stored  {1000 * per_clip:6.1f} ms/clip",
               flush=True)
 
+    stopping = (VideoDecodeError, ClipIndexError) + _runtime_errors()
     try:
         with artifact.pipeline(args.threads) as pipeline:
             report = index_videos(index, videos, pipeline, artifact.contracts["video_stem"],
                                   root=videos_dir, progress=progress)
-    except (VideoDecodeError, ClipIndexError, *_runtime_errors()) as e:
+    except stopping as e:
         return _bad_input(e, f"clips stored before it are kept in {args.out}")
     print(f"added {len(report.added)}, replaced {len(report.replaced)}, unchanged "
           f"{len(report.skipped)}; {len(index)} clips in {args.out} "
@@ -232,6 +234,7 @@ def predict_index_main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     text = args.question if args.text is None else args.text
+    refused = BAD_INPUT + (ArtifactFormatError,) + _runtime_errors()
     try:
         if not text.strip():
             raise ValueError(f"{'--text' if args.text is not None else '--question'} is empty: "
@@ -251,7 +254,7 @@ def predict_index_main(argv: list[str]) -> int:
                 result = ranking(artifact, index, pipeline, args.text, args.k)
             else:
                 result = answers(artifact, index, pipeline, args.question, args.clip)
-    except (*BAD_INPUT, ArtifactFormatError, *_runtime_errors()) as e:
+    except refused as e:
         return _bad_input(e)
     if args.text is not None:
         shown = result["ranking"][:args.top] if args.top else result["ranking"]

@@ -25,15 +25,13 @@ Each graph has its own `IOContract` (batch dynamic), is exported by `onnx_export
 `rewrite.rewrite`. `ComposedSplit` runs the four files on ONNX Runtime and gives the monolithic
 outputs; `split_runner` wraps it in the runner interface validation uses.
 
-    python -m twbert_export.split --bench [--clips 100]   # one query, split vs monolithic
+Timing of one query over N indexed clips, split against the whole model:
+`python -m twbert_export.artifact_bench --artifact engines/NAME --gallery 100,1000`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
-import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -501,83 +499,6 @@ def split_to_fp16(fp32_files: dict[str, Path], contracts: dict[str, IOContract],
 
 
 # -- measurement --------------------------------------------------------------------------------
-def bench(n_clips: int = 100, k: int = 50, repeats: int = 5, data: str = "demo:train",
-          ckpt: str = "demo", threads: int | None = None) -> dict[str, Any]:
-    """Time one text query over N indexed clips, split against monolithic, on ONNX Runtime FP32.
-
-    Monolithic: the N (clip, text) pairs through model.fp32.onnx, then the ITC shortlist
-    re-ranked by ITM. Split: the text graph once, `select` on the N stored stems, `fuse` on the
-    k shortlisted clips (`clip_index.rank`). Indexing (decode + stem) is timed once per clip.
-    Best of `repeats` per row; checks the two rankings are equal."""
-    import tempfile
-    import time
-
-    from model import load_checkpoint
-
-    from .assets import resolve_checkpoint, resolve_data
-    from .clip_index import ClipIndex, index_videos, rank
-    from .metrics import rerank, softmax
-    from .onnx_export import export_onnx
-    from .preprocess import Tokenizer, read_annotations
-    from .rewrite import rewrite
-    from .runners import batched, ort_session
-
-    model, _ = load_checkpoint(resolve_checkpoint(ckpt))
-    monolithic = IOContract.for_model(model.cfg)
-    contracts = split_contracts(monolithic, model.cfg)
-    data_dir = resolve_data(data)
-    videos = list(dict.fromkeys(str(data_dir / r["video"]) for r in read_annotations(data_dir)))
-    if len(videos) < n_clips:
-        raise ValueError(f"{data_dir} has {len(videos)} clips, fewer than --clips {n_clips}")
-    videos = videos[:n_clips]
-    caption = next(r["caption"] for r in read_annotations(data_dir) if r.get("caption"))
-    ids, mask, _ = Tokenizer.default().encode([caption], monolithic.text_len)
-    with tempfile.TemporaryDirectory() as scratch:
-        tmp = Path(scratch)
-        files = export_split(model.eval(), contracts, tmp)
-        export_onnx(model, monolithic, tmp / "model.raw.onnx")
-        rewrite(tmp / "model.raw.onnx", tmp / "model.fp32.onnx", monolithic)
-        pipeline = ComposedSplit(files, contracts, monolithic, threads)
-        t0 = time.perf_counter()
-        index = ClipIndex.open(tmp / "index", artifact="bench", stem_dtype="float32",
-                               stem_shape=contracts["video_stem"].outputs[0].shape[1:])
-        index_videos(index, videos, pipeline, contracts["video_stem"], root=data_dir)
-        index_seconds = (time.perf_counter() - t0) / n_clips
-        clip_videos = np.stack([_load(v, monolithic) for v in videos])
-        session = ort_session(tmp / "model.fp32.onnx", threads)
-
-        def monolithic_query() -> list[str]:
-            feed = {"video": clip_videos, "input_ids": np.repeat(ids, n_clips, 0),
-                    "attention_mask": np.repeat(mask, n_clips, 0)}
-            outs = [session.run(["itc_sim", "itm_logits"], chunk)
-                    for chunk in batched(feed, monolithic.batch.max)]
-            itc = np.concatenate([o[0] for o in outs])
-            itm = softmax(np.concatenate([o[1] for o in outs]).astype(np.float64))[:, 1]
-            final = rerank(itc[None], itm[None], k)[0]
-            return [index.clip_ids[i] for i in np.argsort(-final, kind="stable")]
-
-        def split_query() -> list[str]:
-            return [r.clip_id for r in rank(index, pipeline, ids, mask, k)]
-
-        # Alternated, so that load from other processes falls on both alike.
-        seconds: dict[str, list[float]] = {"monolithic": [], "split": []}
-        rankings = {}
-        for _ in range(repeats):
-            for name, query in (("monolithic", monolithic_query), ("split", split_query)):
-                before = Counter(pipeline.executions)
-                t0 = time.perf_counter()
-                rankings[name] = query()
-                seconds[name].append(time.perf_counter() - t0)
-        split_runs = dict(pipeline.executions - before)
-        timings = {name: min(s) for name, s in seconds.items()}
-    return {"clips": n_clips, "k": k, "repeats": repeats, "index_seconds_per_clip": index_seconds,
-            "query_seconds": timings, "ratio": timings["split"] / timings["monolithic"],
-            "rankings_equal": rankings["split"] == rankings["monolithic"],
-            "split_graph_runs_per_query": split_runs,
-            "monolithic_graph_runs_per_query": -(-n_clips // monolithic.batch.max),
-            "load_average_1min": os.getloadavg()[0]}
-
-
 def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
                        monolithic: IOContract, feeds: FeedSet, dtype: str = "float16"
                        ) -> dict[str, Any]:
@@ -595,40 +516,3 @@ def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
         "fp16"], test_metrics, ref_metrics)
     return {"outputs": result["outputs"], "selection": result["selection"],
             "metrics": {"float32": ref_metrics, dtype: test_metrics}}
-
-
-def _load(path: str, contract: IOContract) -> np.ndarray:
-    from .preprocess import load_video
-
-    return load_video(path, contract.frames, contract.image_size)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twbert_export.split", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", action="store_true", help="time one query, split vs monolithic")
-    ap.add_argument("--clips", type=int, default=100)
-    ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--data", default="demo:train", help="clips to index (a data directory)")
-    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    args = ap.parse_args(argv)
-    if not args.bench:
-        ap.print_help()
-        return 2
-    r = bench(args.clips, args.k, args.repeats, args.data, threads=args.threads)
-    mono, split = r["query_seconds"]["monolithic"], r["query_seconds"]["split"]
-    print(f"one query over {r['clips']} indexed clips, k={r['k']}, ONNX Runtime FP32 CPU, "
-          f"best of {r['repeats']}")
-    print(f"{'pipeline':<12}{'seconds':>9}{'graph runs':>34}")
-    print(f"{'monolithic':<12}{mono:>9.3f}{r['monolithic_graph_runs_per_query']:>34}")
-    runs = ", ".join(f"{g} {n}" for g, n in r["split_graph_runs_per_query"].items())
-    print(f"{'split':<12}{split:>9.3f}{runs:>34}")
-    print(f"split / monolithic: {r['ratio']:.2f}; rankings equal: {r['rankings_equal']}; "
-          f"indexing: {1000 * r['index_seconds_per_clip']:.1f} ms per clip (decode + stem); "
-          f"load average {r['load_average_1min']:.1f} on {os.cpu_count()} CPUs")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
