@@ -250,3 +250,19 @@ def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(
     assert export.main(["predict", "--index", str(index), "--artifact", str(out), "--text",
                         "a dog", "--engines"]) == 2
     assert "fuse.fp16.engine not found" in capsys.readouterr().err
+
+
+def test_index_and_predict_index_need_no_torch(artifact, small_val, tmp_path):
+    from blocked_imports import REPO, run_without
+
+    out, _ = artifact
+    index = tmp_path / "index"
+    for argv in (["index", "--artifact", str(out), "--videos", str(small_val), "--out",
+                  str(index)],
+                 ["predict", "--index", str(index), "--artifact", str(out), "--text", "a cat"]):
+        code = ("import runpy\n"
+                f"sys.argv = ['export.py', *{argv!r}]\n"
+                f"runpy.run_path({str(REPO / 'export.py')!r}, run_name='__main__')\n")
+        proc = run_without(("torch",), code)
+        assert proc.returncode == 0, proc.stderr
+    assert "itc" in proc.stdout
