@@ -266,3 +266,12 @@ def test_index_and_predict_index_need_no_torch(artifact, small_val, tmp_path):
         proc = run_without(("torch",), code)
         assert proc.returncode == 0, proc.stderr
     assert "itc" in proc.stdout
+
+
+def test_int8_leaves_the_selection_node_patterns_as_they_were(artifact):
+    """ModelOpt extends the nodes_to_exclude list it is given; the policy's own list must not
+    grow (the FP16 report, the range watch and the calibration key read it)."""
+    from twbert_export import precision
+
+    assert artifact[1].precisions["int8"].passed  # an INT8 export ran in this process
+    assert all(p.startswith("/model/selector") for p in precision.SELECTION_NODES)

@@ -195,7 +195,9 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
                      calibration_data_reader=_RowReader(calib, order),
                      calibration_method=method, calibration_eps=["cpu"],
                      calibration_cache_path=str(scales) if scales else None,
-                     op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=SELECTION_NODES,
+                     op_types_to_quantize=INT8_OP_TYPES,
+                     # A copy: ModelOpt appends the MHA MatMuls it skips to this list.
+                     nodes_to_exclude=list(SELECTION_NODES),
                      high_precision_dtype="fp32", disable_mha_qdq=True,
                      output_path=str(qdq), log_level="ERROR")
         steps["ModelOpt Q/DQ"] = quantizing.seconds
