@@ -18,7 +18,7 @@ Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
 Exit codes: 0 success, 1 a validation gate failed, 2 bad input (one line), 3 an internal error
 (one line; the traceback goes to a file named there, and TWBERT_DEBUG=1 lets it through instead),
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); either way the partial artifact is removed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 import sys
 
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what the shell reports for a process SIGTERM ended
 DEBUG_ENV = "TWBERT_DEBUG"  # =1: an internal error raises with its traceback
 
 
@@ -221,6 +222,20 @@ def internal_error(error: Exception) -> int:
     return EXIT_INTERNAL_ERROR
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt, so that the
+    same clean-up runs (the partial artifact directory is removed)."""
+
+
+def terminate_like_ctrl_c() -> None:
+    import signal
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input and failed gates return their own codes, and nothing else
     reaches the user as a traceback (see the exit codes above)."""
@@ -229,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
@@ -244,4 +262,5 @@ def one_line_warnings() -> None:
 
 if __name__ == "__main__":
     one_line_warnings()
+    terminate_like_ctrl_c()
     sys.exit(main())

@@ -7,13 +7,16 @@ weights and free-form JSON metadata.
   - `.safetensors`: the weights, with format, version, config and metadata as JSON strings in
     the file's metadata header.
 
-The authors' training checkpoints (spec section 8) store the weights of their modules under their
-names, next to training-only state (momentum copies, queues, the MLM head). `AUTHORS_NAME_MAP` is
+The authors' training checkpoints store the weights of their modules under their names
+(`visual_encoder.model.` for TimeSformer and the selectors, `text_encoder.bert.` (retrieval) or
+`text_encoder.` (QA) for BERT, `crossmodal_encoder.`, the heads at the top level), next to
+training-only state (momentum copies `*_m.*`, queues, the MLM head), which is skipped. `AUTHORS_NAME_MAP` is
 the one place their names are translated to ours; `_skip_reason` says which of their tensors we
 drop and why. Loading never prints: `load_checkpoint` returns a `LoadReport`.
 
 This module is tooling, not network definition: it may use safetensors (imported lazily, so that
-`import model` needs only torch).
+`import model` needs only torch) and the project's one atomic writer,
+`twbert_export.util.atomic_path` (a module of the standard library only).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import json
 import os
 import pickle
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from twbert_export.util import atomic_path  # standard library only: the one atomic writer
 
 from .config import TWBertConfig, schedule_for_frames
 from .twbert import TEMPERATURE_RANGE, TWBert
@@ -53,7 +57,7 @@ AUTHORS_TEXT_PREFIX: dict[str, str] = {"retrieval": "text_encoder.bert.", "qa": 
 # Authors' name -> our name, for modules (".weight" / ".bias" follow) and bare parameters.
 # "{i}" / "{s}" stand for a block / selector number; "<text>." for the layout's text prefix.
 AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
-    # TimeSformer (spec section 3)
+    # TimeSformer: divided space-time blocks (temporal attention first, then spatial, then MLP)
     ("visual_encoder.model.patch_embed.proj", "video.patch_embed"),
     ("visual_encoder.model.cls_token", "video.cls_token"),
     ("visual_encoder.model.pos_embed", "video.pos_embed"),
@@ -69,7 +73,8 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("visual_encoder.model.blocks.{i}.mlp.fc1", "video.blocks.{i}.mlp.fc1"),
     ("visual_encoder.model.blocks.{i}.mlp.fc2", "video.blocks.{i}.mlp.fc2"),
     ("visual_encoder.model.norm", "video.norm"),
-    # Frame selectors: PredictorLG's Sequential slots (spec section 4)
+    # Frame selectors: PredictorLG's Sequential slots, in_conv = (LayerNorm, Linear),
+    # out_conv = (Linear, GELU, Linear)
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.in_conv.0", "selector{s}.scorer.norm"),
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.in_conv.1",
      "selector{s}.scorer.frame_proj"),
@@ -77,7 +82,7 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
      "selector{s}.scorer.fuse_proj"),
     ("visual_encoder.model.visual_token_selector{s}.score_predictor.out_conv.2",
      "selector{s}.scorer.score_out"),
-    # BERT text encoder, Hugging Face names (spec section 2)
+    # BERT text encoder, Hugging Face names (only its first six layers are the text path)
     ("<text>.embeddings.word_embeddings", "text.embeddings.word"),
     ("<text>.embeddings.position_embeddings", "text.embeddings.position"),
     ("<text>.embeddings.token_type_embeddings", "text.embeddings.token_type"),
@@ -90,7 +95,7 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("<text>.encoder.layer.{i}.intermediate.dense", "text.layers.{i}.ffn_in"),
     ("<text>.encoder.layer.{i}.output.dense", "text.layers.{i}.ffn_out"),
     ("<text>.encoder.layer.{i}.output.LayerNorm", "text.layers.{i}.ffn_norm"),
-    # Cross-modal encoder: `linears[0..7]` by role (spec section 5)
+    # Cross-modal encoder: `linears[0..7]` by role (the table in model/cross.py)
     ("crossmodal_encoder.layers.{i}.self_attn.linears.0", "cross.layers.{i}.attn.shared_q"),
     ("crossmodal_encoder.layers.{i}.self_attn.linears.1", "cross.layers.{i}.attn.shared_k"),
     ("crossmodal_encoder.layers.{i}.self_attn.linears.2", "cross.layers.{i}.attn.shared_v"),
@@ -106,7 +111,8 @@ AUTHORS_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("crossmodal_encoder.layers.{i}.feed_forward.w_1", "cross.layers.{i}.ffn_in"),
     ("crossmodal_encoder.layers.{i}.feed_forward.w_2", "cross.layers.{i}.ffn_out"),
     ("crossmodal_encoder.norm", "cross.norm"),
-    # Heads (spec section 6); the QA classifier is Sequential(Linear, ReLU, Linear).
+    # Heads: ITC projections, ITM, the ITC temperature; the QA classifier is
+    # Sequential(Linear, ReLU, Linear).
     ("vision_proj", "vision_proj"),
     ("text_proj", "text_proj"),
     ("itm_head", "itm_head"),
@@ -176,8 +182,8 @@ def save_checkpoint(model: TWBert, path: str | os.PathLike, metadata: Mapping[st
                     overwrite: bool = False) -> Path:
     """Write `model` (config + weights + JSON `metadata`) to a `.pt` or `.safetensors` file.
 
-    The file appears whole or not at all (temporary file in the same directory, then
-    `os.replace`). An existing file is only replaced with `overwrite=True`. Returns the path.
+    The file appears whole or not at all (`atomic_path`: a temporary file in the same directory,
+    flushed to disk, then `os.replace`). An existing file is only replaced with `overwrite=True`. Returns the path.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -197,11 +203,13 @@ def save_checkpoint(model: TWBert, path: str | os.PathLike, metadata: Mapping[st
 
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                   "config": json.dumps(config), "metadata": json.dumps(metadata)}
-        _write_atomically(path, lambda tmp: save_file(state_dict, str(tmp), metadata=header))
+        with atomic_path(path) as tmp:
+            save_file(state_dict, str(tmp), metadata=header)
     else:
         payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config,
                    "state_dict": state_dict, "metadata": metadata}
-        _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
     return path
 
 
@@ -212,19 +220,6 @@ def _plain_json(value: dict[str, Any], what: str) -> dict[str, Any]:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    # A unique name in the target directory: os.replace is atomic only within one file system.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
-    try:
-        write(tmp)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- loading --------------------------------------------------------------------------------------

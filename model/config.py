@@ -62,7 +62,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class CrossConfig:
-    """Cross-modal encoder: pre-norm layers with the W2P / T2W attention (spec section 5)."""
+    """Cross-modal encoder: pre-norm layers with the word-to-patch (W2P) and word-to-trajectory
+    (T2W) attention (model/cross.py)."""
 
     dim: int = 768
     layers: int = 6

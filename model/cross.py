@@ -1,7 +1,8 @@
 """Cross-modal encoder: word-to-trajectory (T2W) and word-to-patch (W2P) attention.
 
 Sequence layout: [words (L), video cls (1), frame 1 patches (P), ..., frame K patches (P)].
-The eight D x D projections of the authors' `linears[0..7]` are named by role (spec section 5):
+The eight D x D projections of the authors' `linears[0..7]` are named by role (the authors
+initialise them from BERT layers 6-11; `model/checkpoint.py` maps their names to these):
 
   shared_q/k/v (0, 1, 2)  queries, keys, values of words and patches (steps 1 and 3)
   word_q/k/v   (3, 4, 5)  the word-to-trajectory step across frames (step 2)
@@ -62,7 +63,8 @@ class TrajectoryWordAttention(nn.Module):
         traj = self.trajectory_norm(self.frame_out(traj))  # (B, L, K, D)
 
         # Step 2 (T2W across frames): word i attends over [all words, its own K trajectories].
-        # The word keys/values are projected once, not once per word (spec cost note).
+        # The word keys/values are projected once, not once per word as in the authors' code (an
+        # (L, L + K, D) tensor through word_k and word_v): the same result for less work.
         q2 = split_heads(self.word_q(words), h)  # (B, h, L, Dh)
         k2_words = split_heads(self.word_k(words), h)
         v2_words = split_heads(self.word_v(words), h)

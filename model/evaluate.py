@@ -3,7 +3,7 @@
     python -m model.evaluate --ckpt demo --data demo --task retrieval --json
     python -m model.evaluate --ckpt best.pt --data DIR --task qa --json
 
-Retrieval follows the authors' protocol (spec section 6): every (text, video) pair gets an ITC
+Retrieval follows the authors' protocol: every (text, video) pair gets an ITC
 score from a full pass (the video features depend on the text through frame selection; blocks
 1..s1 are computed once per video); per text the `--k` (50) videos with the highest ITC score
 are re-ranked by the ITM match probability, the others stay below them in ITC order. Video to

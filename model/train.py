@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from twbert_export.util import atomic_path
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TWBertConfig
@@ -180,12 +181,6 @@ def param_groups(model: TWBert, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # -- main loop ----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from twbert_export.assets import resolve_checkpoint, resolve_data
@@ -292,10 +287,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         history.append(entry)
         with open(out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                           "best_score": best_score, "loader_rng": loader_gen.get_state(),
-                           "torch_rng": torch.get_rng_state()}, resume_path)
+        with atomic_path(resume_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "best_score": best_score, "loader_rng": loader_gen.get_state(),
+                        "torch_rng": torch.get_rng_state()}, tmp)
     return {"best_score": best_score, "epochs": args.epochs, "out": str(out)}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twbert_export.artifact import CheckpointInfo, FileEntry, Manifest
+from twbert_export.artifact import TRT8_FLAVOUR, CheckpointInfo, FileEntry, Manifest
 from twbert_export.contract import BatchRange, IOContract, TensorSpec
 
 # /etc/nv_tegra_release as JetPack writes it (one line, then the kernel-variant comment lines).
@@ -21,12 +21,15 @@ MODEL_ORIN_NX = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00"
 MODEL_AGX_ORIN = "NVIDIA Jetson AGX Orin Developer Kit\x00"
 MODEL_THOR = "NVIDIA Jetson AGX Thor Developer Kit\x00"
 MEMINFO_8GB = "MemTotal:        7620344 kB\nMemFree:         5123456 kB\n"
+MEMINFO_16GB = "MemTotal:       15655436 kB\nMemFree:        12123456 kB\n"
 MEMINFO_4GB = "MemTotal:        3794668 kB\nMemFree:         2123456 kB\n"
 # nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader
 SMI_H100 = "NVIDIA H100 80GB HBM3, 9.0, 81559 MiB\n"
 SMI_TWO_GPUS = "NVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\nNVIDIA A100-SXM4-40GB, 8.0, 40960 MiB\n"
 SMI_T4 = "Tesla T4, 7.5, 15360 MiB\n"
 SMI_NO_DEVICE = "No devices were found\n"
+# `nvpmodel -q` on an AGX Orin in MAXN (mode 0).
+NVPMODEL_MAXN = "NV Fan Mode:quiet\nNV Power Mode: MAXN\n0\n"
 
 
 def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:
@@ -43,13 +46,18 @@ def tiny_contract(batch: BatchRange = BatchRange(1, 2, 4)) -> IOContract:
 
 
 def artifact_manifest(precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
-                      contract: IOContract | None = None) -> Manifest:
-    """A manifest with what the device kit reads (contract, schedule, files)."""
+                      contract: IOContract | None = None, trt8: bool = True) -> Manifest:
+    """A manifest with what the device kit reads (contract, schedule, files): each precision's
+    file and, unless trt8=False (an older artifact), its TensorRT 8.x twin (flavour trt8)."""
     contract = contract or tiny_contract()
+    files = [FileEntry("model", p, f"model.{p}.onnx", f"{i}" * 64, 1000)
+             for i, p in enumerate(precisions)]
+    if trt8:
+        files += [FileEntry("model", p, f"model.{p}.trt8.onnx", f"{i}a" * 32, 1000,
+                            flavour=TRT8_FLAVOUR) for i, p in enumerate(precisions)]
     return Manifest(
         checkpoint=CheckpointInfo("ckpt.pt", "c" * 64, "twbert-export"), model_config={},
-        schedule=contract.schedule, contract=contract,
-        files=[FileEntry("model", p, f"model.{p}.onnx", f"{i}" * 64, 1000)
-               for i, p in enumerate(precisions)],
+        schedule=contract.schedule, contract=contract, files=files,
         validation_data={}, parity={p: True for p in precisions}, tools={},
-        created="2026-01-01T00:00:00+0000", tokenizer="tokenizer.json")
+        created="2026-01-01T00:00:00+0000", tokenizer="tokenizer.json",
+        flavour_parity={TRT8_FLAVOUR: {p: True for p in precisions}} if trt8 else {})

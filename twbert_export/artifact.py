@@ -5,8 +5,10 @@ the scale check, the TensorRT builder and runtime) reads them through it, so "wh
 this file" has one answer: the manifest's file entry, never the file's name.
 
 An artifact holds one or more graphs (today `model`, the whole network; split deployments add
-more beside it), each in one or more precisions, each possibly in more than one flavour (the
-default `trt10`; e.g. a legacy opset for TensorRT 8). Every ONNX file is one `FileEntry`.
+more beside it), each in one or more precisions, each in one or more flavours: the default
+`trt10` (the file TensorRT 10.x / 11.x build) and `trt8`, its opset-17 twin for TensorRT 8.5 / 8.6
+(legacy.py). Every ONNX file is one `FileEntry`; parity verdicts and results are kept per
+(precision, flavour).
 
 Torch-free: a device with only TensorRT and numpy reads it.
 """
@@ -29,6 +31,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_GRAPH = "model"  # the whole network as one graph
 SPLIT_GRAPHS = ("text", "video_stem", "select", "fuse")  # the split deployment (split.py)
 DEFAULT_FLAVOUR = "trt10"
+TRT8_FLAVOUR = "trt8"  # the opset-17 twin of a trt10 file, for TensorRT 8.5 / 8.6 (legacy.py)
+FLAVOURS = (DEFAULT_FLAVOUR, TRT8_FLAVOUR)
 
 
 class ArtifactFormatError(ValueError):
@@ -72,6 +76,25 @@ def _load_json(path: Path) -> Any:
         raise ArtifactFormatError(f"{path}: unreadable ({e})") from None
 
 
+def is_artifact_dir(directory: str | Path) -> bool:
+    """Whether `directory` is an export artifact of ours, of any format version: its
+    manifest.json names our format (what --force may replace)."""
+    path = Path(directory) / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _read_verdicts(verdicts: dict[str, Any], where: str) -> dict[str, bool]:
+    """{precision: {"passed": bool}} -> {precision: bool}."""
+    return {p: _read(v if isinstance(v, dict) else {}, "passed", bool, f"{where}.{p}")
+            for p, v in verdicts.items()}
+
+
 # -- manifest ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileEntry:
@@ -94,6 +117,9 @@ class FileEntry:
         if entry.precision not in PRECISIONS:
             raise ArtifactFormatError(f"{where}: field 'precision' is {entry.precision!r}, not "
                                       f"one of {', '.join(PRECISIONS)}")
+        if entry.flavour not in FLAVOURS:
+            raise ArtifactFormatError(f"{where}: field 'flavour' is {entry.flavour!r}, not one "
+                                      f"of {', '.join(FLAVOURS)}")
         return entry
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +143,7 @@ class Manifest:
     contract: IOContract
     files: list[FileEntry]
     validation_data: dict[str, Any]
-    parity: dict[str, bool]  # precision -> whether its gates passed on the host
+    parity: dict[str, bool]  # precision -> whether its default-flavour file passed on the host
     tools: dict[str, str]
     created: str
     tokenizer: str  # file name in the artifact directory
@@ -125,6 +151,9 @@ class Manifest:
     answers: str | None = None  # file name of the QA answer list
     # The I/O contract of each split graph (split.split_contracts); empty without split graphs.
     graph_contracts: dict[str, IOContract] = field(default_factory=dict)
+    # flavour -> precision -> whether that flavour's file passed, for the flavours beyond the
+    # default (optional in the JSON: manifests written before the trt8 flavour have none)
+    flavour_parity: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -155,6 +184,19 @@ class Manifest:
             raise ArtifactFormatError(f"{MANIFEST_FILE}: no contract for graph {graph!r}")
         return self.graph_contracts[graph]
 
+    def entries(self, flavour: str = DEFAULT_FLAVOUR) -> list[FileEntry]:
+        """Every file of one flavour, every graph and precision, in manifest order."""
+        return [f for f in self.files if f.flavour == flavour]
+
+    def twin(self, entry: FileEntry, flavour: str) -> FileEntry | None:
+        """The same graph and precision as `entry`, in another flavour."""
+        return self.file(entry.precision, entry.graph, flavour)
+
+    def passed(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> bool | None:
+        """The host's parity verdict of a precision's file of that flavour (None: not judged)."""
+        return (self.parity if flavour == DEFAULT_FLAVOUR
+                else self.flavour_parity.get(flavour, {})).get(precision)
+
     def entry_for(self, model_path: str | Path) -> FileEntry | None:
         """The entry of the ONNX file a model (.onnx, or an .engine built beside it) came from."""
         onnx_name = Path(model_path).with_suffix(".onnx").name
@@ -173,6 +215,8 @@ class Manifest:
             "parity": {p: {"passed": passed} for p, passed in self.parity.items()},
             "tools": self.tools, "created": self.created, "tokenizer": self.tokenizer,
             "answers": self.answers,
+            "flavour_parity": {fl: {p: {"passed": passed} for p, passed in verdicts.items()}
+                               for fl, verdicts in self.flavour_parity.items()},
             **({"graph_contracts": {g: c.to_dict() for g, c in self.graph_contracts.items()}}
                if self.graph_contracts else {})}
 
@@ -182,10 +226,11 @@ class Manifest:
         ckpt = _read(d, "checkpoint", dict, where)
         ckpt_where = f"{where} checkpoint"
         files = _read(d, "files", list, where)
-        parity = _read(d, "parity", dict, where)
-        for p, verdict in parity.items():
-            _read(verdict if isinstance(verdict, dict) else {}, "passed", bool,
-                  f"{where} parity.{p}")
+        parity = _read_verdicts(_read(d, "parity", dict, where), f"{where} parity")
+        by_flavour = _read(d, "flavour_parity", dict, where, optional=True) or {}
+        flavour_parity = {fl: _read_verdicts(_read(by_flavour, fl, dict, where),
+                                             f"{where} flavour_parity.{fl}")
+                          for fl in by_flavour}
         try:
             contract = IOContract.from_dict(_read(d, "contract", dict, where))
         except (KeyError, TypeError, ValueError) as e:
@@ -205,7 +250,7 @@ class Manifest:
             schedule=_read(d, "schedule", str, where), contract=contract,
             files=[FileEntry.from_dict(f, f"{where} files[{i}]") for i, f in enumerate(files)],
             validation_data=_read(d, "validation_data", dict, where),
-            parity={p: v["passed"] for p, v in parity.items()},
+            parity=parity, flavour_parity=flavour_parity,
             tools=_read(d, "tools", dict, where), created=_read(d, "created", str, where),
             tokenizer=_read(d, "tokenizer", str, where),
             calibration=_read(d, "calibration", dict, where, optional=True),
@@ -262,7 +307,7 @@ class PrecisionResult:
 @dataclass
 class Report:
     """report.json: the parity verdicts and how the export went."""
-    precisions: dict[str, PrecisionResult]
+    precisions: dict[str, PrecisionResult]  # of the default-flavour files
     task_metrics: dict[str, Any]
     validation_data: dict[str, Any]
     next_commands: list[str] = field(default_factory=list)
@@ -270,14 +315,28 @@ class Report:
     lint_warnings: list[str] = field(default_factory=list)
     skipped_videos: list[Any] = field(default_factory=list)
     total_seconds: float = 0.0
+    # flavour -> precision -> result, for the flavours beyond the default (the trt8 files)
+    flavours: dict[str, dict[str, PrecisionResult]] = field(default_factory=dict)
     # The split graphs composed, per precision, against the same reference and gates.
     split: dict[str, PrecisionResult] = field(default_factory=dict)
     # Per validation runner (onnx-fp32, split-fp32, ...): graph executions, rows, seconds.
     validation_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def result(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> PrecisionResult | None:
+        return (self.precisions if flavour == DEFAULT_FLAVOUR
+                else self.flavours.get(flavour, {})).get(precision)
+
+    def results(self) -> list[tuple[str, str, PrecisionResult]]:
+        """(precision, flavour, result) of every file judged, the default flavour first."""
+        return ([(p, DEFAULT_FLAVOUR, r) for p, r in self.precisions.items()]
+                + [(p, fl, r) for fl, by_p in self.flavours.items() for p, r in by_p.items()])
+
     @property
     def failed(self) -> list[str]:
-        return ([p for p, r in self.precisions.items() if not r.passed]
+        """What failed its gates, for messages: 'fp16', 'fp16 (trt8)' for another flavour,
+        'fp16 (split)' for the split graphs composed."""
+        return ([p if fl == DEFAULT_FLAVOUR else f"{p} ({fl})"
+                 for p, fl, r in self.results() if not r.passed]
                 + [f"{p} (split)" for p, r in self.split.items() if not r.passed])
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +346,8 @@ class Report:
                 "stages": self.stages, "lint_warnings": self.lint_warnings,
                 "validation_data": self.validation_data, "skipped_videos": self.skipped_videos,
                 "total_seconds": self.total_seconds,
+                "flavours": {fl: {p: r.to_dict() for p, r in by_p.items()}
+                             for fl, by_p in self.flavours.items()},
                 **({"split": {p: r.to_dict() for p, r in self.split.items()},
                     "validation_runs": self.validation_runs} if self.split else {})}
 
@@ -294,9 +355,13 @@ class Report:
     def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
         _check_format(d, where, "twbert-export-report")
         precisions = _read(d, "precisions", dict, where)
+        flavours = _read(d, "flavours", dict, where, optional=True) or {}
         return cls(
             precisions={p: PrecisionResult.from_dict(r, f"{where} precisions.{p}")
                         for p, r in precisions.items()},
+            flavours={fl: {p: PrecisionResult.from_dict(r, f"{where} flavours.{fl}.{p}")
+                           for p, r in _read(flavours, fl, dict, where).items()}
+                      for fl in flavours},
             task_metrics=_read(d, "task_metrics", dict, where),
             validation_data=_read(d, "validation_data", dict, where),
             next_commands=_read(d, "next_commands", list, where),

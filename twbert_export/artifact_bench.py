@@ -9,7 +9,9 @@ threads, on the artifact's reference-shaped random inputs: warm-up runs, then ti
 p50 / p90 latency, samples per second and peak resident memory. `torch` is the PyTorch reference
 (hard selection) built from the checkpoint named in the manifest; `trt-PRECISION` runs the engine
 `export.py build` wrote beside model.PRECISION.onnx (on a device with TensorRT:
-`--backends trt-fp16,trt-int8`).
+`--backends trt-fp16,trt-int8`; the `.trt8.engine` of TensorRT 8.x when that is what was built).
+On a Jetson, `tegrastats` runs alongside the timed runs and each row gets the mean GPU load and
+board input power (lock the clocks first: `sudo nvpmodel -m 0 && sudo jetson_clocks`).
 
 `--op-profile` times nothing: it runs each ort-* backend under ONNX Runtime's profiler and
 prints the kernel time per op type (what its latency is made of).
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -43,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import ArtifactFormatError, Manifest
+from .artifact import TRT8_FLAVOUR, ArtifactFormatError, Manifest
 from .onnx_export import example_feed
 from .util import write_json
 
@@ -58,7 +61,52 @@ def backend_file(artifact: Path, manifest: Manifest, backend: str) -> Path | Non
     if entry is None:
         return None
     onnx_path = artifact / entry.path
-    return onnx_path.with_suffix(".engine") if kind == "trt" else onnx_path
+    if kind != "trt":
+        return onnx_path
+    engine = onnx_path.with_suffix(".engine")
+    twin = manifest.twin(entry, TRT8_FLAVOUR)  # what TensorRT 8.x builds
+    trt8_engine = (artifact / twin.path).with_suffix(".engine") if twin else None
+    if not engine.is_file() and trt8_engine and trt8_engine.is_file():
+        return trt8_engine
+    return engine
+
+
+# tegrastats (Jetson): GPU load and board input power, e.g. "GR3D_FREQ 61%@[1300]" and
+# "VDD_IN 9500mW/4474mW" (Orin) or "POM_5V_IN 3456/3456" (Xavier), current/average.
+_GR3D = re.compile(r"GR3D_FREQ (\d+)%")
+_POWER = re.compile(r"(?:VDD_IN|POM_5V_IN) (\d+)(?:mW)?/")
+
+
+def parse_tegrastats(lines: list[str]) -> dict[str, float]:
+    """Mean GPU load (%) and board input power (mW) over tegrastats lines; {} if none parse."""
+    gpu = [int(m.group(1)) for line in lines if (m := _GR3D.search(line))]
+    power = [int(m.group(1)) for line in lines if (m := _POWER.search(line))]
+    out = {}
+    if gpu:
+        out["gpu_load_pct"] = float(np.mean(gpu))
+    if power:
+        out["board_power_mw"] = float(np.mean(power))
+    return out
+
+
+class Tegrastats:
+    """`tegrastats --interval 100` alongside a timed loop, where the tool exists (Jetson)."""
+
+    def __enter__(self) -> "Tegrastats":
+        import shutil
+
+        self.proc = None
+        if shutil.which("tegrastats"):
+            self.proc = subprocess.Popen(["tegrastats", "--interval", "100"],
+                                         stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lines: list[str] = []
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            self.lines = out.splitlines()
 
 
 def _runner(artifact: Path, backend: str, manifest: Manifest, threads: int):
@@ -81,7 +129,7 @@ def _runner(artifact: Path, backend: str, manifest: Manifest, threads: int):
     if backend.startswith("trt-"):
         from .trt.runtime import trt_runner
 
-        entry = manifest.file(backend[4:])
+        entry = manifest.entry_for(path)  # the file's own entry: its flavour's hash
         return trt_runner(path, contract, name=backend,
                           onnx_sha256=entry.sha256 if entry else None)
     from .runners import ort_runner
@@ -96,16 +144,19 @@ def measure(artifact: Path, backend: str, batch: int, threads: int, warmup: int,
     runner = _runner(artifact, backend, manifest, threads)
     times = []
     with runner:
-        for i in range(warmup + repeat):
-            start = time.perf_counter()
+        for _ in range(warmup):
             runner.infer(feed)
-            if i >= warmup:
+        with Tegrastats() as board:
+            for _ in range(repeat):
+                start = time.perf_counter()
+                runner.infer(feed)
                 times.append(time.perf_counter() - start)
     ms = np.array(times) * 1e3
     return {"backend": backend, "batch": batch, "threads": threads, "runs": repeat,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "samples_per_s": float(batch / np.median(ms) * 1e3),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **parse_tegrastats(board.lines)}
 
 
 def op_profile(artifact: Path, backend: str, batch: int, threads: int, repeat: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .contract import IOContract
-from .preprocess import CLIP_MEAN, CLIP_STD, Tokenizer, load_clips
+from .preprocess import (CLIP_MEAN, CLIP_STD, EmptyTextWarning, Tokenizer, VideoDecodeError,
+                         load_clips, probe_video, read_annotations)
 from .util import file_sha256
 
 # Fewer clips than this do not cover the activation ranges of a video model: refused for INT8.
@@ -103,6 +105,42 @@ def load_feeds(data_dir: str | Path, contract: IOContract, tokenizer: Tokenizer,
                    identity=data_identity(data_dir, video_paths, contract, tokenizer))
 
 
+def check_data(data_dir: str | Path, task: str, on_error: str = "fail",
+               limit: int | None = None) -> int:
+    """Check a data directory before any expensive work, as `load_feeds` will read it: every
+    annotation line parses, and each video it will use (the first `limit` of those with the
+    task's text) exists and decodes its first frame (`probe_video`). A failing video raises
+    VideoDecodeError with on_error="fail" and is left out of the count with "skip" (the data
+    stage warns about it then). Returns how many videos are usable (at least one)."""
+    field_name = text_field(task)
+    with warnings.catch_warnings():  # an empty caption is warned about once, by the data stage
+        warnings.simplefilter("ignore", EmptyTextWarning)
+        records = read_annotations(data_dir)
+    videos = list(dict.fromkeys(r["video_path"] for r in records if r.get(field_name)))[:limit]
+    if not videos:
+        raise CalibrationDataError(f"{data_dir}: no annotation line has a {field_name} "
+                                   f"(the {task} task's text)")
+    usable = 0
+    for video in videos:
+        try:
+            probe_video(video)
+            usable += 1
+        except VideoDecodeError:
+            if on_error == "fail":
+                raise
+    if not usable:
+        raise CalibrationDataError(f"{data_dir}: none of its {len(videos)} videos decodes")
+    return usable
+
+
+def check_calibration_count(n: int) -> None:
+    """Refuse fewer than MIN_CALIBRATION_CLIPS clips for INT8."""
+    if n < MIN_CALIBRATION_CLIPS:
+        raise CalibrationDataError(
+            f"{n} calibration clips; INT8 calibration needs at least {MIN_CALIBRATION_CLIPS} real "
+            "clips to cover activation ranges (pass --calib-data DIR with more clips)")
+
+
 def data_identity(data_dir: str | Path, video_paths: list[str], contract: IOContract,
                   tokenizer: Tokenizer) -> dict[str, Any]:
     """What makes two feed sets the same: the files' bytes, the count and the preprocessing."""
@@ -141,11 +179,7 @@ def distant_pixel_correlation(video: np.ndarray, distance: int) -> float:
 
 def check_calibration_set(feeds: FeedSet) -> None:
     """Refuse too few clips and data that is not natural video (e.g. random noise)."""
-    n = len(feeds.video)
-    if n < MIN_CALIBRATION_CLIPS:
-        raise CalibrationDataError(
-            f"{n} calibration clips; INT8 calibration needs at least {MIN_CALIBRATION_CLIPS} real "
-            "clips to cover activation ranges (pass --calib-data DIR with more clips)")
+    check_calibration_count(len(feeds.video))
     distance = max(1, feeds.video.shape[-1] // NOISE_DISTANCE_FRACTION)
     corr = distant_pixel_correlation(feeds.video, distance)
     if corr < MIN_DISTANT_PIXEL_CORRELATION:

@@ -8,6 +8,14 @@ control flow). Each check is a small function over `ModelFacts`; `CHECKS` lists 
 
     findings = lint_model("model.onnx", trt_major=8)   # every finding, errors first
     warnings = check_model("model.onnx")               # raises LintError if any error
+    findings = lint_model("model.onnx", parser="8.5")  # one parser release: minor rules too
+
+    python -m twbert_export.lint model.fp16.trt8.onnx --parser 8.5   # exit 2, one line, on error
+
+The parser releases we deploy to have rules of their own, read in github.com/onnx/onnx-tensorrt
+per release branch: 8.5-GA has no LayerNormalization importer; in 8.5-GA, 8.6-GA and 9.x the
+ReduceMean / ReduceMax / ReduceL2 / ReduceSumSquare ... importers ignore an `axes` INPUT (the
+opset-18 form) and reduce over every axis, silently (only ReduceSum reads it); 10.0-GA reads it.
 
 Torch-free; onnx is imported lazily, where a model is read.
 """
@@ -288,6 +296,16 @@ DTYPE_SINCE = {"FLOAT": 8, "FLOAT16": 8, "BOOL": 8, "INT8": 8, "INT32": 8, "INT6
 INT64_NATIVE_SINCE = 9  # before: the parser casts INT64 to INT32 (values clamp to +-2^31)
 UINT8_NOTE = "UINT8 is only supported as a network input or output"
 
+# Reduce ops whose `axes` input the importers before 10.0 ignore (they read the attribute only:
+# onnx2trt_utils.cpp `reduceTensor` in 8.5-GA / 8.6-GA; ReduceSum passes its input, the others
+# do not), reducing over every axis instead. Opset 18 moved these ops' axes to an input.
+REDUCE_AXES_INPUT_IGNORED = frozenset({
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+REDUCE_AXES_INPUT_READ_SINCE = 10
+# Parser releases a graph can be linted for (`--parser`); a bare major means its newest minor.
+PARSER_CHOICES = ("8.5", "8.6", "10", "11")
+
 # Highest default-domain opset each major's parser documents (8.5/8.6: 17, 9.2: 19, 10.0: 20).
 # 10.15 documents 24; the 10.0 figure is kept because Jetson targets ship older 10.x (10.3).
 MAX_OPSET = {8: 17, 9: 19, 10: 20}
@@ -334,11 +352,12 @@ class LintFinding:
 class LintError(ValueError):
     """The graph has ops or dtypes TensorRT's ONNX parser rejects; `findings` lists the errors."""
 
-    def __init__(self, findings: list[LintFinding], trt_major: int):
+    def __init__(self, findings: list[LintFinding], trt_major: int, parser: str | None = None):
         self.findings = [f for f in findings if f.severity == "error"]
         self.warnings = [f for f in findings if f.severity == "warning"]
+        self.target = parser if parser and "." in parser else f"{trt_major}.x"
         lines = "\n".join(f"  {f}" for f in self.findings)
-        super().__init__(f"{len(self.findings)} TensorRT {trt_major}.x incompatibilities "
+        super().__init__(f"{len(self.findings)} TensorRT {self.target} incompatibilities "
                          f"({TABLE_SOURCE}):\n{lines}")
 
 
@@ -349,6 +368,7 @@ class ModelFacts:
     model: "onnx.ModelProto"
     trt_major: int
     plugins: frozenset[str]
+    trt_minor: int | None = None  # None: any minor of trt_major (minor-dependent rules warn)
     nodes: list[tuple[str, "onnx.NodeProto"]] = field(default_factory=list)
     dtypes: dict[str, str] = field(default_factory=dict)  # tensor -> ONNX type name
     ranks: dict[str, int] = field(default_factory=dict)
@@ -394,17 +414,21 @@ def check_operators(facts: ModelFacts) -> Iterator[LintFinding]:
             yield LintFinding(label, op, f"op not supported by the TensorRT ONNX parser "
                               f"({TABLE_SOURCE})")
         elif op in OP_ADDED_IN:
-            yield from _newer_op(label, op, OP_ADDED_IN[op], facts.trt_major)
+            yield from _newer_op(label, op, OP_ADDED_IN[op], facts.trt_major, facts.trt_minor)
 
 
-def _newer_op(label: str, op: str, added: tuple[int, int] | None,
-              trt_major: int) -> Iterator[LintFinding]:
+def _newer_op(label: str, op: str, added: tuple[int, int] | None, trt_major: int,
+              trt_minor: int | None = None) -> Iterator[LintFinding]:
     if added is None:
         if trt_major < 10:
             yield LintFinding(label, op, "not in the TensorRT 8.5 operator table and the "
                               "changelog gives no version: check the target's parser", "warning")
     elif trt_major < added[0]:
         yield LintFinding(label, op, f"needs TensorRT >= {added[0]}.{added[1]}")
+    elif trt_major == added[0] and trt_minor is not None:
+        if trt_minor < added[1]:
+            yield LintFinding(label, op, f"needs TensorRT >= {added[0]}.{added[1]}: the "
+                              f"{trt_major}.{trt_minor} parser has no importer for it")
     elif trt_major == added[0] and added[1] > 0:
         yield LintFinding(label, op, f"needs TensorRT >= {added[0]}.{added[1]}: earlier "
                           f"{trt_major}.x parsers reject it", "warning")
@@ -543,6 +567,19 @@ def check_int64(facts: ModelFacts) -> Iterator[LintFinding]:
                           f"INT64 graph I/O {io} binds as int32 there", "warning")
 
 
+def check_reduce_axes_input(facts: ModelFacts) -> Iterator[LintFinding]:
+    """A reduce with an axes INPUT on a parser that ignores it: wrong numbers, no error."""
+    if facts.trt_major >= REDUCE_AXES_INPUT_READ_SINCE:
+        return
+    for label, node in facts.nodes:
+        if node.op_type in REDUCE_AXES_INPUT_IGNORED and _is_default_domain(node) \
+                and len(node.input) > 1 and node.input[1]:
+            yield LintFinding(label, node.op_type, f"axes given as an input: TensorRT "
+                              f"{facts.trt_major}.x ignores it and reduces over every axis; "
+                              "use opset <= 17 with axes as an attribute "
+                              "(twbert_export.legacy.to_trt8_graph)")
+
+
 def check_control_flow(facts: ModelFacts) -> Iterator[LintFinding]:
     for label, node in facts.nodes:
         if node.op_type in WARN_OPS and _is_default_domain(node):
@@ -559,17 +596,30 @@ def check_opset(facts: ModelFacts) -> Iterator[LintFinding]:
 
 CHECKS: tuple[Callable[[ModelFacts], Iterable[LintFinding]], ...] = (
     check_operators, check_random_ops, check_topk, check_einsum, check_op_restrictions,
-    check_dtypes, check_int64, check_control_flow, check_opset)
+    check_dtypes, check_int64, check_reduce_axes_input, check_control_flow, check_opset)
 
 
 # -- Entry points ----------------------------------------------------------------------------------
 
+def parse_parser(parser: str) -> tuple[int, int | None]:
+    """'8.5' -> (8, 5); '10' -> (10, None): the major and, when given, the minor of a parser."""
+    from .trt.version import parse_version
+
+    major, minor, _ = parse_version(parser)
+    return major, (minor if "." in str(parser).strip() else None)
+
+
 def lint_model(model: "onnx.ModelProto | str | Path", trt_major: int = 10,
-               plugins: Iterable[str] = ()) -> list[LintFinding]:
-    """Every finding for a TensorRT `trt_major`.x target, errors first, in graph order.
+               plugins: Iterable[str] = (), parser: str | None = None) -> list[LintFinding]:
+    """Every finding for a TensorRT `trt_major`.x target (or the `parser` release, e.g. "8.5",
+    with its minor's rules), errors first, in graph order.
 
     `plugins`: op types the target has TensorRT plugins for (allowed in any domain)."""
+    trt_minor = None
+    if parser is not None:
+        trt_major, trt_minor = parse_parser(parser)
     facts = read_facts(model, trt_major, plugins)
+    facts.trt_minor = trt_minor
     findings = list(facts.notes)
     for check in CHECKS:
         findings.extend(check(facts))
@@ -577,12 +627,46 @@ def lint_model(model: "onnx.ModelProto | str | Path", trt_major: int = 10,
 
 
 def check_model(model: "onnx.ModelProto | str | Path", trt_major: int = 10,
-                plugins: Iterable[str] = ()) -> list[LintFinding]:
-    """Raise LintError if the graph has anything TensorRT rejects; return the warnings."""
-    findings = lint_model(model, trt_major, plugins)
+                plugins: Iterable[str] = (), parser: str | None = None) -> list[LintFinding]:
+    """Raise LintError if the graph has anything TensorRT rejects (or, for a `parser` release,
+    would mis-import); return the warnings."""
+    findings = lint_model(model, trt_major, plugins, parser)
     if any(f.severity == "error" for f in findings):
-        raise LintError(findings, trt_major)
+        raise LintError(findings, parse_parser(parser)[0] if parser else trt_major, parser)
     return findings
+
+
+def one_line(error: "LintError", model_name: str) -> str:
+    """The one line a command prints when it refuses a graph (exit 2)."""
+    first = error.findings[0]
+    more = f" (+{len(error.findings) - 1} more)" if len(error.findings) > 1 else ""
+    return f"{model_name}: TensorRT {error.target} would reject or mis-import it: {first}{more}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m twbert_export.lint MODEL.onnx [--parser 8.5|8.6|10|11]`: 0 clean (warnings
+    printed), 2 with one line when the parser would reject or mis-import the graph."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m twbert_export.lint", description=main.__doc__)
+    ap.add_argument("model", help="ONNX file")
+    ap.add_argument("--parser", default="10", choices=PARSER_CHOICES,
+                    help="TensorRT parser release to check against (default 10)")
+    args = ap.parse_args(argv)
+    if not Path(args.model).is_file():
+        print(f"error: ONNX file not found: {args.model}", file=sys.stderr)
+        return 2
+    try:
+        warnings = check_model(args.model, parser=args.parser)
+    except LintError as e:
+        print(f"error: {one_line(e, Path(args.model).name)}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"warning: {w}")
+    print(f"{Path(args.model).name}: TensorRT {args.parser} parser: no errors, "
+          f"{len(warnings)} warnings")
+    return 0
 
 
 def format_findings(findings: Iterable[LintFinding]) -> str:
@@ -595,17 +679,17 @@ def format_findings(findings: Iterable[LintFinding]) -> str:
 
 def read_facts(model: "onnx.ModelProto | str | Path", trt_major: int,
                plugins: Iterable[str] = ()) -> ModelFacts:
-    onnx = require("onnx", "to lint ONNX graphs for TensorRT")
-    if isinstance(model, (str, Path)):
-        model = onnx.load(str(model))
-    facts = ModelFacts(model, trt_major, frozenset(plugins))
+    onnx_lib = require("onnx", "to lint ONNX graphs for TensorRT")
+    proto: "onnx.ModelProto" = (onnx_lib.load(str(model)) if isinstance(model, (str, Path))
+                                else model)
+    facts = ModelFacts(proto, trt_major, frozenset(plugins))
     try:
-        inferred = infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = infer_shapes(proto, check_type=False, strict_mode=False)
     except Exception as e:  # an unreadable graph still gets its op checks
-        inferred = model
+        inferred = proto
         facts.notes.append(LintFinding(GRAPH, "Model", f"shape inference failed ({e}); dtypes "
                                        "of intermediate tensors are unknown", "warning"))
-    facts.functions = {(f.domain, f.name) for f in model.functions}
+    facts.functions = {(f.domain, f.name) for f in proto.functions}
     graph = inferred.graph
     facts.graph_io = {v.name for v in (*graph.input, *graph.output)}
     _walk(facts, graph)
@@ -684,4 +768,9 @@ def _type_name(elem_type: int) -> str:
 
 
 __all__ = ["LintFinding", "LintError", "lint_model", "check_model", "format_findings",
-           "OPERATORS", "OpSupport", "CHECKS", "ModelFacts", "read_facts"]
+           "OPERATORS", "OpSupport", "CHECKS", "ModelFacts", "read_facts", "PARSER_CHOICES",
+           "one_line"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

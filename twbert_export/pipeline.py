@@ -3,15 +3,14 @@
 `run_export` calls one function per stage (`load_stage`, `export_stage`, ...), each printing one
 line (artifact, size, time) and handing small dataclasses to the next. Files are kept by
 (graph, precision) so that an artifact can hold more graphs than the whole-model one.
-Artifacts are assembled in a scratch directory beside the target (`_claim_output_dir`) and moved
-into place at the end (`_move_into_place`), so an existing artifact directory is never
-half-overwritten (and never overwritten at all without --force).
+Artifacts are assembled in a scratch directory beside the target (`outdir.claim`) and moved
+into place at the end (`outdir.move_into_place`): what --out may replace, and how, is
+`twbert_export/outdir.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import shutil
 import sys
@@ -22,19 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from . import lint, precision, validate
-from .artifact import (MANIFEST_FILE, MODEL_GRAPH, PRECISIONS, REPORT_FILE, SPLIT_GRAPHS,
-                       CheckpointInfo, FileEntry, Manifest, PrecisionResult, Report)
+from . import legacy, lint, outdir, precision, validate
+from .artifact import (DEFAULT_FLAVOUR, FLAVOURS, MANIFEST_FILE, MODEL_GRAPH, PRECISIONS,
+                       REPORT_FILE, SPLIT_GRAPHS, TRT8_FLAVOUR, CheckpointInfo, FileEntry,
+                       Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
-from .calibration import FeedSet, load_feeds
+from .calibration import FeedSet, check_calibration_count, check_data, load_feeds
 from .contract import BatchRange, IOContract
-from .input_checks import check_onnx_file, check_out_dir
+from .input_checks import check_onnx_file
 from .onnx_export import export_onnx
 from .preprocess import Tokenizer
 from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
-from .trt.commands import write_device_kit
+from .trt.commands import polygraphy_command, write_device_kit
 from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
                    require, stage_peak_rss_gb, write_json, write_text)
 
@@ -132,24 +132,6 @@ def tensorrt_available() -> tuple[bool, str]:
     return (True, "") if cuda else (False, "no CUDA GPU is visible")
 
 
-# -- device comparison ---------------------------------------------------------------------
-# Smallest absolute tolerance per precision for the device comparison; above it, twice the error
-# ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
-DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
-
-
-def polygraphy_command(onnx_name: str, precision: str, errors: dict[str, dict],
-                       backend: str) -> str:
-    """`polygraphy run` against the shipped PyTorch reference, a tolerance per float output.
-    Frame indices are left out: a near-tie may legitimately pick another frame."""
-    floor = DEVICE_ATOL_FLOOR[precision]
-    per_output = " ".join(f"{name}:{max(floor, 2 * e['max_abs']):.2g}"
-                          for name, e in errors.items() if "max_abs" in e)
-    return (f"polygraphy run {onnx_name} --{backend} --load-inputs reference/inputs.json "
-            f"--load-outputs reference/outputs.json --atol {per_output} --rtol 0 "
-            f"--check-error-stat max")
-
-
 # -- the job: one function per stage --------------------------------------------------------------
 @dataclass
 class Inputs:
@@ -180,17 +162,27 @@ class Loaded:
 
 @dataclass
 class Conversion:
-    """The ONNX files of an artifact, by (graph, precision), and the precision steps' reports."""
+    """The ONNX files of an artifact, by (graph, precision), and the precision steps' reports.
+    `files` are the default flavour's; `twins` the other flavours' (flavour -> (graph,
+    precision) -> file), converted from them."""
     files: dict[tuple[str, str], Path] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> step report
+    twins: dict[str, dict[tuple[str, str], Path]] = field(default_factory=dict)
     # (graph, precision) -> step report of each split graph
     graph_reports: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # Calibration rows of each split graph (split.graph_feeds), made once from the FP32 graphs.
     split_feeds: dict[str, Any] | None = None
 
-    def of(self, graph: str) -> dict[str, Path]:
-        """precision -> file of one graph."""
-        return {p: f for (g, p), f in self.files.items() if g == graph}
+    def of(self, graph: str, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path]:
+        """precision -> file of one graph in one flavour."""
+        files = self.files if flavour == DEFAULT_FLAVOUR else self.twins.get(flavour, {})
+        return {p: f for (g, p), f in files.items() if g == graph}
+
+    def entries(self) -> list[tuple[str, str, str, Path]]:
+        """(graph, precision, flavour, file) of every file, the default flavour first."""
+        return ([(g, p, DEFAULT_FLAVOUR, f) for (g, p), f in self.files.items()]
+                + [(g, p, fl, f) for fl, files in self.twins.items()
+                   for (g, p), f in files.items()])
 
     def split_files(self, precision: str) -> dict[str, Path] | None:
         """graph -> file of the split graphs at one precision, None without split graphs."""
@@ -201,23 +193,28 @@ class Conversion:
 
 @dataclass
 class Validation:
-    results: dict[str, dict[str, Any]]  # precision -> validate.compare_precision's result
+    # (precision, flavour) -> validate.compare_precision's result
+    results: dict[tuple[str, str], dict[str, Any]]
     metrics: dict[str, Any]
     split: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> split result
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # runner -> runs, seconds
+
+    def of(self, flavour: str) -> dict[str, dict[str, Any]]:
+        """precision -> result, one flavour."""
+        return {p: r for (p, fl), r in self.results.items() if fl == flavour}
 
 
 def run_export(opts: ExportOptions) -> ExportResult:
     """Run every stage and return the artifact's manifest and report (its gate verdicts
     included: the caller decides the exit code). Raises UserError for bad input."""
     inputs = resolve_inputs(opts)
-    stages = StageLog(total=5 + len(inputs.precisions) + (opts.graphs == "both"))
+    stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
                                                             loaded.contract.schedule))
-    work = _claim_output_dir(out, opts.force)
+    work = outdir.claim(out, opts.force)
     try:
         conversion = Conversion()
         export_stage(loaded, work, out, stages, conversion)
@@ -226,14 +223,15 @@ def run_export(opts: ExportOptions) -> ExportResult:
         seen: dict[str, precision.RangesSeen] = {}
         for p in inputs.precisions[1:]:
             precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
+        trt8_stage(conversion, work, out, stages)
         validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
         manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
                                                  calib, lint_warnings, opts, work, stages)
         report.total_seconds = time.perf_counter() - t_start
         report.write(work)
-        _move_into_place(work, out)
+        outdir.move_into_place(work, out, opts.force)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        outdir.discard_partial(work)
     return ExportResult(out, manifest, report)
 
 
@@ -252,6 +250,8 @@ class ExportResult:
 
 
 def resolve_inputs(opts: ExportOptions) -> Inputs:
+    """The options checked, the data sets included (`calibration.check_data`), before any
+    expensive work."""
     unknown = [p for p in opts.precisions if p not in PRECISIONS]
     if unknown:
         raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -261,7 +261,7 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
-        return Inputs(
+        inputs = Inputs(
             precisions=precisions, ckpt_path=resolve_checkpoint(opts.ckpt),
             val_dir=resolve_data(opts.val_data),
             calib_dir=(resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None),
@@ -270,6 +270,14 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
                        else Tokenizer.default()))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    # The data sets are read before the export, which takes minutes at the base preset: a bad
+    # annotation line or video fails here, not after it.
+    check_data(inputs.val_dir, opts.task, opts.on_error, opts.val_limit)
+    if inputs.calib_dir:
+        usable = check_data(inputs.calib_dir, opts.task, opts.on_error)
+        if "int8" in precisions:
+            check_calibration_count(usable)
+    return inputs
 
 
 def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
@@ -299,29 +307,6 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
                 f"{load_report.format}, {load_report.schedule_reason or 'F@' + contract.schedule}")
     return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
                   (stat.st_size, stat.st_mtime_ns), graph_contracts)
-
-
-def _claim_output_dir(out: Path, force: bool) -> Path:
-    """Refuse an existing `out` without --force; return the scratch directory beside it where
-    the artifact is assembled."""
-    check_out_dir(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it, or --out another directory")
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    return work
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Replace `out` by the finished scratch directory `work`."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out)
 
 
 def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,
@@ -446,18 +431,32 @@ def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict
     return conversion.split_feeds
 
 
+def trt8_stage(conversion: Conversion, work: Path, out: Path, stages: StageLog) -> None:
+    """Every default-flavour file (each graph, each precision) to its TensorRT 8.5 / 8.6 twin of
+    flavour trt8 (legacy.py), linted for both parsers; validate_stage judges them with the
+    same gates as the files they came from."""
+    twins = conversion.twins.setdefault(TRT8_FLAVOUR, {})
+    with Stopwatch() as sw:
+        for key, src in conversion.files.items():
+            twins[key] = legacy.write_trt8_twin(src, work)
+    shown = list(conversion.of(MODEL_GRAPH, TRT8_FLAVOUR).values())[-1]  # the last precision's
+    stages.line(TRT8_FLAVOUR, sw.seconds, out / shown.name, legacy.describe(len(twins)), shown)
+
+
 def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: ExportOptions,
                    work: Path, out: Path, stages: StageLog) -> Validation:
-    """PyTorch against ONNX Runtime on every precision of the whole-model graph and of the
-    split graphs composed; the reference data a device validates against."""
+    """PyTorch against ONNX Runtime on every precision and flavour of the whole-model graph
+    and on every precision of the split graphs composed; the reference data a device validates
+    against."""
     with Stopwatch() as sw:
         model = _reload(loaded, opts.trust_checkpoint)
         contract = loaded.contract
-        split = {p: SplitFiles(files, loaded.graph_contracts) for p in conversion.of(MODEL_GRAPH)
-                 if (files := conversion.split_files(p))}
+        files = {(p, fl): f for fl in FLAVOURS for p, f in conversion.of(MODEL_GRAPH, fl).items()}
+        split = {p: SplitFiles(graph_files, loaded.graph_contracts)
+                 for p in conversion.of(MODEL_GRAPH) if (graph_files := conversion.split_files(p))}
         results, metrics, reference, checked = validate_files(
-            model, contract, conversion.of(MODEL_GRAPH), val, loaded.answers,
-            {**validate.DEFAULT_GATES, **opts.gates}, split)
+            model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates},
+            split)
         del model
         ref_rows = min(REFERENCE_ROWS, len(val))
         ref_feeds = batched(val.feed(slice(0, ref_rows)), contract.batch.max)
@@ -465,15 +464,21 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
                         for k, v in reference.items()} for i in range(len(ref_feeds))]
         save_polygraphy_reference(work / "reference", ref_feeds, ref_outputs, "torch-hard")
         save_validation_reference(work / "reference", val, reference, metrics, contract)
-    verdicts = ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}" for p, r in results.items())
+    verdicts = ", ".join(f"{_label(p, fl)} {'PASS' if r['passed'] else 'FAIL'}"
+                         for (p, fl), r in results.items())
     if checked.split:
         verdicts += "; split " + ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}"
                                            for p, r in checked.split.items())
-        mono = sum(r["seconds"] for n, r in checked.runs.items() if n.startswith("onnx-"))
-        composed = sum(r["seconds"] for n, r in checked.runs.items() if n.startswith("split-"))
-        verdicts += f"; ONNX Runtime {mono:.1f}s whole model, {composed:.1f}s split"
+        whole = sum(checked.runs[f"onnx-{p}"]["seconds"] for p in checked.split)
+        composed = sum(checked.runs[f"split-{p}"]["seconds"] for p in checked.split)
+        verdicts += f"; ONNX Runtime {whole:.1f}s whole model, {composed:.1f}s split"
     stages.line("validate", sw.seconds, out / REPORT_FILE, verdicts, work / REPORT_FILE)
     return Validation(results, metrics, checked.split, checked.runs)
+
+
+def _label(precision: str, flavour: str) -> str:
+    """'fp16', or 'fp16.trt8' for another flavour: how a result is named in lines and metrics."""
+    return precision if flavour == DEFAULT_FLAVOUR else f"{precision}.{flavour}"
 
 
 def _reload(loaded: Loaded, trust_checkpoint: bool):
@@ -505,18 +510,23 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
     answers = loaded.answers
     if answers:
         write_json(work / "answers.json", answers)
-    results = validation.results
     last = inputs.precisions[-1]
     onnx = conversion.files[(MODEL_GRAPH, last)]
+    trt8 = conversion.of(MODEL_GRAPH, TRT8_FLAVOUR)[last]
+    results, trt8_results = validation.of(DEFAULT_FLAVOUR), validation.of(TRT8_FLAVOUR)
     next_commands = [
-        f"./build_on_device.sh {last}   # trtexec flags for the TensorRT version it finds",
+        f"./build_on_device.sh {last}   # the file and flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx {onnx.name} --target auto",
         f"python3 -m twbert_export.reference --engine {onnx.with_suffix('.engine').name}"
         "   # the host's gates",
-        polygraphy_command(onnx.name, last, results[last]["outputs"], "trt")]
+        polygraphy_command(onnx.with_suffix(".engine").name, last, results[last]["outputs"]),
+        polygraphy_command(trt8.with_suffix(".engine").name, last, trt8_results[last]["outputs"],
+                           trt_major=8) + "   # TensorRT 8.5 / 8.6"]
     report = Report(
         precisions={p: PrecisionResult.from_comparison(r, conversion.reports.get(p))
                     for p, r in results.items()},
+        flavours={fl: {p: PrecisionResult.from_comparison(r) for p, r in validation.of(fl).items()}
+                  for fl in conversion.twins},
         task_metrics=validation.metrics, validation_data=val.identity,
         next_commands=next_commands, stages=stages.rows,
         lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos,
@@ -533,11 +543,14 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
         checkpoint=CheckpointInfo(str(ckpt), file_sha256(ckpt), loaded.load_report.format),
         model_config=loaded.config.to_dict(), schedule=loaded.contract.schedule,
         contract=loaded.contract,
-        files=[FileEntry(graph=g, precision=p, path=f.name, sha256=file_sha256(f),
-                         bytes=f.stat().st_size) for (g, p), f in conversion.files.items()],
+        files=[FileEntry(graph=g, precision=p, flavour=fl, path=f.name, sha256=file_sha256(f),
+                         bytes=f.stat().st_size) for g, p, fl, f in conversion.entries()],
         calibration=(calib.identity | {"clips": len(calib.video), "method": opts.calib_method}
                      if calib else None),
-        validation_data=val.identity, parity=parity, graph_contracts=loaded.graph_contracts,
+        validation_data=val.identity, parity=parity,
+        flavour_parity={fl: {p: r["passed"] for p, r in validation.of(fl).items()}
+                        for fl in conversion.twins},
+        graph_contracts=loaded.graph_contracts,
         tools=tool_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         tokenizer=tokenizer_name, answers="answers.json" if answers else None)
     manifest.write(work)
@@ -561,13 +574,14 @@ class SplitChecks:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def validate_files(model, contract: IOContract, files: dict[str, Path], val,
+def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Path], val,
                    answers: list[str] | None, gates: dict[str, "validate.Gate"],
                    split: dict[str, SplitFiles] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray], SplitChecks]:
-    """PyTorch (hard and perturbed selection) and ONNX Runtime on each file over the validation
-    rows: per-precision comparisons with gate verdicts, task metrics per run, and the reference
-    outputs on the paired rows. With `split` (precision -> its split graphs), the split graphs
+                   ) -> tuple[dict[tuple[str, str], Any], dict[str, Any], dict[str, np.ndarray],
+                              SplitChecks]:
+    """PyTorch (hard and perturbed selection) and ONNX Runtime on each file, keyed (precision,
+    flavour), over the validation rows: comparisons with the precision's gate verdicts, task
+    metrics per run, and the reference outputs on the paired rows. With `split` (precision -> its split graphs), the split graphs
     composed too (`split.validate_split`: each stem and text computed once), against the same
     reference and gates, and at FP32 against the whole-model file on every row both ran."""
     hard = make_torch_runner(model, contract, "hard", "torch-hard")
@@ -579,20 +593,21 @@ def validate_files(model, contract: IOContract, files: dict[str, Path], val,
     with perturbed:
         _, metrics["torch-perturbed"] = validate.run_validation(perturbed, val, contract,
                                                                 answers=answers)
-    results: dict[str, Any] = {}
+    results: dict[tuple[str, str], Any] = {}
     checks = SplitChecks()
     batch = validate.validation_batch(contract)
-    for p, path in files.items():
-        runner = ort_runner(path, name=f"onnx-{p}")
+    for (p, fl), path in files.items():
+        run = f"onnx-{_label(p, fl)}"
+        runner = ort_runner(path, name=run)
         with runner, Stopwatch() as sw:
-            every, test, metrics[f"onnx-{p}"] = validate.run_every_row(runner, val, contract,
-                                                                       answers=answers)
+            every, test, metrics[run] = validate.run_every_row(runner, val, contract,
+                                                               answers=answers)
         rows = len(every[contract.output_names[0]])
-        checks.runs[f"onnx-{p}"] = {"graph_runs": {MODEL_GRAPH: -(-rows // batch)},
-                                    "graph_rows": {MODEL_GRAPH: rows}, "seconds": sw.seconds}
-        results[p] = validate.compare_precision(p, test, reference, contract, gates[p],
-                                                metrics[f"onnx-{p}"], metrics["torch-hard"])
-        if split and p in split:
+        checks.runs[run] = {"graph_runs": {MODEL_GRAPH: -(-rows // batch)},
+                            "graph_rows": {MODEL_GRAPH: rows}, "seconds": sw.seconds}
+        results[(p, fl)] = validate.compare_precision(p, test, reference, contract, gates[p],
+                                                      metrics[run], metrics["torch-hard"])
+        if split and p in split and fl == DEFAULT_FLAVOUR:
             checks.split[p] = _validate_split_files(p, split[p], contract, val, reference,
                                                     metrics, gates[p], answers, every, checks)
     return results, metrics, reference, checks
@@ -664,9 +679,12 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
                         "artifact's manifest.json): pass --precision")
     answers = load_report.metadata.get("answers") if contract.task == "qa" else None
     val = load_feeds(val_dir, contract, tok, on_error, limit=limit)
-    results, metrics, _, _ = validate_files(model, contract, {precision_name: onnx_path}, val,
-                                            answers, gates or validate.DEFAULT_GATES)
-    return {"precisions": results, "task_metrics": metrics, "validation_data": val.identity,
+    flavour = entry.flavour if entry else DEFAULT_FLAVOUR
+    results, metrics, _, _ = validate_files(model, contract,
+                                            {(precision_name, flavour): onnx_path}, val, answers,
+                                            gates or validate.DEFAULT_GATES)
+    return {"precisions": {precision_name: results[(precision_name, flavour)]},
+            "flavour": flavour, "task_metrics": metrics, "validation_data": val.identity,
             "onnx": str(onnx_path), "checkpoint": str(ckpt)}
 
 
@@ -686,13 +704,13 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
              f"({report.validation_data['num_videos']} clips). Reference: PyTorch, hard "
              "selection.", "", "## Gates", "", "| precision | gate | result | detail |",
              "| --- | --- | --- | --- |"]
-    for p, r in report.precisions.items():
+    for p, r in _labelled(report):
         for g in r.gates:
             lines.append(f"| {p} | {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | "
                          f"{g['detail']} |")
     lines += ["", "## Output errors (paired rows)", "",
               "| precision | output | max abs | max rel | cosine |", "| --- | --- | --- | --- | --- |"]
-    for p, r in report.precisions.items():
+    for p, r in _labelled(report):
         for name, e in r.outputs.items():
             if "max_abs" in e:
                 lines.append(f"| {p} | {name} | {e['max_abs']:.3g} | {e['max_rel']:.3g} | "
@@ -703,7 +721,7 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
     lines += ["", "## Frame selection agreement", "",
               "| precision | selector | identical | near-tie | divergent |",
               "| --- | --- | --- | --- | --- |"]
-    for p, r in report.precisions.items():
+    for p, r in _labelled(report):
         for s, c in r.selection.items():
             lines.append(f"| {p} | {s} | {c['identical']} | {c['near_tie']} | {c['divergent']} |")
     lines += ["", "## Task metrics", ""]
@@ -722,6 +740,11 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
     if report.split:
         lines += _split_report_md(report)
     return "\n".join(lines) + "\n"
+
+
+def _labelled(report: Report) -> list[tuple[str, PrecisionResult]]:
+    """(label, result) of every file judged: the rows of report.md's tables."""
+    return [(_label(p, fl), r) for p, fl, r in report.results()]
 
 
 def _split_report_md(report: Report) -> list[str]:
@@ -753,12 +776,12 @@ def _split_report_md(report: Report) -> list[str]:
 
 def summary_table(result: ExportResult) -> str:
     rows = [f"{'precision':<10}{'file':<22}{'gates':<8}{'max |itm| err':>14}{'selection':>22}"]
-    for p, r in result.report.precisions.items():
-        entry = result.manifest.file(p)
+    for p, flavour, r in result.report.results():
+        entry = result.manifest.file(p, flavour=flavour)
         name = entry.path if entry else ""
         itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
         sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
-        rows.append(f"{p:<10}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
+        rows.append(f"{_label(p, flavour):<10}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     for p, r in result.report.split.items():
         itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))

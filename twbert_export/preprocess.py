@@ -226,6 +226,24 @@ def read_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
     return [picked[i] for i in sample_indices(count, num_frames).tolist()]
 
 
+def probe_video(path: str | Path) -> None:
+    """Open a video and decode its first frame: the cheap check made before an export starts
+    (a missing file, not a video, no video stream, an unreadable start). A file damaged further
+    in is found when it is decoded in full. Raises VideoDecodeError."""
+    av = _import_av()
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError(path, "file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(path, "the file has no video stream")
+            if next(container.decode(container.streams.video[0]), None) is None:
+                raise VideoDecodeError(path, "no frames could be decoded")
+    except (av.FFmpegError, OSError) as e:
+        raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
+
+
 def load_video(path: str | Path, num_frames: int, size: int = 224,
                mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
     """Decode, sample T frames uniformly, resize to size x size (square, no crop), CLIP-normalise.

@@ -53,6 +53,11 @@ def save_polygraphy_reference(directory: Path, feeds: list[dict[str, np.ndarray]
     severity, G_LOGGER.module_severity = G_LOGGER.module_severity, G_LOGGER.WARNING
     try:  # Polygraphy announces each save; our stage line says it once
         pjson.save_json([OrderedDict(f) for f in feeds], str(inputs_path), description="inputs")
+        # TensorRT 8.x binds INT64 inputs as INT32 (its parser narrows them) and Polygraphy
+        # feeds what the file holds: the same rows with INT32 token ids for those engines.
+        pjson.save_json([OrderedDict((k, v.astype(np.int32) if v.dtype == np.int64 else v)
+                                     for k, v in f.items()) for f in feeds],
+                        str(directory / "inputs.int32.json"), description="inputs")
         results.save(str(outputs_path))
     finally:
         G_LOGGER.module_severity = severity

@@ -65,7 +65,7 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
             val_data=val_data, val_limit=val_clips, out=str(Path(tmp) / "artifact"),
             calib_cache=False))
         report = result.report
-        sizes = {f.precision: f.bytes for f in result.manifest.files}
+        sizes = {f.precision: f.bytes for f in result.manifest.entries()}  # the trt10 files
     total = time.perf_counter() - t0
     # The pipeline resets the peak after each stage (stage_peak_rss_gb): take the largest.
     peak = max([peak_rss_gb()] + [r["peak_rss_gb"] or 0.0 for r in report.stages])
@@ -79,6 +79,8 @@ def scale_check(preset: str, schedule: str | None, precisions: tuple[str, ...], 
         "stages": report.stages, "setup_seconds": setup_seconds,
         "total_seconds": total, "peak_rss_gb": peak, "onnx_bytes": sizes,
         "gates": {p: r.passed for p, r in report.precisions.items()},
+        "flavour_gates": {fl: {p: r.passed for p, r in results.items()}
+                          for fl, results in report.flavours.items()},  # the trt8 twins
         "targets": {"seconds": TARGET_SECONDS, "peak_rss_gb": TARGET_PEAK_GB},
         "within_targets": total <= TARGET_SECONDS and peak <= TARGET_PEAK_GB,
         "machine": _machine(),

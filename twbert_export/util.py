@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
@@ -44,16 +45,22 @@ def require(module: str, why: str) -> ModuleType:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path beside `path` to write; if the block succeeds, flush the file to
+    disk and move it into place, else remove it. Readers see the old file or the new one, never
+    a part. The one atomic-write helper of the project (model/'s checkpoint, training and demo
+    writers use it too: this module imports only the standard library)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Beside the target (os.replace is atomic only within one file system), and unique: two
+    # writers of the same file never share a temporary name.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

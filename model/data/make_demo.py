@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from twbert_export.preprocess import ANNOTATIONS_FILE, resize_bilinear
+from twbert_export.util import atomic_path
 
 GENERATOR = "model.data.make_demo"
 FORMAT_VERSION = 1
@@ -251,9 +252,8 @@ def write_split(split_dir: Path, plans: list[ClipPlan], photos: list[np.ndarray]
         lines.append({"video": rel, "question": CONTENT_QUESTION, "answer": fields["content"], **meta})
         if i % step == 0 or i == len(plans):
             log(f"  {split_dir.name}: {i}/{len(plans)} clips ({time.perf_counter() - t0:.1f} s)")
-    tmp = split_dir / (ANNOTATIONS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, split_dir / ANNOTATIONS_FILE)
+    with atomic_path(split_dir / ANNOTATIONS_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return total
 
 

@@ -7,8 +7,8 @@ from trtdata import artifact_manifest
 
 import export
 from twbert_export import modelopt_compat
-from twbert_export.artifact import (FORMAT_VERSION, ArtifactFormatError, Manifest,
-                                    PrecisionResult, Report)
+from twbert_export.artifact import (DEFAULT_FLAVOUR, FORMAT_VERSION, TRT8_FLAVOUR,
+                                    ArtifactFormatError, Manifest, PrecisionResult, Report)
 
 
 def test_manifest_round_trips_through_its_json(tmp_path):
@@ -21,6 +21,29 @@ def test_manifest_round_trips_through_its_json(tmp_path):
     assert loaded.file("int8").path == "model.int8.onnx"
     assert loaded.entry_for(tmp_path / "model.fp16.engine").precision == "fp16"
     assert loaded.entry_for(tmp_path / "other.onnx") is None
+
+
+def test_a_trt8_twin_is_an_entry_of_its_own_found_through_the_manifest(tmp_path):
+    """The TensorRT 8.x files are entries of flavour trt8: listed by flavour, found from their
+    default-flavour file, and an engine built from one maps back to it (its precision, its hash,
+    its own parity verdict)."""
+    artifact_manifest().write(tmp_path)
+    loaded = Manifest.load(tmp_path)
+    assert [e.precision for e in loaded.entries(TRT8_FLAVOUR)] == ["fp32", "fp16", "int8"]
+    assert [e.flavour for e in loaded.entries()] == [DEFAULT_FLAVOUR] * 3
+    twin = loaded.twin(loaded.file("fp16"), TRT8_FLAVOUR)
+    assert twin == loaded.file("fp16", flavour=TRT8_FLAVOUR)
+    assert twin.path == "model.fp16.trt8.onnx" and twin.sha256 != loaded.file("fp16").sha256
+    engine = loaded.entry_for(tmp_path / "model.fp16.trt8.engine")
+    assert (engine.precision, engine.flavour) == ("fp16", TRT8_FLAVOUR)
+    assert loaded.precisions == ["fp32", "fp16", "int8"]  # a twin adds no precision
+    assert loaded.passed("int8", TRT8_FLAVOUR) is True and loaded.passed("int8", "other") is None
+    older = artifact_manifest(trt8=False)
+    data = older.to_dict()
+    del data["flavour_parity"]  # a format-2 manifest from before the trt8 flavour
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.load(tmp_path) == older
+    assert Manifest.load(tmp_path).twin(older.file("fp16"), TRT8_FLAVOUR) is None
 
 
 def test_a_precision_comes_from_the_manifest_not_the_file_name(tmp_path):
@@ -45,6 +68,9 @@ def test_an_older_manifest_is_refused_naming_the_version(tmp_path):
     (lambda d: d["files"][0].update(precision="fp8"), "'precision' is 'fp8'"),
     (lambda d: d["files"][2].pop("bytes"), r"files\[2\]: field 'bytes' is missing"),
     (lambda d: d["parity"].update(fp16={"passed": "yes"}), "parity.fp16: field 'passed'"),
+    (lambda d: d["files"][4].update(flavour="trt7"), r"files\[4\]: field 'flavour' is 'trt7'"),
+    (lambda d: d["flavour_parity"]["trt8"].update(int8={}),
+     "flavour_parity.trt8.int8: field 'passed' is missing"),
 ])
 def test_a_hand_edited_manifest_error_names_the_field(tmp_path, edit, field):
     data = artifact_manifest().to_dict()
@@ -64,7 +90,7 @@ def test_a_broken_manifest_is_one_line_and_exit_2(tmp_path, capsys):
     assert "field 'path' is missing" in err and "Traceback" not in err
 
 
-def test_report_round_trips_with_one_entry_per_precision(tmp_path):
+def test_report_round_trips_with_one_entry_per_precision_and_flavour(tmp_path):
     comparison = {"passed": True, "gates": [{"name": "g", "passed": True, "detail": ""}],
                   "outputs": {"itm_logits": {"max_abs": 1e-6}}, "selection": {},
                   "metric_drops_pt": None, "gate": {"max_abs": 1e-4}}
@@ -72,10 +98,14 @@ def test_report_round_trips_with_one_entry_per_precision(tmp_path):
         "fp32": PrecisionResult.from_comparison(comparison),
         "fp16": PrecisionResult.from_comparison({**comparison, "passed": False},
                                                 conversion={"kept_fp32_range": ["n"]})},
+        flavours={TRT8_FLAVOUR: {
+            "fp32": PrecisionResult.from_comparison({**comparison, "passed": False})}},
         task_metrics={}, validation_data={"num_videos": 2}, total_seconds=1.5)
     report.write(tmp_path)
     loaded = Report.load(tmp_path)
-    assert loaded == report and loaded.failed == ["fp16"]
+    assert loaded == report and loaded.failed == ["fp16", "fp32 (trt8)"]
+    assert loaded.result("fp32").passed and not loaded.result("fp32", TRT8_FLAVOUR).passed
+    assert loaded.result("fp16", TRT8_FLAVOUR) is None
     assert set(json.loads((tmp_path / "report.json").read_text())) >= {"precisions"}
     assert "precision" not in json.loads((tmp_path / "report.json").read_text())
 

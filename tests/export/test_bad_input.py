@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import export
 from twbert_export.artifact import Manifest
 from twbert_export.input_checks import ModelFileMismatch, check_onnx_file
 
-from clipdata import write_video
+from clipdata import copy_clips, write_video
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -164,22 +165,61 @@ def test_an_unexpected_error_is_one_line_and_exit_3_with_the_traceback_in_a_file
         export.main(["predict"])
 
 
-def test_ctrl_c_during_an_export_is_one_line_and_exit_130(tmp_path):
-    out = tmp_path / "demo"
+def start_export(out: Path, tmp_path: Path) -> subprocess.Popen:
+    """An export in its own process, returned once its scratch directory beside `out` exists."""
     env = {**os.environ, "TWBERT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([PYTHON, str(REPO / "export.py"), "--precision", "fp32", "--out",
                              str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("[1/"), "the load stage line"
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-{proc.pid}")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no scratch directory"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_an_export_is_one_line_and_removes_the_partial_artifact(
+        tmp_path, signum, code, line):
+    out = tmp_path / "demo"
+    proc = start_export(out, tmp_path)
     try:
-        assert proc.stdout.readline().startswith("[1/"), "the load stage line"
-        proc.send_signal(signal.SIGINT)  # during the ONNX export
+        proc.send_signal(signum)  # during the ONNX export
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert proc.returncode == code
+    assert stderr.strip().splitlines()[-1] == line
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".demo.partial-*"))
+
+
+def test_the_partial_artifact_a_killed_export_left_is_removed_by_the_next_one(tmp_path):
+    from twbert_export import outdir
+
+    out = tmp_path / "demo"
+    proc = start_export(out, tmp_path)
+    proc.kill()  # SIGKILL: no clean-up runs
+    proc.communicate(timeout=60)
+    (left,) = tmp_path.glob(f".demo.partial-{proc.pid}")
+    with pytest.warns(outdir.StalePartialRemoved, match=f"process {proc.pid}"):
+        work = outdir.claim(out, force=False)  # what the next export into tmp_path does first
+    assert not left.exists() and work.exists()
+
+
+def test_force_refuses_a_directory_that_is_not_an_artifact_and_touches_nothing(tmp_path,
+                                                                               capsys):
+    user_dir = tmp_path / "u"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("x")
+    assert export.main(["--force", "--precision", "fp32", "--out", str(user_dir)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "not an export artifact" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["u"]
+    assert [p.name for p in user_dir.iterdir()] == ["thesis.tex"]
+    assert (user_dir / "thesis.tex").read_text() == "x"
 
 
 def test_validate_val_clips_bounds_the_validation_set(artifact, small_val, capsys):
@@ -205,3 +245,33 @@ def test_predict_warns_in_one_line_about_a_one_frame_video(artifact, tmp_path):
     warnings = [line for line in proc.stderr.splitlines() if "still.mp4" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ")
     assert "1 frame, fewer than the 8 the model samples; frames are repeated" in warnings[0]
+
+
+# -- data sets are checked before the export ----------------------------------------------------
+def broken_data(kind: str, tmp_path: Path) -> Path:
+    data = copy_clips(tmp_path / kind, 4)
+    ann = data / "annotations.jsonl"
+    if kind == "bad-json":
+        ann.write_text(ann.read_text() + '{"video": "videos/x.mp4", "caption": \n')
+    elif kind == "missing-video":
+        next((data / "videos").glob("*.mp4")).unlink()
+    elif kind == "not-a-video":
+        next((data / "videos").glob("*.mp4")).write_text("not a video")
+    return data
+
+
+@pytest.mark.parametrize("option, kind, message", [
+    ("--val-data", "bad-json", "invalid JSON"),
+    ("--val-data", "missing-video", "file not found"),
+    ("--calib-data", "not-a-video", "cannot decode video"),
+    ("--calib-data", "few-clips", "4 calibration clips; INT8 calibration needs at least 16"),
+])
+def test_bad_data_fails_before_the_export_starts(tmp_path, capsys, option, kind, message):
+    data = broken_data(kind, tmp_path)
+    assert export.main(["--precision", "int8", option, str(data),
+                        "--out", str(tmp_path / "demo")]) == 2
+    captured = capsys.readouterr()
+    (line,) = error_lines(captured.err)
+    assert message in line
+    assert captured.out == "", "no stage ran, not even the checkpoint's load"
+    assert not (tmp_path / "demo").exists()

@@ -190,14 +190,23 @@ def test_exported_model_is_clean_for_trt10(exported):
     assert check_model(exported, trt_major=10) == []
 
 
-def test_exported_model_only_warns_for_trt8(exported):
+def test_exported_model_is_refused_for_trt8_and_its_legacy_graph_is_not(exported, tmp_path):
+    """The opset-19 graph: 8.x parsers would reduce over every axis (ReduceL2/ReduceMean with
+    axes as an input: onnx-tensorrt 8.5-GA / 8.6-GA), and 8.5 has no LayerNormalization. The
+    graph twbert_export.legacy writes for them has neither problem: only the INT64 note."""
+    from twbert_export.legacy import to_trt8_graph
+
     findings = lint_model(exported, trt_major=8)
-    assert {f.severity for f in findings} == {"warning"}
-    # Our graph has no TopK; what 8.x flags is INT64 (cast to INT32: the int64 text inputs and
-    # frame indices bind as int32), opset 19 > 17, and LayerNormalization, which arrived in 8.6
-    # (JetPack 5.1's TensorRT 8.5.2 would not parse this graph).
-    assert {f.op_type for f in findings} == {"Model", "LayerNormalization"}
-    int64 = [f for f in findings if "INT64" in f.reason]
-    assert len(int64) == 1 and "'input_ids'" in int64[0].reason
-    assert all("8.6" in f.reason for f in findings if f.op_type == "LayerNormalization")
-    assert check_model(exported, trt_major=8) == findings  # warnings only: does not raise
+    errors_8 = {f.op_type for f in findings if f.severity == "error"}
+    assert errors_8 == {"ReduceL2", "ReduceMean"}
+    assert all("reduces over every axis" in f.reason for f in findings if f.severity == "error")
+    errors_85 = {f.op_type for f in lint_model(exported, parser="8.5") if f.severity == "error"}
+    assert errors_85 == {"ReduceL2", "ReduceMean", "LayerNormalization"}
+    with pytest.raises(LintError):
+        check_model(exported, parser="8.6")
+    legacy = tmp_path / "m.trt8.onnx"
+    to_trt8_graph(exported, legacy, "8.5")
+    for parser in ("8.5", "8.6"):
+        warnings = check_model(legacy, parser=parser)  # does not raise
+        assert [f.op_type for f in warnings] == ["Model"]
+        assert "INT64" in warnings[0].reason and "'input_ids'" in warnings[0].reason

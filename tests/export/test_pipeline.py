@@ -9,9 +9,10 @@ import onnx
 import pytest
 
 import export
-from twbert_export.artifact import Manifest, Report
+from twbert_export.artifact import TRT8_FLAVOUR, Manifest, Report
 from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
 from twbert_export.contract import IOContract
+from twbert_export.input_checks import OutputDirError
 from twbert_export.pipeline import (ExportOptions, StageLog, UserError, run_export,
                                     validate_onnx)
 from twbert_export.precision import to_int8
@@ -33,9 +34,12 @@ def test_artifact_directory_holds_everything_a_device_needs(artifact):
     for p in ("fp32", "fp16", "int8"):
         entry = manifest.file(p)
         assert entry.path == f"model.{p}.onnx" and entry.sha256 == file_sha256(out / entry.path)
+        twin = manifest.twin(entry, TRT8_FLAVOUR)  # the TensorRT 8.x graph of every file
+        assert twin.sha256 == file_sha256(out / twin.path) and twin.path in names
     assert manifest.calibration["clips"] >= MIN_CALIBRATION_CLIPS
     assert manifest.contract.inputs[0].shape[0] == "batch"
     assert manifest.parity == {p: True for p in ("fp32", "fp16", "int8")}
+    assert manifest.flavour_parity == {TRT8_FLAVOUR: {p: True for p in ("fp32", "fp16", "int8")}}
     assert Report.load(out).to_dict() == json.loads(json.dumps(report.to_dict(), default=str))
     assert not any(n.startswith(".") for n in names), "no scratch files left behind"
 
@@ -84,7 +88,7 @@ def test_reference_data_loads_in_polygraphy(artifact):
 def test_existing_directory_needs_force(artifact, small_val):
     out, _ = artifact
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(OutputDirError, match="--force"):
         run_export(ExportOptions(ckpt="demo", precisions=("fp32",), val_data=str(small_val),
                                  out=str(out)))
     assert (out / "manifest.json").read_text() == before
@@ -344,16 +348,21 @@ def test_reference_validation_reproduces_the_hosts_verdicts(artifact, capsys):
     """The shipped validation set re-run through ONNX Runtime (the runner a device swaps for
     TensorRT) gives exactly the host's per-output errors, selections and task metrics."""
     out, report = artifact
-    for p in ("fp32", "fp16", "int8"):
-        assert export.main(["validate", "--model", str(out / f"model.{p}.onnx"), "--json"]) == 0
+    manifest = Manifest.load(out)
+    trt8_host_runs = {"int8": "onnx-int8.trt8"}  # the trt8 twin's run in the host's metrics
+    for entry in [*map(manifest.file, ("fp32", "fp16", "int8")),
+                  manifest.file("int8", flavour=TRT8_FLAVOUR)]:
+        p = entry.precision
+        assert export.main(["validate", "--model", str(out / entry.path), "--json"]) == 0
         printed = capsys.readouterr().out
         device = json.loads(printed[:printed.rindex("}") + 1])
-        host = report.precisions[p]
+        host = report.result(p, entry.flavour)
         assert device["precisions"][p]["outputs"] == host.outputs
         assert device["precisions"][p]["selection"] == host.selection
         assert device["precisions"][p]["gates"] == host.gates
-        assert device["task_metrics"][f"model.{p} (this run)"] == report.task_metrics[
-            f"onnx-{p}"]
+        host_run = trt8_host_runs[p] if entry.flavour == TRT8_FLAVOUR else f"onnx-{p}"
+        assert device["task_metrics"][f"{Path(entry.path).stem} (this run)"] == \
+            report.task_metrics[host_run]
 
 
 def test_reference_validation_fails_a_planted_perturbation(artifact, tmp_path, capsys):

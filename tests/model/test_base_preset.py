@@ -6,8 +6,9 @@ from model.profile import count_params
 
 
 def expected_params(cfg: TWBertConfig) -> dict[str, int]:
-    """Parameter counts written out from the architecture (spec sections 2-6), independently of
-    the modules, so a missing or doubled layer shows."""
+    """Parameter counts written out from the architecture (text encoder, TimeSformer video
+    encoder, frame scorers, cross-modal encoder, heads: docs/model.md), independently of the
+    modules, so a missing or doubled layer shows."""
     v, t, c = cfg.video, cfg.text, cfg.cross
     D = v.dim
     linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731

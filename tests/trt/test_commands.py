@@ -4,9 +4,9 @@ import subprocess
 import pytest
 from trtdata import artifact_manifest, tiny_contract
 
-from twbert_export.trt.commands import (build_script, deploy_md, precision_flags,
-                                        python_build_command, shape_flags, trtexec_command,
-                                        write_device_kit)
+from twbert_export.trt.commands import (build_script, deploy_md, polygraphy_command,
+                                        precision_flags, python_build_command, shape_flags,
+                                        trtexec_command, write_device_kit)
 
 SHAPES = ["--minShapes=video:1x4x3x32x32,input_ids:1x8,attention_mask:1x8",
           "--optShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8",
@@ -48,23 +48,40 @@ def test_trtexec_on_tensorrt_10_is_strongly_typed():
 
 
 def test_trtexec_on_tensorrt_86_and_85():
-    args86 = trtexec_command("m.onnx", "m.engine", tiny_contract(), "int8", (8, 6), 1024,
+    args86 = trtexec_command("m.trt8.onnx", "m.engine", tiny_contract(), "fp32", (8, 6), 1024,
                              "c.cache", 3)
-    assert "--int8" in args86 and "--fp16" in args86 and "--stronglyTyped" not in args86
+    assert "--fp16" not in args86 and "--stronglyTyped" not in args86 and "--noTF32" in args86
     assert "--builderOptimizationLevel=3" in args86 and "--skipInference" in args86
-    args85 = trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", (8, 5), 1024,
+    args85 = trtexec_command("m.trt8.onnx", "m.engine", tiny_contract(), "fp32", (8, 5), 1024,
                              "c.cache", 3)
     assert not any(a.startswith("--builderOptimizationLevel") for a in args85)
     assert "--buildOnly" in args85 and "--skipInference" not in args85
     with pytest.raises(ValueError, match="8.6"):
-        trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", (8, 5),
+        trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp32", (8, 5),
                         version_compatible=True)
 
 
+@pytest.mark.parametrize("version, dla", [((8, 6), None), ((8, 5), None), ((10, 3), 0)])
+def test_trtexec_refuses_weak_typing_with_fp16(version, dla):
+    """Without strong typing, trtexec's --fp16 may run the file's FP32 nodes in FP16: the kit
+    builds these with the Python builder, which pins each layer to the file's type."""
+    with pytest.raises(ValueError, match="python3 -m twbert_export.trt.cli"):
+        trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", version, dla_core=dla)
+
+
+@pytest.mark.parametrize("version", [(8, 6), (10, 3), (11, 4)])
+def test_every_trtexec_build_turns_tf32_off(version):
+    precision = "fp32" if version[0] == 8 else "fp16"
+    assert "--noTF32" in trtexec_command("m.onnx", "m.engine", tiny_contract(), precision,
+                                         version)
+
+
 def test_dla_build_is_static_with_gpu_fallback_and_refuses_fp32():
-    args = trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", (10, 3), 1024,
+    args = trtexec_command("m.onnx", "m.engine", tiny_contract(), "fp16", (11, 4), 1024,
                            dla_core=1)
     assert "--useDLACore=1" in args and "--allowGPUFallback" in args
+    assert "--profilingVerbosity=detailed" in args  # the layer placement is reported
+    assert "--exportLayerInfo=m.engine.layers.json" in args
     assert "--minShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8" in args
     assert "--maxShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8" in args
     with pytest.raises(ValueError, match="FP16 and INT8 only"):
@@ -81,8 +98,8 @@ def test_device_kit_is_written_and_the_script_is_valid_bash(tmp_path):
     assert script.stat().st_mode & 0o111  # executable
     text = script.read_text()
     assert 'PRECISION="${1:-int8}"' in text  # default: the last precision exported
-    for flag in ("--stronglyTyped", "--int8", "--fp16", "--useDLACore", "--allowGPUFallback",
-                 "--timingCacheFile", "--memPoolSize=workspace", *SHAPES):
+    for flag in ("--stronglyTyped", "--noTF32", "--useDLACore", "--allowGPUFallback",
+                 "--exportLayerInfo", "--timingCacheFile", "--memPoolSize=workspace", *SHAPES):
         assert flag in text, flag
     assert "python3 -m twbert_export.trt.cli" in text
     if shutil.which("bash"):
@@ -90,10 +107,11 @@ def test_device_kit_is_written_and_the_script_is_valid_bash(tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
-def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0):
+def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0, trt8=True):
     """Run build_on_device.sh with a fake trtexec that prints its arguments, and a fake python3
-    that says the package is installed and prints what it is asked to run."""
-    write_device_kit(tmp_path, artifact_manifest())
+    that says the package (and TensorRT's bindings) are installed and prints what it is asked
+    to run."""
+    write_device_kit(tmp_path, artifact_manifest(trt8=trt8))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = tmp_path / "fake-trtexec"
@@ -111,33 +129,67 @@ def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0):
 
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
-@pytest.mark.parametrize("version, expect, forbid", [
-    ("8.6.2", ["--int8", "--fp16", "--builderOptimizationLevel=3"], ["--stronglyTyped"]),
-    ("8.5.2", ["--int8", "--fp16", "--buildOnly"], ["--builderOptimizationLevel=3"]),
-    ("10.3.0", ["--stronglyTyped"], ["--fp16", "--int8"]),
-    ("11.0.0", [], ["--fp16", "--int8", "--stronglyTyped"]),
+@pytest.mark.parametrize("version, precision, onnx, expect, forbid", [
+    ("8.6.2", "fp32", "model.fp32.trt8.onnx", ["--builderOptimizationLevel=3"],
+     ["--stronglyTyped", "--fp16"]),
+    ("8.5.2", "fp32", "model.fp32.trt8.onnx", ["--buildOnly"], ["--builderOptimizationLevel=3"]),
+    ("10.3.0", "int8", "model.int8.onnx", ["--stronglyTyped"], ["--fp16", "--int8"]),
+    ("11.0.0", "int8", "model.int8.onnx", [], ["--fp16", "--int8", "--stronglyTyped"]),
 ])
-def test_script_runs_the_right_trtexec_per_version(tmp_path, version, expect, forbid):
-    *args, record = _run_script(tmp_path, "int8", version)
-    assert args[:2] == ["--onnx=model.int8.onnx", "--saveEngine=model.int8.engine"]
-    assert record == ("python3 -m twbert_export.trt.cli --onnx model.int8.onnx --engine "
-                      "model.int8.engine --target auto --workspace-mb 1024 --opt-level 3 "
+def test_script_runs_the_right_trtexec_per_version(tmp_path, version, precision, onnx, expect,
+                                                   forbid):
+    *args, record = _run_script(tmp_path, precision, version)
+    engine = onnx[:-len(".onnx")] + ".engine"
+    assert args[:2] == [f"--onnx={onnx}", f"--saveEngine={engine}"]
+    assert record == (f"python3 -m twbert_export.trt.cli --onnx {onnx} --engine "
+                      f"{engine} --target auto --workspace-mb 1024 --opt-level 3 "
                       f"--record-trtexec-build {version}")
     assert all(e in args for e in expect), args
     assert not set(forbid) & set(args), args
+    assert "--noTF32" in args  # trtexec enables TF32 by default
     assert f"--timingCacheFile={tmp_path}/.cache/twbert-export/timing-trt{version}.cache" in args
     assert "--memPoolSize=workspace:1024" in args and SHAPES[2] in args
 
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+@pytest.mark.parametrize("version", ["8.5.2", "8.6.2"])
+def test_script_builds_fp16_on_tensorrt_8_with_the_python_builder_from_the_opset17_file(
+        tmp_path, version):
+    (line,) = _run_script(tmp_path, "fp16", version)
+    assert line == ("python3 -m twbert_export.trt.cli --onnx model.fp16.trt8.onnx --target auto "
+                    "--workspace-mb 1024 --opt-level 3 --timing-cache "
+                    f"{tmp_path}/.cache/twbert-export/timing-trt{version}.cache")
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+@pytest.mark.parametrize("version, message, trt8", [
+    ("8.4.1", "TensorRT 8.4.1 is too old", True), ("7.1.3", "not a target", True),
+    ("9.2.0", "not a target", True), ("", "cannot tell the TensorRT version", True),
+    ("banana", "cannot tell the TensorRT version", True),
+    ("8.6.2", "has no TensorRT 8.x graph for fp16", False)])
+def test_script_refuses_what_it_cannot_build_with_one_line(tmp_path, version, message, trt8):
+    err = _run_script(tmp_path, "fp16", version, expect_rc=2, trt8=trt8)
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
 def test_script_dla_and_bad_precision(tmp_path):
-    args = _run_script(tmp_path, "fp16", "10.3.0", {"DLA_CORE": "0", "WORKSPACE_MB": "512"})
+    agx = {"JETSON_MODEL": "NVIDIA Jetson AGX Orin Developer Kit"}
+    err = _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0", "JETSON_MODEL": "NVIDIA "
+                      "Jetson Orin NX Engineering Reference Developer Kit"}, expect_rc=2)
+    assert "documented for Jetson AGX Orin (JetPack >= 7.2.2) only" in err
+    args = _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0", "WORKSPACE_MB": "512", **agx})
     assert "--useDLACore=0" in args and "--allowGPUFallback" in args
-    assert args[-1].endswith("--dla-core 0 --record-trtexec-build 10.3.0")
+    assert "--exportLayerInfo=model.fp16.engine.layers.json" in args
+    assert args[-1].endswith("--dla-core 0 --record-trtexec-build 11.4.1")
     for no_dla in ("10.13.3", "11.4.0"):
         err = _run_script(tmp_path, "fp16", no_dla, {"DLA_CORE": "0"}, expect_rc=2)
         assert f"TensorRT {no_dla} has no DLA support" in err
-    assert "--useDLACore=0" in _run_script(tmp_path, "fp16", "11.4.1", {"DLA_CORE": "0"})
+    (python_line,) = _run_script(tmp_path, "fp16", "10.3.0", {"DLA_CORE": "1"})
+    assert python_line.startswith("python3 -m twbert_export.trt.cli --onnx model.fp16.onnx")
+    assert python_line.endswith("--dla-core 1")  # weak typing on DLA: the Python builder
+    err = _run_script(tmp_path, "int8", "10.3.0", {"DLA_CORE": "0"}, expect_rc=2)
+    assert "INT8 on DLA needs TensorRT >= 11.4.1" in err
     assert "--maxShapes=video:2x4x3x32x32,input_ids:2x8,attention_mask:2x8" in args
     assert "--memPoolSize=workspace:512" in args
     proc = subprocess.run(["bash", str(tmp_path / "build_on_device.sh"), "bf16"],
@@ -149,7 +201,12 @@ def test_deploy_md_names_the_commands_for_each_tensorrt():
     text = deploy_md(artifact_manifest(("fp32", "fp16")))
     assert "batch 1:2:4" in text and "`frame_indices_1`" in text
     assert "--stronglyTyped" in text  # the 10.x line
-    assert "trtexec --onnx=model.fp16.onnx --saveEngine=model.fp16.engine --fp16" in text  # 8.6
+    line_8 = next(line for line in text.splitlines() if line.startswith("- 8.5 / 8.6"))
+    assert "model.fp16.trt8.onnx" in line_8 and "Python builder" in line_8
+    assert "| 11.4.1+ | 7.2.2+, Jetson AGX Orin only |" in text  # the DLA table
+    assert "Orin NX 16GB 2, Orin NX 8GB 1" in text
+    for habit in ("nvpmodel", "jetson_clocks", "swapon", "--useCudaGraph --useSpinWait"):
+        assert habit in text, habit
     line_11 = next(line for line in text.splitlines() if line.startswith("- 11.x"))
     assert "--fp16" not in line_11 and "--stronglyTyped" not in line_11
     assert "./build_on_device.sh fp16" in text

@@ -15,7 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from twbert_export.trt.targets import detect_platform, preset_for, query_cuda_device
+from twbert_export.trt.targets import detect_platform, machine_info, preset_for, query_cuda_device
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,6 @@ from twbert_export.trt.runtime import (
     CudaPythonBackend,
     PyCudaBackend,
     _DriverGraphs,
-    current_machine,
 )
 
 BACKENDS = [pytest.param(CudaPythonBackend, id="cuda-python",
@@ -90,13 +89,31 @@ def test_captured_graph_replays_on_new_input(cuda):
         graphs.destroy(graph)
 
 
+def test_a_failed_capture_raises_the_enqueue_error_and_leaves_the_stream_usable(cuda):
+    """A synchronous copy is not allowed while the stream is captured: the capture is
+    invalidated and cuStreamEndCapture fails too. The caller must see the enqueue's error (the
+    runner then falls back to plain enqueue on the same stream)."""
+    n = 1024
+    src, dst = cuda.malloc(n * 4), cuda.malloc(n * 4)
+    lib = ctypes.CDLL("libcuda.so.1")
+
+    def illegal_enqueue():
+        rc = lib.cuMemcpyDtoD_v2(ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_size_t(n))
+        raise RuntimeError(f"enqueue failed inside the capture: CUDA driver error {rc}")
+
+    with pytest.raises(RuntimeError, match="enqueue failed inside the capture"):
+        _DriverGraphs().capture(cuda.stream, illegal_enqueue)
+    _device_copy(dst, src, n * 4, cuda.stream)  # plain enqueue still works afterwards
+    cuda.synchronize()
+
+
 def test_machine_detection_reads_the_real_device():
     name, capability = query_cuda_device()
     major, minor = (int(x) for x in capability.split("."))
     assert name and major >= 5 and minor >= 0
     platform = detect_platform()
     target, why = preset_for(platform)
-    machine = current_machine("10.0.0")
+    machine = machine_info("10.0.0")
     assert machine.gpu_name == name and machine.compute_capability == capability
     print(f"{name}, compute capability {capability}: preset {target.name} ({why}); "
           f"platform {platform}")

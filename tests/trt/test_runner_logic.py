@@ -13,9 +13,10 @@ import types
 import numpy as np
 import pytest
 from trtdata import tiny_contract
+from trtapi import StrictModule, enum, strict_class
 
 from twbert_export.contract import BatchRange
-from twbert_export.trt import runtime
+from twbert_export.trt import runtime, targets
 from twbert_export.trt.engine_manifest import (
     EngineManifest,
     MachineInfo,
@@ -79,11 +80,14 @@ class FakeCuda:
 class FakeGraphs:
     """Capture records the enqueue; launch replays it (as a CUDA graph replays device work)."""
 
-    def __init__(self):
+    def __init__(self, fail: bool = False):
         self.captured: dict[int, object] = {}
         self.launches = 0
+        self.fail = fail
 
     def capture(self, stream, enqueue):
+        if self.fail:
+            raise RuntimeError("cuStreamBeginCapture failed with CUDA driver error 900")
         handle = len(self.captured) + 1
         self.captured[handle] = enqueue
         return handle
@@ -97,55 +101,58 @@ class FakeGraphs:
 
 
 def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dtype: str):
-    trt = types.ModuleType("tensorrt")
+    """Each object answers only to the names of the TensorRT class it stands for (trtapi)."""
+    trt = StrictModule("tensorrt")
     trt.__version__ = MACHINE.tensorrt_version
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
     trt.nptype = lambda dtype: dtype
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Logger = type("Logger", (strict_class("Logger"),),
+                      {"WARNING": 2, "__init__": lambda self, level: None})
     lo, hi = batch_range
     dtypes = {s.name: (int_dtype if s.dtype == "int64" else s.dtype)
               for s in (*contract.inputs, *contract.outputs)}
 
-    class Context:
+    class Context(strict_class("IExecutionContext")):
         def __init__(self):
-            self.address: dict[str, int] = {}
-            self.shapes: dict[str, tuple[int, ...]] = {}
+            self._address: dict[str, int] = {}
+            self._shapes: dict[str, tuple[int, ...]] = {}
 
         def set_tensor_address(self, name, ptr):
-            self.address[name] = ptr
+            self._address[name] = ptr
 
         def set_input_shape(self, name, shape):
             if not lo <= shape[0] <= hi:
                 return False
-            self.shapes[name] = tuple(shape)
+            self._shapes[name] = tuple(shape)
             return True
 
         def get_tensor_shape(self, name):
             spec = next(s for s in contract.outputs if s.name == name)
-            return spec.concrete(self.shapes["video"][0])
+            return spec.concrete(self._shapes["video"][0])
 
         def execute_async_v3(self, stream):
             feed = {}
             for spec in contract.inputs:
-                shape = self.shapes[spec.name]
+                shape = self._shapes[spec.name]
                 count = int(np.prod(shape))
-                block = memory.blocks[self.address[spec.name]]
+                block = memory.blocks[self._address[spec.name]]
                 feed[spec.name] = block.view(dtypes[spec.name])[:count].reshape(shape)
             for name, value in expected_outputs(feed).items():
                 raw = value.astype(dtypes[name]).reshape(-1).view(np.uint8)
-                memory.blocks[self.address[name]][:raw.size] = raw
+                memory.blocks[self._address[name]][:raw.size] = raw
             return True
 
     names = [s.name for s in (*contract.inputs, *contract.outputs)]
 
-    class Engine:
+    class Engine(strict_class("ICudaEngine")):
         num_io_tensors = len(names)
 
         def get_tensor_name(self, i):
             return names[i]
 
         def get_tensor_mode(self, name):
-            return "in" if name in contract.input_names else "out"
+            return trt.TensorIOMode.INPUT if name in contract.input_names \
+                else trt.TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
             return dtypes[name]
@@ -161,7 +168,7 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
         def create_execution_context(self):
             return Context()
 
-    class Runtime:
+    class Runtime(strict_class("Runtime")):
         def __init__(self, logger):
             self.engine_host_code_allowed = False
 
@@ -175,16 +182,16 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
 
 @pytest.fixture
 def make_runner(tmp_path, monkeypatch):
-    def make(batch_range=(1, 4), int_dtype="int64", cuda_graph=False):
+    def make(batch_range=(1, 4), int_dtype="int64", cuda_graph=False, capture_fails=False):
         contract = tiny_contract(BatchRange(1, 2, 4))
         memory = Memory()
         monkeypatch.setitem(sys.modules, "tensorrt",
                             fake_tensorrt(memory, contract, batch_range, int_dtype))
         monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: FakeCuda(memory))
-        graphs = FakeGraphs()
+        graphs = FakeGraphs(fail=capture_fails)
         monkeypatch.setattr(runtime, "_DriverGraphs", lambda: graphs)
-        monkeypatch.setattr(runtime, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
-        monkeypatch.setattr(runtime, "detect_platform", lambda: Platform(jetson=False))
+        monkeypatch.setattr(targets, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
+        monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
         engine = tmp_path / "model.fp16.engine"
         engine.write_bytes(b"PLAN")
         write_manifest(EngineManifest(
@@ -234,3 +241,64 @@ def test_cuda_graph_replay_equals_the_plain_path(make_runner):
             check(runner.infer(inputs), inputs)
             assert len(graphs.captured) == 1  # only the current shape's graph is kept
     assert graphs.launches == 4 and not graphs.captured  # freed at deactivation
+
+
+def test_a_failed_graph_capture_falls_back_to_plain_enqueue_and_says_why(make_runner):
+    runner, graphs = make_runner(cuda_graph=True, capture_fails=True)
+    with runner:
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .*error 900"):
+            inputs = feed(2)
+            check(runner.infer(inputs), inputs)
+        for batch in (2, 1):  # no second attempt, no second warning: plain enqueue
+            inputs = feed(batch, seed=batch)
+            check(runner.infer(inputs), inputs)
+        assert "error 900" in runner.graph_error and graphs.launches == 0
+
+
+class FakeDriver:
+    """libcuda's graph calls, recording the order; cuStreamEndCapture fails after a failed
+    enqueue, as the driver does for an invalidated capture."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.invalidated = False
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            return 901 if name == "cuStreamEndCapture" and self.invalidated else 0
+        return call
+
+
+def test_capture_reports_the_enqueue_error_not_the_end_capture_error():
+    graphs = runtime._DriverGraphs.__new__(runtime._DriverGraphs)
+    graphs.lib = FakeDriver()
+
+    def enqueue():
+        graphs.lib.invalidated = True
+        raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        graphs.capture(7, enqueue)
+    assert graphs.lib.calls == ["cuStreamBeginCapture_v2", "cuStreamEndCapture"]
+
+
+def test_the_pycuda_context_is_popped_and_released_even_when_a_free_fails(monkeypatch):
+    calls: list[str] = []
+
+    class Alloc:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def free(self):
+            calls.append("free")
+            if not self.ok:
+                raise RuntimeError("cuMemFree failed")
+
+    backend = runtime.PyCudaBackend.__new__(runtime.PyCudaBackend)
+    backend.ctx = types.SimpleNamespace(pop=lambda: calls.append("pop"),
+                                        detach=lambda: calls.append("detach"))
+    backend.stream_obj, backend._allocs = object(), [Alloc(False), Alloc(True)]
+    with pytest.raises(RuntimeError, match="cuMemFree failed"):
+        backend.close()
+    assert calls == ["free", "free", "pop", "detach"]

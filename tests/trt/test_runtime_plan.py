@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from trtdata import tiny_contract
 
-from twbert_export.trt import runtime
+from twbert_export.trt import runtime, targets
 from twbert_export.trt.engine_manifest import (EngineManifest, EngineMismatch, MachineInfo,
                                                write_manifest)
 from twbert_export.trt.runtime import (EngineDescription, TensorDesc, check_description,
@@ -99,8 +99,8 @@ def test_runner_refuses_a_mismatched_engine_before_deserialising(tmp_path, monke
     fake.Runtime = NoRuntime
     fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(runtime, "query_cuda_device", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
-    monkeypatch.setattr(runtime, "detect_platform", lambda: Platform(jetson=False))
+    monkeypatch.setattr(targets, "query_cuda_device", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
     monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: pytest.fail("no CUDA yet"))
     runner = trt_runner(engine, contract=tiny_contract())
     with pytest.raises(EngineMismatch) as info:

@@ -82,3 +82,22 @@ def test_trt_module_type_checks_against_tensorrt_stubs(tmp_path):
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout
+
+
+def test_stand_in_names_exist_in_tensorrt_stubs(tmp_path):
+    """The strict TensorRT stand-ins (tests/trtapi.py) answer only to names in trtapi.API;
+    every one of those must exist in NVIDIA's stubs, or the unit tests would accept a call the
+    real bindings refuse."""
+    from trtapi import API, stub_members
+
+    with zipfile.ZipFile(stub_wheel()) as wheel:
+        wheel.extractall(tmp_path)
+    package = tmp_path / "tensorrt_bindings"
+    members = stub_members(patch_stub_syntax((package / "tensorrt.pyi").read_text("utf-8")))
+    module_names = set(re.search(r"__all__ = \[(.*?)\]", (package / "__init__.pyi").read_text(
+        "utf-8"), re.S).group(1).replace("'", "").replace(" ", "").split(",")) | {"__version__"}
+    missing = sorted(f"tensorrt.{n}" for n in API["tensorrt"] - module_names)
+    for cls, names in API.items():
+        if cls != "tensorrt":
+            missing += sorted(f"{cls}.{n}" for n in names - members.get(cls, set()))
+    assert not missing, f"not in tensorrt-stubs {STUBS.split('==')[1]}: {missing}"

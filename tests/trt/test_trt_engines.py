@@ -1,7 +1,9 @@
 """TensorRT on a GPU: `pytest -m trt` on a machine with TensorRT (>= 8.5), a CUDA GPU and
 pycuda or cuda-python. Builds FP32/FP16/INT8 engines from a tiny export with the target
-`auto` detects, then checks parity with ONNX Runtime on the same files, the preflight refusal
-and the CUDA-graph path. Skips (with the reason) everywhere else."""
+`auto` detects (on TensorRT 8.5 / 8.6 from the opset-17 `model.PRECISION.trt8.onnx` files),
+then checks parity with ONNX Runtime on the same files, the host's gates, the printed
+Polygraphy check, the preflight refusal, the CUDA-graph path and, on a board with a DLA, the
+reported layer placement. Skips (with the reason) everywhere else. None of it has run here."""
 
 from __future__ import annotations
 
@@ -26,14 +28,19 @@ if query_cuda_device() is None:
 if not (importlib.util.find_spec("pycuda") or importlib.util.find_spec("cuda")):
     pytest.skip("the TensorRT runner needs pycuda or cuda-python", allow_module_level=True)
 
-from twbert_export.artifact import PRECISIONS  # noqa: E402
-from twbert_export.pipeline import DEVICE_ATOL_FLOOR, ExportOptions, run_export  # noqa: E402
+from twbert_export.artifact import PRECISIONS, TRT8_FLAVOUR  # noqa: E402
+from twbert_export.pipeline import ExportOptions, run_export  # noqa: E402
+from twbert_export.trt.commands import DEVICE_ATOL_FLOOR  # noqa: E402
 from twbert_export.runners import ort_runner, run_batches  # noqa: E402
 from twbert_export.trt.build import BuildOptions, build_engine  # noqa: E402
+from twbert_export.trt.cli import onnx_for_version  # noqa: E402
+from twbert_export.trt.commands import polygraphy_command  # noqa: E402
+from twbert_export.trt.version import dla_available, parse_version  # noqa: E402
 from twbert_export.trt.engine_manifest import EngineMismatch, sidecar_path  # noqa: E402
 from twbert_export.trt.runtime import trt_runner  # noqa: E402
 from twbert_export.trt.targets import resolve_target  # noqa: E402
 
+TRT_MAJOR = parse_version(trt.__version__)[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +60,10 @@ def engines(artifact, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
     built = {}
     for p in PRECISIONS:
-        result = build_engine(BuildOptions(out / f"model.{p}.onnx", contract, p, target,
-                                           timing_cache=cache,
-                                           onnx_sha256=manifest.file(p).sha256))
+        onnx = onnx_for_version(out / f"model.{p}.onnx", manifest, trt.__version__)
+        entry = manifest.entry_for(onnx)  # the trt8 twin's on 8.x
+        result = build_engine(BuildOptions(onnx, contract, p, target, timing_cache=cache,
+                                           onnx_sha256=entry.sha256))
         built[p] = result
     assert cache.stat().st_size > 0  # written after the first build, read by the next ones
     return built
@@ -81,13 +89,14 @@ def test_engine_matches_onnx_runtime_within_the_gate(artifact, engines, precisio
     out, report, manifest = artifact
     contract = manifest.contract
     plan = engines[precision].plan
-    assert plan.strongly_typed == (int(trt.__version__.split(".")[0]) >= 10)
+    assert plan.strongly_typed == (TRT_MAJOR >= 10) and plan.tf32 is False
     batch_feeds = feeds(out, contract)
-    with ort_runner(out / f"model.{precision}.onnx") as ort:
+    with ort_runner(out / engines[precision].manifest.onnx) as ort:
         ref = run_batches(ort, batch_feeds)
     with trt_runner(engines[precision].engine) as runner:
         got = run_batches(runner, batch_feeds)
-    errors = report.precisions[precision].outputs
+    entry = manifest.entry_for(engines[precision].manifest.onnx)  # flavour trt8 on 8.x
+    errors = report.result(entry.precision, entry.flavour).outputs
     for name, r in ref.items():
         if np.issubdtype(r.dtype, np.integer):
             continue  # frame indices may differ on near-ties; the float scores are gated
@@ -131,3 +140,43 @@ def test_validate_engine_passes_the_hosts_gates(artifact, engines, precision, ca
 
     assert validate_engine(["--engine", str(engines[precision].engine)]) == 0, \
         capsys.readouterr().out
+
+
+def test_tensorrt_8_builds_the_opset17_graph_with_the_files_types_pinned(artifact, engines):
+    if TRT_MAJOR != 8:
+        pytest.skip(f"TensorRT {trt.__version__}: the opset-17 graph is for 8.5 / 8.6")
+    manifest = artifact[2]
+    for p, result in engines.items():
+        assert manifest.entry_for(result.manifest.onnx) == manifest.file(p, flavour=TRT8_FLAVOUR)
+        assert result.plan.pin_file_types == (p != "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp16"])
+def test_the_printed_polygraphy_check_passes_on_the_built_engine(artifact, engines, precision):
+    import shlex
+    import subprocess
+
+    out, report, manifest = artifact
+    entry = manifest.entry_for(engines[precision].manifest.onnx)
+    command = polygraphy_command(engines[precision].engine.name, precision,
+                                 report.result(entry.precision, entry.flavour).outputs,
+                                 trt_major=TRT_MAJOR)
+    proc = subprocess.run(shlex.split(command), cwd=out, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_a_dla_build_reports_where_its_layers_run(artifact, tmp_path):
+    out, _, manifest = artifact
+    target, _ = resolve_target("auto")
+    if not target.dla_cores or not dla_available(trt.__version__):
+        pytest.skip(f"no DLA here ({target.name}, TensorRT {trt.__version__})")
+    contract = manifest.contract
+    onnx = onnx_for_version(out / "model.fp16.onnx", manifest, trt.__version__)
+    result = build_engine(BuildOptions(onnx, contract, "fp16", target, dla_core=0,
+                                       engine=tmp_path / "model.fp16.engine",
+                                       timing_cache=tmp_path / "timing.cache"))
+    placement = result.manifest.extra["layer_placement"]
+    assert placement["DLA"] + placement["GPU"] > 0
+    assert (tmp_path / "model.fp16.engine.layers.json").is_file()
+    assert any("layers on DLA / GPU" in note for note in result.notes)

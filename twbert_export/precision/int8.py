@@ -1,7 +1,8 @@
 """INT8: ModelOpt Q/DQ on the weight matrix products (MatMul, Gemm, Conv; not the attention
 products), calibrated on real clips with the selection path excluded; the rest then goes through
 the same AutoCast as FP16, with the Q/DQ nodes (and their scales) left in FP32. The result is
-cached by (model hash, calibration data identity, settings) and reused only on a full match
+cached by (model hash, calibration data identity, settings) and reused only on a full match of
+an entry that passes its check: identity, sha256 recorded when stored, Q/DQ nodes present
 (`cached_result`, `store_result`).
 
 Max calibration is the running maximum of `ActivationRanges` (checked equal to ModelOpt's own
@@ -18,6 +19,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +105,67 @@ def check_scales(model, absmax: dict[str, float]) -> int:
     return checked
 
 
-def cached_result(key: str) -> Path | None:
-    """The cached INT8 graph for a calibration key, or None when there is none."""
+class CacheEntryDiscarded(UserWarning):
+    """A calibration cache entry failed its check and is rebuilt."""
+
+
+def cache_identity(key: str, source_sha256: str, calib: FeedSet, method: str) -> dict[str, Any]:
+    """What a cache entry must have been made from to be reused (stored in its identity.json)."""
+    return {"key": key, "source_model_sha256": source_sha256, "method": method,
+            "data_files_sha256": calib.identity["files_sha256"],
+            "preprocessing_sha256": calib.identity["preprocessing_sha256"]}
+
+
+def _entry_problem(cached: Path, expected: dict[str, Any]) -> str | None:
+    """Why the cache entry `cached` must not be reused, or None when it passes: its identity
+    file matches `expected`, the file has the sha256 recorded when it was stored, and it holds
+    Q/DQ nodes."""
+    try:
+        identity = json.loads((cached.parent / "identity.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"identity.json unreadable ({type(e).__name__})"
+    if not isinstance(identity, dict):
+        return "identity.json is not a JSON object"
+    differing = [k for k, v in expected.items() if identity.get(k) != v]
+    if differing:
+        return f"identity.json differs in {', '.join(differing)}"
+    if identity.get("int8_sha256") != file_sha256(cached):
+        return "the file is not the one stored (sha256 differs: truncated or replaced)"
+    onnx = require("onnx", "to check the cached graph")
+    try:
+        ops = {n.op_type for n in onnx.load(str(cached), load_external_data=False).graph.node}
+    except Exception as e:  # onnx's parsers raise their own error types
+        return f"not a readable ONNX file ({type(e).__name__})"
+    if not {"QuantizeLinear", "DequantizeLinear"} <= ops:
+        return "no QuantizeLinear/DequantizeLinear nodes: not an INT8 Q/DQ graph"
+    return None
+
+
+def cached_result(key: str, expected: dict[str, Any]) -> Path | None:
+    """The cached INT8 graph for a calibration key when there is one and it passes its check
+    (`_entry_problem`); a failing entry is removed with a one-line warning, and None returned
+    so that it is rebuilt."""
     cached = _cache_dir() / key / "model.int8.onnx"
-    return cached if cached.is_file() else None
+    if not cached.is_file():
+        return None
+    problem = _entry_problem(cached, expected)
+    if problem is None:
+        return cached
+    warnings.warn(f"INT8 calibration cache entry {cached.parent} discarded: {problem}; "
+                  "recalibrating", CacheEntryDiscarded, stacklevel=2)
+    for name in ("model.int8.onnx", "identity.json"):  # the entry's own files, nothing else
+        (cached.parent / name).unlink(missing_ok=True)
+    return None
 
 
 def store_result(key: str, dst: Path, identity: dict[str, Any]) -> Path:
-    """Keep `dst` in the cache under `key` (atomically), with what it was made from."""
+    """Keep `dst` in the cache under `key`, with what it was made from (`identity`, see
+    `cache_identity`) and its sha256. Each file is written atomically, the graph first: an
+    entry cut short has no matching identity and is rebuilt."""
     cached = _cache_dir() / key / "model.int8.onnx"
-    cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cached) as tmp_cached:
         shutil.copyfile(dst, tmp_cached)
-    write_json(cached.parent / "identity.json", identity)
+    write_json(cached.parent / "identity.json", {**identity, "int8_sha256": file_sha256(dst)})
     return cached
 
 
@@ -137,8 +187,10 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
     require("modelopt.onnx.quantization", "for INT8 Q/DQ (pip install nvidia-modelopt)")
     calibration = {"clips": len(calib.video), "rows": len(calib), "method": method,
                    "data": calib.identity}
-    key = calibration_key(file_sha256(src), calib, method)
-    cached = cached_result(key) if use_cache else None
+    source_sha256 = file_sha256(src)
+    key = calibration_key(source_sha256, calib, method)
+    identity = cache_identity(key, source_sha256, calib, method)
+    cached = cached_result(key, identity) if use_cache else None
     if cached:
         shutil.copyfile(cached, dst)
         report = to_report_from(src, dst, calibration)
@@ -152,8 +204,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         calibration["range_check_clips"] = ranges.rows_done
     report = to_report_from(src, dst, calibration)
     if use_cache:
-        stored = store_result(key, Path(dst), {"source_model_sha256": file_sha256(src),
-                                               **calibration})
+        stored = store_result(key, Path(dst), {**identity, "calibration": calibration})
         report.cache = f"stored {stored}"
     report.steps = steps
     report.note = compat.untested_note()

@@ -1,6 +1,8 @@
 """TensorRT engines from the precision-explicit ONNX files of an artifact.
 
-- `targets`: device presets (Orin Nano 8GB, Orin NX, AGX Orin, Thor, data-centre) and detection.
+- `version`: the one TensorRT version parser, and which releases we build for.
+- `targets`: device presets (Orin Nano 8GB, Orin NX 8GB / 16GB, AGX Orin, Thor, data-centre),
+  detection, and the one machine-info reader (GPU, L4T / JetPack, power mode, clock lock).
 - `commands`: trtexec / `build_on_device.sh` / DEPLOY.md, the device kit of every export.
 - `engine_manifest`: the sidecar manifest of an engine and the preflight that reads it.
 - `build`: the TensorRT build (strongly typed on TensorRT >= 10, precision flags on 8.5/8.6).

@@ -2,26 +2,34 @@
 
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto|orin-nano-8gb|...]
         [--workspace-mb N] [--opt-level N] [--dla-core N] [--timing-cache PATH]
-        [--version-compatible] [--engine PATH]
+        [--version-compatible] [--engine PATH] [--parser 8.5|8.6|10|11]
+    python3 -m twbert_export.trt.cli --layer-report model.fp16.engine.build.log
 
 Also `python3 -m twbert_export.trt.cli --onnx ...` (what build_on_device.sh --python runs: no
-export.py, no torch). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT.
+export.py, no torch). The file built is the one the TensorRT version found needs: on 8.5 / 8.6
+the trt8 twin the manifest lists for the file (refused when the artifact has none), and the graph
+is linted with that parser's rules first (`--parser` to check for another release without
+building). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT (one line).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from ..artifact import PRECISIONS, ArtifactFormatError, Manifest
+from ..artifact import (PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError, Manifest,
+                        PrecisionResult, Report)
 from ..util import MissingDependency, human_size
+from .commands import polygraphy_command
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target
+from .version import parse_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export.py build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--onnx", required=True, help="model.PRECISION.onnx in an artifact directory")
+    p.add_argument("--onnx", help="model.PRECISION.onnx in an artifact directory")
     p.add_argument("--target", default="auto", choices=TARGET_CHOICES,
                    help="device preset; auto detects the GPU / Jetson (default)")
     p.add_argument("--engine", help="engine path (default: model.PRECISION.engine beside --onnx)")
@@ -36,16 +44,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine that also runs on newer TensorRT runtimes (8.6+; slower)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="precision of --onnx (default: from manifest.json)")
+    p.add_argument("--parser", metavar="TRT_VERSION",
+                   help="check the file this TensorRT release would build (8.5, 8.6, 10, 11): "
+                        "which file, and the lint of that parser; builds nothing")
+    p.add_argument("--layer-report", metavar="LAYERS_JSON",
+                   help="print how many layers of a DLA engine run on the DLA and on the GPU, "
+                        "from trtexec's build log or the layer-information JSON")
     p.add_argument("--record-trtexec-build", metavar="TRT_VERSION",
                    help="build nothing: write the sidecar manifest of the engine trtexec built "
                         "from --onnx with these options (build_on_device.sh runs this)")
     return p
 
 
+def onnx_for_version(onnx: Path, artifact: Manifest, trt_version: str) -> Path:
+    """The file that TensorRT `trt_version` builds for `onnx`: on 8.x its trt8 twin listed in
+    the manifest (ValueError if the artifact has none), else `onnx` itself."""
+    from .version import check_supported, needs_legacy_graph
+
+    check_supported(trt_version)
+    entry = artifact.entry_for(onnx)
+    if not needs_legacy_graph(trt_version) or entry is None or entry.flavour == TRT8_FLAVOUR:
+        return onnx
+    twin = artifact.twin(entry, TRT8_FLAVOUR)
+    if twin is None:
+        raise ValueError(f"TensorRT {trt_version} mis-imports {onnx.name} (opset "
+                         f"{artifact.contract.opset}) and this artifact has no TensorRT 8.x graph "
+                         f"for {entry.precision}: re-export it with a current twbert-export")
+    return onnx.parent / twin.path
+
+
+def layer_report(path: Path) -> str:
+    from .build import layer_placement
+
+    counts = layer_placement(path.read_text())
+    return (f"layers     {counts['DLA']} on DLA, {counts['GPU']} on GPU ({path.name}; GPU "
+            "fallback is silent: this is where it shows)")
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    onnx = Path(args.onnx)
     err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    if args.layer_report:
+        try:
+            print(layer_report(Path(args.layer_report)))
+        except (OSError, ValueError) as e:
+            return err(f"cannot read layer information {args.layer_report}: {e}")
+        return 0
+    if not args.onnx:
+        return err("--onnx is required (or --layer-report FILE)")
+    onnx = Path(args.onnx)
     if not onnx.is_file():
         return err(f"ONNX file not found: {onnx}")
     try:
@@ -53,11 +100,29 @@ def build_main(argv: list[str] | None = None) -> int:
     except ArtifactFormatError as e:
         return err(str(e))
     contract = artifact.contract
+    known_version = args.parser or args.record_trtexec_build or _installed_tensorrt()
+    if known_version:
+        try:
+            chosen = onnx_for_version(onnx, artifact, known_version)
+        except ValueError as e:
+            return err(str(e))
+        if chosen != onnx:
+            print(f"onnx       {chosen.name} (TensorRT {known_version} needs the opset-17 graph)")
+            onnx = chosen
     entry = artifact.entry_for(onnx)
     sha = entry.sha256 if entry else None
     precision = args.precision or (entry.precision if entry else None)
     if precision is None:
         return err(f"{onnx.name} is not listed in manifest.json: pass --precision")
+    if args.parser:
+        from .build import check_graph_for
+
+        try:
+            check_graph_for(onnx, args.parser)
+        except ValueError as e:
+            return err(str(e))
+        print(f"lint       {onnx.name}: TensorRT {args.parser} parser: no errors")
+        return 0
     try:
         target, why = resolve_target(args.target)
     except TargetError as e:
@@ -78,6 +143,9 @@ def build_main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return err(str(e))
         print(f"manifest   {opts.engine}.json (built for {recorded.built_for()})")
+        logged = [Path(f"{opts.engine}.{s}") for s in ("build.log", "layers.json")]
+        if opts.dla_core is not None and any(p.is_file() for p in logged):
+            print(layer_report(next(p for p in logged if p.is_file())))
         return 0
     try:
         opts.check()
@@ -99,10 +167,29 @@ def build_main(argv: list[str] | None = None) -> int:
              if opts.dla_core is not None else ""))
     print(f"manifest   {result.engine.name}.json (built for {result.manifest.built_for()})")
     print(f"cache      {opts.timing_cache}")
-    print("next       polygraphy run "
-          f"{result.engine} --trt --load-inputs {onnx.parent / 'reference/inputs.json'} "
-          f"--load-outputs {onnx.parent / 'reference/outputs.json'}")
+    host = _host_result(onnx.parent, entry.precision, entry.flavour) if entry else None
+    if host is not None:
+        trt_major = parse_version(result.plan.trt_version)[0]
+        print("next       cd " + shlex.quote(str(onnx.parent)) + " && " + polygraphy_command(
+            result.engine.name, precision, host.outputs, trt_major=trt_major))
     return 0
+
+
+def _installed_tensorrt() -> str | None:
+    """tensorrt.__version__ when the bindings are importable (None otherwise)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(getattr(tensorrt, "__version__", "")) or None
+
+
+def _host_result(artifact_dir: Path, precision: str, flavour: str) -> PrecisionResult | None:
+    """The host's validation result of that file, from report.json (None when absent)."""
+    try:
+        return Report.load(artifact_dir).result(precision, flavour)
+    except ArtifactFormatError:
+        return None
 
 
 def main() -> int:

@@ -4,16 +4,21 @@ Engines are built ON the target (they are not portable across GPUs, TensorRT ver
 JetPacks), so an artifact ships the commands rather than engines. What differs per TensorRT
 major (checked against the trtexec reference of each release):
 
-- 8.5 / 8.6 (JetPack 5.1 / 6.0): no strong typing; the precision comes from flags: `--fp16`
-  for the FP16 file, `--int8 --fp16` for the Q/DQ file (its non-quantized part is FP16).
-  8.5 has neither `--builderOptimizationLevel` nor `--versionCompatible` (both from 8.6) and
-  says `--buildOnly` where 8.6+ says `--skipInference`.
+- 8.5 / 8.6 (JetPack 5.1 / 6.0): the opset-17 `model.PRECISION.trt8.onnx` file. No strong
+  typing: trtexec's `--fp16` / `--int8 --fp16` would let TensorRT run the file's FP32 nodes in
+  FP16, so FP16 / INT8 go through the Python builder, which pins each layer to the file's type
+  (`trtexec_route`); FP32 through trtexec. 8.5 has neither `--builderOptimizationLevel` nor
+  `--versionCompatible` (both from 8.6) and says `--buildOnly` where 8.6+ says
+  `--skipInference`. 8.4 and older and 9.x are refused.
 - 10.x: `--stronglyTyped`: the types written in the ONNX file are the types built.
 - 11.x: every network is strongly typed; there are no precision flags at all.
 
-Shapes come from the I/O contract's profile (batch MIN:OPT:MAX). DLA (Orin NX / AGX Orin)
-runs only static shapes, so a DLA build pins every input to the OPT batch. Torch-free and
-tensorrt-free.
+Every trtexec build gets `--noTF32` (trtexec enables TF32 by default: samples/common/
+sampleOptions.cpp, release/8.5 to 11.1). Shapes come from the I/O contract's profile (batch
+MIN:OPT:MAX). DLA (Orin NX / AGX Orin) runs only static shapes, so a DLA build pins every input
+to the OPT batch, and reports its layer placement (`--exportLayerInfo`). The Polygraphy check
+of a built engine against the shipped reference (`polygraphy_command`) lives here too.
+Torch-free and tensorrt-free.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..artifact import PRECISIONS, Manifest
+from ..artifact import PRECISIONS, TRT8_FLAVOUR, Manifest
 from ..contract import IOContract
 from ..util import write_text
-from .targets import dla_available
+from .version import dla_available
 
 DEFAULT_WORKSPACE_MB = 1024  # the kit's default: safe on an 8 GB Jetson
 TIMING_CACHE_DIR = "${XDG_CACHE_HOME:-$HOME/.cache}/twbert-export"
@@ -37,14 +42,6 @@ def default_timing_cache(trt_version: str) -> Path:
 
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twbert-export"
     return base / f"timing-trt{trt_version}.cache"
-
-
-def parse_version(text: str) -> tuple[int, int]:
-    parts = (text.split(".") + ["0"])[:2]
-    try:
-        return int(parts[0]), int(parts[1])
-    except ValueError:
-        raise ValueError(f"cannot read a TensorRT version from {text!r}") from None
 
 
 def precision_flags(trt_version: tuple[int, int], precision: str) -> list[str]:
@@ -70,12 +67,21 @@ def shape_flags(contract: IOContract, static_batch: int | None = None) -> list[s
     return [f"--minShapes={flag(0)}", f"--optShapes={flag(1)}", f"--maxShapes={flag(2)}"]
 
 
+def trtexec_route(trt_version: tuple[int, int], precision: str, dla: bool = False) -> str:
+    """Which builder the kit uses: "trtexec", or "python" where trtexec cannot build what was
+    validated (weak typing with FP16: TensorRT 8.x, and DLA before 11, where only the Python
+    builder pins each layer to the file's type, build.pin_file_types)."""
+    weak = trt_version[0] < 10 or (dla and trt_version[0] < 11)
+    return "python" if weak and precision != "fp32" else "trtexec"
+
+
 def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str,
                     trt_version: tuple[int, int], workspace_mb: int | str | None = None,
                     timing_cache: str | None = None, optimization_level: int | None = None,
                     dla_core: int | str | None = None, version_compatible: bool = False
                     ) -> list[str]:
-    """The trtexec argument list (without the program) that builds `engine` from `onnx`."""
+    """The trtexec argument list (without the program) that builds `engine` from `onnx`.
+    `--noTF32` always (trtexec enables TF32 by default, sampleOptions.cpp; build.TF32_NOTE)."""
     major, minor = trt_version
     if dla_core is not None and precision == "fp32":
         raise ValueError("DLA runs FP16 and INT8 only: build the fp16 or int8 file for DLA")
@@ -83,7 +89,14 @@ def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str
     # build_on_device.sh checks the full version on the device.
     if dla_core is not None and not dla_available(f"{major}.{minor}.99"):
         raise ValueError(f"TensorRT {major}.{minor} has no DLA support (<= 10.7 and >= 11.4.1 do)")
-    args = [f"--onnx={onnx}", f"--saveEngine={engine}", *precision_flags(trt_version, precision)]
+    if trtexec_route(trt_version, precision, dla_core is not None) != "trtexec":
+        raise ValueError(f"TensorRT {major}.{minor} has no strong typing"
+                         + (" for DLA" if major >= 10 else "")
+                         + f": trtexec's --fp16 may run the file's FP32 nodes in FP16; build "
+                         f"{precision} with `{python_build_command(onnx)}` (it pins every layer "
+                         "to the file's type)")
+    args = [f"--onnx={onnx}", f"--saveEngine={engine}", *precision_flags(trt_version, precision),
+            "--noTF32"]
     args += shape_flags(contract, contract.batch.opt if dla_core is not None else None)
     if workspace_mb is not None:
         args.append(f"--memPoolSize=workspace:{workspace_mb}")  # MiB
@@ -97,9 +110,71 @@ def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str
             raise ValueError("version-compatible engines need TensorRT >= 8.6")
         args.append("--versionCompatible")
     if dla_core is not None:
-        args += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
+        args += [f"--useDLACore={dla_core}", "--allowGPUFallback",
+                 "--profilingVerbosity=detailed", f"--exportLayerInfo={engine}.layers.json"]
     args.append("--skipInference" if has_86 else "--buildOnly")
     return args
+
+
+# -- the Polygraphy check against the shipped reference ----------------------------------------
+# Smallest absolute tolerance per precision for the device comparison; above it, twice the error
+# ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
+DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+REFERENCE_INPUTS = "reference/inputs.json"
+REFERENCE_INPUTS_INT32 = "reference/inputs.int32.json"  # 8.x engines bind INT64 I/O as INT32
+REFERENCE_OUTPUTS = "reference/outputs.json"
+
+
+def polygraphy_tolerances(precision: str, errors: dict[str, dict]) -> dict[str, str]:
+    """An explicit absolute tolerance for every output: float outputs max(floor, 2x the host's
+    error); frame indices exactly equal ("0"), except on INT8, whose gate allows divergent
+    selections: there they are excluded on purpose ("inf"); `python3 -m twbert_export.reference
+    --engine` judges selections near-tie-aware on the whole validation set."""
+    floor = DEVICE_ATOL_FLOOR[precision]
+    tolerances = {}
+    for name, e in errors.items():
+        if "max_abs" in e:
+            tolerances[name] = f"{max(floor, 2 * e['max_abs']):.2g}"
+        else:
+            tolerances[name] = "inf" if precision == "int8" else "0"
+    return tolerances
+
+
+def polygraphy_command(model: str, precision: str, errors: dict[str, dict],
+                       contract: IOContract | None = None, trt_major: int = 10,
+                       backend: str = "trt") -> str:
+    """`polygraphy run` comparing `model` with the shipped PyTorch reference rows.
+
+    - `model.*.engine` (the default printed): the BUILT engine (`--model-type engine`), i.e.
+      what the device runs; no build options involved.
+    - `model.*.onnx` with backend "trt": Polygraphy builds it: profile shapes from the contract
+      (they cover the batches in reference/inputs.json; without them Polygraphy pins dynamic
+      dims to 1) and `--strongly-typed` on 10.x+. Not offered for 8.x: its weak typing would
+      not build what was validated (use the engine form there).
+    - backend "onnxrt": the same comparison on ONNX Runtime (how the command is tested here).
+    8.x engines bind INT64 inputs as INT32, so they read reference/inputs.int32.json."""
+    args = ["polygraphy", "run", model]
+    if model.endswith(".engine"):
+        if backend != "trt":
+            raise ValueError("an engine runs on the trt backend only")
+        args += ["--model-type", "engine", "--trt"]
+    elif backend == "trt":
+        if trt_major < 10 or contract is None:
+            raise ValueError("Polygraphy builds from ONNX strongly typed (TensorRT 10+) with the "
+                             "contract's shapes only; on 8.x compare the built engine")
+        args += ["--trt", "--strongly-typed"]
+        for flag, i in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
+            args += [flag] + [f"{n}:[{','.join(map(str, s[i]))}]"
+                              for n, s in contract.profile_shapes().items()]
+    elif backend == "onnxrt":
+        args += ["--onnxrt"]
+    else:
+        raise ValueError(f"backend must be trt or onnxrt, got {backend!r}")
+    inputs = REFERENCE_INPUTS_INT32 if backend == "trt" and trt_major < 9 else REFERENCE_INPUTS
+    args += ["--load-inputs", inputs, "--load-outputs", REFERENCE_OUTPUTS, "--atol"]
+    args += [f"{n}:{t}" for n, t in polygraphy_tolerances(precision, errors).items()]
+    args += ["--rtol", "0", "--check-error-stat", "max"]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def python_build_command(onnx: str, target: str = "auto", extra: str = "") -> str:
@@ -121,14 +196,16 @@ def _bash_array(args: list[str]) -> str:
     return "(" + " ".join(out) + ")"
 
 
-def _model_files(manifest: Manifest) -> dict[str, str]:
-    """precision -> file name of the whole-model graph, default flavour."""
-    return {p: entry.path for p in manifest.precisions if (entry := manifest.file(p))}
+def _artifact_files(manifest: Manifest) -> tuple[dict[str, str], dict[str, str]]:
+    """(precision -> file name, precision -> its TensorRT 8.x twin's) of the whole-model graph."""
+    main = {p: entry.path for p in manifest.precisions if (entry := manifest.file(p))}
+    trt8 = {p: twin.path for p in main if (twin := manifest.file(p, flavour=TRT8_FLAVOUR))}
+    return main, trt8
 
 
 def build_script(manifest: Manifest) -> str:
     contract = manifest.contract
-    files = _model_files(manifest)
+    files, trt8 = _artifact_files(manifest)
     default = next(p for p in reversed(PRECISIONS) if p in files)
     dyn, static = shape_flags(contract), shape_flags(contract, contract.batch.opt)
     lines = [
@@ -138,49 +215,55 @@ def build_script(manifest: Manifest) -> str:
         f"# Default precision: {default}. Environment: WORKSPACE_MB (default "
         f"{DEFAULT_WORKSPACE_MB}, sized for 8 GB Jetsons),",
         "# OPT_LEVEL (builder optimization level, default 3), DLA_CORE (AGX Orin / Orin NX only;",
-        "# pins the batch to the profile's OPT value), TIMING_CACHE, TRTEXEC, TRT_VERSION.",
-        "# --python builds with `python3 -m twbert_export.trt.cli` instead of trtexec (needs the",
-        "# twbert_export package and TensorRT's Python bindings; writes the sidecar manifest the",
-        "# runner's preflight reads). Generated by export.py; see DEPLOY.md.",
+        "# pins the batch to the profile's OPT value), TIMING_CACHE, TRTEXEC, TRT_VERSION,",
+        "# JETSON_MODEL (default: /proc/device-tree/model).",
+        "# TensorRT 8.5 / 8.6 build the model.PRECISION.trt8.onnx file (opset 17; the opset-19",
+        "# file would be mis-imported), and FP16/INT8 there (and DLA before 11.x) go through the",
+        "# Python builder: without strong typing only it keeps the file's FP32 nodes in FP32.",
+        "# TF32 is off on every path (--noTF32). --python builds with `python3 -m",
+        "# twbert_export.trt.cli` (needs this package and TensorRT's Python bindings); both write",
+        "# the sidecar manifest the runner's preflight reads. Generated by export.py; DEPLOY.md.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         f'PRECISION="${{1:-{default}}}"',
         'MODE="${2:-trtexec}"',
+        "ONNX_TRT8=",
         "case \"$PRECISION\" in",
-        *[f"  {p}) ONNX={shlex.quote(files[p])} ;;" for p in PRECISIONS if p in files],
+        *[f"  {p}) ONNX={shlex.quote(files[p])}"
+          + (f"; ONNX_TRT8={shlex.quote(trt8[p])}" if p in trt8 else "") + " ;;"
+          for p in PRECISIONS if p in files],
         f"  *) echo \"precision '$PRECISION' is not in this artifact ({' '.join(files)})\" >&2;"
         " exit 2 ;;",
         "esac",
-        "ENGINE=\"${ONNX%.onnx}.engine\"",
         f"WORKSPACE_MB=\"${{WORKSPACE_MB:-{DEFAULT_WORKSPACE_MB}}}\"",
         'OPT_LEVEL="${OPT_LEVEL:-3}"',
         'if [ -z "${TRT_VERSION:-}" ]; then',
         "  TRT_VERSION=\"$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null"
         " || dpkg-query -W -f='${Version}' libnvinfer-bin 2>/dev/null || true)\"",
         "fi",
-        'if [ -z "$TRT_VERSION" ]; then',
-        '  echo "cannot tell the TensorRT version: install TensorRT (JetPack ships it) or set '
-        'TRT_VERSION=10.3" >&2; exit 2',
-        "fi",
         'TRT_MAJOR="${TRT_VERSION%%.*}"',
         'TRT_MINOR="$(echo "$TRT_VERSION" | cut -d. -f2)"',
-        f'TIMING_CACHE="${{TIMING_CACHE:-{TIMING_CACHE_DIR}/timing-trt$TRT_VERSION.cache}}"',
-        'mkdir -p "$(dirname "$TIMING_CACHE")"',
+        'case "$TRT_MAJOR.$TRT_MINOR" in',
+        "  [0-9]*.[0-9]*) ;;",
+        '  *) echo "cannot tell the TensorRT version (found \"$TRT_VERSION\"): install TensorRT '
+        '(JetPack ships it) or set TRT_VERSION=10.3" >&2; exit 2 ;;',
+        "esac",
         "",
-        'if [ "$MODE" = "--python" ]; then',
-        "  EXTRA=(--workspace-mb \"$WORKSPACE_MB\" --timing-cache \"$TIMING_CACHE\")",
-        '  if [ -n "${DLA_CORE:-}" ]; then EXTRA+=(--dla-core "$DLA_CORE"); fi',
-        '  set -x',
-        '  exec python3 -m twbert_export.trt.cli --onnx "$ONNX" --target auto "${EXTRA[@]}"',
-        "fi",
-        "",
-        "# Precision: 8.x flags; 10.x --stronglyTyped; 11.x nothing (always strongly typed).",
+        "# Precision: 8.x the opset-17 file (FP16/INT8 by the Python builder); 10.x",
+        "# --stronglyTyped; 11.x and later nothing (always strongly typed).",
         'case "$TRT_MAJOR" in',
         "  8)",
-        '    case "$PRECISION" in',
-        *[f"      {p}) PRECISION_FLAGS={_bash_array(precision_flags((8, 6), p))} ;;"
-          for p in PRECISIONS if p in files],
-        "    esac",
+        '    if [ "$TRT_MINOR" -lt 5 ]; then',
+        '      echo "TensorRT $TRT_VERSION is too old: this artifact needs TensorRT 8.5 or newer '
+        '(JetPack >= 5.1)" >&2; exit 2',
+        "    fi",
+        '    if [ -z "$ONNX_TRT8" ]; then',
+        '      echo "this artifact has no TensorRT 8.x graph for $PRECISION '
+        '(model.$PRECISION.trt8.onnx): re-export it with a current twbert-export" >&2; exit 2',
+        "    fi",
+        '    ONNX="$ONNX_TRT8"',
+        "    PRECISION_FLAGS=()",
+        '    if [ "$PRECISION" != fp32 ]; then MODE=--python; fi',
         '    if [ "$TRT_MINOR" -ge 6 ]; then',
         "      BUILD_FLAGS=(--builderOptimizationLevel=\"$OPT_LEVEL\" --skipInference)",
         "    else",
@@ -188,31 +271,68 @@ def build_script(manifest: Manifest) -> str:
         "    fi ;;",
         f"  10) PRECISION_FLAGS={_bash_array(precision_flags((10, 0), default))}",
         "      BUILD_FLAGS=(--builderOptimizationLevel=\"$OPT_LEVEL\" --skipInference) ;;",
-        "  *) PRECISION_FLAGS=()",
-        "     BUILD_FLAGS=(--builderOptimizationLevel=\"$OPT_LEVEL\" --skipInference) ;;",
+        "  *)",
+        '    if [ "$TRT_MAJOR" -lt 11 ]; then',
+        '      echo "TensorRT $TRT_VERSION is not a target of this artifact (8.5, 8.6, 10.x and '
+        '11.x+ are)" >&2; exit 2',
+        "    fi",
+        "    PRECISION_FLAGS=()",
+        "    BUILD_FLAGS=(--builderOptimizationLevel=\"$OPT_LEVEL\" --skipInference) ;;",
         "esac",
+        'ENGINE="${ONNX%.onnx}.engine"',
+        f'TIMING_CACHE="${{TIMING_CACHE:-{TIMING_CACHE_DIR}/timing-trt$TRT_VERSION.cache}}"',
+        'mkdir -p "$(dirname "$TIMING_CACHE")"',
         "",
         'if [ -n "${DLA_CORE:-}" ]; then',
         '  if [ "$PRECISION" = fp32 ]; then echo "DLA runs fp16/int8 only" >&2; exit 2; fi',
-        "  # DLA is in TensorRT <= 10.7 and again from 11.4.1 (AGX Orin, JetPack >= 7.2.2)",
-        '  if [ "$(printf \'%s\\n\' "$TRT_VERSION" 10.7.99999 | sort -V | head -n1)" != '
-        '"$TRT_VERSION" ] && [ "$(printf \'%s\\n\' 11.4.1 "$TRT_VERSION" | sort -V | head -n1)" '
-        '!= 11.4.1 ]; then',
+        "  # DLA: TensorRT <= 10.7 (FP16, weak typing: the Python builder) and again from 11.4.1",
+        "  # (strongly typed FP16/INT8; AGX Orin on JetPack >= 7.2.2 only).",
+        '  if [ "$(printf \'%s\\n\' "$TRT_VERSION" 10.7.99999 | sort -V | head -n1)" = '
+        '"$TRT_VERSION" ]; then',
+        '    if [ "$PRECISION" = int8 ]; then',
+        '      echo "INT8 on DLA needs TensorRT >= 11.4.1 (a Q/DQ network falls back to the GPU '
+        'silently before): build fp16 for DLA" >&2; exit 2',
+        "    fi",
+        "    MODE=--python",
+        '  elif [ "$(printf \'%s\\n\' 11.4.1 "$TRT_VERSION" | sort -V | head -n1)" != 11.4.1 ]; '
+        'then',
         '    echo "TensorRT $TRT_VERSION has no DLA support: unset DLA_CORE" >&2; exit 2',
+        '  elif ! printf \'%s\' "${JETSON_MODEL:-$(tr -d \'\\0\' < /proc/device-tree/model '
+        '2>/dev/null || true)}" | grep -q "AGX Orin"; then',
+        '    echo "DLA with TensorRT $TRT_VERSION is documented for Jetson AGX Orin (JetPack >= '
+        '7.2.2) only: unset DLA_CORE" >&2; exit 2',
         "  fi",
         f"  SHAPES={_bash_array(static)}  # DLA: static shapes",
-        '  DLA_FLAGS=(--useDLACore="$DLA_CORE" --allowGPUFallback)',
+        '  DLA_FLAGS=(--useDLACore="$DLA_CORE" --allowGPUFallback --profilingVerbosity=detailed '
+        '--exportLayerInfo="$ENGINE.layers.json")',
         "else",
         f"  SHAPES={_bash_array(dyn)}",
         "  DLA_FLAGS=()",
         "fi",
         "",
+        'if [ "$MODE" = "--python" ]; then',
+        "  if ! python3 -c 'import tensorrt, twbert_export' 2>/dev/null; then",
+        '    echo "TensorRT $TRT_VERSION: $PRECISION${DLA_CORE:+ on DLA} is built with the Python '
+        'builder (it keeps the file\'s FP32 nodes in FP32; trtexec cannot without strong '
+        'typing), which needs TensorRT\'s Python bindings and this package: pip install '
+        '--no-deps the twbert-export checkout" >&2; exit 2',
+        "  fi",
+        "  EXTRA=(--workspace-mb \"$WORKSPACE_MB\" --opt-level \"$OPT_LEVEL\" --timing-cache "
+        "\"$TIMING_CACHE\")",
+        '  if [ -n "${DLA_CORE:-}" ]; then EXTRA+=(--dla-core "$DLA_CORE"); fi',
+        '  echo "TensorRT $TRT_VERSION: building $ENGINE from $ONNX (Python builder)" >&2',
+        '  set -x',
+        '  exec python3 -m twbert_export.trt.cli --onnx "$ONNX" --target auto "${EXTRA[@]}"',
+        "fi",
+        "",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         'echo "TensorRT $TRT_VERSION: building $ENGINE from $ONNX" >&2',
+        "# A DLA build keeps trtexec's log: its Layers Running on DLA / GPU lists are the report.",
+        'LOG=/dev/null; if [ -n "${DLA_CORE:-}" ]; then LOG="$ENGINE.build.log"; fi',
         "set -x",
-        '"$TRTEXEC" --onnx="$ONNX" --saveEngine="$ENGINE" "${PRECISION_FLAGS[@]}" "${SHAPES[@]}" '
-        '--memPoolSize=workspace:"$WORKSPACE_MB" --timingCacheFile="$TIMING_CACHE" '
-        '"${BUILD_FLAGS[@]}" "${DLA_FLAGS[@]}"',
+        '"$TRTEXEC" --onnx="$ONNX" --saveEngine="$ENGINE" "${PRECISION_FLAGS[@]}" --noTF32 '
+        '"${SHAPES[@]}" --memPoolSize=workspace:"$WORKSPACE_MB" --timingCacheFile="$TIMING_CACHE" '
+        '"${BUILD_FLAGS[@]}" "${DLA_FLAGS[@]}" 2>&1 | tee "$LOG"',
         "set +x",
         "# The sidecar manifest (what the engine was built for) that predict / validate --engine",
         "# check before loading; it needs this package, not TensorRT's Python bindings.",
@@ -232,45 +352,90 @@ def build_script(manifest: Manifest) -> str:
 
 
 # -- DEPLOY.md ---------------------------------------------------------------------------------
+# What a DLA build does, per TensorRT release (build.check_dla has the rules; sources: trtexec's
+# sampleEngines.cpp on release/10.7 and release/11.1; "Working with DLA" and "Strongly Typed
+# Networks for DLA" in the TensorRT 11.4.1 documentation).
+DLA_TABLE = [
+    "| TensorRT | JetPack | DLA build | precisions |",
+    "| --- | --- | --- | --- |",
+    "| 8.5 / 8.6 | 5.1.x / 6.0 | weak typing, FP16 flag, every layer pinned to the file's type "
+    "(Python builder) | fp16 |",
+    "| 10.0 - 10.7 | (6.1/6.2 ship 10.3) | as 8.x: trtexec would add FP16 and "
+    "prefer-precision-constraints to a strongly typed network, so the Python builder | fp16 |",
+    "| 10.8 - 11.4.0 | 7.0 / 7.1 (Thor, which has no DLA) | no DLA | - |",
+    "| 11.4.1+ | 7.2.2+, Jetson AGX Orin only | strongly typed: the file's types decide | "
+    "fp16, int8 |",
+]
+
+
 def deploy_md(manifest: Manifest) -> str:
     contract = manifest.contract
-    files = _model_files(manifest)
+    files, trt8 = _artifact_files(manifest)
     default = next(p for p in reversed(PRECISIONS) if p in files)
     onnx = files[default]
     b = contract.batch
     rows = [f"| `{t.name}` | {t.dtype} | {'x'.join(map(str, t.shape))} |"
             for t in (*contract.inputs, *contract.outputs)]
-    cmd = lambda v: "trtexec " + " ".join(trtexec_command(  # noqa: E731
-        onnx, engine_name(onnx), contract, default, v, DEFAULT_WORKSPACE_MB,
-        "timing.cache", 3 if v >= (8, 6) else None))
+    cmd = lambda v, p=default, f=onnx: "trtexec " + " ".join(trtexec_command(  # noqa: E731
+        f, engine_name(f), contract, p, v, DEFAULT_WORKSPACE_MB, "timing.cache",
+        3 if v >= (8, 6) else None))
+    legacy = trt8.get(default)
+    if legacy is None:
+        line_8x = "- 8.5 / 8.6: this artifact has no opset-17 file: re-export it"
+    elif default == "fp32":
+        line_8x = f"- 8.5 / 8.6 (JetPack 5.1.x / 6.0): `{cmd((8, 6), 'fp32', legacy)}`"
+    else:
+        line_8x = (f"- 8.5 / 8.6 (JetPack 5.1.x / 6.0): the opset-17 file `{legacy}`, {default} "
+                   f"with the Python builder (`{python_build_command(legacy)}`): without strong "
+                   "typing, trtexec's `--fp16` lets TensorRT run the file's FP32 nodes (frame "
+                   "selection, LayerNorm statistics) in FP16; only the Python builder pins each "
+                   "layer to the file's type. FP32 goes through trtexec.")
     return "\n".join([
         f"# Deploying this artifact (F@{manifest.schedule}, task "
         f"{contract.task})", "",
         "Engines are built on the device that runs them: an engine only loads on the TensorRT "
         "version, GPU and JetPack that built it.", "",
         "## Files", "",
-        *[f"- `{path}`: {p.upper()} ONNX, precision written in the file" for p, path in
-          files.items()],
-        "- `build_on_device.sh`: builds `<file>.engine` with trtexec (or `--python`)",
+        *[f"- `{path}`: {p.upper()} ONNX (opset {contract.opset}), precision written in the file "
+          "(TensorRT 10.x / 11.x)" for p, path in files.items()],
+        *[f"- `{path}`: the same {p.upper()} graph for TensorRT 8.5 / 8.6 (opset 17, reduce axes "
+          "as attributes, LayerNorm decomposed with FP32 statistics), validated with the same "
+          "gates" for p, path in trt8.items()],
+        "- `build_on_device.sh`: builds `<file>.engine` (the file the TensorRT version found "
+        "needs)",
         "- `manifest.json`: the I/O contract, file hashes, parity verdicts",
         "- `reference/`: the validation clips as the model saw them with the PyTorch outputs "
         "and metrics (`validation.npz`, `validation.json`), and the first rows in Polygraphy's "
-        "formats (`inputs.json`, `outputs.json`)", "",
+        "formats (`inputs.json`, `inputs.int32.json` for 8.x engines, `outputs.json`)", "",
         f"## I/O contract (batch {b.min}:{b.opt}:{b.max}, opset {contract.opset})", "",
         "| tensor | dtype | shape |", "| --- | --- | --- |", *rows, "",
+        "TensorRT 8.x binds the INT64 tensors as INT32 (its parser narrows them); the Python "
+        "runner casts.", "",
         "## Build", "",
         "```bash",
-        f"./build_on_device.sh {default}              # trtexec; TensorRT version detected",
-        f"./build_on_device.sh {default} --python     # Python API, writes the sidecar manifest",
-        f"DLA_CORE=0 ./build_on_device.sh {default}   # AGX Orin / Orin NX; static batch "
-        f"{b.opt}",
+        f"./build_on_device.sh {default}              # TensorRT version detected",
+        f"./build_on_device.sh {default} --python     # Python API builder",
+        f"DLA_CORE=0 ./build_on_device.sh {default}   # DLA (see below); static batch {b.opt}",
         "```", "",
-        "What the script runs, per TensorRT major:", "",
-        f"- 8.6 (JetPack 6.0; 8.5 on JetPack 5.1 drops the optimization level): `{cmd((8, 6))}`",
+        "What the script runs, per TensorRT release (TF32 off everywhere: `--noTF32` for "
+        "trtexec, which enables it by default; the FP32 frame-selection nodes are what the "
+        "parity gates protect; the sidecar records `tf32: false`):", "",
+        line_8x,
         f"- 10.x (JetPack 6.1+/7.x, data-centre): `{cmd((10, 3))}`",
-        f"- 11.x: `{cmd((11, 0))}`", "",
+        f"- 11.x: `{cmd((11, 0))}`",
+        "- 8.4 and older (JetPack 5.0.x), 9.x: refused with a message.", "",
         "The timing cache (`$TIMING_CACHE`, default one per TensorRT version under "
         "`~/.cache/twbert-export/`) is reused by later builds on the same device.", "",
+        "## DLA", "",
+        *DLA_TABLE, "",
+        "DLA cores: AGX Orin 2, Orin NX 16GB 2, Orin NX 8GB 1, Orin Nano and Thor none. DLA runs "
+        "static shapes only and no Gather; most transformer layers fall back to the GPU "
+        "(`--allowGPUFallback`, silently), so every DLA build keeps what TensorRT says about "
+        "placement (trtexec's log with its Layers Running on DLA / GPU lists as "
+        "`<engine>.build.log`, and `<engine>.layers.json` from `--profilingVerbosity=detailed "
+        "--exportLayerInfo` or the Python builder's engine inspector) and prints how many layers "
+        "landed on the DLA and on the GPU: `python3 -m twbert_export.trt.cli --layer-report "
+        "<engine>.build.log`.", "",
         "## Validate on the device", "",
         "```bash",
         f"python3 -m twbert_export.reference --engine {engine_name(onnx)}",
@@ -279,14 +444,28 @@ def deploy_md(manifest: Manifest) -> str:
         "applied (per-output errors and frame-selection agreement against the PyTorch outputs, "
         "task-metric drops against PyTorch's metrics); exit 1 if one fails. Needs numpy, "
         "TensorRT and pycuda or cuda-python; no PyTorch, no video decoding.", "",
-        "## Jetson notes", "",
+        "Polygraphy's own check of the built engine against the shipped rows (every output "
+        "with an explicit tolerance: `report.json` next_commands has the exact line):", "",
+        "```bash",
+        f"polygraphy run {engine_name(onnx)} --model-type engine --trt --load-inputs "
+        f"{REFERENCE_INPUTS} --load-outputs {REFERENCE_OUTPUTS} --atol ... --rtol 0 "
+        "--check-error-stat max",
+        "```", "",
+        "(8.x engines: `--load-inputs reference/inputs.int32.json`.)", "",
+        "## Jetson: build and benchmark", "",
+        "- Before building or timing: `sudo nvpmodel -m 0` (MAXN; `nvpmodel -q` shows the mode) "
+        "and `sudo jetson_clocks` (locks the clocks): TensorRT times tactics while building, so "
+        "an engine built at a low power mode or with floating clocks picks slower kernels. The "
+        "sidecar records the power mode and whether the clocks were locked.",
         "- 8 GB boards (Orin Nano, Orin NX 8GB): keep `WORKSPACE_MB` at 1024 or below, close "
-        "other programs, build one engine at a time.",
-        "- DLA (not on Orin Nano or Thor): FP16/INT8 only, static shapes; most transformer "
-        "layers fall back to the GPU.",
-        "- Check the engine against the shipped reference: "
-        f"`polygraphy run {engine_name(onnx)} --trt --load-inputs reference/inputs.json "
-        "--load-outputs reference/outputs.json` (tolerances: `report.json` next_commands).",
+        "other programs (or stop the desktop: `sudo systemctl isolate multi-user.target`), add "
+        "swap (`sudo fallocate -l 8G /swapfile && sudo chmod 600 /swapfile && sudo mkswap "
+        "/swapfile && sudo swapon /swapfile`) and build one engine at a time.",
+        f"- Smoke test and benchmark: `trtexec --loadEngine={engine_name(onnx)} "
+        f"--shapes={shape_flags(contract)[1].split('=', 1)[1]} --useCudaGraph --useSpinWait "
+        "--noDataTransfers` (8.x engines: the `.trt8.engine`); `python -m "
+        "twbert_export.artifact_bench --artifact . --backends trt-" + default + "` reads "
+        "`tegrastats` alongside where present.",
         "- The Python runner (`twbert_export.trt.runtime.TrtRunner`) refuses an engine whose "
         "sidecar `<engine>.json` says it was built for another TensorRT, GPU or JetPack.", "",
     ])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..util import write_json
+from .version import parse_version
 
 FORMAT = "twbert-trt-engine"
 # (built with, runs on) majors a version-compatible engine crosses; the same major always works.
@@ -36,6 +37,9 @@ class MachineInfo:
     compute_capability: str | None = None  # "8.7"
     l4t: str | None = None
     jetpack: str | None = None
+    # Jetson only, recorded (not compared): tactic timings depend on them.
+    power_mode: str | None = None  # `nvpmodel -q`: "MAXN" / "15W" ...
+    clocks_locked: bool | None = None  # jetson_clocks pinned the GPU/EMC clocks (None: unknown)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EngineManifest:
     builder_optimization_level: int | None = None
     dla_core: int | None = None
     version_compatible: bool = False
+    tf32: bool = False  # TF32 off on every build path (build.TF32_NOTE); trtexec gets --noTF32
     rebuild_command: str = ""
     created: str = ""
     format: str = FORMAT
@@ -95,14 +100,6 @@ def read_manifest(engine_path: str | Path) -> EngineManifest:
     return EngineManifest.from_dict(json.loads(path.read_text()))
 
 
-def _version(v: str) -> tuple[int, ...]:
-    parts = []
-    for p in v.split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def mismatches(manifest: EngineManifest, here: MachineInfo) -> list[str]:
     """Reasons the engine cannot run here (empty: it can).
 
@@ -114,7 +111,7 @@ def mismatches(manifest: EngineManifest, here: MachineInfo) -> list[str]:
     match. Jetson: the L4T major.minor must match (it fixes CUDA and the TensorRT build)."""
     built = manifest.machine
     reasons = []
-    b, h = _version(built.tensorrt_version), _version(here.tensorrt_version)
+    b, h = parse_version(built.tensorrt_version), parse_version(here.tensorrt_version)
     if manifest.version_compatible:
         if h < b:
             reasons.append(f"TensorRT {here.tensorrt_version} here; a version-compatible engine "
@@ -136,7 +133,8 @@ def mismatches(manifest: EngineManifest, here: MachineInfo) -> list[str]:
     if bool(built.l4t) != bool(here.l4t):
         reasons.append("engine built on " + ("a Jetson" if built.l4t else "a discrete GPU")
                        + ", this is " + ("a Jetson" if here.l4t else "not a Jetson"))
-    elif built.l4t and here.l4t and _version(built.l4t)[:2] != _version(here.l4t)[:2]:
+    elif built.l4t and here.l4t and \
+            parse_version(built.l4t)[:2] != parse_version(here.l4t)[:2]:
         reasons.append(f"L4T R{here.l4t} here, engine built on R{built.l4t}")
     return reasons
 

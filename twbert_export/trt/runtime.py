@@ -11,7 +11,9 @@ BaseRunner: activate, infer on a dict of numpy arrays, deactivate).
   finishes its shape-dependent setup outside the capture), then capture of the enqueue; copies
   stay outside the graph, which is replayed while the batch size stays the same. A graph fixes
   the shapes and the context state it was captured with, so a new batch size drops it and
-  captures again: keep the batch fixed to profit from graphs.
+  captures again: keep the batch fixed to profit from graphs. A capture that fails is reported
+  once (a RuntimeWarning with the first error, kept in `graph_error`) and the runner enqueues
+  normally from then on.
 - CUDA through pycuda, or cuda-python when pycuda is absent; graph capture through the CUDA
   driver API (libcuda via ctypes), which both share.
 - Integer I/O: TensorRT 8.x has no INT64 I/O (its parser narrows to INT32): inputs are cast to
@@ -32,8 +34,9 @@ import numpy as np
 
 from ..contract import IOContract
 from ..util import require
-from .engine_manifest import EngineManifest, MachineInfo, preflight
-from .targets import detect_platform, query_cuda_device
+from .engine_manifest import EngineManifest, preflight
+from .targets import machine_info
+from .version import check_supported
 
 Shape = tuple[int, ...]
 
@@ -181,20 +184,29 @@ class _DriverGraphs:
             raise RuntimeError(f"{what} failed with CUDA driver error {rc}")
 
     def capture(self, stream: int, enqueue: Any) -> int:
+        """A graph of what `enqueue` puts on `stream`. On failure the capture is ended and
+        whatever it made destroyed, and the FIRST error is raised (an enqueue that failed
+        inside the capture makes cuStreamEndCapture fail too: that one would mask it)."""
         self._check(self.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(stream),
                                                      self.CAPTURE_MODE_GLOBAL),
                     "cuStreamBeginCapture")
         graph = ctypes.c_void_p()
         try:
             enqueue()
-        finally:
-            self._check(self.lib.cuStreamEndCapture(ctypes.c_void_p(stream),
-                                                    ctypes.byref(graph)), "cuStreamEndCapture")
+        except BaseException:
+            self.lib.cuStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph))
+            if graph.value:
+                self.lib.cuGraphDestroy(graph)
+            raise
+        self._check(self.lib.cuStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph)),
+                    "cuStreamEndCapture")
         exec_ = ctypes.c_void_p()
-        self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(exec_), graph,
-                                                         ctypes.c_ulonglong(0)),
-                    "cuGraphInstantiate")
-        self.lib.cuGraphDestroy(graph)
+        try:
+            self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(exec_), graph,
+                                                             ctypes.c_ulonglong(0)),
+                        "cuGraphInstantiate")
+        finally:
+            self.lib.cuGraphDestroy(graph)
         return int(exec_.value or 0)
 
     def launch(self, graph_exec: int, stream: int) -> None:
@@ -235,10 +247,20 @@ class PyCudaBackend:
         self.stream_obj.synchronize()
 
     def close(self) -> None:
+        """Free the buffers and the stream while the context is current, then pop it and
+        release the retained primary context (detach); the first error is the one raised."""
+        first: Exception | None = None
         for a in self._allocs:
-            a.free()
+            try:
+                a.free()
+            except Exception as e:  # free the others anyway; report the first failure
+                first = first or e
         self._allocs.clear()
+        del self.stream_obj
         self.ctx.pop()
+        self.ctx.detach()
+        if first is not None:
+            raise first
 
 
 class CudaPythonBackend:
@@ -306,13 +328,6 @@ def cuda_backend(prefer: str | None = None) -> Any:
             if prefer == "pycuda":
                 raise
     return CudaPythonBackend()
-
-
-def current_machine(trt_version: str) -> MachineInfo:
-    platform = detect_platform()
-    device = query_cuda_device()
-    name, cc = device if device else (platform.gpu_name, platform.compute_capability)
-    return MachineInfo(trt_version, name, cc, platform.l4t, platform.jetpack)
 
 
 # -- the runner --------------------------------------------------------------------------------
@@ -383,12 +398,14 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
         def __init__(self) -> None:
             super().__init__(name=name or f"trt-{path.stem}", prefix="trt-runner")
             self.cuda_graph = cuda_graph
+            self.graph_error: str | None = None  # why CUDA graphs were given up, if they were
             self.engine_manifest: EngineManifest | None = None
 
         def activate_impl(self) -> None:
             trt = require("tensorrt", "to run TensorRT engines")
+            check_supported(trt.__version__)  # 8.4 and older: no named-tensor API; one line
             # Preflight BEFORE deserialising: refuse with what it was built for.
-            self.engine_manifest = preflight(path, current_machine(trt.__version__),
+            self.engine_manifest = preflight(path, machine_info(trt.__version__),
                                              onnx_sha256)
             self.cuda = cuda_backend(backend)
             self.graphs_api = _DriverGraphs() if self.cuda_graph else None
@@ -415,6 +432,17 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
                 self.context.set_tensor_address(n, self.device[n])
             self.batch: int | None = None
             self.graph: int | None = None
+
+        def _graph_failed(self, error: Exception) -> None:
+            """CUDA-graph capture failed: say why once (the first error) and enqueue normally
+            from now on; the results are the same, only the launch overhead differs."""
+            import warnings
+
+            self.graph_error = str(error)
+            self.graphs_api = None
+            self.graph = None
+            warnings.warn(f"{path.name}: CUDA graph capture failed ({error}); running without "
+                          "CUDA graphs", RuntimeWarning, stacklevel=2)
 
         def _drop_graph(self) -> None:
             if self.graph is not None and self.graphs_api is not None:
@@ -471,8 +499,14 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
                 if self.graph is None:
                     self._enqueue()  # settle shape-dependent state outside the capture
                     self.cuda.synchronize()
-                    self.graph = self.graphs_api.capture(self.cuda.stream, self._enqueue)
-                self.graphs_api.launch(self.graph, self.cuda.stream)
+                    try:
+                        self.graph = self.graphs_api.capture(self.cuda.stream, self._enqueue)
+                    except RuntimeError as e:  # e.g. an engine with a non-capturable layer
+                        self._graph_failed(e)
+                if self.graphs_api is None or self.graph is None:
+                    self._enqueue()
+                else:
+                    self.graphs_api.launch(self.graph, self.cuda.stream)
             views = {}
             for spec in spec_contract.outputs:
                 shape = _dims(self.context.get_tensor_shape(spec.name))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from .engine_manifest import MachineInfo
+
 
 class TargetError(ValueError):
     """No target could be chosen (unknown preset name, no GPU found)."""
@@ -37,11 +39,18 @@ PRESETS: dict[str, Target] = {t.name: t for t in (
     Target("orin-nano-8gb", "Jetson Orin Nano 8GB (JetPack 5.1 / 6.x)", jetson=True,
            workspace_mb=1024, dla_cores=0, compute_capability="8.7",
            note="shared 8 GB: build one engine at a time, close other programs"),
-    Target("orin-nx", "Jetson Orin NX 8GB / 16GB", jetson=True, workspace_mb=1536,
+    # DLA cores per module: NVIDIA's Jetson Orin NX series module specification (16GB: 2x
+    # NVDLA v2.0, 8GB: 1x); the Orin Nano has none. Detection tells them apart by memory.
+    Target("orin-nx", "Jetson Orin NX 8GB", jetson=True, workspace_mb=1536,
            dla_cores=1, compute_capability="8.7",
-           note="the 16GB module has 2 DLA cores, the 8GB module 1; workspace sized for 8 GB"),
+           note="8 GB shared: one engine at a time; DLA with TensorRT <= 10.7 only (the "
+                "11.4.1 DLA is documented for the AGX Orin)"),
+    Target("orin-nx-16gb", "Jetson Orin NX 16GB", jetson=True, workspace_mb=3072,
+           dla_cores=2, compute_capability="8.7",
+           note="DLA with TensorRT <= 10.7 only (the 11.4.1 DLA is documented for the AGX Orin)"),
     Target("agx-orin", "Jetson AGX Orin 32GB / 64GB", jetson=True, workspace_mb=4096,
-           dla_cores=2, compute_capability="8.7"),
+           dla_cores=2, compute_capability="8.7",
+           note="DLA with TensorRT <= 10.7 (JetPack 5.1 - 6.x) or >= 11.4.1 on JetPack >= 7.2.2"),
     Target("thor", "Jetson AGX Thor (JetPack 7.x)", jetson=True, workspace_mb=4096,
            dla_cores=0, compute_capability=None,
            note="no DLA on Thor; compute capability read from the device at build time"),
@@ -73,6 +82,8 @@ class Platform:
     gpu_name: str | None = None
     compute_capability: str | None = None
     gpu_memory_mb: int | None = None
+    power_mode: str | None = None  # Jetson: `nvpmodel -q`
+    clocks_locked: bool | None = None  # Jetson: devfreq min == max (what jetson_clocks does)
 
     def expected_tensorrt(self) -> str | None:
         """The TensorRT the detected JetPack ships (None off Jetson or when unknown)."""
@@ -121,14 +132,32 @@ def parse_nvidia_smi(text: str) -> list[dict[str, str | int | None]]:
     return gpus
 
 
+def parse_nvpmodel(text: str | None) -> str | None:
+    """`nvpmodel -q` ('NV Power Mode: MAXN\\n0') -> 'MAXN' (None if absent)."""
+    m = re.search(r"NV Power Mode:\s*(\S+)", text or "")
+    return m.group(1) if m else None
+
+
+def clocks_locked(devfreq: dict[str, tuple[str, str]]) -> bool | None:
+    """Whether every devfreq device (GPU, EMC...) has min_freq == max_freq, as `jetson_clocks`
+    leaves them; devfreq maps a device to its (min_freq, max_freq) text. None: nothing read."""
+    if not devfreq:
+        return None
+    return all(lo.strip() == hi.strip() for lo, hi in devfreq.values())
+
+
 def classify(tegra_release: str | None = None, device_model: str | None = None,
-             meminfo: str | None = None, nvidia_smi: str | None = None) -> Platform:
-    """A Platform from the recorded text of the four sources (any may be None)."""
+             meminfo: str | None = None, nvidia_smi: str | None = None,
+             nvpmodel: str | None = None, devfreq: dict[str, tuple[str, str]] | None = None
+             ) -> Platform:
+    """A Platform from the recorded text of the sources (any may be None)."""
     l4t = parse_tegra_release(tegra_release or "")
     model = (device_model or "").replace("\x00", "").strip()
     if l4t or "jetson" in model.lower():
         return Platform(jetson=True, model=model, l4t=l4t, jetpack=jetpack_for_l4t(l4t),
-                        memory_mb=parse_meminfo_mb(meminfo or ""))
+                        memory_mb=parse_meminfo_mb(meminfo or ""),
+                        power_mode=parse_nvpmodel(nvpmodel),
+                        clocks_locked=clocks_locked(devfreq or {}))
     gpus = parse_nvidia_smi(nvidia_smi or "")
     if not gpus:
         return Platform(jetson=False)
@@ -147,6 +176,8 @@ def preset_for(platform: Platform) -> tuple[Target, str]:
                           ("agx orin", "agx-orin"), ("thor", "thor")):
             if key in model:
                 why = f"Jetson model {platform.model!r}"
+                if name == "orin-nx" and platform.memory_mb and platform.memory_mb > 12000:
+                    return PRESETS["orin-nx-16gb"], why + f", {platform.memory_mb} MB memory"
                 if name == "orin-nano-8gb" and platform.memory_mb and platform.memory_mb < 6000:
                     target = replace(PRESETS[name], workspace_mb=512,
                                      note="4 GB module: workspace halved")
@@ -177,13 +208,21 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _smi(run: Callable[..., subprocess.CompletedProcess]) -> str | None:
+def _output(run: Callable[..., subprocess.CompletedProcess], *command: str) -> str | None:
     try:
-        done = run(["nvidia-smi", "--query-gpu=name,compute_cap,memory.total",
-                    "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        done = run(list(command), capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
+
+
+def _devfreq(root: Path) -> dict[str, tuple[str, str]]:
+    found = {}
+    for device in sorted((root / "sys/class/devfreq").glob("*")):
+        lo, hi = _read(device / "min_freq"), _read(device / "max_freq")
+        if lo is not None and hi is not None:
+            found[device.name] = (lo, hi)
+    return found
 
 
 def detect_platform(root: Path = Path("/"), run: Callable[..., subprocess.CompletedProcess]
@@ -192,17 +231,12 @@ def detect_platform(root: Path = Path("/"), run: Callable[..., subprocess.Comple
     tegra = _read(root / "etc/nv_tegra_release")
     model = _read(root / "proc/device-tree/model")
     meminfo = _read(root / "proc/meminfo")
-    smi = None if tegra else _smi(run)
+    if tegra:
+        return classify(tegra, model, meminfo, nvpmodel=_output(run, "nvpmodel", "-q"),
+                        devfreq=_devfreq(root))
+    smi = _output(run, "nvidia-smi", "--query-gpu=name,compute_cap,memory.total",
+                  "--format=csv,noheader")
     return classify(tegra, model, meminfo, smi)
-
-
-def dla_available(trt_version: str) -> bool:
-    """Whether a TensorRT version can build for the DLA: up to 10.7, and again from 11.4.1 (AGX
-    Orin on JetPack >= 7.2.2); 10.8 to 11.4.0 have no DLA on Jetson ("Working with DLA",
-    TensorRT 11.4.1 developer guide)."""
-    parts = (trt_version.split(".") + ["0", "0"])[:3]
-    v = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
-    return v < (10, 8, 0) or v >= (11, 4, 1)
 
 
 def resolve_target(name: str, platform: Platform | None = None) -> tuple[Target, str]:
@@ -212,6 +246,19 @@ def resolve_target(name: str, platform: Platform | None = None) -> tuple[Target,
     if name not in PRESETS:
         raise TargetError(f"unknown --target {name!r}; choose from {', '.join(TARGET_CHOICES)}")
     return PRESETS[name], f"--target {name}"
+
+
+def machine_info(trt_version: str, platform: Platform | None = None) -> MachineInfo:
+    """This machine as an engine depends on it: the CUDA device (via libcuda, else what
+    detection found), L4T / JetPack, and on a Jetson the power mode and clock state. The one
+    reader used by the builder (sidecar) and by the runner (preflight)."""
+    platform = platform if platform is not None else detect_platform()
+    device = query_cuda_device()
+    name, cc = device if device else (platform.gpu_name or platform.model or None,
+                                      platform.compute_capability)
+    return MachineInfo(tensorrt_version=trt_version, gpu_name=name, compute_capability=cc,
+                       l4t=platform.l4t, jetpack=platform.jetpack,
+                       power_mode=platform.power_mode, clocks_locked=platform.clocks_locked)
 
 
 # -- the CUDA device, through the driver library (no pycuda, cuda-python or torch needed) ----
