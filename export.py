@@ -13,6 +13,9 @@
                      (each clip's video stem, computed once, on the split graphs)
     python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50] |
                      --question "..." --clip ID)
+    python export.py serve --artifact engines/NAME [--http-port 8000] [--grpc-port 8001]
+                     [--instances N] [--max-batch B] [--max-queue-delay-us U]   (Triton, PyTriton)
+    python export.py triton-repo --artifact engines/NAME --out REPO   (for the Triton container)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
@@ -193,9 +196,21 @@ def run_index(argv: list[str]) -> int:
     return index_main(argv)
 
 
+def run_serve(argv: list[str]) -> int:
+    from twbert_export.serve import main
+
+    return main(argv)
+
+
+def run_triton_repo(argv: list[str]) -> int:
+    from twbert_export.triton_repo import main
+
+    return main(argv)
+
+
 def run_command(argv: list[str]) -> int:
     commands = {"validate": run_validate, "predict": run_predict, "build": run_build,
-                "index": run_index}
+                "index": run_index, "serve": run_serve, "triton-repo": run_triton_repo}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "export":

@@ -32,3 +32,13 @@ def test_ci_runs_the_slow_tier_after_the_readme_tests_and_the_readme_says_how():
 def test_readme_setup_installs_the_pinned_cpu_torch_first():
     setup, _ = readme_commands()
     assert setup.index("torch==2.13.0") < setup.index("pip install -e .")
+
+
+def test_ci_makes_the_readme_serving_environment_before_the_tests():
+    """tests/serving starts Triton from .venv-serve: CI makes it as the README says, first."""
+    serving = (REPO / "README.md").read_text().split("## Serving on Triton", 1)[1]
+    setup = re.findall(r"```\n(.*?)```", serving, re.S)[0].strip()
+    _, tests = readme_commands()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert setup.startswith("python3 -m venv .venv-serve") and setup in ci
+    assert ci.index(setup) < ci.index(tests)

@@ -103,6 +103,33 @@ def score(artifact: Artifact, runner: Any, videos: np.ndarray, ids: np.ndarray,
     return run_batches(runner, batched(feed, artifact.contract.batch.max))
 
 
+def ranking(text: str, videos: list[str], out: dict[str, np.ndarray], k: int) -> dict[str, Any]:
+    """The videos ranked for a caption from the model's outputs for each (video, caption) row:
+    the ITC shortlist of k ordered by the ITM match probability (the authors' protocol)."""
+    itm = softmax(out["itm_logits"].astype(np.float64))[:, 1]
+    final = rerank(out["itc_sim"][None, :], itm[None, :], k)[0]
+    order = np.argsort(-final, kind="stable")
+    return {"text": text, "ranking": [
+        {"rank": r + 1, "video": videos[i], "match_probability": float(itm[i]),
+         "itc_similarity": float(out["itc_sim"][i]), "shortlisted": bool(final[i] >= 0),
+         **({"frames": out["frame_indices_2"][i].tolist()} if "frame_indices_2" in out else {})}
+        for r, i in enumerate(order)]}
+
+
+def answers(question: str, videos: list[str], best: list[str],
+            probability: np.ndarray) -> dict[str, Any]:
+    return {"question": question, "answers": [
+        {"video": v, "answer": a, "probability": float(p)}
+        for v, a, p in zip(videos, best, probability)]}
+
+
+def result_lines(result: dict[str, Any]) -> list[str]:
+    if "ranking" in result:
+        return [f"{e['rank']:>3}. {e['video']}  match {e['match_probability']:.3f}  "
+                f"itc {e['itc_similarity']:.2f}" for e in result["ranking"]]
+    return [f"{e['video']}: {e['answer']} ({e['probability']:.2f})" for e in result["answers"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a.split("=")[0] == "--index" for a in argv):
@@ -144,25 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingDependency, EngineMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result: dict[str, Any]
     if args.text is not None:
-        itm = softmax(out["itm_logits"].astype(np.float64))[:, 1]
-        final = rerank(out["itc_sim"][None, :], itm[None, :], args.k)[0]
-        order = np.argsort(-final, kind="stable")
-        result = {"text": args.text, "ranking": [
-            {"rank": r + 1, "video": args.video[i], "match_probability": float(itm[i]),
-             "itc_similarity": float(out["itc_sim"][i]), "shortlisted": bool(final[i] >= 0),
-             **({"frames": out["frame_indices_2"][i].tolist()} if "frame_indices_2" in out else {})}
-            for r, i in enumerate(order)]}
-        lines = [f"{e['rank']:>3}. {e['video']}  match {e['match_probability']:.3f}  "
-                 f"itc {e['itc_similarity']:.2f}" for e in result["ranking"]]
+        result = ranking(args.text, args.video, out, args.k)
     else:
         probs = softmax(out["qa_logits"].astype(np.float64))
         best = probs.argmax(-1)
-        result = {"question": args.question, "answers": [
-            {"video": v, "answer": artifact.answers[b], "probability": float(probs[i, b])}
-            for i, (v, b) in enumerate(zip(args.video, best))]}
-        lines = [f"{e['video']}: {e['answer']} ({e['probability']:.2f})" for e in result["answers"]]
+        result = answers(args.question, args.video, [artifact.answers[b] for b in best],
+                         probs[np.arange(len(best)), best])
+    lines = result_lines(result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
     return 0
 

@@ -26,6 +26,10 @@ INSTALL_HINTS = {
     "tensorrt": "tensorrt (NVIDIA's wheel or JetPack; only on a machine with an NVIDIA GPU)",
     "pycuda": "pycuda (or cuda-python)",
     "torch": "torch",
+    "pytriton": "-r requirements-serve.txt (nvidia-pytriton, in the serving environment: README "
+                "\"Serving\")",
+    "tritonclient": "-r requirements-serve.txt (tritonclient[http,grpc], in the serving "
+                    "environment: README \"Serving\")",
 }
 
 

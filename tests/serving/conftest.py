@@ -1,0 +1,74 @@
+"""A real Triton Inference Server (PyTriton's) serving the demo artifact on loopback.
+
+The server runs in the serving environment (`.venv-serve`, README "Serving"; or the Python named
+by $TWBERT_SERVE_PYTHON): PyTriton pins numpy < 2, so it does not share the main environment.
+Tests that need the server skip, saying so, where that environment is missing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clipdata import copy_clips
+from triton_server import (REPO, SERVE_ENV, STOP_TIMEOUT_S, Server, free_port, serve_python,
+                           wait_ready)
+from twbert_export.pipeline import ExportOptions, run_export
+
+
+@pytest.fixture(scope="session")
+def serving_python() -> Path:
+    python = serve_python()
+    if python is None:
+        pytest.skip("no serving environment: create .venv-serve as the README's Serving section "
+                    f"says (or set {SERVE_ENV} to a Python with requirements-serve.txt)")
+    probe = subprocess.run([str(python), "-c", "import pytriton, tritonclient.grpc"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode:
+        pytest.skip(f"{python} cannot import pytriton/tritonclient: "
+                    f"{probe.stderr.strip().splitlines()[-1:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def serve_clips(tmp_path_factory) -> Path:
+    return copy_clips(tmp_path_factory.mktemp("serve-val") / "data", 6)
+
+
+@pytest.fixture(scope="session")
+def qa_artifact(tmp_path_factory, serve_clips) -> Path:
+    """The demo checkpoint exported for QA (FP32 only: no calibration). A QA artifact serves
+    both models: its contract has the retrieval outputs beside qa_logits."""
+    out = tmp_path_factory.mktemp("serve-engines") / "demo-qa"
+    run_export(ExportOptions(ckpt="demo", precisions=("fp32",), task="qa",
+                             val_data=str(serve_clips), out=str(out), calib_cache=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(serving_python, qa_artifact, tmp_path_factory):
+    """`export.py serve` on free loopback ports; stopped with SIGINT at the end, which must
+    end it with exit 0 within STOP_TIMEOUT_S."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(serving_python), "export.py", "serve", "--artifact", str(qa_artifact),
+             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+             "--max-queue-delay-us", "50000", "--threads", "1"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            pytest.fail(f"the server did not stop within {STOP_TIMEOUT_S} s of SIGINT")
+        assert code == 0, server.output()

@@ -1,0 +1,128 @@
+"""`export.py triton-repo`: configs Triton's schema accepts, a repository written atomically
+that never replaces a directory it did not write, and its Python-backend (BLS) models loaded
+in PyTriton's bundled Triton, answering as `predict` does (with an ONNX Runtime stand-in for
+the TensorRT engine model, which cannot run here)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import export
+from triton_server import (QUESTION, REPO, Server, caption_of, free_port, predicted, served,
+                           v2_request, videos_of, wait_ready)
+from twbert_export.predict import Artifact, load_videos
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_repository_holds_engine_and_bls_configs_from_the_contract(qa_artifact, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "repo"
+    assert export.main(["triton-repo", "--artifact", str(qa_artifact), "--out", str(out),
+                        "--precision", "fp32", "--instances", "2"]) == 0
+    contract = Artifact(qa_artifact / "model.fp32.onnx").contract
+    engine = (out / "twbert_model" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in engine
+    assert f"max_batch_size: {contract.batch.max}" in engine
+    assert "instance_group [ { count: 2 kind: KIND_GPU } ]" in engine
+    T, S, L = contract.frames, contract.image_size, contract.text_len
+    assert f'name: "video" data_type: TYPE_FP32 dims: [ {T}, 3, {S}, {S} ]' in engine
+    assert f'name: "input_ids" data_type: TYPE_INT64 dims: [ {L} ]' in engine
+    for model in ("twbert_score", "twbert_qa"):
+        bls = (out / model / "config.pbtxt").read_text()
+        assert 'backend: "python"' in bls and "dynamic_batching" in bls
+        assert (out / model / "1" / "model.py").is_file()
+    assert "no engine" in capsys.readouterr().out  # says where the device's engine goes
+
+
+def test_repository_never_replaces_a_directory_it_did_not_write(qa_artifact, tmp_path, capsys):
+    foreign = tmp_path / "models"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    args = ["triton-repo", "--artifact", str(qa_artifact), "--precision", "fp32", "--out"]
+    assert export.main([*args, str(foreign)]) == 2
+    assert (foreign / "mine.txt").read_text() == "keep"
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    ours = tmp_path / "repo"
+    assert export.main([*args, str(ours)]) == 0
+    assert export.main([*args, str(ours)]) == 2  # an earlier repository: needs --force
+    assert export.main([*args, str(ours), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "repo"]  # nothing left aside
+
+
+def test_every_config_parses_as_tritons_model_config(serving_python, qa_artifact, tmp_path):
+    out = tmp_path / "repo"
+    proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
+                           str(qa_artifact), "--precision", "fp32", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for model in ("twbert_model", "twbert_score", "twbert_qa"):
+        assert f"{model}/config.pbtxt: parsed as Triton's ModelConfig" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def bundled(serving_python, qa_artifact, tmp_path_factory):
+    """The repository in PyTriton's bundled tritonserver, the engine model replaced by the
+    ONNX Runtime stand-in."""
+    root = tmp_path_factory.mktemp("bundled")
+    repo = root / "repo"
+    proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
+                           str(qa_artifact), "--precision", "fp32", "--out", str(repo)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    config = repo / "twbert_model" / "config.pbtxt"
+    config.write_text(config.read_text()
+                      .replace('platform: "tensorrt_plan"', 'backend: "python"')
+                      .replace("KIND_GPU", "KIND_CPU")
+                      + f'parameters {{ key: "onnx" value {{ string_value: '
+                        f'"{qa_artifact / "model.fp32.onnx"}" }} }}\n')
+    shutil.copy(HERE / "ort_engine_model.py", repo / "twbert_model" / "1" / "model.py")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(serving_python), "-m", "twbert_export.triton_repo", "--bundled-server",
+             str(repo), str(http), str(grpc), str(metrics), str(root / "workspace")],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            pytest.fail("the bundled server did not stop within 60 s of SIGINT")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bls_models_answer_as_predict_does(bundled, qa_artifact, serve_clips, protocol, capsys):
+    videos = videos_of(serve_clips)
+    caption = caption_of(serve_clips)
+    want = predicted(qa_artifact, videos, "--text", caption, capsys)
+    got = served(bundled, protocol, videos, "--text", caption)
+    assert [r["video"] for r in got["ranking"]] == [r["video"] for r in want["ranking"]]
+    assert [r["match_probability"] for r in got["ranking"]] == pytest.approx(
+        [r["match_probability"] for r in want["ranking"]], abs=1e-6)
+    want = predicted(qa_artifact, videos, "--question", QUESTION, capsys)
+    got = served(bundled, protocol, videos, "--question", QUESTION)
+    assert [a["answer"] for a in got["answers"]] == [a["answer"] for a in want["answers"]]
+
+
+def test_bls_model_answers_a_bad_request_with_an_error_and_stays_up(bundled, qa_artifact,
+                                                                    serve_clips):
+    clip = load_videos(Artifact(qa_artifact / "model.fp32.onnx"), videos_of(serve_clips, 1))[0]
+    status, reply = bundled.request("POST", "/v2/models/twbert_score/infer",
+                                    v2_request(clip, " "))
+    assert status >= 400 and "text is empty" in reply["error"], (status, reply)
+    status, reply = bundled.request("POST", "/v2/models/twbert_score/infer",
+                                    v2_request(clip, caption_of(serve_clips)))
+    assert status == 200, reply

@@ -1,0 +1,308 @@
+"""A model repository for the stock Triton Inference Server container, from an artifact.
+
+    python export.py triton-repo --artifact engines/NAME --out REPO [--precision fp16]
+                                 [--instances N] [--max-queue-delay-us U] [--force]
+
+    REPO/twbert_model/config.pbtxt     platform "tensorrt_plan": the contract's inputs and
+         twbert_model/1/model.plan     outputs (dims without the batch axis), max_batch_size and
+                                       dynamic batching from the exported batch range, instance
+                                       group(s) on the GPU; the engine copied in when the
+                                       artifact has one (`export.py build` on the device)
+    REPO/twbert_score/config.pbtxt     Python backend, BLS (`triton_bls.py`): video + text ->
+         twbert_score/1/...            match probability, ITC similarity, ITM logits, frames;
+    REPO/twbert_qa/...                 (QA artifacts) video + question -> answer, probability
+                                       with tokenizer.json, answers.json and twbert_serving/ (the
+                                       numpy-only modules tokenising and post-processing as
+                                       `export.py serve` does)
+
+The served models take and give what `export.py serve` binds, so `python -m twbert_export.client`
+works against either. Every config.pbtxt is parsed into Triton's ModelConfig protobuf
+(tritonclient's `model_config_pb2`) after it is written, when tritonclient is installed.
+The repository is assembled beside --out and moved into place; an existing --out is replaced
+only if this command wrote it (its marker file) or it is empty.
+
+Run it in the container: `docker run --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002
+-v $PWD/REPO:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver
+--model-repository=/models` (with `pip install numpy tokenizers` for the Python backend; the
+engine must be built for the container's TensorRT and the GPU it runs on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifact import Manifest
+from .contract import BATCH, IOContract
+from .served import QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT
+from .util import write_json
+
+ENGINE_MODEL = "twbert_model"
+MARKER = ".twbert-triton-repo.json"  # says this command wrote the directory
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
+                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "bool": "TYPE_BOOL",
+                "bytes": "TYPE_STRING"}
+# Modules the BLS model imports, copied into <model>/1/twbert_serving/ (numpy-only, relative
+# imports among themselves).
+SERVING_MODULES = ("preprocess.py", "metrics.py", "served.py")
+PACKAGE = Path(__file__).resolve().parent
+
+
+class TritonRepoError(ValueError):
+    """An --out or artifact this command cannot or must not write from (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy dtype name, or "bytes"
+    dims: tuple[int, ...]  # without the batch axis
+
+
+def tensor_block(kind: str, tensors: list[Tensor]) -> str:
+    """An input or output list. A tensor with only the batch axis (itc_sim: one value per row)
+    is given to Triton as dims [1] reshaped to [] (its documented form for such tensors)."""
+    def dims(t: Tensor) -> str:
+        if not t.dims:
+            return "dims: [ 1 ] reshape: { shape: [ ] }"
+        return f"dims: [ {', '.join(map(str, t.dims))} ]"
+
+    items = ",\n".join(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} {dims(t)} }}'
+                       for t in tensors)
+    return f"{kind} [\n{items}\n]\n"
+
+
+def model_config(name: str, head: str, max_batch: int, inputs: list[Tensor],
+                 outputs: list[Tensor], instances: int, kind: str, queue_delay_us: int,
+                 preferred: list[int], parameters: dict[str, str] | None = None) -> str:
+    """A config.pbtxt (Triton's ModelConfig in protobuf text format)."""
+    text = (f'name: "{name}"\n{head}\nmax_batch_size: {max_batch}\n'
+            + tensor_block("input", inputs) + tensor_block("output", outputs)
+            + "dynamic_batching {\n"
+            + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+               if preferred else "")
+            + f"  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+            + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n")
+    for key, value in (parameters or {}).items():
+        text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+    return text
+
+
+def unbatched(spec_shape: tuple) -> tuple[int, ...]:
+    if spec_shape[0] != BATCH:
+        raise TritonRepoError("the contract's first axis is not the batch axis")
+    return tuple(int(d) for d in spec_shape[1:])
+
+
+def engine_tensors(contract: IOContract, integer_io: str) -> tuple[list[Tensor], list[Tensor]]:
+    """The engine's I/O as Triton sees it: the contract's, with INT64 narrowed to INT32 for a
+    TensorRT 8.x engine (its parser has no INT64 I/O)."""
+    def dtype(d: str) -> str:
+        return integer_io if d == "int64" else d
+
+    return ([Tensor(t.name, dtype(t.dtype), unbatched(t.shape)) for t in contract.inputs],
+            [Tensor(t.name, dtype(t.dtype), unbatched(t.shape)) for t in contract.outputs])
+
+
+def served_tensors(contract: IOContract, kind: str) -> tuple[list[Tensor], list[Tensor]]:
+    """What `export.py serve` binds for the score or QA model (see serve.model_specs)."""
+    video = Tensor("video", "float32", unbatched(contract.inputs[0].shape))
+    if kind == "qa":
+        return ([video, Tensor(QA_TEXT, "bytes", (1,))],
+                [Tensor("answer", "bytes", (1,)), Tensor("probability", "float64", (1,)),
+                 Tensor("answer_index", "int64", (1,))])
+    outputs = [Tensor("match_probability", "float64", (1,)),
+               Tensor("itc_similarity", "float32", (1,)), Tensor("itm_logits", "float32", (2,))]
+    kept = next((t for t in contract.outputs if t.name == "frame_indices_2"), None)
+    if kept is not None:
+        outputs.append(Tensor("frames", "int64", unbatched(kept.shape)))
+    return [video, Tensor(SCORE_TEXT, "bytes", (1,))], outputs
+
+
+def check_config(text: str, where: str) -> str:
+    """Parse a config.pbtxt into Triton's ModelConfig protobuf (unknown fields, wrong types and
+    enum names fail) and check what the schema cannot say. Returns what was checked."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return "not parsed (tritonclient is not installed: pip install -r requirements-serve.txt)"
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise TritonRepoError(f"{where}: not a valid Triton model config ({e})") from None
+    problems = []
+    if bool(config.platform) == bool(config.backend):
+        problems.append("exactly one of platform and backend must be set")
+    if config.max_batch_size < 1:
+        problems.append("max_batch_size must be >= 1 (batching models)")
+    for t in [*config.input, *config.output]:
+        if not t.dims or any(d < 1 for d in t.dims):
+            problems.append(f"{t.name}: dims must be fixed and positive, got {list(t.dims)}")
+    preferred = config.dynamic_batching.preferred_batch_size
+    if any(not 1 <= p <= config.max_batch_size for p in preferred):
+        problems.append(f"preferred_batch_size {list(preferred)} outside 1..max_batch_size")
+    if problems:
+        raise TritonRepoError(f"{where}: {'; '.join(problems)}")
+    return "parsed as Triton's ModelConfig (tritonclient model_config_pb2)"
+
+
+def integer_io_of(engine: Path) -> str:
+    """int32 for an engine built with TensorRT 8.x (from its sidecar), else int64."""
+    sidecar = engine.with_name(engine.name + ".json")
+    if sidecar.is_file():
+        version = json.loads(sidecar.read_text()).get("machine", {}).get("tensorrt_version", "")
+        if str(version).startswith("8."):
+            return "int32"
+    return "int64"
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TritonRepoError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise TritonRepoError(f"--out {out} is a non-empty directory this command did not "
+                                  "write: name a new directory")
+        if not force:
+            raise TritonRepoError(f"--out {out} holds an earlier repository: add --force to "
+                                  "replace it")
+
+
+def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None = None,
+               instances: int = 1, queue_delay_us: int = 2000, force: bool = False
+               ) -> dict[str, str]:
+    """Write the repository; returns {config path: what checked it}."""
+    artifact_dir, out = Path(artifact_dir), Path(out)
+    manifest = Manifest.load(artifact_dir)
+    contract = manifest.contract
+    chosen = precision or ("fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
+    entry = manifest.file(chosen)
+    if entry is None:
+        raise TritonRepoError(f"--precision {chosen}: {artifact_dir} holds "
+                              f"{', '.join(manifest.precisions)}")
+    if contract.batch.min != 1:
+        raise TritonRepoError(f"the artifact's batch range starts at {contract.batch.min}: "
+                              "Triton sends batches from 1 (export with --batch 1:OPT:MAX)")
+    if instances < 1:
+        raise TritonRepoError(f"--instances must be >= 1, got {instances}")
+    check_out(out, force)
+    engine = (artifact_dir / entry.path).with_suffix(".engine")
+    batch = contract.batch
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of this pid only
+    configs: dict[str, str] = {}
+    try:
+        inputs, outputs = engine_tensors(contract, integer_io_of(engine))
+        configs[ENGINE_MODEL] = model_config(
+            ENGINE_MODEL, 'platform: "tensorrt_plan"', batch.max, inputs, outputs, instances,
+            "KIND_GPU", queue_delay_us, sorted({batch.opt, batch.max}))
+        (tmp / ENGINE_MODEL / "1").mkdir(parents=True)
+        if engine.is_file():
+            shutil.copy2(engine, tmp / ENGINE_MODEL / "1" / "model.plan")
+        kinds = [("score", SCORE_MODEL)]
+        if contract.task == "qa" and manifest.answers:
+            kinds.append(("qa", QA_MODEL))
+        for kind, name in kinds:
+            served_in, served_out = served_tensors(contract, kind)
+            configs[name] = model_config(
+                name, 'backend: "python"', batch.max, served_in, served_out, instances,
+                "KIND_CPU", queue_delay_us, [],
+                {"kind": kind, "engine_model": ENGINE_MODEL, "text_len": str(contract.text_len),
+                 "engine_outputs": ",".join(t.name for t in contract.outputs)})
+            version = tmp / name / "1"
+            (version / "twbert_serving").mkdir(parents=True)
+            shutil.copy2(PACKAGE / "triton_bls.py", version / "model.py")
+            for module in SERVING_MODULES:
+                shutil.copy2(PACKAGE / module, version / "twbert_serving" / module)
+            (version / "twbert_serving" / "__init__.py").write_text("")
+            shutil.copy2(artifact_dir / manifest.tokenizer, version / "tokenizer.json")
+            if kind == "qa":
+                shutil.copy2(artifact_dir / str(manifest.answers), version / "answers.json")
+        checked = {}
+        for name, text in configs.items():
+            (tmp / name / "config.pbtxt").write_text(text)
+            checked[f"{out / name / 'config.pbtxt'}"] = check_config(text, f"{name}/config.pbtxt")
+        write_json(tmp / MARKER, {"artifact": str(artifact_dir), "precision": chosen,
+                                  "onnx_sha256": entry.sha256,
+                                  "engine": engine.name if engine.is_file() else None})
+        if out.exists():  # ours (checked above): set aside, then removed once the new is in
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return checked
+
+
+def run_bundled_server(repo: str | Path, http_port: int, grpc_port: int, metrics_port: int,
+                       workspace: str | Path) -> None:
+    """Replace this process with the `tritonserver` that PyTriton ships (Python backend only, on
+    the CPU), serving `repo` on loopback: the way to load a repository's Python-backend models
+    here, where there is no Triton container. The server's files are laid out in `workspace` as
+    PyTriton lays them out (the binaries, the Python-backend stub of this Python's version), and
+    the stub loads this interpreter's libpython (serve.use_own_libpython)."""
+    from .serve import LOOPBACK, pytriton, use_own_libpython
+
+    pytriton()
+    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+    server = Path(workspace) / "tritonserver"
+    shutil.copytree(get_root_module_path() / "tritonserver", server,
+                    ignore=shutil.ignore_patterns("python_backend_stubs"))
+    stub = get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}")
+    shutil.copy(stub, server / "backends" / "python" / "triton_python_backend_stub")
+    use_own_libpython()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"),
+                                                  str(get_libs_path())) if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the stub's Python
+    binary = str(server / "bin" / "tritonserver")
+    os.execve(binary, [
+        binary, f"--model-repository={Path(repo).resolve()}",
+        f"--backend-directory={server / 'backends'}", f"--http-address={LOOPBACK}",
+        f"--http-port={http_port}", f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={LOOPBACK}", f"--metrics-port={metrics_port}",
+        "--exit-on-error=true", "--log-verbose=0"], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python export.py triton-repo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True, help="artifact directory (engines/NAME)")
+    ap.add_argument("--out", required=True, help="model repository directory to write")
+    ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
+    ap.add_argument("--instances", type=int, default=1, help="instances per model")
+    ap.add_argument("--max-queue-delay-us", type=int, default=2000)
+    ap.add_argument("--force", action="store_true", help="replace a repository written earlier")
+    args = ap.parse_args(argv)
+    try:
+        checked = write_repo(args.artifact, args.out, args.precision, args.instances,
+                             args.max_queue_delay_us, args.force)
+    except (ValueError, FileNotFoundError) as e:  # TritonRepoError, ArtifactFormatError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    for path, how in checked.items():
+        print(f"{path}: {how}")
+    plan = Path(args.out) / ENGINE_MODEL / "1" / "model.plan"
+    if not plan.is_file():
+        print(f"no engine in {args.artifact} yet: build it on the device (export.py build) and "
+              f"copy it to {plan}, or run triton-repo there")
+    return 0
+
+
+if __name__ == "__main__":
+    # python -m twbert_export.triton_repo --bundled-server REPO HTTP GRPC METRICS WORKSPACE
+    if sys.argv[1:2] == ["--bundled-server"] and len(sys.argv) == 7:
+        run_bundled_server(sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6])
+    sys.exit(main())
