@@ -182,7 +182,7 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
                      calibration_method="max",
                      calibration_eps=["cpu"], calibration_cache_path=str(cache),
                      op_types_to_quantize=precision.INT8_OP_TYPES,
-                     nodes_to_exclude=precision.SELECTION_NODES, high_precision_dtype="fp32",
+                     nodes_to_exclude=list(precision.SELECTION_NODES), high_precision_dtype="fp32",
                      disable_mha_qdq=True, output_path=str(dst), log_level="ERROR")
         return dst
 
@@ -217,7 +217,8 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
         with compat.quiet_modelopt():
             return convert_to_mixed_precision(
                 str(src), low_precision_type="fp16", keep_io_types=True,
-                nodes_to_exclude=precision.SELECTION_NODES, op_types_to_exclude=exclude,
+                nodes_to_exclude=list(precision.SELECTION_NODES),
+                op_types_to_exclude=exclude,
                 data_max=np.inf, providers=["cpu"]).SerializeToString()
 
     out, _ = artifact

@@ -274,4 +274,5 @@ def test_int8_leaves_the_selection_node_patterns_as_they_were(artifact):
     from twbert_export import precision
 
     assert artifact[1].precisions["int8"].passed  # an INT8 export ran in this process
+    assert isinstance(precision.SELECTION_NODES, tuple)
     assert all(p.startswith("/model/selector") for p in precision.SELECTION_NODES)

@@ -75,7 +75,7 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
         # run (the memory problem ActivationRanges describes).
         model = convert_to_mixed_precision(
             str(src), low_precision_type="fp16", keep_io_types=True,
-            nodes_to_exclude=SELECTION_NODES + out_of_range,
+            nodes_to_exclude=[*SELECTION_NODES, *out_of_range],
             op_types_to_exclude=op_types_to_exclude, data_max=np.inf, providers=["cpu"])
     # AutoCast reuses one symbolic dim name for different sizes; let inference redo value_info.
     del model.graph.value_info[:]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
 # the product that gathers the kept frames (all named under the selector modules at export).
-SELECTION_NODES = [r"/model/selector[12]/.*"]
+# A tuple: ModelOpt extends the nodes_to_exclude list it is given, so callers pass a copy.
+SELECTION_NODES = (r"/model/selector[12]/.*",)
 # Quantize only the matrix products: residual Adds and LayerNorms in INT8 cost accuracy for
 # little speed (docs/benchmarks.md, "Export-time measurements behind the code").
 INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]
