@@ -9,6 +9,10 @@
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
                      (--text "a caption" | --question "...")
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto]   (needs TensorRT)
+    python export.py index --artifact engines/NAME --videos DIR --out INDEX [--precision fp16]
+                     (each clip's video stem, computed once, on the split graphs)
+    python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50] |
+                     --question "..." --clip ID)
     python export.py serve --artifact engines/NAME [--http-port 8000] [--grpc-port 8001]
                      [--instances N] [--max-batch B] [--max-queue-delay-us U]   (Triton, PyTriton)
     python export.py triton-repo --artifact engines/NAME --out REPO   (for the Triton container)
@@ -59,6 +63,11 @@ def export_parser() -> argparse.ArgumentParser:
                     help="allow full unpickling of the checkpoint (only for files you trust)")
     ap.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                     help="a video that does not decode: stop, or skip it and go on")
+    ap.add_argument("--graphs", choices=["both", "monolithic"], default="both",
+                    help="both (default): the whole model (model.<p>.onnx) and beside it the "
+                         "split graphs text, video_stem, select, fuse (<graph>.<p>.onnx) that "
+                         "`export.py index` and `predict --index` use; monolithic: the whole "
+                         "model only (docs/split.md)")
     return ap
 
 
@@ -95,7 +104,7 @@ def run_export(argv: list[str]) -> int:
             calib_method=args.calib_method, val_data=args.val_data, out=args.out,
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
             on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache,
-            val_limit=args.val_clips)
+            val_limit=args.val_clips, graphs=args.graphs)
         result = pipeline.run_export(opts)
     except input_errors() as e:
         return bad_input(e, "python export.py --help")
@@ -181,6 +190,12 @@ def run_predict(argv: list[str]) -> int:
     return main(argv)
 
 
+def run_index(argv: list[str]) -> int:
+    from twbert_export.gallery import index_main
+
+    return index_main(argv)
+
+
 def run_serve(argv: list[str]) -> int:
     from twbert_export.serve import main
 
@@ -195,7 +210,7 @@ def run_triton_repo(argv: list[str]) -> int:
 
 def run_command(argv: list[str]) -> int:
     commands = {"validate": run_validate, "predict": run_predict, "build": run_build,
-                "serve": run_serve, "triton-repo": run_triton_repo}
+                "index": run_index, "serve": run_serve, "triton-repo": run_triton_repo}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "export":

@@ -29,6 +29,7 @@ MANIFEST_FILE, REPORT_FILE = "manifest.json", "report.json"
 # Every precision the export writes, in order of conversion (fp32 first: the others start from it).
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_GRAPH = "model"  # the whole network as one graph
+SPLIT_GRAPHS = ("text", "video_stem", "select", "fuse")  # the split deployment (split.py)
 DEFAULT_FLAVOUR = "trt10"
 TRT8_FLAVOUR = "trt8"  # the opset-17 twin of a trt10 file, for TensorRT 8.5 / 8.6 (legacy.py)
 FLAVOURS = (DEFAULT_FLAVOUR, TRT8_FLAVOUR)
@@ -148,6 +149,8 @@ class Manifest:
     tokenizer: str  # file name in the artifact directory
     calibration: dict[str, Any] | None = None
     answers: str | None = None  # file name of the QA answer list
+    # The I/O contract of each split graph (split.split_contracts); empty without split graphs.
+    graph_contracts: dict[str, IOContract] = field(default_factory=dict)
     # flavour -> precision -> whether that flavour's file passed, for the flavours beyond the
     # default (optional in the JSON: manifests written before the trt8 flavour have none)
     flavour_parity: dict[str, dict[str, bool]] = field(default_factory=dict)
@@ -163,6 +166,23 @@ class Manifest:
              flavour: str = DEFAULT_FLAVOUR) -> FileEntry | None:
         return next((f for f in self.files if (f.graph, f.precision, f.flavour)
                      == (graph, precision, flavour)), None)
+
+    @property
+    def graphs(self) -> list[str]:
+        """The graphs the artifact holds, in the order of their first file entry."""
+        return list(dict.fromkeys(f.graph for f in self.files))
+
+    @property
+    def has_split(self) -> bool:
+        return all(g in self.graphs for g in SPLIT_GRAPHS)
+
+    def contract_of(self, graph: str) -> IOContract:
+        """The I/O contract of one graph of the artifact."""
+        if graph == MODEL_GRAPH:
+            return self.contract
+        if graph not in self.graph_contracts:
+            raise ArtifactFormatError(f"{MANIFEST_FILE}: no contract for graph {graph!r}")
+        return self.graph_contracts[graph]
 
     def entries(self, flavour: str = DEFAULT_FLAVOUR) -> list[FileEntry]:
         """Every file of one flavour, every graph and precision, in manifest order."""
@@ -196,7 +216,9 @@ class Manifest:
             "tools": self.tools, "created": self.created, "tokenizer": self.tokenizer,
             "answers": self.answers,
             "flavour_parity": {fl: {p: {"passed": passed} for p, passed in verdicts.items()}
-                               for fl, verdicts in self.flavour_parity.items()}}
+                               for fl, verdicts in self.flavour_parity.items()},
+            **({"graph_contracts": {g: c.to_dict() for g, c in self.graph_contracts.items()}}
+               if self.graph_contracts else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> "Manifest":
@@ -213,6 +235,13 @@ class Manifest:
             contract = IOContract.from_dict(_read(d, "contract", dict, where))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactFormatError(f"{where}: field 'contract' is malformed ({e!r})") from None
+        graph_contracts = {}
+        for graph, c in (_read(d, "graph_contracts", dict, where, optional=True) or {}).items():
+            try:
+                graph_contracts[graph] = IOContract.from_dict(c)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ArtifactFormatError(f"{where}: field 'graph_contracts.{graph}' is "
+                                          f"malformed ({e!r})") from None
         return cls(
             checkpoint=CheckpointInfo(_read(ckpt, "path", str, ckpt_where),
                                       _read(ckpt, "sha256", str, ckpt_where),
@@ -225,7 +254,8 @@ class Manifest:
             tools=_read(d, "tools", dict, where), created=_read(d, "created", str, where),
             tokenizer=_read(d, "tokenizer", str, where),
             calibration=_read(d, "calibration", dict, where, optional=True),
-            answers=_read(d, "answers", str, where, optional=True))
+            answers=_read(d, "answers", str, where, optional=True),
+            graph_contracts=graph_contracts)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
@@ -287,6 +317,10 @@ class Report:
     total_seconds: float = 0.0
     # flavour -> precision -> result, for the flavours beyond the default (the trt8 files)
     flavours: dict[str, dict[str, PrecisionResult]] = field(default_factory=dict)
+    # The split graphs composed, per precision, against the same reference and gates.
+    split: dict[str, PrecisionResult] = field(default_factory=dict)
+    # Per validation runner (onnx-fp32, split-fp32, ...): graph executions, rows, seconds.
+    validation_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def result(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> PrecisionResult | None:
         return (self.precisions if flavour == DEFAULT_FLAVOUR
@@ -299,9 +333,11 @@ class Report:
 
     @property
     def failed(self) -> list[str]:
-        """What failed its gates, for messages: 'fp16', or 'fp16 (trt8)' for another flavour."""
-        return [p if fl == DEFAULT_FLAVOUR else f"{p} ({fl})"
-                for p, fl, r in self.results() if not r.passed]
+        """What failed its gates, for messages: 'fp16', 'fp16 (trt8)' for another flavour,
+        'fp16 (split)' for the split graphs composed."""
+        return ([p if fl == DEFAULT_FLAVOUR else f"{p} ({fl})"
+                 for p, fl, r in self.results() if not r.passed]
+                + [f"{p} (split)" for p, r in self.split.items() if not r.passed])
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "twbert-export-report", "format_version": FORMAT_VERSION,
@@ -311,7 +347,9 @@ class Report:
                 "validation_data": self.validation_data, "skipped_videos": self.skipped_videos,
                 "total_seconds": self.total_seconds,
                 "flavours": {fl: {p: r.to_dict() for p, r in by_p.items()}
-                             for fl, by_p in self.flavours.items()}}
+                             for fl, by_p in self.flavours.items()},
+                **({"split": {p: r.to_dict() for p, r in self.split.items()},
+                    "validation_runs": self.validation_runs} if self.split else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
@@ -330,7 +368,10 @@ class Report:
             stages=_read(d, "stages", list, where),
             lint_warnings=_read(d, "lint_warnings", list, where),
             skipped_videos=_read(d, "skipped_videos", list, where),
-            total_seconds=_read(d, "total_seconds", (int, float), where))
+            total_seconds=_read(d, "total_seconds", (int, float), where),
+            split={p: PrecisionResult.from_dict(r, f"{where} split.{p}")
+                   for p, r in (_read(d, "split", dict, where, optional=True) or {}).items()},
+            validation_runs=_read(d, "validation_runs", dict, where, optional=True) or {})
 
     @classmethod
     def load(cls, directory: str | Path) -> "Report":

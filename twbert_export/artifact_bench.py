@@ -15,12 +15,27 @@ board input power (lock the clocks first: `sudo nvpmodel -m 0 && sudo jetson_clo
 
 `--op-profile` times nothing: it runs each ort-* backend under ONNX Runtime's profiler and
 prints the kernel time per op type (what its latency is made of).
+
+`--gallery 100,1000` times one text query over N indexed clips, split graphs against the whole
+model, on ONNX Runtime per precision (`--precisions fp32,fp16`), in one process, the two
+alternated so that load from other processes falls on both alike:
+
+    python -m twbert_export.artifact_bench --artifact engines/NAME --gallery 100,1000
+
+Split: the clips indexed first (`export.py index`'s code, stems FP32 at fp32 and FP16
+otherwise; the cost per clip is reported), then per query the text graph once, `select` on
+every stem and `fuse` on the k best by ITC (`clip_index.rank`). Whole model: the N (clip,
+caption) pairs through model.<p>.onnx in runs of the batch max (clips decoded beforehand),
+then the same re-ranking. A gallery larger than the distinct clips of `--data` repeats clips
+under new ids (the work per clip is the same). Reports the best of `--repeat` per row and
+whether the two rankings are equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -220,6 +235,114 @@ def _op_profiles(artifact: Path, manifest: Manifest, backends: list[str],
     return 0
 
 
+# -- gallery mode -------------------------------------------------------------------------------
+def gallery(artifact: Path, sizes: list[int], precision: str, k: int = 50, repeats: int = 3,
+            data: str = "demo:train,demo,demo:calib", threads: int | None = None
+            ) -> list[dict[str, Any]]:
+    """One query over each gallery size at one precision, split against the whole model."""
+    import tempfile
+    from collections import Counter
+
+    from .assets import resolve_data
+    from .clip_index import ClipIndex, index_videos, rank
+    from .gallery import SplitArtifact
+    from .metrics import rerank, softmax
+    from .predict import encode_tokens
+    from .preprocess import load_video, read_annotations
+    from .runners import batched, ort_session
+
+    split = SplitArtifact(artifact, precision)
+    contract = split.manifest.contract
+    entry = split.manifest.file(precision)
+    if entry is None:
+        raise ValueError(f"{artifact} has no whole-model {precision} file to compare with")
+    videos: list[Path] = []
+    for name in data.split(","):
+        directory = resolve_data(name)
+        videos += [directory / v for v in dict.fromkeys(r["video"]
+                                                        for r in read_annotations(directory))]
+    videos = list(dict.fromkeys(videos))[:max(sizes)]
+    caption = next(r["caption"] for r in read_annotations(resolve_data(data.split(",")[0]))
+                   if r.get("caption"))
+    ids, mask = encode_tokens(split.tokenizer(), caption, contract.text_len)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, split.pipeline(threads) as pipeline:
+        stored = ClipIndex.open(Path(tmp) / "index", split.identity, split.stem_shape,
+                                "float32" if precision == "fp32" else "float16")
+        start = time.perf_counter()
+        index_videos(stored, videos, pipeline, split.contracts["video_stem"])
+        index_seconds = (time.perf_counter() - start) / len(videos)
+        decoded = np.stack([load_video(v, contract.frames, contract.image_size) for v in videos])
+        session = ort_session(artifact / entry.path, threads)
+        for n in sizes:
+            clip_rows = [i % len(videos) for i in range(n)]
+            distinct = stored.clip_ids
+            gallery_ids = [f"{i}:{distinct[c]}" for i, c in enumerate(clip_rows)]
+            index = ClipIndex(stored.path, stored.artifact, stored.stem_shape, stored.stem_dtype,
+                              {g: stored.entries[distinct[c]]
+                               for g, c in zip(gallery_ids, clip_rows)})
+            feed = {"video": decoded[clip_rows], "input_ids": np.repeat(ids, n, 0),
+                    "attention_mask": np.repeat(mask, n, 0)}
+
+            def whole_model_query() -> list[str]:
+                outs = [session.run(["itc_sim", "itm_logits"], chunk)
+                        for chunk in batched(feed, contract.batch.max)]
+                itc = np.concatenate([o[0] for o in outs])
+                itm = softmax(np.concatenate([o[1] for o in outs]).astype(np.float64))[:, 1]
+                final = rerank(itc[None], itm[None], k)[0]
+                return [gallery_ids[i] for i in np.argsort(-final, kind="stable")]
+
+            def split_query() -> list[str]:
+                return [r.clip_id for r in rank(index, pipeline, ids, mask, k)]
+
+            seconds: dict[str, list[float]] = {"monolithic": [], "split": []}
+            rankings: dict[str, list[str]] = {}
+            for _ in range(repeats):
+                for name, query in (("monolithic", whole_model_query), ("split", split_query)):
+                    before = Counter(pipeline.executions)
+                    t0 = time.perf_counter()
+                    rankings[name] = query()
+                    seconds[name].append(time.perf_counter() - t0)
+            best = {name: min(s) for name, s in seconds.items()}
+            same_top = len(set(rankings["split"][:k]) & set(rankings["monolithic"][:k]))
+            rows.append({
+                "precision": precision, "clips": n, "distinct_clips": len(videos), "k": k,
+                "query_seconds": best, "ratio": best["split"] / best["monolithic"],
+                "rankings_equal": rankings["split"] == rankings["monolithic"],
+                "shortlist_overlap": same_top, "repeats": repeats,
+                "split_graph_runs": dict(pipeline.executions - before),
+                "monolithic_graph_runs": -(-n // contract.batch.max),
+                "index_seconds_per_clip": index_seconds, "stem_dtype": stored.stem_dtype,
+                "load_average_1min": os.getloadavg()[0]})
+    return rows
+
+
+def _gallery_main(artifact: Path, args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(n) for n in args.gallery.split(",")]
+        rows = [row for p in args.precisions.split(",")
+                for row in gallery(artifact, sizes, p, args.k, args.repeat, args.data,
+                                   args.threads)]
+    except ValueError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"one query over N indexed clips, k={args.k}, ONNX Runtime CPU, {args.threads} "
+          f"threads, best of {args.repeat} alternated runs")
+    print(f"{'precision':<10}{'N':>6}{'whole s':>9}{'split s':>9}{'ratio':>7}  {'equal':<6}"
+          f"{'index ms/clip':>14}  split graph runs")
+    for r in rows:
+        q = r["query_seconds"]
+        runs = ", ".join(f"{g} {n}" for g, n in r["split_graph_runs"].items())
+        print(f"{r['precision']:<10}{r['clips']:>6}{q['monolithic']:>9.3f}{q['split']:>9.3f}"
+              f"{r['ratio']:>7.2f}  {str(r['rankings_equal']):<6}"
+              f"{1000 * r['index_seconds_per_clip']:>14.1f}  {runs} (whole model: "
+              f"{r['monolithic_graph_runs']})")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    manifest = Manifest.load(artifact)
+    _save(args.json, artifact, manifest, gallery=rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twbert_export.artifact_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op-profile", action="store_true",
                     help="instead of timing: ONNX Runtime's kernel time per op type for each "
                          "ort-* backend and batch (--repeat runs after one warm-up run)")
+    ap.add_argument("--gallery", metavar="N,N", help="instead: one query over N indexed clips, "
+                    "split graphs against the whole model (see above)")
+    ap.add_argument("--precisions", default="fp32,fp16", help="with --gallery")
+    ap.add_argument("--k", type=int, default=50, help="with --gallery: ITM shortlist")
+    ap.add_argument("--data", default="demo:train,demo,demo:calib",
+                    help="with --gallery: data directories whose clips are indexed")
     ap.add_argument("--worker", nargs=2, metavar=("BACKEND", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     artifact = Path(args.artifact)
+    if args.gallery:
+        return _gallery_main(artifact, args)
     if args.worker and args.op_profile:
         rows = op_profile(artifact, args.worker[0], int(args.worker[1]), args.threads,
                           args.repeat)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -155,6 +155,22 @@ class ClipIndex:
             "clips": {cid: vars(e) for cid, e in self.entries.items()}})
 
 
+def index_identity(path: str | Path) -> str:
+    """The artifact identity an existing index was made for (to find the graphs it belongs
+    to before opening it). Raises ClipIndexError when `path` holds no readable index."""
+    index_file = Path(path) / INDEX_FILE
+    try:
+        d = json.loads(index_file.read_text())
+        if d.get("format") != FORMAT:
+            raise ClipIndexError(f"{index_file} is not a clip index")
+        return str(d["artifact"])
+    except FileNotFoundError:
+        raise ClipIndexError(f"{path} is not a clip index (no {INDEX_FILE}): make one with "
+                             "`python export.py index`") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ClipIndexError(f"{index_file} is not a readable clip index ({e})") from None
+
+
 def videos_in(directory: str | Path) -> list[Path]:
     """The video files under a directory (by suffix), sorted."""
     directory = Path(directory)
@@ -169,11 +185,14 @@ def clip_id_of(path: Path, root: Path | None) -> str:
 
 def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "ComposedSplit",
                  stem_contract: IOContract, root: str | Path | None = None,
-                 batch: int | None = None) -> AddReport:
+                 batch: int | None = None,
+                 progress: Callable[[AddReport, int], None] | None = None) -> AddReport:
     """Decode each new or changed clip once (`preprocess.load_video`), run the stem graph, and
     store the stem; unchanged clips (same id and file hash) are skipped. index.json is committed
     after each batch of clips (default: the stem graph's batch max), so an interruption loses at
-    most the batch in progress. Replaced clips' old stem files are removed after the commit."""
+    most the batch in progress. Replaced clips' old stem files are removed after the commit.
+    `progress(report, to_do)` is called after each committed batch (to_do: the clips that
+    needed a stem this run)."""
     root = Path(root) if root else None
     report = AddReport()
     todo: list[tuple[str, Path, str]] = []
@@ -201,6 +220,8 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
         for stale in old_files:
             if stale not in still_named:
                 (index.path / stale).unlink(missing_ok=True)
+        if progress:
+            progress(report, len(todo))
     if not index.path.joinpath(INDEX_FILE).is_file():
         index.commit()  # an index with no clips yet is still an index of this artifact
     return report

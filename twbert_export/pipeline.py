@@ -10,6 +10,7 @@ into place at the end (`outdir.move_into_place`): what --out may replace, and ho
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import sys
@@ -22,8 +23,8 @@ import numpy as np
 
 from . import legacy, lint, outdir, precision, validate
 from .artifact import (DEFAULT_FLAVOUR, FLAVOURS, MANIFEST_FILE, MODEL_GRAPH, PRECISIONS,
-                       REPORT_FILE, TRT8_FLAVOUR, CheckpointInfo, FileEntry, Manifest,
-                       PrecisionResult, Report)
+                       REPORT_FILE, SPLIT_GRAPHS, TRT8_FLAVOUR, CheckpointInfo, FileEntry,
+                       Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
 from .calibration import FeedSet, check_calibration_count, check_data, load_feeds
 from .contract import BatchRange, IOContract
@@ -39,6 +40,11 @@ from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large
 
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
 REFERENCE_ROWS = 8
+# Which graphs an artifact holds (--graphs): the whole model, and beside it the four split graphs
+# (`split.py`, docs/split.md) unless asked for the whole model alone.
+GRAPH_SETS = ("both", "monolithic")
+# The split graphs composed at FP32 must give the monolithic FP32 graph's itm logits within this.
+SPLIT_FP32_ATOL = 1e-5
 
 
 class UserError(ValueError):
@@ -64,6 +70,7 @@ class ExportOptions:
     gates: dict[str, Any] = field(default_factory=dict)
     val_limit: int | None = None
     calib_cache: bool = True
+    graphs: str = "both"
 
 
 class StageLog:
@@ -146,6 +153,7 @@ class Loaded:
     load_report: Any  # model.LoadReport
     contract: IOContract
     ckpt_stat: tuple[int, int]  # (size, mtime_ns) of the file as loaded
+    graph_contracts: dict[str, IOContract] = field(default_factory=dict)  # split graphs, if any
 
     @property
     def answers(self) -> list[str] | None:
@@ -160,6 +168,10 @@ class Conversion:
     files: dict[tuple[str, str], Path] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> step report
     twins: dict[str, dict[tuple[str, str], Path]] = field(default_factory=dict)
+    # (graph, precision) -> step report of each split graph
+    graph_reports: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # Calibration rows of each split graph (split.graph_feeds), made once from the FP32 graphs.
+    split_feeds: dict[str, Any] | None = None
 
     def of(self, graph: str, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path]:
         """precision -> file of one graph in one flavour."""
@@ -172,12 +184,20 @@ class Conversion:
                 + [(g, p, fl, f) for fl, files in self.twins.items()
                    for (g, p), f in files.items()])
 
+    def split_files(self, precision: str) -> dict[str, Path] | None:
+        """graph -> file of the split graphs at one precision, None without split graphs."""
+        files = {g: self.files[(g, precision)] for g in SPLIT_GRAPHS
+                 if (g, precision) in self.files}
+        return files if len(files) == len(SPLIT_GRAPHS) else None
+
 
 @dataclass
 class Validation:
     # (precision, flavour) -> validate.compare_precision's result
     results: dict[tuple[str, str], dict[str, Any]]
     metrics: dict[str, Any]
+    split: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> split result
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # runner -> runs, seconds
 
     def of(self, flavour: str) -> dict[str, dict[str, Any]]:
         """precision -> result, one flavour."""
@@ -188,7 +208,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
     """Run every stage and return the artifact's manifest and report (its gate verdicts
     included: the caller decides the exit code). Raises UserError for bad input."""
     inputs = resolve_inputs(opts)
-    stages = StageLog(total=6 + len(inputs.precisions))
+    stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
@@ -200,9 +220,9 @@ def run_export(opts: ExportOptions) -> ExportResult:
         export_stage(loaded, work, out, stages, conversion)
         lint_warnings = lint_stage(conversion, stages)
         val, calib = data_stage(inputs, opts, loaded.contract, stages)
-        seen = None
+        seen: dict[str, precision.RangesSeen] = {}
         for p in inputs.precisions[1:]:
-            seen = precision_stage(p, conversion, calib, opts, work, out, stages, seen)
+            precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
         trt8_stage(conversion, work, out, stages)
         validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
         manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
@@ -236,6 +256,8 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
     if unknown:
         raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
     precisions = [p for p in PRECISIONS if p == "fp32" or p in opts.precisions]
+    if opts.graphs not in GRAPH_SETS:
+        raise UserError(f"--graphs must be one of {', '.join(GRAPH_SETS)}, got {opts.graphs!r}")
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
     try:
@@ -276,21 +298,24 @@ def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:
         if contract.task == "qa" and not load_report.metadata.get("answers"):
             raise UserError(f"{inputs.ckpt_path}: the checkpoint's metadata has no answer list, "
                             "which a QA export needs")
+        graph_contracts = {}
+        if opts.graphs == "both":
+            from .split import split_contracts
+
+            graph_contracts = split_contracts(contract, model.cfg)
     stages.line("load", sw.seconds, inputs.ckpt_path,
                 f"{load_report.format}, {load_report.schedule_reason or 'F@' + contract.schedule}")
     return Loaded(inputs.ckpt_path, model, model.cfg, load_report, contract,
-                  (stat.st_size, stat.st_mtime_ns))
+                  (stat.st_size, stat.st_mtime_ns), graph_contracts)
 
 
 def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,
                  conversion: Conversion) -> None:
-    """The checkpoint's graph to ONNX, then rewritten for TensorRT (the fp32 file)."""
+    """The checkpoint's graph to ONNX, then rewritten for TensorRT (the fp32 file); then the
+    split graphs, if asked for, each exported and rewritten the same way."""
     with Stopwatch() as sw:
         raw = work / "model.raw.onnx"
         export_onnx(loaded.model, loaded.contract, raw)
-        # The weights wait idle until validation: free them for the precision steps (1 GB at
-        # the base preset); validate_stage reads them back from the checkpoint file.
-        loaded.model.to("meta")
     stages.line("export", sw.seconds, out / raw.name, f"opset {loaded.contract.opset}, dynamo",
                 raw)
     with Stopwatch() as sw:
@@ -300,6 +325,26 @@ def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,
     top = ", ".join(f"{k} {v}" for k, v in list(histogram.items())[:8])
     stages.line("rewrite", sw.seconds, out / fp32.name,
                 f"{sum(histogram.values())} nodes: {top}, ...", fp32)
+    if loaded.graph_contracts:
+        split_export_stage(loaded, work, stages, conversion)
+    # The weights wait idle until validation: free them for the precision steps (1 GB at the
+    # base preset); validate_stage reads them back from the checkpoint file.
+    loaded.model.to("meta")
+
+
+def split_export_stage(loaded: Loaded, work: Path, stages: StageLog,
+                       conversion: Conversion) -> None:
+    """The four split graphs (`split.export_split`: export and rewrite, as the whole model) to
+    <graph>.fp32.onnx. After the whole model's export, which it leaves untouched."""
+    from .split import export_split
+
+    with Stopwatch() as sw:
+        files = export_split(loaded.model, loaded.graph_contracts, work)
+        for graph, path in files.items():
+            conversion.files[(graph, "fp32")] = path
+    sizes = ", ".join(f"{path.name} {human_size(path.stat().st_size)}"
+                      for path in files.values())
+    stages.line("split", sw.seconds, None, sizes)
 
 
 def lint_stage(conversion: Conversion, stages: StageLog) -> list[Any]:
@@ -327,38 +372,63 @@ def data_stage(inputs: Inputs, opts: ExportOptions, contract: IOContract, stages
     return val, calib
 
 
-def precision_stage(p: str, conversion: Conversion, calib: FeedSet | None, opts: ExportOptions,
-                    work: Path, out: Path, stages: StageLog,
-                    seen: precision.RangesSeen | None) -> precision.RangesSeen | None:
-    """Every graph's fp32 file to precision `p`. `seen`: the activation ranges an earlier
-    precision step found on the same files and clips (spares their forward passes); returns
-    what this step found."""
+def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedSet | None,
+                    opts: ExportOptions, work: Path, out: Path, stages: StageLog,
+                    seen: dict[str, precision.RangesSeen]) -> None:
+    """Every graph's fp32 file to precision `p`. `seen`: per graph, the activation ranges an
+    earlier precision step found on the same file and clips (spares their forward passes);
+    updated with what this step found. A split graph is calibrated on its own inputs as the
+    FP32 split graphs upstream compute them from the calibration clips (`split.graph_feeds`)."""
     assert calib is not None, "resolve_inputs asks for calibration data beyond fp32"
+    model_dst, model_rep = None, None
     with Stopwatch() as sw:
         for (graph, q), fp32 in list(conversion.files.items()):
             if q != "fp32":
                 continue
+            rows = calib if graph == MODEL_GRAPH else _split_feeds(loaded, conversion, calib)[graph]
             dst = conversion.files[(graph, p)] = work / f"{graph}.{p}.onnx"
             if p == "fp16":
-                with precision.ActivationRanges(fp32, calib) as ranges:
-                    if seen is not None:
-                        ranges.resume(seen)
+                with precision.ActivationRanges(fp32, rows) as ranges:
+                    if graph in seen:
+                        ranges.resume(seen[graph])
                     rep = precision.to_fp16(fp32, dst, ranges)
-                    seen = ranges.seen()
+                    seen[graph] = ranges.seen()
             else:
-                rep = precision.to_int8(fp32, dst, calib, opts.calib_method,
-                                        use_cache=opts.calib_cache, seen=seen)
+                rep = precision.to_int8(fp32, dst, rows, opts.calib_method,
+                                        use_cache=opts.calib_cache, seen=seen.get(graph))
+            if graph == MODEL_GRAPH:
+                model_dst, model_rep = dst, rep
+            else:
+                conversion.graph_reports[(graph, p)] = rep.to_dict()
+    assert model_dst is not None and model_rep is not None
+    rep = model_rep
     rep.seconds = sw.seconds
     conversion.reports[p] = rep.to_dict()
     int8 = rep.calibration.get("int8_nodes")
-    stages.line(p, sw.seconds, out / dst.name,
+    split = [conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
+             if (g, p) in conversion.graph_reports]
+    stages.line(p, sw.seconds, out / model_dst.name,
                 (f"{int8} INT8 layers, " if int8 else "")
                 + f"{len(rep.kept_fp32_selection)} selection nodes FP32, "
                 f"{len(rep.kept_fp32_range)} other nodes kept FP32 by AutoCast"
                 + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
                 + "".join(f"; {step} {sec:.1f}s" for step, sec in rep.steps.items())
-                + (f"; {rep.note}" if rep.note else ""), dst)
-    return seen
+                + (f"; {rep.note}" if rep.note else "")
+                + (f"; split graphs: {sum(len(r['kept_fp32_selection']) for r in split)} "
+                   f"selection nodes FP32, {sum(len(r['kept_fp32_range']) for r in split)} "
+                   "others" if split else ""), model_dst)
+
+
+def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict[str, Any]:
+    """Each split graph's calibration rows, computed once by the FP32 split graphs."""
+    if conversion.split_feeds is None:
+        from .split import ComposedSplit, graph_feeds
+
+        fp32 = conversion.split_files("fp32")
+        assert fp32 is not None
+        with ComposedSplit(fp32, loaded.graph_contracts, loaded.contract) as pipeline:
+            conversion.split_feeds = dict(graph_feeds(pipeline, calib))
+    return conversion.split_feeds
 
 
 def trt8_stage(conversion: Conversion, work: Path, out: Path, stages: StageLog) -> None:
@@ -375,14 +445,18 @@ def trt8_stage(conversion: Conversion, work: Path, out: Path, stages: StageLog) 
 
 def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: ExportOptions,
                    work: Path, out: Path, stages: StageLog) -> Validation:
-    """PyTorch against ONNX Runtime on every precision and flavour of the whole-model graph; the
-    reference data a device validates against."""
+    """PyTorch against ONNX Runtime on every precision and flavour of the whole-model graph
+    and on every precision of the split graphs composed; the reference data a device validates
+    against."""
     with Stopwatch() as sw:
         model = _reload(loaded, opts.trust_checkpoint)
         contract = loaded.contract
         files = {(p, fl): f for fl in FLAVOURS for p, f in conversion.of(MODEL_GRAPH, fl).items()}
-        results, metrics, reference = validate_files(
-            model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates})
+        split = {p: SplitFiles(graph_files, loaded.graph_contracts)
+                 for p in conversion.of(MODEL_GRAPH) if (graph_files := conversion.split_files(p))}
+        results, metrics, reference, checked = validate_files(
+            model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates},
+            split)
         del model
         ref_rows = min(REFERENCE_ROWS, len(val))
         ref_feeds = batched(val.feed(slice(0, ref_rows)), contract.batch.max)
@@ -392,8 +466,14 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
         save_validation_reference(work / "reference", val, reference, metrics, contract)
     verdicts = ", ".join(f"{_label(p, fl)} {'PASS' if r['passed'] else 'FAIL'}"
                          for (p, fl), r in results.items())
+    if checked.split:
+        verdicts += "; split " + ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}"
+                                           for p, r in checked.split.items())
+        whole = sum(checked.runs[f"onnx-{p}"]["seconds"] for p in checked.split)
+        composed = sum(checked.runs[f"split-{p}"]["seconds"] for p in checked.split)
+        verdicts += f"; ONNX Runtime {whole:.1f}s whole model, {composed:.1f}s split"
     stages.line("validate", sw.seconds, out / REPORT_FILE, verdicts, work / REPORT_FILE)
-    return Validation(results, metrics)
+    return Validation(results, metrics, checked.split, checked.runs)
 
 
 def _label(precision: str, flavour: str) -> str:
@@ -449,7 +529,15 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
                   for fl in conversion.twins},
         task_metrics=validation.metrics, validation_data=val.identity,
         next_commands=next_commands, stages=stages.rows,
-        lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos)
+        lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos,
+        split={p: PrecisionResult.from_comparison(r, {
+            g: conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
+            if (g, p) in conversion.graph_reports} or None)
+            for p, r in validation.split.items()},
+        validation_runs=validation.runs)
+    # A precision passes when each of its layouts passed its gates.
+    parity = {p: r["passed"] and validation.split.get(p, {}).get("passed", True)
+              for p, r in results.items()}
     ckpt = loaded.ckpt_path
     manifest = Manifest(
         checkpoint=CheckpointInfo(str(ckpt), file_sha256(ckpt), loaded.load_report.format),
@@ -459,9 +547,10 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
                          bytes=f.stat().st_size) for g, p, fl, f in conversion.entries()],
         calibration=(calib.identity | {"clips": len(calib.video), "method": opts.calib_method}
                      if calib else None),
-        validation_data=val.identity, parity={p: r["passed"] for p, r in results.items()},
+        validation_data=val.identity, parity=parity,
         flavour_parity={fl: {p: r["passed"] for p, r in validation.of(fl).items()}
                         for fl in conversion.twins},
+        graph_contracts=loaded.graph_contracts,
         tools=tool_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         tokenizer=tokenizer_name, answers="answers.json" if answers else None)
     manifest.write(work)
@@ -470,12 +559,31 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
     return manifest, report
 
 
+@dataclass
+class SplitFiles:
+    """The split graphs of one precision and their contracts."""
+    files: dict[str, Path]
+    contracts: dict[str, IOContract]
+
+
+@dataclass
+class SplitChecks:
+    """What validate_files found on the split graphs: precision -> comparison (with the
+    split-vs-whole-model gate at FP32), and per runner its graph executions, rows, seconds."""
+    split: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Path], val,
-                   answers: list[str] | None, gates: dict[str, "validate.Gate"]
-                   ) -> tuple[dict[tuple[str, str], Any], dict[str, Any], dict[str, np.ndarray]]:
+                   answers: list[str] | None, gates: dict[str, "validate.Gate"],
+                   split: dict[str, SplitFiles] | None = None
+                   ) -> tuple[dict[tuple[str, str], Any], dict[str, Any], dict[str, np.ndarray],
+                              SplitChecks]:
     """PyTorch (hard and perturbed selection) and ONNX Runtime on each file, keyed (precision,
     flavour), over the validation rows: comparisons with the precision's gate verdicts, task
-    metrics per run, and the reference outputs on the paired rows."""
+    metrics per run, and the reference outputs on the paired rows. With `split` (precision -> its split graphs), the split graphs
+    composed too (`split.validate_split`: each stem and text computed once), against the same
+    reference and gates, and at FP32 against the whole-model file on every row both ran."""
     hard = make_torch_runner(model, contract, "hard", "torch-hard")
     perturbed = make_torch_runner(model, contract, "perturbed", "torch-perturbed")
     metrics: dict[str, Any] = {}
@@ -486,14 +594,50 @@ def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Pat
         _, metrics["torch-perturbed"] = validate.run_validation(perturbed, val, contract,
                                                                 answers=answers)
     results: dict[tuple[str, str], Any] = {}
+    checks = SplitChecks()
+    batch = validate.validation_batch(contract)
     for (p, fl), path in files.items():
         run = f"onnx-{_label(p, fl)}"
         runner = ort_runner(path, name=run)
-        with runner:
-            test, metrics[run] = validate.run_validation(runner, val, contract, answers=answers)
+        with runner, Stopwatch() as sw:
+            every, test, metrics[run] = validate.run_every_row(runner, val, contract,
+                                                               answers=answers)
+        rows = len(every[contract.output_names[0]])
+        checks.runs[run] = {"graph_runs": {MODEL_GRAPH: -(-rows // batch)},
+                            "graph_rows": {MODEL_GRAPH: rows}, "seconds": sw.seconds}
         results[(p, fl)] = validate.compare_precision(p, test, reference, contract, gates[p],
                                                       metrics[run], metrics["torch-hard"])
-    return results, metrics, reference
+        if split and p in split and fl == DEFAULT_FLAVOUR:
+            checks.split[p] = _validate_split_files(p, split[p], contract, val, reference,
+                                                    metrics, gates[p], answers, every, checks)
+    return results, metrics, reference, checks
+
+
+def _validate_split_files(p: str, split: SplitFiles, contract: IOContract, val: FeedSet,
+                          reference: dict[str, np.ndarray], metrics: dict[str, Any],
+                          gate: "validate.Gate", answers: list[str] | None,
+                          whole_model: dict[str, np.ndarray], checks: SplitChecks
+                          ) -> dict[str, Any]:
+    """One precision's split graphs composed against the reference; at FP32 also against the
+    whole-model file's outputs on every row (a gate: SPLIT_FP32_ATOL on itm_logits)."""
+    from .split import validate_split
+
+    result = validate_split(split.files, split.contracts, contract, p, val, reference,
+                            metrics["torch-hard"], gate, answers)
+    every = result.pop("every")
+    metrics[f"split-{p}"] = result.pop("task_metrics")
+    checks.runs[f"split-{p}"] = {key: result.pop(key)
+                                 for key in ("graph_runs", "graph_rows", "seconds")}
+    if p == "fp32":
+        errors = validate.output_errors({n: every[n] for n in ("itm_logits", "itc_sim")},
+                                        {n: whole_model[n] for n in ("itm_logits", "itc_sim")})
+        itm, itc = errors["itm_logits"]["max_abs"], errors["itc_sim"]["max_abs"]
+        rows = len(every["itm_logits"])
+        result["gates"].append(dataclasses.asdict(validate.GateResult(
+            "itm_logits vs the whole-model FP32 ONNX", itm <= SPLIT_FP32_ATOL,
+            f"{itm:.3g} (limit {SPLIT_FP32_ATOL:g}) over all {rows} rows; itc_sim {itc:.3g}")))
+        result["passed"] = all(g["passed"] for g in result["gates"])
+    return result
 
 
 def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
@@ -536,8 +680,9 @@ def validate_onnx(ckpt: str, onnx_path: str | Path, val_data: str = "demo",
     answers = load_report.metadata.get("answers") if contract.task == "qa" else None
     val = load_feeds(val_dir, contract, tok, on_error, limit=limit)
     flavour = entry.flavour if entry else DEFAULT_FLAVOUR
-    results, metrics, _ = validate_files(model, contract, {(precision_name, flavour): onnx_path},
-                                         val, answers, gates or validate.DEFAULT_GATES)
+    results, metrics, _, _ = validate_files(model, contract,
+                                            {(precision_name, flavour): onnx_path}, val, answers,
+                                            gates or validate.DEFAULT_GATES)
     return {"precisions": {precision_name: results[(precision_name, flavour)]},
             "flavour": flavour, "task_metrics": metrics, "validation_data": val.identity,
             "onnx": str(onnx_path), "checkpoint": str(ckpt)}
@@ -592,12 +737,41 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
             lines.append(f"| {n} | {100 * t['R@1']:.1f} | {100 * t['R@5']:.1f} | "
                          f"{100 * t['R@10']:.1f} | {t['MedR']:.1f} | {100 * v['R@1']:.1f} | "
                          f"{100 * v['R@5']:.1f} | {100 * v['R@10']:.1f} | {v['MedR']:.1f} |")
+    if report.split:
+        lines += _split_report_md(report)
     return "\n".join(lines) + "\n"
 
 
 def _labelled(report: Report) -> list[tuple[str, PrecisionResult]]:
     """(label, result) of every file judged: the rows of report.md's tables."""
     return [(_label(p, fl), r) for p, fl, r in report.results()]
+
+
+def _split_report_md(report: Report) -> list[str]:
+    """The split graphs' gates and output errors, and what each validation runner cost."""
+    lines = ["", "## Split graphs, composed (text, video_stem, select, fuse)", "",
+             "Same reference, rows and gates as above; at FP32 also against the whole-model "
+             "graph on every row both ran.", "", "| precision | gate | result | detail |",
+             "| --- | --- | --- | --- |"]
+    for p, r in report.split.items():
+        lines += [f"| {p} | {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | "
+                  f"{g['detail']} |" for g in r.gates]
+    lines += ["", "| precision | output | max abs | max rel | cosine |",
+              "| --- | --- | --- | --- | --- |"]
+    for p, r in report.split.items():
+        lines += [f"| {p} | {name} | {e['max_abs']:.3g} | {e['max_rel']:.3g} | "
+                  f"{e['cosine']:.6f} |" for name, e in r.outputs.items() if "max_abs" in e]
+    lines += ["", "## Validation cost per runner (ONNX Runtime, CPU)", "",
+              "| runner | graph executions | rows | seconds | split / whole model |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, run in report.validation_runs.items():
+        whole = report.validation_runs.get(name.replace("split-", "onnx-"))
+        ratio = (f"{run['seconds'] / whole['seconds']:.2f}"
+                 if name.startswith("split-") and whole and whole["seconds"] else "")
+        lines.append(f"| {name} | {', '.join(f'{g} {n}' for g, n in run['graph_runs'].items())} "
+                     f"| {', '.join(f'{g} {n}' for g, n in run['graph_rows'].items())} "
+                     f"| {run['seconds']:.1f} | {ratio} |")
+    return lines
 
 
 def summary_table(result: ExportResult) -> str:
@@ -608,6 +782,11 @@ def summary_table(result: ExportResult) -> str:
         itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
         sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
         rows.append(f"{_label(p, flavour):<10}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
+                    f"{itm:>14.2e}{sel:>22}")
+    for p, r in result.report.split.items():
+        itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
+        sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
+        rows.append(f"{p:<10}{f'split ({p}) x4':<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     return "\n".join(rows)
 

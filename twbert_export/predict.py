@@ -4,6 +4,8 @@
         --text "the camera pans left over a cat"
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 \
         --question "which way does the camera move?"
+    python export.py predict --index INDEX --artifact engines/NAME --text "..."  (clips indexed
+        by `export.py index`, on the split graphs: twbert_export/gallery.py)
 
 Retrieval ranks the videos for the caption as the authors' evaluation does: the ITC shortlist (`--k`, 50) is
 ordered by the ITM match probability. QA answers from the answer list shipped in the artifact.
@@ -71,12 +73,18 @@ class Artifact:
 
 
 def encode_text(artifact: Artifact, text: str) -> tuple[np.ndarray, np.ndarray]:
+    return encode_tokens(artifact.tokenizer, text, artifact.contract.text_len)
+
+
+def encode_tokens(tokenizer: Tokenizer, text: str, text_len: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """ids and mask (1, L) of one text; a warning line when it was truncated."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TextTruncatedWarning)  # said below, in our words
-        ids, mask, truncated = artifact.tokenizer.encode([text], artifact.contract.text_len)
+        ids, mask, truncated = tokenizer.encode([text], text_len)
     if truncated:
-        print(f"warning: the text is longer than {artifact.contract.text_len} tokens and was "
-              "truncated (the model was exported with that length)", file=sys.stderr)
+        print(f"warning: the text is longer than {text_len} tokens and was truncated (the "
+              "model was exported with that length)", file=sys.stderr)
     return ids, mask
 
 
@@ -123,6 +131,11 @@ def result_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=")[0] == "--index" for a in argv):
+        from .gallery import predict_index_main
+
+        return predict_index_main(argv)
     ap = argparse.ArgumentParser(prog="python export.py predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,

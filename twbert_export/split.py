@@ -25,15 +25,13 @@ Each graph has its own `IOContract` (batch dynamic), is exported by `onnx_export
 `rewrite.rewrite`. `ComposedSplit` runs the four files on ONNX Runtime and gives the monolithic
 outputs; `split_runner` wraps it in the runner interface validation uses.
 
-    python -m twbert_export.split --bench [--clips 100]   # one query, split vs monolithic
+Timing of one query over N indexed clips, split against the whole model:
+`python -m twbert_export.artifact_bench --artifact engines/NAME --gallery 100,1000`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
-import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 
 import numpy as np
 
+from .artifact import SPLIT_GRAPHS
 from .calibration import FeedSet
 from .contract import BATCH, IOContract, TensorSpec
 from .util import require
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
 
     from .precision import PrecisionReport
 
-GRAPHS = ("text", "video_stem", "select", "fuse")
+GRAPHS = SPLIT_GRAPHS  # ("text", "video_stem", "select", "fuse")
 SELECTION_OUTPUTS = ("frame_scores_1", "frame_indices_1", "frame_scores_2", "frame_indices_2")
 
 
@@ -179,8 +178,45 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+class EngineSession:
+    """A TensorRT engine of one split graph behind the `run(output_names, feed)` call of an ONNX
+    Runtime session, so `ComposedSplit` runs a mix of .onnx and .engine files. Each graph's
+    outputs come back to the host (the runner's own copies); passing device buffers between
+    engines is not done here."""
+
+    def __init__(self, path: str | Path, contract: IOContract):
+        from .artifact import MANIFEST_FILE, Manifest
+        from .trt.runtime import trt_runner
+
+        path = Path(path)
+        entry = (Manifest.load(path.parent).entry_for(path)
+                 if (path.parent / MANIFEST_FILE).is_file() else None)
+        self.runner = trt_runner(path, contract, name=f"trt-{path.stem}",
+                                 onnx_sha256=entry.sha256 if entry else None)
+        self.runner.activate()
+
+    def run(self, output_names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.runner.infer(feed)
+        return [np.asarray(out[name]) for name in output_names]
+
+    def close(self) -> None:
+        if self.runner.is_active:
+            self.runner.deactivate()
+
+
+def graph_session(path: str | Path, contract: IOContract, threads: int | None = None) -> Any:
+    """ONNX Runtime for an .onnx file, the TensorRT runner for an .engine (built by
+    `export.py build` from the graph's .onnx beside it)."""
+    from .runners import ort_session
+
+    if Path(path).suffix == ".engine":
+        return EngineSession(path, contract)
+    return ort_session(path, threads)
+
+
 class ComposedSplit:
-    """The four split graphs on ONNX Runtime (CPU), composed into TW-BERT's monolithic I/O.
+    """The four split graphs (ONNX Runtime on the CPU for .onnx files, TensorRT for .engine
+    files: `graph_session`), composed into TW-BERT's monolithic I/O.
 
     Explicit parts for retrieval over stored stems: `encode_clips`, `encode_texts`, `select`,
     `fuse`, `score`. `infer` takes the monolithic feed (video, input_ids, attention_mask) and
@@ -193,14 +229,24 @@ class ComposedSplit:
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
                  text_cache: int = 4096, stem_storage: str = "float32"):
-        from .runners import ort_session
-
         self.contracts, self.monolithic = contracts, monolithic
         self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
-        self.sessions = {g: ort_session(files[g], threads) for g in GRAPHS}
+        self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
         self.executions: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
         self._stems, self._texts = _LRU(stem_cache), _LRU(text_cache)
+
+    def close(self) -> None:
+        """Release the engines (ONNX Runtime sessions need nothing)."""
+        for session in self.sessions.values():
+            if isinstance(session, EngineSession):
+                session.close()
+
+    def __enter__(self) -> "ComposedSplit":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One graph over any number of rows, in runs of at most the contract's batch max."""
@@ -308,24 +354,78 @@ def split_runner(files: Mapping[str, str | Path], contracts: dict[str, IOContrac
     return SplitRunner()
 
 
+def unique_texts(pipeline: ComposedSplit, input_ids: np.ndarray, attention_mask: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """The text graph once per distinct (ids, mask) row; its outputs for every row."""
+    keys = [row.tobytes() for row in np.concatenate([input_ids, attention_mask], axis=1)]
+    first_row: dict[bytes, int] = {}
+    for row, key in enumerate(keys):
+        first_row.setdefault(key, row)
+    slot = {key: j for j, key in enumerate(first_row)}
+    distinct = list(first_row.values())
+    encoded = pipeline.encode_texts(input_ids[distinct], attention_mask[distinct])
+    order = np.array([slot[key] for key in keys])
+    return {name: value[order] for name, value in encoded.items()}
+
+
+def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
+                         answers: list[str] | None = None
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """`validate.run_every_row` for the split graphs, each part computed once: the stem of
+    every clip and the text graph of every distinct text once each, then `select` and `fuse`
+    on every (clip, text) pair in runs of the batch max. -> the outputs of every pair (in
+    `validate.validation_pairs` order; QA: of the paired rows), of the paired rows, and the
+    task metrics.
+
+    Why `fuse` runs on every pair, not only on the ITC shortlists that the metrics read: the
+    monolithic validation compares its outputs on every row it ran (the paired rows gate, all
+    pairs feed the metrics and the split-vs-monolithic check), and with k = 50 over the 60
+    demo clips the two shortlists cover most pairs anyway; keeping the video embeddings of the
+    shortlists instead would cost memory (a base pair's are 9.6 MB) or a second `select`."""
+    from . import validate
+
+    monolithic = pipeline.monolithic
+    stems = pipeline.encode_clips(feeds.video)
+    stems = stems.astype(pipeline.stem_storage).astype(np.float32)  # as `infer` stores them
+    text = unique_texts(pipeline, feeds.input_ids, feeds.attention_mask)
+    if monolithic.task == "qa":
+        v, t = feeds.video_index, np.arange(len(feeds))
+    else:
+        v, t = validate.validation_pairs(feeds)
+    step = pipeline.contracts["select"].batch.max
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in monolithic.output_names}
+    for start in range(0, len(v), step):
+        rows_v, rows_t = v[start:start + step], t[start:start + step]
+        out = pipeline.score(stems[rows_v], {name: value[rows_t] for name, value in text.items()},
+                             feeds.attention_mask[rows_t])
+        for name, value in out.items():
+            parts[name].append(value)
+    every = {name: np.concatenate(p) for name, p in parts.items()}
+    if monolithic.task == "qa":
+        return every, every, validate.qa_metrics(every, feeds, answers)
+    return (every, *validate.summarize_pairs(every, feeds, k))
+
+
 def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
                    monolithic: IOContract, precision: str, val: FeedSet,
                    reference: dict[str, np.ndarray], reference_metrics: dict[str, Any],
                    gate: Any, answers: list[str] | None = None) -> dict[str, Any]:
-    """The split graphs of one precision, composed, against the PyTorch reference with the
-    monolithic gates (`validate.compare_precision`); adds the graph runs, rows and seconds."""
+    """The split graphs of one precision, composed (`run_split_validation`), against the
+    PyTorch reference with the monolithic gates (`validate.compare_precision`); adds the task
+    metrics, the graph runs and rows, the seconds, and the outputs of every pair (`every`)."""
     import time
 
     from . import validate
 
-    runner = split_runner(files, contracts, monolithic, name=f"split-{precision}")
     start = time.perf_counter()
-    with runner:
-        test, metrics = validate.run_validation(runner, val, monolithic, answers=answers)
+    with ComposedSplit(files, contracts, monolithic) as pipeline:
+        every, test, metrics = run_split_validation(pipeline, val, answers=answers)
+    seconds = time.perf_counter() - start
     result = validate.compare_precision(precision, test, reference, monolithic, gate, metrics,
                                         reference_metrics)
-    return {**result, "task_metrics": metrics, "seconds": time.perf_counter() - start,
-            "graph_runs": runner.executions, "graph_rows": runner.rows}
+    return {**result, "task_metrics": metrics, "seconds": seconds,
+            "graph_runs": dict(pipeline.executions), "graph_rows": dict(pipeline.rows),
+            "every": every}
 
 
 # -- precision ----------------------------------------------------------------------------------
@@ -346,6 +446,14 @@ class GraphFeeds:
     @property
     def video(self) -> np.ndarray:
         return self.source.video
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """The graph's own mask input; a graph without text gets ones (the INT8 step orders
+        rows by mask length, which is only meaningful where a mask biases attention)."""
+        if "attention_mask" in self.inputs:
+            return self.inputs["attention_mask"]
+        return np.ones((len(self), 1), np.int64)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -391,83 +499,6 @@ def split_to_fp16(fp32_files: dict[str, Path], contracts: dict[str, IOContract],
 
 
 # -- measurement --------------------------------------------------------------------------------
-def bench(n_clips: int = 100, k: int = 50, repeats: int = 5, data: str = "demo:train",
-          ckpt: str = "demo", threads: int | None = None) -> dict[str, Any]:
-    """Time one text query over N indexed clips, split against monolithic, on ONNX Runtime FP32.
-
-    Monolithic: the N (clip, text) pairs through model.fp32.onnx, then the ITC shortlist
-    re-ranked by ITM. Split: the text graph once, `select` on the N stored stems, `fuse` on the
-    k shortlisted clips (`clip_index.rank`). Indexing (decode + stem) is timed once per clip.
-    Best of `repeats` per row; checks the two rankings are equal."""
-    import tempfile
-    import time
-
-    from model import load_checkpoint
-
-    from .assets import resolve_checkpoint, resolve_data
-    from .clip_index import ClipIndex, index_videos, rank
-    from .metrics import rerank, softmax
-    from .onnx_export import export_onnx
-    from .preprocess import Tokenizer, read_annotations
-    from .rewrite import rewrite
-    from .runners import batched, ort_session
-
-    model, _ = load_checkpoint(resolve_checkpoint(ckpt))
-    monolithic = IOContract.for_model(model.cfg)
-    contracts = split_contracts(monolithic, model.cfg)
-    data_dir = resolve_data(data)
-    videos = list(dict.fromkeys(str(data_dir / r["video"]) for r in read_annotations(data_dir)))
-    if len(videos) < n_clips:
-        raise ValueError(f"{data_dir} has {len(videos)} clips, fewer than --clips {n_clips}")
-    videos = videos[:n_clips]
-    caption = next(r["caption"] for r in read_annotations(data_dir) if r.get("caption"))
-    ids, mask, _ = Tokenizer.default().encode([caption], monolithic.text_len)
-    with tempfile.TemporaryDirectory() as scratch:
-        tmp = Path(scratch)
-        files = export_split(model.eval(), contracts, tmp)
-        export_onnx(model, monolithic, tmp / "model.raw.onnx")
-        rewrite(tmp / "model.raw.onnx", tmp / "model.fp32.onnx", monolithic)
-        pipeline = ComposedSplit(files, contracts, monolithic, threads)
-        t0 = time.perf_counter()
-        index = ClipIndex.open(tmp / "index", artifact="bench", stem_dtype="float32",
-                               stem_shape=contracts["video_stem"].outputs[0].shape[1:])
-        index_videos(index, videos, pipeline, contracts["video_stem"], root=data_dir)
-        index_seconds = (time.perf_counter() - t0) / n_clips
-        clip_videos = np.stack([_load(v, monolithic) for v in videos])
-        session = ort_session(tmp / "model.fp32.onnx", threads)
-
-        def monolithic_query() -> list[str]:
-            feed = {"video": clip_videos, "input_ids": np.repeat(ids, n_clips, 0),
-                    "attention_mask": np.repeat(mask, n_clips, 0)}
-            outs = [session.run(["itc_sim", "itm_logits"], chunk)
-                    for chunk in batched(feed, monolithic.batch.max)]
-            itc = np.concatenate([o[0] for o in outs])
-            itm = softmax(np.concatenate([o[1] for o in outs]).astype(np.float64))[:, 1]
-            final = rerank(itc[None], itm[None], k)[0]
-            return [index.clip_ids[i] for i in np.argsort(-final, kind="stable")]
-
-        def split_query() -> list[str]:
-            return [r.clip_id for r in rank(index, pipeline, ids, mask, k)]
-
-        # Alternated, so that load from other processes falls on both alike.
-        seconds: dict[str, list[float]] = {"monolithic": [], "split": []}
-        rankings = {}
-        for _ in range(repeats):
-            for name, query in (("monolithic", monolithic_query), ("split", split_query)):
-                before = Counter(pipeline.executions)
-                t0 = time.perf_counter()
-                rankings[name] = query()
-                seconds[name].append(time.perf_counter() - t0)
-        split_runs = dict(pipeline.executions - before)
-        timings = {name: min(s) for name, s in seconds.items()}
-    return {"clips": n_clips, "k": k, "repeats": repeats, "index_seconds_per_clip": index_seconds,
-            "query_seconds": timings, "ratio": timings["split"] / timings["monolithic"],
-            "rankings_equal": rankings["split"] == rankings["monolithic"],
-            "split_graph_runs_per_query": split_runs,
-            "monolithic_graph_runs_per_query": -(-n_clips // monolithic.batch.max),
-            "load_average_1min": os.getloadavg()[0]}
-
-
 def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
                        monolithic: IOContract, feeds: FeedSet, dtype: str = "float16"
                        ) -> dict[str, Any]:
@@ -485,40 +516,3 @@ def stem_storage_error(files: dict[str, Path], contracts: dict[str, IOContract],
         "fp16"], test_metrics, ref_metrics)
     return {"outputs": result["outputs"], "selection": result["selection"],
             "metrics": {"float32": ref_metrics, dtype: test_metrics}}
-
-
-def _load(path: str, contract: IOContract) -> np.ndarray:
-    from .preprocess import load_video
-
-    return load_video(path, contract.frames, contract.image_size)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twbert_export.split", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", action="store_true", help="time one query, split vs monolithic")
-    ap.add_argument("--clips", type=int, default=100)
-    ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--data", default="demo:train", help="clips to index (a data directory)")
-    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    args = ap.parse_args(argv)
-    if not args.bench:
-        ap.print_help()
-        return 2
-    r = bench(args.clips, args.k, args.repeats, args.data, threads=args.threads)
-    mono, split = r["query_seconds"]["monolithic"], r["query_seconds"]["split"]
-    print(f"one query over {r['clips']} indexed clips, k={r['k']}, ONNX Runtime FP32 CPU, "
-          f"best of {r['repeats']}")
-    print(f"{'pipeline':<12}{'seconds':>9}{'graph runs':>34}")
-    print(f"{'monolithic':<12}{mono:>9.3f}{r['monolithic_graph_runs_per_query']:>34}")
-    runs = ", ".join(f"{g} {n}" for g, n in r["split_graph_runs_per_query"].items())
-    print(f"{'split':<12}{split:>9.3f}{runs:>34}")
-    print(f"split / monolithic: {r['ratio']:.2f}; rankings equal: {r['rankings_equal']}; "
-          f"indexing: {1000 * r['index_seconds_per_clip']:.1f} ms per clip (decode + stem); "
-          f"load average {r['load_average_1min']:.1f} on {os.cpu_count()} CPUs")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -154,20 +154,45 @@ def run_validation(runner: Any, feeds: FeedSet, contract: IOContract, k: int = 5
     """Outputs on the paired rows (each text with its own clip) and the task metrics, each input
     run once: retrieval over all (text, video) pairs (authors' protocol), whose pairs include the
     paired rows; or QA accuracy, whose rows are the paired rows."""
+    _, paired, metrics = run_every_row(runner, feeds, contract, k, answers)
+    return paired, metrics
+
+
+def run_every_row(runner: Any, feeds: FeedSet, contract: IOContract, k: int = 50,
+                  answers: list[str] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """`run_validation` that also returns the outputs of every row it ran (retrieval: every
+    pair, in `validation_pairs` order; QA: the paired rows)."""
     batch = validation_batch(contract)
     if contract.task == "qa":
         out = run_batches(runner, batched(feeds.feed(slice(None)), batch))
-        predicted = out["qa_logits"].argmax(-1)
-        index = {a: i for i, a in enumerate(answers or [])}
-        truth = np.array([index.get(a, -1) if a else -1 for a in feeds.answers])
-        return out, {"accuracy": float((predicted == truth).mean()),
-                     "num_questions": len(truth)}
+        return out, out, qa_metrics(out, feeds, answers)
+    v, t = validation_pairs(feeds)
+    out = run_batches(runner, batched(feeds.pairs(v, t), batch))
+    return (out, *summarize_pairs(out, feeds, k))
+
+
+def qa_metrics(out: dict[str, np.ndarray], feeds: FeedSet, answers: list[str] | None
+               ) -> dict[str, Any]:
+    predicted = out["qa_logits"].argmax(-1)
+    index = {a: i for i, a in enumerate(answers or [])}
+    truth = np.array([index.get(a, -1) if a else -1 for a in feeds.answers])
+    return {"accuracy": float((predicted == truth).mean()), "num_questions": len(truth)}
+
+
+def validation_pairs(feeds: FeedSet) -> tuple[np.ndarray, np.ndarray]:
+    """(video, text) row numbers of every pair, video-major: each clip meets every text in
+    turn, so the PyTorch runner computes the clip's stem (the blocks before the first
+    selector) once."""
+    v, t = np.meshgrid(np.arange(len(feeds.video)), np.arange(len(feeds)), indexing="ij")
+    return v.ravel(), t.ravel()
+
+
+def summarize_pairs(out: dict[str, np.ndarray], feeds: FeedSet, k: int = 50
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Outputs of every pair in `validation_pairs` order -> the outputs on the paired rows and
+    the retrieval metrics."""
     n_texts, n_videos = len(feeds), len(feeds.video)
-    # Video-major: each clip meets every text in turn, so the PyTorch runner computes the
-    # clip's stem (the blocks before the first selector) once.
-    v, t = np.meshgrid(np.arange(n_videos), np.arange(n_texts), indexing="ij")
-    pairs = feeds.pairs(v.ravel(), t.ravel())
-    out = run_batches(runner, batched(pairs, batch))
     paired_rows = feeds.video_index * n_texts + np.arange(n_texts)
     paired = {name: value[paired_rows] for name, value in out.items()}
     itc = out["itc_sim"].reshape(n_videos, n_texts).T

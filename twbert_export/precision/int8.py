@@ -41,7 +41,7 @@ def _cache_dir() -> Path:
 def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
     settings = {"model": model_sha, "data": calib.identity["files_sha256"],
                 "preprocessing": calib.identity["preprocessing_sha256"], "method": method,
-                "op_types": INT8_OP_TYPES, "exclude": SELECTION_NODES, "mha_qdq": False,
+                "op_types": INT8_OP_TYPES, "exclude": list(SELECTION_NODES), "mha_qdq": False,
                 "fp32_in_fp16": QDQ_OPS,
                 "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1,
                 "max_calibration": "activation-ranges"}
