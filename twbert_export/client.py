@@ -3,10 +3,13 @@ triton-repo`'s repository), over KServe v2 HTTP or gRPC with NVIDIA's `tritoncli
 
     python -m twbert_export.client --url 127.0.0.1:8000 --video a.mp4 --video b.mp4 --text "a caption"
     python -m twbert_export.client --url 127.0.0.1:8001 --protocol grpc --video a.mp4 --question "..."
+    python -m twbert_export.client --url 127.0.0.1:8000 --text "a caption" [--k 50] [--top 8]
 
 Prints what `export.py predict` prints for the same videos and text (`--json`: the same JSON):
 the clips are decoded here with the preprocessing predict uses, at the frames and image size the
 server's model config gives, and sent as one request of up to the model's max batch rows.
+With `--text` and no `--video`, it asks `twbert_retrieve` (a server started with `--index`) to
+rank the indexed clips, and prints what `predict --index --text` prints.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .served import QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT
+from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
 from .util import MissingDependency, require
 
 TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
@@ -130,7 +133,26 @@ def answer(client: TritonClient, videos: np.ndarray, question: str, max_batch: i
     return answers, np.concatenate(probability)
 
 
+def retrieve(client: TritonClient, text: str, k: int, top: int | None) -> dict[str, Any]:
+    """The served ranking of the indexed clips, in `predict --index`'s JSON form."""
+    from .clip_index import RankedClip
+    from .gallery import ranking_result
+
+    out = client.infer(RETRIEVE_MODEL, {SCORE_TEXT: text_column(text, 1),
+                                        "k": np.array([[k]], np.int64),
+                                        "top": np.array([[top or 0]], np.int64)})
+    frames = out.get("frames")
+    ranked = [RankedClip(clip.decode("utf-8"), float(itc),
+                         None if np.isnan(itm) else float(itm),
+                         None if frames is None else frames[0, i].tolist())
+              for i, (clip, itm, itc) in enumerate(zip(out["clips"][0],
+                                                       out["match_probability"][0],
+                                                       out["itc_similarity"][0]))]
+    return ranking_result(text, ranked)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .gallery import ranking_lines
     from .predict import answers as answers_result
     from .predict import ranking, result_lines
     from .preprocess import VideoDecodeError, load_video
@@ -140,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="HOST:PORT of Triton's HTTP or gRPC endpoint (default "
                     "127.0.0.1:8000, or :8001 with --protocol grpc: serve's defaults)")
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    ap.add_argument("--video", action="append", required=True, help="a video file (repeatable)")
+    ap.add_argument("--video", action="append", default=[],
+                    help="a video file (repeatable); none: rank the server's clip index")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", help="caption to rank the videos for")
     group.add_argument("--question", help="question to answer about each video")
     ap.add_argument("--k", type=int, default=50, help="ITC shortlist re-ranked by ITM")
+    ap.add_argument("--top", type=int, help="with no --video: print only the N best indexed "
+                    "clips")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -154,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         if not text.strip():
             raise ValueError(f"{'--text' if args.text is not None else '--question'} is empty: "
                              "give the caption or question to run")
+        if not args.video and args.text is None:
+            raise ValueError("--question needs the clips to answer about: --video FILE")
+        if not args.video:
+            with TritonClient(args.url, args.protocol, args.timeout) as client:
+                result = retrieve(client, text, args.k, args.top)
+            print(json.dumps(result, indent=2) if args.json
+                  else "\n".join(ranking_lines(result)))
+            return 0
         with TritonClient(args.url, args.protocol, args.timeout) as client:
             frames, size, max_batch = video_geometry(client)
             videos = np.stack([load_video(v, frames, size) for v in args.video])

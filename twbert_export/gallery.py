@@ -26,7 +26,7 @@ import numpy as np
 
 from .artifact import SPLIT_GRAPHS, ArtifactFormatError, FileEntry, Manifest
 from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError,
-                         index_identity, index_videos, rank, videos_in)
+                         RankedClip, index_identity, index_videos, rank, videos_in)
 from .metrics import softmax
 from .preprocess import AnnotationError, Tokenizer, VideoDecodeError
 from .split import ComposedSplit
@@ -184,16 +184,34 @@ def encode_text(artifact: SplitArtifact, text: str) -> tuple[np.ndarray, np.ndar
     return encode_tokens(artifact.tokenizer(), text, artifact.manifest.contract.text_len)
 
 
-def ranking(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit, text: str,
-            k: int) -> dict[str, Any]:
-    """Every indexed clip for a caption, best first, in `predict`'s JSON form."""
+def ranked_clips(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
+                 text: str, k: int) -> list[RankedClip]:
+    """Every indexed clip for a caption, best first (`clip_index.rank`)."""
     ids, mask = encode_text(artifact, text)
-    ranked = rank(index, pipeline, ids, mask, k)
+    return rank(index, pipeline, ids, mask, k)
+
+
+def ranking_result(text: str, ranked: list[RankedClip]) -> dict[str, Any]:
+    """A ranking in `predict --index`'s JSON form (also the client's, from the served model)."""
     return {"text": text, "ranking": [
         {"rank": r + 1, "clip": c.clip_id, "match_probability": c.itm,
          "itc_similarity": c.itc, "shortlisted": c.itm is not None,
          **({"frames": c.frames} if c.frames is not None else {})}
         for r, c in enumerate(ranked)]}
+
+
+def ranking(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit, text: str,
+            k: int) -> dict[str, Any]:
+    """Every indexed clip for a caption, best first, in `predict`'s JSON form."""
+    return ranking_result(text, ranked_clips(artifact, index, pipeline, text, k))
+
+
+def ranking_lines(result: dict[str, Any], top: int | None = None) -> list[str]:
+    """What `predict --index --text` prints: one line per clip, the `top` best (default all)."""
+    shown = result["ranking"][:top] if top else result["ranking"]
+    return [f"{e['rank']:>3}. {e['clip']}  match "
+            + (f"{e['match_probability']:.3f}" if e["shortlisted"] else "  -  ")
+            + f"  itc {e['itc_similarity']:.2f}" for e in shown]
 
 
 def answers(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
@@ -257,10 +275,7 @@ def predict_index_main(argv: list[str]) -> int:
     except refused as e:
         return _bad_input(e)
     if args.text is not None:
-        shown = result["ranking"][:args.top] if args.top else result["ranking"]
-        lines = [f"{e['rank']:>3}. {e['clip']}  match "
-                 + (f"{e['match_probability']:.3f}" if e["shortlisted"] else "  -  ")
-                 + f"  itc {e['itc_similarity']:.2f}" for e in shown]
+        lines = ranking_lines(result, args.top)
     else:
         lines = [f"{e['clip']}: {e['answer']} ({e['probability']:.2f})"
                  for e in result["answers"]]

@@ -2,8 +2,9 @@
 PyTriton (`nvidia-pytriton`: a real `tritonserver` with its Python backend; KServe v2 HTTP/gRPC,
 dynamic batching, model instances, health, metrics and statistics endpoints).
 
-    python export.py serve --artifact engines/NAME [--http-port 8000] [--grpc-port 8001]
-                           [--instances N] [--max-batch B] [--max-queue-delay-us U]
+    python export.py serve --artifact engines/NAME [--index INDEX] [--http-port 8000]
+                           [--grpc-port 8001] [--instances N] [--max-batch B]
+                           [--max-queue-delay-us U]
 
 Models (each request is one row; Triton's dynamic batcher joins concurrent rows into batches
 within the exported batch range, which the runner takes in one call):
@@ -12,9 +13,19 @@ within the exported batch range, which the runner takes in one call):
   (K2,): the numbers `predict --text` ranks by, computed as it computes them.
 - `twbert_qa` (QA artifacts): `video` + `question` BYTES (1,) -> `answer` BYTES (1,),
   `probability` FP64 (1,), `answer_index` INT64 (1,): what `predict --question` prints.
+- `twbert_retrieve` (with `--index INDEX`, a clip index `export.py index` made with this
+  artifact): `text` BYTES (1,), optional `k` INT64 (1,) (ITC shortlist re-ranked by ITM, default
+  50) and `top` INT64 (1,) (the N best; default 0: every clip) -> `clips` BYTES (N,),
+  `match_probability` FP64 (N,) (NaN outside the shortlist), `itc_similarity` FP32 (N,) and, with
+  frame selection, `frames` INT64 (N, K2): the ranking `predict --index --text` prints, made by
+  the same code (`gallery.ranked_clips` on the split graphs of the index's precision). Rows of a
+  request must ask for the same `top`. Batches the dynamic batcher forms are ranked one text
+  after the other (one ranking reads every stem once: batching texts would save no graph run
+  worth having on a small index, and keeps the code `predict --index` runs).
 Clients send decoded clips (`preprocess.load_video`, as predict does) and raw text; the server
 tokenises with the artifact's tokenizer. Triton itself refuses a wrong shape or dtype; an empty
-text gets an error response from the model. Either way the server stays up.
+text (or a `k` below 1) gets an error response from the model; either way the server stays up.
+A request the model refuses fails the other requests the batcher joined to it in that batch.
 
 The runner is the artifact's, chosen from the model file as `predict` chooses it (ONNX Runtime
 for .onnx, TensorRT for an .engine after the engine preflight), one per model instance.
@@ -41,8 +52,8 @@ import numpy as np
 from .artifact import Manifest
 from .predict import Artifact
 from .runners import batched, run_batches
-from .served import (QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT, answer_outputs,
-                     score_outputs, texts_of)
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, BadRequest,
+                     answer_outputs, score_outputs, texts_of)
 from .util import require
 
 LOOPBACK = "127.0.0.1"
@@ -63,6 +74,7 @@ class ServeOptions:
     max_batch: int | None = None  # default: the exported batch max
     max_queue_delay_us: int = 2000
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
+    index: str | None = None  # a clip index: serve `twbert_retrieve` over it
 
 
 def model_file(artifact: str | Path, precision: str | None = None) -> Path:
@@ -138,6 +150,88 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
     return specs
 
 
+DEFAULT_K = 50  # predict --index's default shortlist
+OPTIONAL = ("k", "top")  # retrieval inputs a request may leave out
+
+
+def row_values(request: Any, name: str, rows: int, default: int) -> list[int]:
+    """An optional INT64 (N, 1) input as N ints, `default` where the request has none."""
+    if name not in request:
+        return [default] * rows
+    return [int(v) for v in np.asarray(request[name]).reshape(rows, -1)[:, 0]]
+
+
+class RetrievalModel:
+    """One instance of `twbert_retrieve`: the index and the split graphs that made it; each text
+    ranks every indexed clip as `predict --index` ranks them (`gallery.ranked_clips`)."""
+
+    def __init__(self, split: Any, index: Any, pipeline: Any):
+        self.split, self.index, self.pipeline = split, index, pipeline
+
+    def retrieve(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        """PyTriton's undecorated form: the requests of one batch, each answered on its own
+        (their rankings may differ in length with `top`)."""
+        return [self.ranking(request) for request in requests]
+
+    def ranking(self, request: Any) -> dict[str, np.ndarray]:
+        from .gallery import ranked_clips
+
+        texts = texts_of(request[SCORE_TEXT], SCORE_TEXT)
+        ks = row_values(request, "k", len(texts), DEFAULT_K)
+        tops = row_values(request, "top", len(texts), 0)
+        if min(ks) < 1:
+            raise BadRequest(f"k must be >= 1, got {min(ks)}")
+        if min(tops) < 0 or len(set(tops)) > 1:
+            raise BadRequest(f"top must be >= 0 and the same for every row of a request, got "
+                             f"{tops}")
+        width = min(tops[0] or len(self.index), len(self.index))
+        rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
+                    for text, k in zip(texts, ks)]
+        out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
+                                 dtype=np.object_).reshape(len(texts), width),
+               "match_probability": np.array([[np.nan if c.itm is None else c.itm for c in r]
+                                              for r in rankings], np.float64
+                                             ).reshape(len(texts), width),
+               "itc_similarity": np.array([[c.itc for c in r] for r in rankings], np.float32
+                                          ).reshape(len(texts), width)}
+        kept = selected_frames(self.split)
+        if kept is not None:
+            out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
+                                     ).reshape(len(texts), width, kept)
+        return out
+
+
+def selected_frames(split: Any) -> int | None:
+    """Frames the second selector keeps (K2), None for an artifact without frame selection."""
+    kept = next((t for t in split.contracts["select"].outputs if t.name == "frame_indices_2"),
+                None)
+    return None if kept is None else int(kept.shape[1])
+
+
+def retrieval_spec(split: Any) -> ModelSpec:
+    outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
+               ("itc_similarity", np.float32, (-1,))]
+    kept = selected_frames(split)
+    if kept is not None:
+        outputs.append(("frames", np.int64, (-1, kept)))
+    return ModelSpec(RETRIEVE_MODEL, [(SCORE_TEXT, bytes, (1,)), ("k", np.int64, (1,)),
+                                      ("top", np.int64, (1,))], outputs, lambda m: m.retrieve)
+
+
+def index_split(artifact: str, index: str) -> tuple[Any, Any]:
+    """The split graphs that made the index (their .engine files when all were built beside
+    the .onnx, as `model_file` prefers an engine) and the index, opened for them."""
+    from .clip_index import ClipIndex
+    from .gallery import SplitArtifact
+
+    if not Path(artifact).is_dir():
+        raise ValueError(f"--index needs --artifact to be the artifact directory, got {artifact}")
+    split = SplitArtifact.for_index(artifact, index)
+    if all(f.with_suffix(".engine").is_file() for f in split.files.values()):
+        split = SplitArtifact(artifact, split.precision, engines=True)
+    return split, ClipIndex.open(index, split.identity, split.stem_shape)
+
+
 def check_ports_free(ports: dict[str, int]) -> None:
     """ValueError naming the first port already taken on the loopback address: Triton would
     exit on it, and PyTriton only notice after its start-up timeout."""
@@ -189,6 +283,7 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                          f"1..{c.batch.max}")
     if opts.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {opts.instances}")
+    split, index = index_split(opts.artifact, opts.index) if opts.index else (None, None)
     check_ports_free({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                       "--metrics-port": opts.metrics_port})
     decorators, model_config, triton_module = pytriton()
@@ -204,13 +299,22 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
         # One runner per instance (activation checks the file: contract, hash, engine preflight).
         models = [ArtifactModel(artifact, stack.enter_context(artifact.runner(opts.threads)))
                   for _ in range(opts.instances)]
+        bound = [(spec, [decorators.batch(spec.compute(m)) for m in models]) for spec in specs]
+        if split is not None:
+            retrievers = [RetrievalModel(split, index,
+                                         stack.enter_context(split.pipeline(opts.threads)))
+                          for _ in range(opts.instances)]
+            spec = retrieval_spec(split)
+            bound.append((spec, [spec.compute(r) for r in retrievers]))
+            specs.append(spec)
         server = stack.enter_context(triton_module.Triton(config=config,
                                                           security_config=security))
-        for spec in specs:
+        for spec, infer_funcs in bound:
             server.bind(
                 model_name=spec.name,
-                infer_func=[decorators.batch(spec.compute(m)) for m in models],
-                inputs=[model_config.Tensor(name=n, dtype=d, shape=s) for n, d, s in spec.inputs],
+                infer_func=infer_funcs,
+                inputs=[model_config.Tensor(name=n, dtype=d, shape=s, optional=n in OPTIONAL)
+                        for n, d, s in spec.inputs],
                 outputs=[model_config.Tensor(name=n, dtype=d, shape=s)
                          for n, d, s in spec.outputs],
                 config=model_config.ModelConfig(
@@ -222,6 +326,11 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
         log(f"serving {path} ({runtime}, task {c.task}, F@{c.schedule}): "
             f"{', '.join(s.name for s in specs)}; batches up to {max_batch}, queue delay "
             f"{opts.max_queue_delay_us} us, {opts.instances} instance(s)")
+        if split is not None:
+            split_runtime = "TensorRT" if split.files["text"].suffix == ".engine" \
+                else "ONNX Runtime"
+            log(f"  {RETRIEVE_MODEL}: {len(index)} clips in {opts.index}, split graphs "
+                f"{split.precision} ({split_runtime})")
         log(f"  http://{LOOPBACK}:{opts.http_port}  grpc {LOOPBACK}:{opts.grpc_port}  "
             f"metrics http://{LOOPBACK}:{opts.metrics_port}/metrics  "
             f"Triton's log: {log_file}")
@@ -251,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True,
                     help="artifact directory (engines/NAME) or a model file in one")
     ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
-    ap.add_argument("--index", help="clip index for the retrieval model (needs the split "
-                    "graphs in the artifact: not written by the export yet)")
+    ap.add_argument("--index", help="a clip index (`export.py index` with this artifact): "
+                    "also serve twbert_retrieve, which ranks its clips for a text")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
@@ -265,14 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     from .trt.engine_manifest import EngineMismatch
     from .util import MissingDependency
 
-    if args.index:
-        print("error: --index: the retrieval model over a clip index needs the split graphs in "
-              "the artifact, which the export does not write yet (docs/split.md, 'For wiring')",
-              file=sys.stderr)
-        return 2
     opts = ServeOptions(args.artifact, args.precision, args.http_port, args.grpc_port,
                         args.metrics_port, args.instances, args.max_batch,
-                        args.max_queue_delay_us, args.threads)
+                        args.max_queue_delay_us, args.threads, args.index)
     try:
         serve(opts, log=lambda line: print(line, flush=True))
     except (ValueError, MissingDependency, EngineMismatch, FileNotFoundError) as e:

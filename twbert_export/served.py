@@ -11,6 +11,8 @@ import numpy as np
 from .metrics import softmax
 
 SCORE_MODEL, QA_MODEL = "twbert_score", "twbert_qa"
+# Served by `export.py serve --index` only: ranks the clips of an index (gallery, clip_index).
+RETRIEVE_MODEL = "twbert_retrieve"
 # Served tensors beside the video (FP32, the contract's (T, 3, S, S)); shapes without batch.
 SCORE_TEXT, QA_TEXT = "text", "question"
 

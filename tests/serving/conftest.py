@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import export
 from clipdata import copy_clips
 from triton_server import (REPO, SERVE_ENV, STOP_TIMEOUT_S, Server, free_port, serve_python,
                            wait_ready)
@@ -47,19 +48,31 @@ def qa_artifact(tmp_path_factory, serve_clips) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def clip_index(qa_artifact, serve_clips, tmp_path_factory) -> Path:
+    """`export.py index` of the served clips, with the split graphs the export wrote beside
+    the whole model (so one artifact serves all three models)."""
+    out = tmp_path_factory.mktemp("serve-index") / "clips.index"
+    assert export.main(["index", "--artifact", str(qa_artifact), "--videos",
+                        str(serve_clips / "videos"), "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
-def server(serving_python, qa_artifact, tmp_path_factory):
-    """`export.py serve` on free loopback ports; stopped with SIGINT at the end, which must
-    end it with exit 0 within STOP_TIMEOUT_S."""
+def server(serving_python, qa_artifact, clip_index, tmp_path_factory):
+    """`export.py serve --index` on free loopback ports; stopped with SIGINT at the end, which
+    must end it with exit 0 within STOP_TIMEOUT_S."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [str(serving_python), "export.py", "serve", "--artifact", str(qa_artifact),
+             "--index", str(clip_index),
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
              "--max-queue-delay-us", "50000", "--threads", "1"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log)
+    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log,
+                    models=("twbert_score", "twbert_qa", "twbert_retrieve"))
     try:
         wait_ready(server)
         yield server
