@@ -13,8 +13,9 @@
                      (each clip's video stem, computed once, on the split graphs)
     python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50] |
                      --question "..." --clip ID)
-    python export.py serve --artifact engines/NAME [--http-port 8000] [--grpc-port 8001]
-                     [--instances N] [--max-batch B] [--max-queue-delay-us U]   (Triton, PyTriton)
+    python export.py serve --artifact engines/NAME [--index INDEX] [--http-port 8000]
+                     [--grpc-port 8001] [--instances N] [--max-batch B] [--max-queue-delay-us U]
+                     (Triton, PyTriton; --index also serves twbert_retrieve over a clip index)
     python export.py triton-repo --artifact engines/NAME --out REPO   (for the Triton container)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
