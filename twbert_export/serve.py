@@ -130,7 +130,7 @@ class ModelSpec:
     name: str
     inputs: list[tuple[str, Any, tuple[int, ...]]]
     outputs: list[tuple[str, Any, tuple[int, ...]]]
-    compute: Callable[[ArtifactModel], Callable[..., dict[str, np.ndarray]]]
+    compute: Callable[[Any], Callable[..., Any]]  # instance -> infer function
 
 
 def model_specs(artifact: Artifact) -> list[ModelSpec]:
