@@ -61,3 +61,38 @@ def artifact_manifest(precisions: tuple[str, ...] = ("fp32", "fp16", "int8"),
         validation_data={}, parity={p: True for p in precisions}, tools={},
         created="2026-01-01T00:00:00+0000", tokenizer="tokenizer.json",
         flavour_parity={TRT8_FLAVOUR: {p: True for p in precisions}} if trt8 else {})
+
+
+def tiny_split_contracts(batch: BatchRange = BatchRange(1, 2, 4)) -> dict[str, IOContract]:
+    """The four split graphs' contracts for the tiny contract (`split.split_contracts`'s cut:
+    text -> text_embeds, text_cls; video_stem -> stem; select -> itc_sim, video_embeds, the
+    selection; fuse -> itm_logits), with tiny widths (D = 6)."""
+    B, mono = "batch", tiny_contract(batch)
+    spec = {t.name: t for t in (*mono.inputs, *mono.outputs)}
+    text_embeds = TensorSpec("text_embeds", "float32", (B, 8, 6))
+    text_cls = TensorSpec("text_cls", "float32", (B, 6))
+    stem = TensorSpec("stem", "float32", (B, 4, 5, 6))
+    video_embeds = TensorSpec("video_embeds", "float32", (B, 3, 6))
+    graphs = {
+        "text": ((spec["input_ids"], spec["attention_mask"]), (text_embeds, text_cls)),
+        "video_stem": ((spec["video"],), (stem,)),
+        "select": ((stem, text_cls), (spec["itc_sim"], video_embeds, spec["frame_scores_1"],
+                                      spec["frame_indices_1"])),
+        "fuse": ((text_embeds, spec["attention_mask"], video_embeds), (spec["itm_logits"],)),
+    }
+    return {g: IOContract(i, o, batch, mono.task, mono.schedule, mono.opset)
+            for g, (i, o) in graphs.items()}
+
+
+def split_manifest(precisions: tuple[str, ...] = ("fp32", "fp16"), trt8: bool = True) -> Manifest:
+    """`artifact_manifest` with the four split graphs beside `model`: a file per graph and
+    precision (and its trt8 twin), and each graph's contract."""
+    manifest = artifact_manifest(precisions, trt8=trt8)
+    for graph in ("text", "video_stem", "select", "fuse"):
+        for i, p in enumerate(precisions):
+            manifest.files.append(FileEntry(graph, p, f"{graph}.{p}.onnx", f"{i}b" * 32, 100))
+            if trt8:
+                manifest.files.append(FileEntry(graph, p, f"{graph}.{p}.trt8.onnx", f"{i}c" * 32,
+                                                100, flavour=TRT8_FLAVOUR))
+    manifest.graph_contracts = tiny_split_contracts()
+    return manifest

@@ -2,7 +2,7 @@ import shutil
 import subprocess
 
 import pytest
-from trtdata import artifact_manifest, tiny_contract
+from trtdata import artifact_manifest, split_manifest, tiny_contract, tiny_split_contracts
 
 from twbert_export.trt.commands import (build_script, deploy_md, polygraphy_command,
                                         precision_flags, python_build_command, shape_flags,
@@ -107,11 +107,12 @@ def test_device_kit_is_written_and_the_script_is_valid_bash(tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
-def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0, trt8=True):
+def _run_script(tmp_path, precision, trt_version, extra_env=None, expect_rc=0, trt8=True,
+                manifest=None):
     """Run build_on_device.sh with a fake trtexec that prints its arguments, and a fake python3
     that says the package (and TensorRT's bindings) are installed and prints what it is asked
     to run."""
-    write_device_kit(tmp_path, artifact_manifest(trt8=trt8))
+    write_device_kit(tmp_path, manifest or artifact_manifest(trt8=trt8))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = tmp_path / "fake-trtexec"
@@ -216,3 +217,45 @@ def test_python_build_command():
     assert python_build_command("model.fp16.onnx") == \
         "python3 -m twbert_export.trt.cli --onnx model.fp16.onnx --target auto"
     assert build_script(artifact_manifest(("fp32",))).count("fp32) ONNX=model.fp32.onnx") == 1
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_script_builds_every_graph_one_at_a_time_each_with_its_own_profile(tmp_path):
+    manifest = split_manifest()
+    write_device_kit(tmp_path, manifest)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "build_on_device.sh")]).returncode == 0
+    # The fake trtexec records when each build starts and ends: builds must never overlap.
+    log = tmp_path / "builds.log"
+    fake = tmp_path / "logging-trtexec"
+    fake.write_text('#!/usr/bin/env bash\necho "start $1" >> %s\nsleep 0.05\nprintf "%%s\\n" "$@"\n'
+                    'echo "end $1" >> %s\n' % (log, log))
+    fake.chmod(0o755)
+    lines = _run_script(tmp_path, "fp16", "10.3.0", {"TRTEXEC": str(fake)}, manifest=manifest)
+    graphs = ["model", "text", "video_stem", "select", "fuse"]
+    events = log.read_text().split("\n")[:-1]
+    assert events == [f"{e} --onnx={g}.fp16.onnx" for g in graphs for e in ("start", "end")]
+    for graph, contract in tiny_split_contracts().items():
+        assert f"--saveEngine={graph}.fp16.engine" in lines
+        assert shape_flags(contract)[2] in lines  # the graph's own MAX shapes
+    records = [line for line in lines if "--record-trtexec-build 10.3.0" in line]
+    assert [r.split("--onnx ")[1].split()[0] for r in records] == [f"{g}.fp16.onnx" for g in graphs]
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+@pytest.mark.parametrize("graphs, built", [
+    ("split", ["text", "video_stem", "select", "fuse"]), ("model", ["model"]), ("fuse", ["fuse"])])
+def test_script_graph_selection(tmp_path, graphs, built):
+    lines = _run_script(tmp_path, "fp16", "10.3.0", {"GRAPHS": graphs}, manifest=split_manifest())
+    assert [a.split("=", 1)[1] for a in lines if a.startswith("--onnx=")] \
+        == [f"{g}.fp16.onnx" for g in built]
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_script_builds_the_trt8_twin_of_each_split_graph_on_86(tmp_path):
+    lines = _run_script(tmp_path, "fp32", "8.6.2", {"GRAPHS": "split"}, manifest=split_manifest())
+    assert [a for a in lines if a.startswith("--onnx=")] == [
+        f"--onnx={g}.fp32.trt8.onnx" for g in ("text", "video_stem", "select", "fuse")]
+    assert lines.count("--noTF32") == 4
+    python = _run_script(tmp_path, "fp16", "8.6.2", {"GRAPHS": "split"}, manifest=split_manifest())
+    assert [line.split()[4] for line in python] == [  # weak typing: the Python builder, per graph
+        f"{g}.fp16.trt8.onnx" for g in ("text", "video_stem", "select", "fuse")]

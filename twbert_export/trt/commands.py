@@ -26,7 +26,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..artifact import PRECISIONS, TRT8_FLAVOUR, Manifest
+from ..artifact import MODEL_GRAPH, PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Manifest
 from ..contract import IOContract
 from ..util import write_text
 from .version import dla_available
@@ -203,21 +203,57 @@ def _artifact_files(manifest: Manifest) -> tuple[dict[str, str], dict[str, str]]
     return main, trt8
 
 
+GRAPH_SELECTIONS = ("all", "model", "split")
+
+
+def selected_graphs(manifest: Manifest, selection: str = "all") -> list[str]:
+    """The artifact's graphs a build covers: "model" (the whole network), "split" (the four
+    split graphs) or "all" (every graph the manifest lists), in build order."""
+    if selection not in GRAPH_SELECTIONS:
+        raise ValueError(f"graphs must be one of {', '.join(GRAPH_SELECTIONS)}, got {selection!r}")
+    present = [g for g in (MODEL_GRAPH, *SPLIT_GRAPHS) if g in manifest.graphs]
+    wanted = {"model": [MODEL_GRAPH], "split": list(SPLIT_GRAPHS)}.get(selection, present)
+    return [g for g in present if g in wanted]
+
+
+def _graph_cases(manifest: Manifest) -> list[str]:
+    """bash `case "$GRAPH:$PRECISION"` arms setting ONNX, ONNX_TRT8 and the graph's own profile
+    (DYN_SHAPES, STATIC_SHAPES for DLA) from that graph's contract."""
+    arms = []
+    for graph in selected_graphs(manifest):
+        contract = manifest.contract_of(graph)
+        dyn, static = shape_flags(contract), shape_flags(contract, contract.batch.opt)
+        for p in PRECISIONS:
+            entry = manifest.file(p, graph)
+            if entry is None:
+                continue
+            twin = manifest.twin(entry, TRT8_FLAVOUR)
+            arms += [f"  {graph}:{p}) ONNX={shlex.quote(entry.path)}"
+                     + (f"; ONNX_TRT8={shlex.quote(twin.path)}" if twin else ""),
+                     f"    DYN_SHAPES={_bash_array(dyn)}",
+                     f"    STATIC_SHAPES={_bash_array(static)} ;;"]
+    return arms
+
+
 def build_script(manifest: Manifest) -> str:
-    contract = manifest.contract
     files, trt8 = _artifact_files(manifest)
     default = next(p for p in reversed(PRECISIONS) if p in files)
-    dyn, static = shape_flags(contract), shape_flags(contract, contract.batch.opt)
+    graphs = selected_graphs(manifest)
+    split = [g for g in graphs if g in SPLIT_GRAPHS]
     lines = [
         "#!/usr/bin/env bash",
         "# Build a TensorRT engine from this artifact ON the device that will run it.",
         "#   ./build_on_device.sh [fp32|fp16|int8] [--python]",
+        f"#   GRAPHS=all|model|split ./build_on_device.sh ...  (default all: {' '.join(graphs)})",
+        "# Each graph is its own engine with its own optimization profile (its own I/O contract),",
+        "# built ONE AT A TIME, each by its own run of this script (GRAPH=name), so an 8 GB board",
+        "# never holds two builders in memory.",
         f"# Default precision: {default}. Environment: WORKSPACE_MB (default "
         f"{DEFAULT_WORKSPACE_MB}, sized for 8 GB Jetsons),",
         "# OPT_LEVEL (builder optimization level, default 3), DLA_CORE (AGX Orin / Orin NX only;",
         "# pins the batch to the profile's OPT value), TIMING_CACHE, TRTEXEC, TRT_VERSION,",
         "# JETSON_MODEL (default: /proc/device-tree/model).",
-        "# TensorRT 8.5 / 8.6 build the model.PRECISION.trt8.onnx file (opset 17; the opset-19",
+        "# TensorRT 8.5 / 8.6 build the GRAPH.PRECISION.trt8.onnx file (opset 17; the opset-19",
         "# file would be mis-imported), and FP16/INT8 there (and DLA before 11.x) go through the",
         "# Python builder: without strong typing only it keeps the file's FP32 nodes in FP32.",
         "# TF32 is off on every path (--noTF32). --python builds with `python3 -m",
@@ -227,13 +263,30 @@ def build_script(manifest: Manifest) -> str:
         'cd "$(dirname "$0")"',
         f'PRECISION="${{1:-{default}}}"',
         'MODE="${2:-trtexec}"',
+        'if [ -z "${GRAPH:-}" ]; then',
+        '  case "${GRAPHS:-all}" in',
+        f"    all) GRAPH_LIST={shlex.quote(' '.join(graphs))} ;;",
+        "    model) GRAPH_LIST=model ;;",
+        f"    split) GRAPH_LIST={shlex.quote(' '.join(split))} ;;",
+        "    *) GRAPH_LIST=\"$GRAPHS\" ;;",
+        "  esac",
+        '  if [ -z "$GRAPH_LIST" ]; then echo "this artifact has no ${GRAPHS} graphs" >&2; '
+        "exit 2; fi",
+        '  if [ "$GRAPH_LIST" != "${GRAPH_LIST%% *}" ]; then',
+        "    # One engine at a time: each build finishes (and frees its memory) before the next.",
+        '    for GRAPH in $GRAPH_LIST; do',
+        '      echo "== $GRAPH ($PRECISION): building sequentially, one engine at a time" >&2',
+        '      GRAPH="$GRAPH" "./$(basename "$0")" "$PRECISION" "$MODE"  # after the cd above',
+        "    done",
+        "    exit 0",
+        "  fi",
+        '  GRAPH="$GRAPH_LIST"',
+        "fi",
         "ONNX_TRT8=",
-        "case \"$PRECISION\" in",
-        *[f"  {p}) ONNX={shlex.quote(files[p])}"
-          + (f"; ONNX_TRT8={shlex.quote(trt8[p])}" if p in trt8 else "") + " ;;"
-          for p in PRECISIONS if p in files],
-        f"  *) echo \"precision '$PRECISION' is not in this artifact ({' '.join(files)})\" >&2;"
-        " exit 2 ;;",
+        "case \"$GRAPH:$PRECISION\" in",
+        *_graph_cases(manifest),
+        "  *) echo \"graph '$GRAPH' at precision '$PRECISION' is not in this artifact (graphs "
+        f"{' '.join(graphs)}; precisions {' '.join(files)})\" >&2; exit 2 ;;",
         "esac",
         f"WORKSPACE_MB=\"${{WORKSPACE_MB:-{DEFAULT_WORKSPACE_MB}}}\"",
         'OPT_LEVEL="${OPT_LEVEL:-3}"',
@@ -259,7 +312,7 @@ def build_script(manifest: Manifest) -> str:
         "    fi",
         '    if [ -z "$ONNX_TRT8" ]; then',
         '      echo "this artifact has no TensorRT 8.x graph for $PRECISION '
-        '(model.$PRECISION.trt8.onnx): re-export it with a current twbert-export" >&2; exit 2',
+        '($GRAPH.$PRECISION.trt8.onnx): re-export it with a current twbert-export" >&2; exit 2',
         "    fi",
         '    ONNX="$ONNX_TRT8"',
         "    PRECISION_FLAGS=()",
@@ -302,11 +355,11 @@ def build_script(manifest: Manifest) -> str:
         '    echo "DLA with TensorRT $TRT_VERSION is documented for Jetson AGX Orin (JetPack >= '
         '7.2.2) only: unset DLA_CORE" >&2; exit 2',
         "  fi",
-        f"  SHAPES={_bash_array(static)}  # DLA: static shapes",
+        "  SHAPES=(\"${STATIC_SHAPES[@]}\")  # DLA: static shapes",
         '  DLA_FLAGS=(--useDLACore="$DLA_CORE" --allowGPUFallback --profilingVerbosity=detailed '
         '--exportLayerInfo="$ENGINE.layers.json")',
         "else",
-        f"  SHAPES={_bash_array(dyn)}",
+        "  SHAPES=(\"${DYN_SHAPES[@]}\")",
         "  DLA_FLAGS=()",
         "fi",
         "",
