@@ -6,7 +6,7 @@ import types
 from pathlib import Path
 
 import pytest
-from trtdata import artifact_manifest, tiny_contract
+from trtdata import artifact_manifest, split_manifest, tiny_contract, tiny_split_contracts
 
 from twbert_export.trt import build as build_mod
 from twbert_export.trt import targets
@@ -453,3 +453,83 @@ def test_the_layer_report_counts_dla_and_gpu_layers(tmp_path, capsys):
     layers = {"Layers": [{"Name": "{ForeignNode[/text/MatMul.../Softmax]}", "LayerType": "Myelin"},
                          {"Name": "{ForeignNode[/video/Conv]}", "LayerType": "DLA"}]}
     assert build_mod.layer_placement(json.dumps(layers)) == {"DLA": 1, "GPU": 1}
+
+
+# -- `build --artifact DIR --graphs ...`: the split graphs, one engine at a time ----------------
+SPLIT = ["text", "video_stem", "select", "fuse"]
+
+
+@pytest.fixture
+def artifact(tmp_path, monkeypatch):
+    def make(version):
+        log: list = []
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, log))
+        monkeypatch.setattr(targets, "query_cuda_device", lambda: ("NVIDIA H100", "9.0"))
+        monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
+        monkeypatch.setattr(build_mod, "check_graph_for", lambda onnx, v: None)
+        monkeypatch.setattr(build_mod, "_build_polygraphy", build_mod._build_direct)
+        manifest = split_manifest()
+        manifest.write(tmp_path)
+        for entry in manifest.files:
+            (tmp_path / entry.path).write_bytes(b"onnx")
+        return tmp_path, log
+    return make
+
+
+def build(directory, *extra):
+    return build_main(["--artifact", str(directory), "--target", "datacenter", "--timing-cache",
+                       str(directory / "timing.cache"), *extra])
+
+
+@pytest.mark.parametrize("graphs, built", [
+    ("split", SPLIT), ("model", ["model"]), (None, ["model", *SPLIT])])
+def test_each_selected_graph_is_built_in_turn_with_its_own_profile(artifact, capsys, graphs,
+                                                                    built):
+    directory, log = artifact("10.3.0")
+    assert build(directory, "--precision", "fp16", *(["--graphs", graphs] if graphs else [])) == 0
+    parsed = [args[0] for name, args in log if name == "parser.parse_from_file"]
+    assert parsed == [str(directory / f"{g}.fp16.onnx") for g in built]
+    # one network parsed and built before the next is created: one builder at a time
+    steps = [n for n, _ in log if n in ("builder.create_network",
+                                        "builder.build_serialized_network")]
+    assert steps == ["builder.create_network", "builder.build_serialized_network"] * len(built)
+    contracts = tiny_split_contracts()
+    for graph in built:
+        sidecar = read_manifest(directory / f"{graph}.fp16.engine")
+        assert sidecar.tf32 is False and sidecar.onnx == f"{graph}.fp16.onnx"
+        if graph in contracts:  # the graph's own inputs and MAX batch, not the whole model's
+            expected = {t.name: [list(s) for s in shapes]
+                        for t, shapes in zip(contracts[graph].inputs,
+                                             contracts[graph].profile_shapes().values())}
+            assert sidecar.profile_shapes == expected
+    out = capsys.readouterr().out
+    assert out.count("one engine at a time") == len(built)
+
+
+def test_tensorrt_86_builds_each_split_graphs_trt8_twin_weakly_typed_and_pinned(artifact):
+    directory, log = artifact("8.6.2")
+    assert build(directory, "--graphs", "split", "--precision", "fp16") == 0
+    parsed = [args[0] for name, args in log if name == "parser.parse_from_file"]
+    assert parsed == [str(directory / f"{g}.fp16.trt8.onnx") for g in SPLIT]
+    assert log.count(("config.clear_flag", (4,))) == 4  # TF32 off for every engine
+    for graph in SPLIT:
+        assert read_manifest(directory / f"{graph}.fp16.trt8.engine").tf32 is False
+
+
+def test_a_missing_graph_or_mixing_modes_is_bad_input_with_one_line(artifact, capsys):
+    directory, _ = artifact("10.3.0")
+    assert build(directory, "--graphs", "split", "--precision", "int8") == 2
+    err = capsys.readouterr().err
+    assert "has no int8 file for text, video_stem, select, fuse" in err
+    assert len(err.strip().splitlines()) == 1
+    assert build_main(["--artifact", str(directory), "--onnx", "x.onnx"]) == 2
+    assert build_main(["--onnx", str(directory / "text.fp16.onnx"), "--graphs", "split"]) == 2
+
+
+def test_a_single_split_file_with_onnx_gets_its_graphs_profile(artifact):
+    directory, log = artifact("10.3.0")
+    assert build_main(["--onnx", str(directory / "select.fp16.onnx"), "--target", "datacenter",
+                       "--timing-cache", str(directory / "timing.cache")]) == 0
+    shapes = [a for n, a in log if n == "create_optimization_profile.set_shape"]
+    assert [s[0] for s in shapes] == ["stem", "text_cls"]
+    assert shapes[0][3] == (4, 4, 5, 6)

@@ -1,6 +1,7 @@
 """`python export.py build`: a TensorRT engine from an artifact's ONNX file, on this device.
 
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto|orin-nano-8gb|...]
+    python export.py build --artifact engines/NAME [--graphs all|model|split] [--precision P] ...
         [--workspace-mb N] [--opt-level N] [--dla-core N] [--timing-cache PATH]
         [--version-compatible] [--engine PATH] [--parser 8.5|8.6|10|11]
     python3 -m twbert_export.trt.cli --layer-report model.fp16.engine.build.log
@@ -9,27 +10,35 @@ Also `python3 -m twbert_export.trt.cli --onnx ...` (what build_on_device.sh --py
 export.py, no torch). The file built is the one the TensorRT version found needs: on 8.5 / 8.6
 the trt8 twin the manifest lists for the file (refused when the artifact has none), and the graph
 is linted with that parser's rules first (`--parser` to check for another release without
-building). Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT (one line).
+building). `--artifact` builds each selected graph's file (`model`, and the split graphs
+`text`, `video_stem`, `select`, `fuse`) one engine at a time, each with its own contract's
+profile and sidecar. Exit codes: 0 built, 1 TensorRT failed, 2 bad input / no TensorRT (one line).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
 from pathlib import Path
 
-from ..artifact import (PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError, Manifest,
+from ..artifact import (MODEL_GRAPH, PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError, Manifest,
                         PrecisionResult, Report)
 from ..util import MissingDependency, human_size
-from .commands import polygraphy_command
+from .commands import GRAPH_SELECTIONS, polygraphy_command, selected_graphs
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target
 from .version import parse_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export.py build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--onnx", help="model.PRECISION.onnx in an artifact directory")
+    p.add_argument("--onnx", help="one GRAPH.PRECISION.onnx file of an artifact directory")
+    p.add_argument("--artifact", help="build the engine of every selected graph of this "
+                   "artifact directory, one at a time (with --graphs and --precision)")
+    p.add_argument("--graphs", choices=GRAPH_SELECTIONS,
+                   help="with --artifact: model (whole network), split (its four graphs) or all "
+                        "present in manifest.json (default)")
     p.add_argument("--target", default="auto", choices=TARGET_CHOICES,
                    help="device preset; auto detects the GPU / Jetson (default)")
     p.add_argument("--engine", help="engine path (default: model.PRECISION.engine beside --onnx)")
@@ -90,16 +99,66 @@ def build_main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             return err(f"cannot read layer information {args.layer_report}: {e}")
         return 0
+    if args.artifact:
+        if args.onnx or args.engine:
+            return err("--artifact builds the files the manifest lists: no --onnx / --engine")
+        return build_artifact(args)
+    if args.graphs:
+        return err("--graphs chooses the graphs of --artifact DIR")
     if not args.onnx:
-        return err("--onnx is required (or --layer-report FILE)")
-    onnx = Path(args.onnx)
+        return err("--onnx or --artifact is required (or --layer-report FILE)")
+    return build_file(args, Path(args.onnx))
+
+
+def artifact_onnx_files(artifact: Manifest, artifact_dir: Path, selection: str,
+                        precision: str | None) -> list[Path]:
+    """The ONNX files `--artifact` builds, one per selected graph (`commands.selected_graphs`),
+    at `precision` (default: the artifact's highest precision); ValueError when none."""
+    graphs = selected_graphs(artifact, selection)
+    if not graphs:
+        raise ValueError(f"{artifact_dir} has no {selection} graphs (it has "
+                         f"{', '.join(artifact.graphs)})")
+    precision = precision or next(p for p in reversed(PRECISIONS) if p in artifact.precisions)
+    missing = [g for g in graphs if artifact.file(precision, g) is None]
+    if missing:
+        raise ValueError(f"{artifact_dir} has no {precision} file for {', '.join(missing)}")
+    return [artifact_dir / artifact.file(precision, g).path  # type: ignore[union-attr]
+            for g in graphs]
+
+
+def build_artifact(args: argparse.Namespace) -> int:
+    """Every selected graph of the artifact, ONE ENGINE AT A TIME (a builder's memory is freed
+    before the next starts: 8 GB boards), each by the single-file path; stops at the first
+    failure and returns its exit code."""
+    artifact_dir = Path(args.artifact)
+    try:
+        artifact = Manifest.load(artifact_dir)
+        files = artifact_onnx_files(artifact, artifact_dir, args.graphs or "all", args.precision)
+    except ValueError as e:  # ArtifactFormatError included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i, onnx in enumerate(files, 1):
+        print(f"graph      {artifact.entry_for(onnx).graph} ({i}/{len(files)}, "  # type: ignore[union-attr]
+              "one engine at a time)", flush=True)
+        rc = build_file(args, onnx)
+        if rc:
+            return rc
+        gc.collect()  # drop the builder, network and engine before the next build
+    return 0
+
+
+def build_file(args: argparse.Namespace, onnx: Path) -> int:
+    """One engine from one ONNX file of an artifact, with the profile of that file's graph."""
+    err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
     if not onnx.is_file():
         return err(f"ONNX file not found: {onnx}")
     try:
         artifact = Manifest.load(onnx.parent)  # the I/O contract and profile shapes
+        listed = artifact.entry_for(onnx)
+        # Each graph's own contract (and so its own optimization profile).
+        contract = artifact.contract_of(listed.graph) if listed else artifact.contract
     except ArtifactFormatError as e:
         return err(str(e))
-    contract = artifact.contract
     known_version = args.parser or args.record_trtexec_build or _installed_tensorrt()
     if known_version:
         try:
@@ -167,7 +226,9 @@ def build_main(argv: list[str] | None = None) -> int:
              if opts.dla_core is not None else ""))
     print(f"manifest   {result.engine.name}.json (built for {result.manifest.built_for()})")
     print(f"cache      {opts.timing_cache}")
-    host = _host_result(onnx.parent, entry.precision, entry.flavour) if entry else None
+    # The shipped reference rows are the whole model's I/O: a split graph has no such check.
+    host = _host_result(onnx.parent, entry.precision, entry.flavour) \
+        if entry and entry.graph == MODEL_GRAPH else None
     if host is not None:
         trt_major = parse_version(result.plan.trt_version)[0]
         print("next       cd " + shlex.quote(str(onnx.parent)) + " && " + polygraphy_command(
