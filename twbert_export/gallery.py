@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import SPLIT_GRAPHS, ArtifactFormatError, FileEntry, Manifest
+from .artifact import SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry, Manifest
 from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError,
                          RankedClip, index_identity, index_videos, rank, videos_in)
 from .metrics import softmax
@@ -84,10 +84,15 @@ class SplitArtifact:
     def _file(self, graph: str, engines: bool) -> Path:
         onnx = self.dir / self.entries[graph].path
         if engines:
-            engine = onnx.with_suffix(".engine")
-            if not engine.is_file():
-                raise ValueError(f"{engine} not found: build it on the device with "
-                                 f"`python export.py build --onnx {onnx}`")
+            # TensorRT 8.5 / 8.6 build the graph's trt8 twin: its engine, when that is the one built.
+            twin = self.manifest.twin(self.entries[graph], TRT8_FLAVOUR)
+            candidates = [onnx.with_suffix(".engine")] + (
+                [(self.dir / twin.path).with_suffix(".engine")] if twin else [])
+            engine = next((c for c in candidates if c.is_file()), None)
+            if engine is None:
+                raise ValueError(f"{candidates[0]} not found: build the split engines on the "
+                                 f"device with `python export.py build --artifact {self.dir} "
+                                 f"--graphs split --precision {self.precision}`")
             return engine
         from .input_checks import check_onnx_file
 
@@ -108,7 +113,17 @@ class SplitArtifact:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(self.dir / self.manifest.tokenizer)
 
+    @property
+    def engines(self) -> bool:
+        return all(f.suffix == ".engine" for f in self.files.values())
+
     def pipeline(self, threads: int | None = None) -> ComposedSplit:
+        """ONNX Runtime on the .onnx files, or the engines on one CUDA stream handing device
+        buffers to each other (`split_trt.SplitEngines`)."""
+        if self.engines:
+            from .split_trt import SplitEngines
+
+            return SplitEngines(self.files, self.contracts, self.manifest.contract)
         return ComposedSplit(self.files, self.contracts, self.manifest.contract, threads)
 
 

@@ -302,3 +302,250 @@ def test_the_pycuda_context_is_popped_and_released_even_when_a_free_fails(monkey
     with pytest.raises(RuntimeError, match="cuMemFree failed"):
         backend.close()
     assert calls == ["free", "free", "pop", "detach"]
+
+
+# -- the split engine set (split_trt.SplitEngines) ------------------------------------------------
+def split_compute(graph: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What each stand-in split engine computes, row by row (tiny_split_contracts' shapes)."""
+    if graph == "text":
+        embeds = x["input_ids"][:, :, None] * 1e-3 + np.arange(6) * x["attention_mask"][:, :, None]
+        return {"text_embeds": embeds.astype(np.float32), "text_cls": embeds[:, 0]}
+    if graph == "video_stem":
+        frames = x["video"].mean(axis=(2, 3, 4))  # (B, T)
+        return {"stem": (frames[:, :, None, None] + np.arange(5)[:, None] * 0.5
+                         + np.arange(6) * 0.1).astype(np.float32)}
+    if graph == "select":
+        scores = x["stem"].mean(axis=(2, 3)) + x["text_cls"].mean(1, keepdims=True)
+        return {"itc_sim": (x["stem"].mean(axis=(1, 2, 3)) * x["text_cls"].sum(1)),
+                "video_embeds": x["stem"][:, :3, 0, :] + x["text_cls"][:, None, :],
+                "frame_scores_1": scores,
+                "frame_indices_1": np.argsort(-scores, axis=1, kind="stable")[:, :2]}
+    fused = (x["text_embeds"] * x["attention_mask"][:, :, None]).sum((1, 2)) \
+        + x["video_embeds"].sum((1, 2))
+    return {"itm_logits": np.stack([fused, -fused], 1)}
+
+
+def host_composition(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    text = split_compute("text", feed)
+    stem = split_compute("video_stem", feed)["stem"]
+    selected = split_compute("select", {"stem": stem, "text_cls": text["text_cls"]})
+    fused = split_compute("fuse", {**text, "attention_mask": feed["attention_mask"],
+                                   "video_embeds": selected["video_embeds"]})
+    return {**selected, **fused}
+
+
+class CountingCuda(FakeCuda):
+    """FakeCuda recording which tensors cross between host and device (by buffer)."""
+
+    def __init__(self, memory):
+        super().__init__(memory)
+        self.names: dict[int, str] = {}
+        self.htod_names: list[str] = []
+        self.dtoh_names: list[str] = []
+        self.syncs = 0
+
+    def htod(self, dst, src):
+        self.htod_names.append(self.names[dst])
+        super().htod(dst, src)
+
+    def dtoh(self, dst, src):
+        self.dtoh_names.append(self.names[src])
+        super().dtoh(dst, src)
+
+    def synchronize(self):
+        self.syncs += 1
+
+
+def fake_split_tensorrt(memory: Memory, contracts, batch_range, int_dtype: str, opened: list):
+    """A stand-in TensorRT whose engines (b"PLAN:<graph>") compute `split_compute` reading and
+    writing device memory at the addresses the contexts are given."""
+    trt = StrictModule("tensorrt")
+    trt.__version__ = MACHINE.tensorrt_version
+    trt.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
+    trt.nptype = lambda dtype: dtype
+    trt.Logger = type("Logger", (strict_class("Logger"),),
+                      {"WARNING": 2, "__init__": lambda self, level: None})
+    lo, hi = batch_range
+
+    def make_engine(graph):
+        contract = contracts[graph]
+        specs = {s.name: s for s in (*contract.inputs, *contract.outputs)}
+        dtypes = {n: (int_dtype if s.dtype == "int64" else s.dtype) for n, s in specs.items()}
+        names = list(specs)
+
+        class Context(strict_class("IExecutionContext")):
+            def __init__(self):
+                self._address: dict[str, int] = {}
+                self._shapes: dict[str, tuple[int, ...]] = {}
+
+            def set_tensor_address(self, name, ptr):
+                self._address[name] = ptr
+
+            def set_input_shape(self, name, shape):
+                if not lo <= shape[0] <= hi:
+                    return False
+                self._shapes[name] = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                return specs[name].concrete(self._shapes[contract.input_names[0]][0])
+
+            def execute_async_v3(self, stream):
+                feed = {}
+                for spec in contract.inputs:
+                    shape = self._shapes[spec.name]
+                    block = memory.blocks[self._address[spec.name]]
+                    feed[spec.name] = block.view(dtypes[spec.name])[:int(np.prod(shape))] \
+                        .reshape(shape).astype(spec.dtype)
+                for name, value in split_compute(graph, feed).items():
+                    raw = np.ascontiguousarray(value.astype(dtypes[name])).reshape(-1).view(np.uint8)
+                    memory.blocks[self._address[name]][:raw.size] = raw
+                return True
+
+        class Engine(strict_class("ICudaEngine")):
+            num_io_tensors = len(names)
+
+            def get_tensor_name(self, i):
+                return names[i]
+
+            def get_tensor_mode(self, name):
+                return trt.TensorIOMode.INPUT if name in contract.input_names \
+                    else trt.TensorIOMode.OUTPUT
+
+            def get_tensor_dtype(self, name):
+                return dtypes[name]
+
+            def get_tensor_shape(self, name):
+                return tuple(-1 if d == "batch" else d for d in specs[name].shape)
+
+            def get_tensor_profile_shape(self, name, profile):
+                return specs[name].concrete(lo), specs[name].concrete(lo), specs[name].concrete(hi)
+
+            def create_execution_context(self):
+                return Context()
+
+        return Engine()
+
+    class Runtime(strict_class("Runtime")):
+        def __init__(self, logger):
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, data):
+            graph = data.decode().split(":", 1)[1]
+            opened.append(graph)
+            return make_engine(graph)
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.fixture
+def make_split_engines(tmp_path, monkeypatch):
+    from trtdata import tiny_split_contracts
+
+    from twbert_export import split_trt
+
+    def make(batch_range=(1, 4), int_dtype="int64", sha=None):
+        contracts = tiny_split_contracts(BatchRange(1, 2, 4))
+        memory, opened = Memory(), []
+        cuda = CountingCuda(memory)
+        real_malloc = cuda.malloc
+        monkeypatch.setitem(sys.modules, "tensorrt",
+                            fake_split_tensorrt(memory, contracts, batch_range, int_dtype, opened))
+        monkeypatch.setattr(runtime, "cuda_backend", lambda prefer=None: cuda)
+        monkeypatch.setattr(targets, "query_cuda_device", lambda: (MACHINE.gpu_name, "9.0"))
+        monkeypatch.setattr(targets, "detect_platform", lambda: Platform(jetson=False))
+        files = {}
+        for graph in contracts:
+            files[graph] = tmp_path / f"{graph}.fp16.engine"
+            files[graph].write_bytes(f"PLAN:{graph}".encode())
+            write_manifest(EngineManifest(
+                engine=files[graph].name, onnx=f"{graph}.fp16.onnx", onnx_sha256="a" * 64,
+                precision="fp16", build_path="strongly-typed", machine=MACHINE,
+                profile_shapes={}), files[graph])
+        buffers: list[int] = []
+        cuda.malloc = lambda n: buffers.append(real_malloc(n)) or buffers[-1]
+        engines = split_trt.SplitEngines(files, contracts, tiny_contract(BatchRange(1, 2, 4)),
+                                         onnx_sha256={g: sha or "a" * 64 for g in contracts})
+        names = {n for c in contracts.values() for n in (*c.input_names, *c.output_names)}
+        # One buffer per tensor name, in the order the engines' plans list them.
+        assert len(buffers) == len(names)
+        for engine in engines.engines.values():
+            for name in engine.plan:
+                cuda.names[engines.device[name]] = name
+        return engines, cuda, opened
+    return make
+
+
+@pytest.mark.parametrize("int_dtype", ["int64", "int32"])  # 10.x, and 8.x's INT32 I/O
+def test_the_engine_set_infers_the_composition_passing_intermediates_on_the_device(
+        make_split_engines, int_dtype):
+    engines, cuda, opened = make_split_engines(int_dtype=int_dtype)
+    assert opened == ["text", "video_stem", "select", "fuse"]
+    with engines:
+        for batch in (3, 1, 4):
+            cuda.htod_names.clear(), cuda.dtoh_names.clear()
+            inputs = feed(batch, seed=batch)
+            out = engines.infer(inputs)
+            expected = host_composition(inputs)
+            assert list(out) == ["itm_logits", "itc_sim", "frame_scores_1", "frame_indices_1"]
+            for name, value in out.items():
+                assert value.dtype == (np.int64 if name == "frame_indices_1" else np.float32)
+                np.testing.assert_allclose(value, expected[name], rtol=1e-6, err_msg=name)
+            # Only the feed goes in and only the monolithic outputs come out: stem, text_cls,
+            # text_embeds and video_embeds never cross to the host.
+            assert sorted(cuda.htod_names) == ["attention_mask", "input_ids", "video"]
+            assert sorted(cuda.dtoh_names) == sorted(out)
+        assert engines.executions == {g: 3 for g in ("text", "video_stem", "select", "fuse")}
+    assert not cuda.memory.blocks  # freed on exit
+
+
+def test_score_keeps_video_embeds_on_the_device_and_parts_match_the_host(make_split_engines):
+    engines, cuda, _ = make_split_engines()
+    inputs = feed(4, seed=3)
+    with engines:
+        text = engines.encode_texts(inputs["input_ids"], inputs["attention_mask"])
+        stems = engines.encode_clips(inputs["video"])
+        host_text = split_compute("text", inputs)
+        np.testing.assert_allclose(text["text_cls"], host_text["text_cls"], rtol=1e-6)
+        np.testing.assert_allclose(stems, split_compute("video_stem", inputs)["stem"], rtol=1e-6)
+        selected = engines.select(stems, text["text_cls"])
+        np.testing.assert_allclose(selected["video_embeds"], split_compute(
+            "select", {"stem": stems, "text_cls": text["text_cls"]})["video_embeds"], rtol=1e-6)
+        cuda.htod_names.clear(), cuda.dtoh_names.clear()
+        out = engines.score(stems, text, inputs["attention_mask"])
+        assert "video_embeds" not in cuda.htod_names + cuda.dtoh_names
+        expected = host_composition(inputs)
+        for name, value in out.items():
+            np.testing.assert_allclose(value, expected[name], rtol=1e-6, err_msg=name)
+        fused = engines.fuse(text["text_embeds"], inputs["attention_mask"],
+                             selected["video_embeds"])
+        np.testing.assert_allclose(fused["itm_logits"], expected["itm_logits"], rtol=1e-6)
+
+
+def test_a_static_engine_set_runs_every_batch_in_aligned_padded_slices(make_split_engines):
+    engines, _, _ = make_split_engines(batch_range=(2, 2))  # DLA: the OPT batch only
+    with engines:
+        for batch in (1, 3, 4):
+            inputs = feed(batch, seed=batch)
+            expected = host_composition(inputs)
+            for name, value in engines.infer(inputs).items():
+                np.testing.assert_allclose(value, expected[name], rtol=1e-6, err_msg=name)
+
+
+def test_an_input_neither_fed_nor_produced_is_an_error_not_stale_memory(make_split_engines):
+    engines, _, _ = make_split_engines()
+    inputs = feed(2)
+    with engines:
+        engines.infer(inputs)  # leaves every buffer written at batch 2
+        with pytest.raises(RuntimeError, match="video_embeds was neither fed nor produced"):
+            engines.run_chain(("fuse",), {"text_embeds": np.zeros((2, 8, 6), np.float32),
+                                          "attention_mask": inputs["attention_mask"]},
+                              ["itm_logits"])
+
+
+def test_an_engine_built_from_another_onnx_is_refused_before_any_is_read(make_split_engines):
+    from twbert_export.trt.engine_manifest import EngineMismatch
+
+    with pytest.raises(EngineMismatch):
+        make_split_engines(sha="b" * 64)
