@@ -218,10 +218,12 @@ def test_predict_index_bad_input_is_one_line_and_exit_2(artifact, small_val, tmp
 
 def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(
         artifact, small_val, tmp_path, capsys, monkeypatch):
-    """--engines: each graph's .engine beside its .onnx, through the TensorRT runner (here a
-    stand-in that checks the ONNX hash it is given and runs that ONNX file on ONNX Runtime)."""
-    from twbert_export.runners import ort_runner
-    from twbert_export.trt import runtime
+    """--engines: each graph's .engine beside its .onnx, as one engine set
+    (`split_trt.SplitEngines`; here a stand-in that checks the ONNX hash each engine would be
+    preflighted against and runs the ONNX files on ONNX Runtime). The engine set's own logic
+    is tests/trt/test_runner_logic.py's."""
+    from twbert_export import split_trt
+    from twbert_export.split import ComposedSplit
 
     out = tmp_path / "artifact"
     shutil.copytree(artifact[0], out)
@@ -230,14 +232,16 @@ def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(
         (out / f"{graph}.fp16.engine").write_bytes(b"stand-in engine")
     opened = []
 
-    def stand_in_trt_runner(path, contract, name=None, onnx_sha256=None, **_):
-        onnx_path = Path(path).with_suffix(".onnx")
-        assert onnx_sha256 == manifest.entry_for(onnx_path).sha256 == file_sha256(onnx_path)
-        assert contract == manifest.contract_of(manifest.entry_for(onnx_path).graph)
-        opened.append(Path(path).name)
-        return ort_runner(onnx_path, name=name)
+    def stand_in_engines(files, contracts, monolithic, **_):
+        for graph, path in files.items():
+            onnx_path = Path(path).with_suffix(".onnx")
+            assert split_trt._listed_sha256(Path(path)) == file_sha256(onnx_path)
+            assert contracts[graph] == manifest.contract_of(graph)
+            opened.append(Path(path).name)
+        return ComposedSplit({g: Path(p).with_suffix(".onnx") for g, p in files.items()},
+                             contracts, monolithic)
 
-    monkeypatch.setattr(runtime, "trt_runner", stand_in_trt_runner)
+    monkeypatch.setattr(split_trt, "SplitEngines", stand_in_engines)
     index = tmp_path / "index"
     assert index_cli("--artifact", out, "--videos", small_val, "--out", index,
                      "--precision", "fp16", "--engines") == 0
