@@ -3,7 +3,10 @@ pycuda or cuda-python. Builds FP32/FP16/INT8 engines from a tiny export with the
 `auto` detects (on TensorRT 8.5 / 8.6 from the opset-17 `model.PRECISION.trt8.onnx` files),
 then checks parity with ONNX Runtime on the same files, the host's gates, the printed
 Polygraphy check, the preflight refusal, the CUDA-graph path and, on a board with a DLA, the
-reported layer placement. Skips (with the reason) everywhere else. None of it has run here."""
+reported layer placement; builds the four split engines per precision (`build --artifact
+--graphs split`) and checks their engine set against the composed ONNX files and an index query
+on engines against the ONNX one. Skips (with the reason) everywhere else. None of it has run
+here."""
 
 from __future__ import annotations
 
@@ -180,3 +183,63 @@ def test_a_dla_build_reports_where_its_layers_run(artifact, tmp_path):
     assert placement["DLA"] + placement["GPU"] > 0
     assert (tmp_path / "model.fp16.engine.layers.json").is_file()
     assert any("layers on DLA / GPU" in note for note in result.notes)
+
+
+# -- the split graphs: four engines per precision, run as one engine set ----------------------
+@pytest.fixture(scope="module")
+def split_engines(artifact, tmp_path_factory):
+    """`export.py build --artifact DIR --graphs split` per precision: the four engines built
+    one at a time, each with its graph's profile and sidecar (the trt8 twins on 8.x)."""
+    from twbert_export.trt.cli import build_main
+
+    out, _, manifest = artifact
+    cache = tmp_path_factory.mktemp("split-cache") / "timing.cache"
+    for p in PRECISIONS:
+        assert build_main(["--artifact", str(out), "--graphs", "split", "--precision", p,
+                           "--target", "auto", "--timing-cache", str(cache)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_split_engine_set_matches_the_composed_onnx_within_the_gate(artifact, split_engines,
+                                                                        precision):
+    from twbert_export.gallery import SplitArtifact
+    from twbert_export.split_trt import SplitEngines
+
+    out, report, manifest = artifact
+    on_onnx, on_engines = SplitArtifact(out, precision), SplitArtifact(out, precision, True)
+    batch_feeds = feeds(out, manifest.contract)
+    with on_onnx.pipeline() as ort, on_engines.pipeline() as engines:
+        assert isinstance(engines, SplitEngines)
+        for feed in batch_feeds:
+            ref, got = ort.infer(feed), engines.infer(feed)
+            for name, r in ref.items():
+                if np.issubdtype(r.dtype, np.integer):
+                    continue  # near-tie frame choices; the float scores are gated
+                host = report.split[precision].outputs.get(name, {}).get("max_abs", 0)
+                atol = max(DEVICE_ATOL_FLOOR[precision], 2 * host)
+                err = float(np.abs(got[name].astype(np.float64) - r).max())
+                assert err <= atol, f"{precision} split {name}: {err:.3g} > {atol:.3g}"
+    for graph, path in on_engines.files.items():
+        assert sidecar_path(path).is_file(), f"{graph}: no sidecar"
+
+
+def test_an_index_query_on_engines_equals_the_onnx_one(artifact, split_engines, tmp_path,
+                                                       capsys):
+    import export
+
+    out, _, _ = artifact
+    videos = copy_clips(tmp_path / "clips", 6) / "videos"
+    index = tmp_path / "index"
+    assert export.main(["index", "--artifact", str(out), "--videos", str(videos), "--out",
+                        str(index), "--precision", "fp32"]) == 0
+    results = []
+    for extra in ([], ["--engines"]):
+        capsys.readouterr()
+        assert export.main(["predict", "--index", str(index), "--artifact", str(out), "--text",
+                            "a person is cooking", "--json", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out)["ranking"])
+    on_onnx, on_engines = results
+    assert [r["clip"] for r in on_engines] == [r["clip"] for r in on_onnx]
+    for a, b in zip(on_onnx, on_engines):
+        assert abs(a["itc_similarity"] - b["itc_similarity"]) <= DEVICE_ATOL_FLOOR["fp32"] * 10
