@@ -421,6 +421,39 @@ DLA_TABLE = [
 ]
 
 
+def split_section(manifest: Manifest) -> list[str]:
+    """DEPLOY.md's part on the split graphs' engines (none without split graphs)."""
+    split = selected_graphs(manifest, "split")
+    if not split:
+        return []
+    precisions = [p for p in manifest.precisions if all(manifest.file(p, g) for g in split)]
+    p = precisions[-1]
+    return [
+        "## Split engines (edge retrieval over a clip index)", "",
+        f"The artifact also holds the split graphs ({', '.join(split)}), one ONNX file each per "
+        "precision. Each is its own engine with its own optimization profile (from its own I/O "
+        "contract in `manifest.json`), its own sidecar and preflight, and the same "
+        "per-TensorRT-version rules as the whole model (trt8 twin on 8.5 / 8.6, TF32 off, DLA).",
+        "", "```bash",
+        f"./build_on_device.sh {p}                  # every graph: model, then "
+        f"{', '.join(split)}; one engine at a time",
+        f"GRAPHS=split ./build_on_device.sh {p}     # only the split graphs",
+        f"python3 -m twbert_export.trt.cli --artifact . --graphs split --precision {p}",
+        "```", "",
+        "Engines are built sequentially (each build's memory is released before the next "
+        "starts), so an 8 GB board never holds two builders. Then index clips as they come and "
+        "query them on the engines:", "",
+        "```bash",
+        f"python export.py index --artifact . --videos DIR --out INDEX --precision {p} --engines",
+        'python export.py predict --index INDEX --artifact . --text "a caption" --engines',
+        "```", "",
+        "With `--engines` the four engines run on one CUDA stream and share one device buffer "
+        "per tensor, so stems, text embeddings and video embeddings pass between them without "
+        "a copy through the host (`twbert_export.split_trt`). An index query reads the stored "
+        "stems from the host and brings back ITC and each batch's video embeddings, of which "
+        "it keeps the shortlist's k rows for `fuse`.", ""]
+
+
 def deploy_md(manifest: Manifest) -> str:
     contract = manifest.contract
     files, trt8 = _artifact_files(manifest)
@@ -479,6 +512,7 @@ def deploy_md(manifest: Manifest) -> str:
         "- 8.4 and older (JetPack 5.0.x), 9.x: refused with a message.", "",
         "The timing cache (`$TIMING_CACHE`, default one per TensorRT version under "
         "`~/.cache/twbert-export/`) is reused by later builds on the same device.", "",
+        *split_section(manifest),
         "## DLA", "",
         *DLA_TABLE, "",
         "DLA cores: AGX Orin 2, Orin NX 16GB 2, Orin NX 8GB 1, Orin Nano and Thor none. DLA runs "
