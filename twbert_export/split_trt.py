@@ -39,7 +39,7 @@ import numpy as np
 
 from .artifact import MANIFEST_FILE, Manifest
 from .contract import IOContract
-from .split import GRAPHS, ComposedSplit, _LRU
+from .split import GRAPHS, ComposedSplit
 from .trt import runtime as trt_runtime
 from .trt.engine_manifest import preflight
 from .trt.version import check_supported
@@ -89,7 +89,6 @@ class SplitEngines(ComposedSplit):
         self.stem_storage = np.dtype("float32")
         self.executions: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
-        self._stems, self._texts = _LRU(8), _LRU(4096)
         self.paths = {g: Path(files[g]) for g in GRAPHS}
         self.onnx_sha256 = dict(onnx_sha256 or {g: _listed_sha256(self.paths[g]) for g in GRAPHS})
         trt = require("tensorrt", "to run TensorRT engines")

@@ -259,3 +259,13 @@ def test_script_builds_the_trt8_twin_of_each_split_graph_on_86(tmp_path):
     python = _run_script(tmp_path, "fp16", "8.6.2", {"GRAPHS": "split"}, manifest=split_manifest())
     assert [line.split()[4] for line in python] == [  # weak typing: the Python builder, per graph
         f"{g}.fp16.trt8.onnx" for g in ("text", "video_stem", "select", "fuse")]
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_script_stops_at_the_first_graph_that_cannot_be_built(tmp_path):
+    manifest = split_manifest()
+    manifest.files = [f for f in manifest.files if (f.graph, f.precision) != ("select", "fp16")]
+    err = _run_script(tmp_path, "fp16", "10.3.0", {"GRAPHS": "split"}, expect_rc=2,
+                      manifest=manifest)
+    assert "graph 'select' at precision 'fp16' is not in this artifact" in err
+    assert "== fuse" not in err  # nothing after the failed one

@@ -276,7 +276,7 @@ def build_script(manifest: Manifest) -> str:
         "    # One engine at a time: each build finishes (and frees its memory) before the next.",
         '    for GRAPH in $GRAPH_LIST; do',
         '      echo "== $GRAPH ($PRECISION): building sequentially, one engine at a time" >&2',
-        '      GRAPH="$GRAPH" "./$(basename "$0")" "$PRECISION" "$MODE"  # after the cd above',
+        '      GRAPH="$GRAPH" bash "./$(basename "$0")" "$PRECISION" "$MODE"  # after the cd above',
         "    done",
         "    exit 0",
         "  fi",
