@@ -9,6 +9,8 @@
     python export.py predict --model engines/NAME/model.fp16.onnx --video a.mp4 [--video b.mp4 ...]
                      (--text "a caption" | --question "...")
     python export.py build --onnx engines/NAME/model.fp16.onnx [--target auto]   (needs TensorRT)
+    python export.py build --artifact engines/NAME [--graphs all|model|split] [--precision fp16]
+                     (each graph's engine in turn, one at a time; needs TensorRT)
     python export.py index --artifact engines/NAME --videos DIR --out INDEX [--precision fp16]
                      (each clip's video stem, computed once, on the split graphs)
     python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50] |
