@@ -173,8 +173,9 @@ def check_config(text: str, where: str) -> str:
         problems.append("exactly one of platform and backend must be set")
     if config.max_batch_size < 1:
         problems.append("max_batch_size must be >= 1 (batching models)")
-    for t in [*config.input, *config.output]:
-        smallest = -1 if variable_outputs and t in config.output else 1
+    tensors = [(t, 1) for t in config.input]
+    tensors += [(t, -1 if variable_outputs else 1) for t in config.output]
+    for t, smallest in tensors:
         if not t.dims or any(d < smallest or d == 0 for d in t.dims):
             problems.append(f"{t.name}: dims must be fixed and positive, got {list(t.dims)}")
     preferred = config.dynamic_batching.preferred_batch_size
