@@ -18,7 +18,8 @@
     python export.py serve --artifact engines/NAME [--index INDEX] [--http-port 8000]
                      [--grpc-port 8001] [--instances N] [--max-batch B] [--max-queue-delay-us U]
                      (Triton, PyTriton; --index also serves twbert_retrieve over a clip index)
-    python export.py triton-repo --artifact engines/NAME --out REPO   (for the Triton container)
+    python export.py triton-repo --artifact engines/NAME --out REPO [--index INDEX]
+                     (for the Triton container; --index also writes twbert_retrieve)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.

@@ -115,3 +115,27 @@ def v2_request(video: np.ndarray, text: str) -> dict:
         {"name": "video", "shape": [1, *video.shape], "datatype": video.dtype == np.int64
          and "INT64" or "FP32", "data": video.ravel().tolist()},
         {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
+
+
+# -- twbert_retrieve (serve --index, triton-repo --index) -----------------------------------------
+RETRIEVE = "/v2/models/twbert_retrieve/infer"
+
+
+def predicted_index(artifact, index, text: str, capsys, *extra: str) -> tuple[int, str]:
+    code = export.main(["predict", "--index", str(index), "--artifact", str(artifact),
+                        "--text", text, *extra])
+    return code, capsys.readouterr().out
+
+
+def client(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
+    url = server.http if protocol == "http" else server.grpc
+    return subprocess.run([str(server.python), "-m", "twbert_export.client", "--url", url,
+                           "--protocol", protocol, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def retrieve_request(text: str, **optional: int) -> dict:
+    inputs = [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]
+    inputs += [{"name": name, "shape": [1, 1], "datatype": "INT64", "data": [value]}
+               for name, value in optional.items()]
+    return {"inputs": inputs}

@@ -52,8 +52,8 @@ import numpy as np
 from .artifact import Manifest
 from .predict import Artifact
 from .runners import batched, run_batches
-from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, BadRequest,
-                     answer_outputs, score_outputs, texts_of)
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT,
+                     answer_outputs, ranking_width, retrieval_outputs, score_outputs, texts_of)
 from .util import require
 
 LOOPBACK = "127.0.0.1"
@@ -178,27 +178,10 @@ class RetrievalModel:
 
         texts = texts_of(request[SCORE_TEXT], SCORE_TEXT)
         ks = row_values(request, "k", len(texts), DEFAULT_K)
-        tops = row_values(request, "top", len(texts), 0)
-        if min(ks) < 1:
-            raise BadRequest(f"k must be >= 1, got {min(ks)}")
-        if min(tops) < 0 or len(set(tops)) > 1:
-            raise BadRequest(f"top must be >= 0 and the same for every row of a request, got "
-                             f"{tops}")
-        width = min(tops[0] or len(self.index), len(self.index))
+        width = ranking_width(ks, row_values(request, "top", len(texts), 0), len(self.index))
         rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
                     for text, k in zip(texts, ks)]
-        out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
-                                 dtype=np.object_).reshape(len(texts), width),
-               "match_probability": np.array([[np.nan if c.itm is None else c.itm for c in r]
-                                              for r in rankings], np.float64
-                                             ).reshape(len(texts), width),
-               "itc_similarity": np.array([[c.itc for c in r] for r in rankings], np.float32
-                                          ).reshape(len(texts), width)}
-        kept = selected_frames(self.split)
-        if kept is not None:
-            out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
-                                     ).reshape(len(texts), width, kept)
-        return out
+        return retrieval_outputs(rankings, width, selected_frames(self.split))
 
 
 def selected_frames(split: Any) -> int | None:

@@ -54,3 +54,30 @@ def answer_outputs(out: dict[str, np.ndarray], answers: list[str]) -> dict[str, 
     return {"answer": np.array([[answers[b].encode("utf-8")] for b in best], dtype=np.object_),
             "probability": probs[np.arange(len(best)), best].reshape(-1, 1),
             "answer_index": best.astype(np.int64).reshape(-1, 1)}
+
+
+def ranking_width(ks: list[int], tops: list[int], clips: int) -> int:
+    """`twbert_retrieve`'s options checked: k >= 1 per row, one `top` per request (0: every
+    clip). Returns how many clips each row's ranking gives."""
+    if min(ks) < 1:
+        raise BadRequest(f"k must be >= 1, got {min(ks)}")
+    if min(tops) < 0 or len(set(tops)) > 1:
+        raise BadRequest(f"top must be >= 0 and the same for every row of a request, got {tops}")
+    return min(tops[0] or clips, clips)
+
+
+def retrieval_outputs(rankings: list, width: int, kept: int | None) -> dict[str, np.ndarray]:
+    """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
+    first, cut to `width`): clip ids, ITM match probability (NaN outside the shortlist), ITC
+    similarity and, with frame selection (`kept` frames), the frames kept."""
+    rows = len(rankings)
+    out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
+                             dtype=np.object_).reshape(rows, width),
+           "match_probability": np.array([[np.nan if c.itm is None else c.itm for c in r]
+                                          for r in rankings], np.float64).reshape(rows, width),
+           "itc_similarity": np.array([[c.itc for c in r] for r in rankings], np.float32
+                                      ).reshape(rows, width)}
+    if kept is not None:
+        out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
+                                 ).reshape(rows, width, kept)
+    return out

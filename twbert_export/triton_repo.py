@@ -1,7 +1,8 @@
 """A model repository for the stock Triton Inference Server container, from an artifact.
 
     python export.py triton-repo --artifact engines/NAME --out REPO [--precision fp16]
-                                 [--instances N] [--max-queue-delay-us U] [--force]
+                                 [--index INDEX] [--instances N] [--max-queue-delay-us U]
+                                 [--force]
 
     REPO/twbert_model/config.pbtxt     platform "tensorrt_plan": the contract's inputs and
          twbert_model/1/model.plan     outputs (dims without the batch axis), max_batch_size and
@@ -14,6 +15,20 @@
                                        with tokenizer.json, answers.json and twbert_serving/ (the
                                        numpy-only modules tokenising and post-processing as
                                        `export.py serve` does)
+    REPO/twbert_text/, twbert_select/,  (with --index INDEX, a clip index `export.py index` made
+         twbert_fuse/                  with this artifact) the split graphs of the index's
+                                       precision as engine models, configured as twbert_model
+                                       from each graph's contract (`Manifest.contract_of`); the
+                                       video_stem graph is left out: the index holds the stems
+    REPO/twbert_retrieve/...           Python backend, BLS: text [+ k, top] -> the ranking of
+                                       every indexed clip `predict --index --text` prints,
+                                       computed by the same function (`clip_index.rank`) with
+                                       each graph run on its engine model
+
+The index is referenced, not copied (its stems may be large, and `export.py index` keeps
+adding to it): twbert_retrieve's `index` parameter holds its absolute path, which the
+container must see at that path (`-v INDEX:INDEX`); the model reads index.json when it loads
+(reload it after adding clips) and checks that the index is still this artifact's.
 
 The served models take and give what `export.py serve` binds, so `python -m twbert_export.client`
 works against either. Every config.pbtxt is parsed into Triton's ModelConfig protobuf
@@ -39,7 +54,7 @@ from pathlib import Path
 
 from .artifact import Manifest
 from .contract import BATCH, IOContract
-from .served import QA_MODEL, QA_TEXT, SCORE_MODEL, SCORE_TEXT
+from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
 from .util import write_json
 
 ENGINE_MODEL = "twbert_model"
@@ -50,6 +65,9 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
 # Modules the BLS model imports, copied into <model>/1/twbert_serving/ (numpy-only, relative
 # imports among themselves).
 SERVING_MODULES = ("preprocess.py", "metrics.py", "served.py")
+# And for twbert_retrieve: the index reader and `rank`, with what they import (numpy, stdlib).
+RETRIEVAL_MODULES = SERVING_MODULES + ("clip_index.py", "contract.py", "util.py")
+RETRIEVAL_GRAPHS = ("text", "select", "fuse")  # the stems come from the index
 PACKAGE = Path(__file__).resolve().parent
 
 
@@ -61,7 +79,8 @@ class TritonRepoError(ValueError):
 class Tensor:
     name: str
     dtype: str  # numpy dtype name, or "bytes"
-    dims: tuple[int, ...]  # without the batch axis
+    dims: tuple[int, ...]  # without the batch axis; -1: variable (BLS outputs only)
+    optional: bool = False  # an input a request may leave out
 
 
 def tensor_block(kind: str, tensors: list[Tensor]) -> str:
@@ -72,7 +91,8 @@ def tensor_block(kind: str, tensors: list[Tensor]) -> str:
             return "dims: [ 1 ] reshape: { shape: [ ] }"
         return f"dims: [ {', '.join(map(str, t.dims))} ]"
 
-    items = ",\n".join(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} {dims(t)} }}'
+    items = ",\n".join(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} {dims(t)}'
+                       + (" optional: true" if t.optional else "") + " }"
                        for t in tensors)
     return f"{kind} [\n{items}\n]\n"
 
@@ -124,6 +144,16 @@ def served_tensors(contract: IOContract, kind: str) -> tuple[list[Tensor], list[
     return [video, Tensor(SCORE_TEXT, "bytes", (1,))], outputs
 
 
+def retrieval_tensors(kept: int | None) -> tuple[list[Tensor], list[Tensor]]:
+    """What `export.py serve --index` binds for twbert_retrieve (see serve.retrieval_spec)."""
+    outputs = [Tensor("clips", "bytes", (-1,)), Tensor("match_probability", "float64", (-1,)),
+               Tensor("itc_similarity", "float32", (-1,))]
+    if kept is not None:
+        outputs.append(Tensor("frames", "int64", (-1, kept)))
+    return ([Tensor(SCORE_TEXT, "bytes", (1,)), Tensor("k", "int64", (1,), optional=True),
+             Tensor("top", "int64", (1,), optional=True)], outputs)
+
+
 def check_config(text: str, where: str) -> str:
     """Parse a config.pbtxt into Triton's ModelConfig protobuf (unknown fields, wrong types and
     enum names fail) and check what the schema cannot say. Returns what was checked."""
@@ -138,12 +168,15 @@ def check_config(text: str, where: str) -> str:
     except text_format.ParseError as e:
         raise TritonRepoError(f"{where}: not a valid Triton model config ({e})") from None
     problems = []
+    variable_outputs = config.backend == "python"  # a ranking's length is the request's
     if bool(config.platform) == bool(config.backend):
         problems.append("exactly one of platform and backend must be set")
     if config.max_batch_size < 1:
         problems.append("max_batch_size must be >= 1 (batching models)")
-    for t in [*config.input, *config.output]:
-        if not t.dims or any(d < 1 for d in t.dims):
+    tensors = [(t, 1) for t in config.input]
+    tensors += [(t, -1 if variable_outputs else 1) for t in config.output]
+    for t, smallest in tensors:
+        if not t.dims or any(d < smallest or d == 0 for d in t.dims):
             problems.append(f"{t.name}: dims must be fixed and positive, got {list(t.dims)}")
     preferred = config.dynamic_batching.preferred_batch_size
     if any(not 1 <= p <= config.max_batch_size for p in preferred):
@@ -175,9 +208,73 @@ def check_out(out: Path, force: bool) -> None:
                                   "replace it")
 
 
+def engine_model(tmp: Path, name: str, contract: IOContract, engine: Path, instances: int,
+                 queue_delay_us: int) -> str:
+    """An engine model's directory (the engine copied in when it was built) and its config."""
+    batch = contract.batch
+    if batch.min != 1:
+        raise TritonRepoError(f"{engine.stem}: the batch range starts at {batch.min}: Triton "
+                              "sends batches from 1 (export with --batch 1:OPT:MAX)")
+    inputs, outputs = engine_tensors(contract, integer_io_of(engine))
+    (tmp / name / "1").mkdir(parents=True)
+    if engine.is_file():
+        shutil.copy2(engine, tmp / name / "1" / "model.plan")
+    return model_config(name, 'platform: "tensorrt_plan"', batch.max, inputs, outputs,
+                        instances, "KIND_GPU", queue_delay_us, sorted({batch.opt, batch.max}))
+
+
+def bls_model_dir(tmp: Path, name: str, modules: tuple[str, ...], tokenizer: Path) -> Path:
+    """A BLS model's version directory: model.py (`triton_bls.py`), the numpy-only modules in
+    twbert_serving/ and the tokenizer."""
+    version = tmp / name / "1"
+    (version / "twbert_serving").mkdir(parents=True)
+    shutil.copy2(PACKAGE / "triton_bls.py", version / "model.py")
+    for module in modules:
+        shutil.copy2(PACKAGE / module, version / "twbert_serving" / module)
+    (version / "twbert_serving" / "__init__.py").write_text("")
+    shutil.copy2(tokenizer, version / "tokenizer.json")
+    return version
+
+
+def retrieval_models(tmp: Path, artifact_dir: Path, index: Path, instances: int,
+                     queue_delay_us: int) -> tuple[dict[str, str], list[Path]]:
+    """The engine models of the split graphs that made the index, and twbert_retrieve over
+    them; returns the configs and the engines found."""
+    from .clip_index import ClipIndex
+    from .gallery import SplitArtifact
+    from .serve import selected_frames
+
+    split = SplitArtifact.for_index(artifact_dir, index)
+    ClipIndex.open(index, split.identity, split.stem_shape)  # readable, of this artifact
+    configs, engines, names = {}, [], {}
+    integer_io = "int64"
+    for graph in RETRIEVAL_GRAPHS:
+        names[graph] = f"twbert_{graph}"
+        engine = split.files[graph].with_suffix(".engine")
+        configs[names[graph]] = engine_model(tmp, names[graph], split.contracts[graph], engine,
+                                             instances, queue_delay_us)
+        integer_io = integer_io_of(engine) if graph == "text" else integer_io
+        engines += [engine] if engine.is_file() else []
+    text = split.contracts["text"]
+    served_in, served_out = retrieval_tensors(selected_frames(split))
+    configs[RETRIEVE_MODEL] = model_config(
+        RETRIEVE_MODEL, 'backend: "python"', text.batch.max, served_in, served_out, instances,
+        "KIND_CPU", queue_delay_us, [],
+        {"kind": "retrieve", "text_len": str(split.manifest.contract.text_len),
+         "index": str(index.resolve()), "artifact_identity": split.identity,
+         "stem_shape": ",".join(map(str, split.stem_shape)),
+         "graph_models": ",".join(f"{g}={n}" for g, n in names.items()),
+         "integer_io": integer_io})
+    version = bls_model_dir(tmp, RETRIEVE_MODEL, RETRIEVAL_MODULES,
+                            artifact_dir / split.manifest.tokenizer)
+    write_json(version / "contracts.json", {g: split.contracts[g].to_dict()
+                                            for g in RETRIEVAL_GRAPHS})
+    return configs, engines
+
+
 def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None = None,
-               instances: int = 1, queue_delay_us: int = 2000, force: bool = False
-               ) -> dict[str, str]:
+               instances: int = 1, queue_delay_us: int = 2000, force: bool = False,
+               index: str | Path | None = None) -> dict[str, str]:
     """Write the repository; returns {config path: what checked it}."""
     artifact_dir, out = Path(artifact_dir), Path(out)
     manifest = Manifest.load(artifact_dir)
@@ -187,9 +284,6 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
     if entry is None:
         raise TritonRepoError(f"--precision {chosen}: {artifact_dir} holds "
                               f"{', '.join(manifest.precisions)}")
-    if contract.batch.min != 1:
-        raise TritonRepoError(f"the artifact's batch range starts at {contract.batch.min}: "
-                              "Triton sends batches from 1 (export with --batch 1:OPT:MAX)")
     if instances < 1:
         raise TritonRepoError(f"--instances must be >= 1, got {instances}")
     check_out(out, force)
@@ -199,13 +293,9 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of this pid only
     configs: dict[str, str] = {}
     try:
-        inputs, outputs = engine_tensors(contract, integer_io_of(engine))
-        configs[ENGINE_MODEL] = model_config(
-            ENGINE_MODEL, 'platform: "tensorrt_plan"', batch.max, inputs, outputs, instances,
-            "KIND_GPU", queue_delay_us, sorted({batch.opt, batch.max}))
-        (tmp / ENGINE_MODEL / "1").mkdir(parents=True)
-        if engine.is_file():
-            shutil.copy2(engine, tmp / ENGINE_MODEL / "1" / "model.plan")
+        configs[ENGINE_MODEL] = engine_model(tmp, ENGINE_MODEL, contract, engine, instances,
+                                             queue_delay_us)
+        engines = [engine] if engine.is_file() else []
         kinds = [("score", SCORE_MODEL)]
         if contract.task == "qa" and manifest.answers:
             kinds.append(("qa", QA_MODEL))
@@ -216,22 +306,22 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
                 "KIND_CPU", queue_delay_us, [],
                 {"kind": kind, "engine_model": ENGINE_MODEL, "text_len": str(contract.text_len),
                  "engine_outputs": ",".join(t.name for t in contract.outputs)})
-            version = tmp / name / "1"
-            (version / "twbert_serving").mkdir(parents=True)
-            shutil.copy2(PACKAGE / "triton_bls.py", version / "model.py")
-            for module in SERVING_MODULES:
-                shutil.copy2(PACKAGE / module, version / "twbert_serving" / module)
-            (version / "twbert_serving" / "__init__.py").write_text("")
-            shutil.copy2(artifact_dir / manifest.tokenizer, version / "tokenizer.json")
+            version = bls_model_dir(tmp, name, SERVING_MODULES, artifact_dir / manifest.tokenizer)
             if kind == "qa":
                 shutil.copy2(artifact_dir / str(manifest.answers), version / "answers.json")
+        if index is not None:
+            retrieval, split_engines = retrieval_models(tmp, artifact_dir, Path(index),
+                                                        instances, queue_delay_us)
+            configs.update(retrieval)
+            engines += split_engines
         checked = {}
         for name, text in configs.items():
             (tmp / name / "config.pbtxt").write_text(text)
             checked[f"{out / name / 'config.pbtxt'}"] = check_config(text, f"{name}/config.pbtxt")
         write_json(tmp / MARKER, {"artifact": str(artifact_dir), "precision": chosen,
                                   "onnx_sha256": entry.sha256,
-                                  "engine": engine.name if engine.is_file() else None})
+                                  "index": None if index is None else str(Path(index).resolve()),
+                                  "engines": [e.name for e in engines]})
         if out.exists():  # ours (checked above): set aside, then removed once the new is in
             old = out.with_name(f".{out.name}.{os.getpid()}.old")
             os.replace(out, old)
@@ -282,22 +372,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True, help="artifact directory (engines/NAME)")
     ap.add_argument("--out", required=True, help="model repository directory to write")
     ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
+    ap.add_argument("--index", help="a clip index (`export.py index` with this artifact): "
+                    "also write twbert_retrieve and the split graphs' engine models")
     ap.add_argument("--instances", type=int, default=1, help="instances per model")
     ap.add_argument("--max-queue-delay-us", type=int, default=2000)
     ap.add_argument("--force", action="store_true", help="replace a repository written earlier")
     args = ap.parse_args(argv)
     try:
         checked = write_repo(args.artifact, args.out, args.precision, args.instances,
-                             args.max_queue_delay_us, args.force)
+                             args.max_queue_delay_us, args.force, args.index)
     except (ValueError, FileNotFoundError) as e:  # TritonRepoError, ArtifactFormatError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for path, how in checked.items():
         print(f"{path}: {how}")
-    plan = Path(args.out) / ENGINE_MODEL / "1" / "model.plan"
-    if not plan.is_file():
+    engine_models = [ENGINE_MODEL] + ([f"twbert_{g}" for g in RETRIEVAL_GRAPHS]
+                                      if args.index else [])
+    plans = [Path(args.out) / name / "1" / "model.plan" for name in engine_models]
+    missing = [str(plan) for plan in plans if not plan.is_file()]
+    if missing:
         print(f"no engine in {args.artifact} yet: build it on the device (export.py build) and "
-              f"copy it to {plan}, or run triton-repo there")
+              f"copy it to {', '.join(missing)}, or run triton-repo there")
     return 0
 
 

@@ -9,29 +9,8 @@ import subprocess
 import pytest
 
 import export
-from triton_server import REPO, caption_of
-
-RETRIEVE = "/v2/models/twbert_retrieve/infer"
-
-
-def predicted_index(artifact, index, text: str, capsys, *extra: str) -> tuple[int, str]:
-    code = export.main(["predict", "--index", str(index), "--artifact", str(artifact),
-                        "--text", text, *extra])
-    return code, capsys.readouterr().out
-
-
-def client(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
-    url = server.http if protocol == "http" else server.grpc
-    return subprocess.run([str(server.python), "-m", "twbert_export.client", "--url", url,
-                           "--protocol", protocol, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-
-
-def retrieve_request(text: str, **optional: int) -> dict:
-    inputs = [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]
-    inputs += [{"name": name, "shape": [1, 1], "datatype": "INT64", "data": [value]}
-               for name, value in optional.items()]
-    return {"inputs": inputs}
+from triton_server import (REPO, RETRIEVE, caption_of, client, predicted_index,
+                           retrieve_request)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

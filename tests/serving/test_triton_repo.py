@@ -1,10 +1,11 @@
 """`export.py triton-repo`: configs Triton's schema accepts, a repository written atomically
 that never replaces a directory it did not write, and its Python-backend (BLS) models loaded
-in PyTriton's bundled Triton, answering as `predict` does (with an ONNX Runtime stand-in for
-the TensorRT engine model, which cannot run here)."""
+in PyTriton's bundled Triton, answering as `predict` and `predict --index` do (with ONNX
+Runtime stand-ins for the TensorRT engine models, which cannot run here)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 import export
-from triton_server import (QUESTION, REPO, Server, caption_of, free_port, predicted, served,
-                           v2_request, videos_of, wait_ready)
+from triton_server import (QUESTION, REPO, RETRIEVE, Server, caption_of, client, free_port,
+                           predicted, predicted_index, retrieve_request, served, v2_request,
+                           videos_of, wait_ready)
+from twbert_export.gallery import SplitArtifact
 from twbert_export.predict import Artifact, load_videos
+from twbert_export.triton_repo import RETRIEVAL_GRAPHS
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,33 +59,68 @@ def test_repository_never_replaces_a_directory_it_did_not_write(qa_artifact, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "repo"]  # nothing left aside
 
 
-def test_every_config_parses_as_tritons_model_config(serving_python, qa_artifact, tmp_path):
+def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, clip_index,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert export.main(["triton-repo", "--artifact", str(qa_artifact), "--out", str(out),
+                        "--precision", "fp32", "--index", str(clip_index)]) == 0
+    split = SplitArtifact.for_index(qa_artifact, clip_index)
+    for graph in RETRIEVAL_GRAPHS:
+        config = (out / f"twbert_{graph}" / "config.pbtxt").read_text()
+        contract = split.contracts[graph]
+        assert 'platform: "tensorrt_plan"' in config
+        assert f"max_batch_size: {contract.batch.max}" in config
+        for t in contract.inputs:
+            dims = ", ".join(map(str, t.shape[1:]))
+            assert f'name: "{t.name}" data_type: TYPE_{t.dtype.upper().replace("FLOAT", "FP")}' \
+                   f' dims: [ {dims} ]' in config, (t, config)
+    assert not (out / "twbert_video_stem").exists()  # the index holds the stems
+    retrieve = (out / "twbert_retrieve" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in retrieve and 'name: "k" data_type: TYPE_INT64' in retrieve
+    assert f'string_value: "{clip_index.resolve()}"' in retrieve  # referenced, not copied
+    contracts = json.loads((out / "twbert_retrieve" / "1" / "contracts.json").read_text())
+    assert sorted(contracts) == sorted(RETRIEVAL_GRAPHS)
+    assert "twbert_fuse/1/model.plan" in capsys.readouterr().out
+    assert export.main(["triton-repo", "--artifact", str(qa_artifact), "--out",
+                        str(tmp_path / "other"), "--index", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a clip index" in err[0], err
+
+
+def test_every_config_parses_as_tritons_model_config(serving_python, qa_artifact, clip_index,
+                                                     tmp_path):
     out = tmp_path / "repo"
     proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
-                           str(qa_artifact), "--precision", "fp32", "--out", str(out)],
+                           str(qa_artifact), "--precision", "fp32", "--out", str(out),
+                           "--index", str(clip_index)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for model in ("twbert_model", "twbert_score", "twbert_qa"):
+    for model in ("twbert_model", "twbert_score", "twbert_qa", "twbert_text", "twbert_select",
+                  "twbert_fuse", "twbert_retrieve"):
         assert f"{model}/config.pbtxt: parsed as Triton's ModelConfig" in proc.stdout
 
 
 @pytest.fixture(scope="module")
-def bundled(serving_python, qa_artifact, tmp_path_factory):
-    """The repository in PyTriton's bundled tritonserver, the engine model replaced by the
-    ONNX Runtime stand-in."""
+def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
+    """The repository (with the clip index) in PyTriton's bundled tritonserver, each engine
+    model replaced by the ONNX Runtime stand-in running its ONNX file."""
     root = tmp_path_factory.mktemp("bundled")
     repo = root / "repo"
     proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
-                           str(qa_artifact), "--precision", "fp32", "--out", str(repo)],
+                           str(qa_artifact), "--precision", "fp32", "--out", str(repo),
+                           "--index", str(clip_index)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    config = repo / "twbert_model" / "config.pbtxt"
-    config.write_text(config.read_text()
-                      .replace('platform: "tensorrt_plan"', 'backend: "python"')
-                      .replace("KIND_GPU", "KIND_CPU")
-                      + f'parameters {{ key: "onnx" value {{ string_value: '
-                        f'"{qa_artifact / "model.fp32.onnx"}" }} }}\n')
-    shutil.copy(HERE / "ort_engine_model.py", repo / "twbert_model" / "1" / "model.py")
+    split = SplitArtifact.for_index(qa_artifact, clip_index)
+    onnx_files = {"twbert_model": qa_artifact / "model.fp32.onnx",
+                  **{f"twbert_{g}": split.files[g] for g in RETRIEVAL_GRAPHS}}
+    for model, onnx in onnx_files.items():
+        config = repo / model / "config.pbtxt"
+        config.write_text(config.read_text()
+                          .replace('platform: "tensorrt_plan"', 'backend: "python"')
+                          .replace("KIND_GPU", "KIND_CPU")
+                          + f'parameters {{ key: "onnx" value {{ string_value: "{onnx}" }} }}\n')
+        shutil.copy(HERE / "ort_engine_model.py", repo / model / "1" / "model.py")
     http, grpc, metrics = free_port(), free_port(), free_port()
     log = root / "server.log"
     with open(log, "w") as out:
@@ -89,7 +128,8 @@ def bundled(serving_python, qa_artifact, tmp_path_factory):
             [str(serving_python), "-m", "twbert_export.triton_repo", "--bundled-server",
              str(repo), str(http), str(grpc), str(metrics), str(root / "workspace")],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log)
+    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log,
+                    models=("twbert_score", "twbert_qa", "twbert_retrieve"))
     try:
         wait_ready(server)
         yield server
@@ -126,3 +166,37 @@ def test_bls_model_answers_a_bad_request_with_an_error_and_stays_up(bundled, qa_
     status, reply = bundled.request("POST", "/v2/models/twbert_score/infer",
                                     v2_request(clip, caption_of(serve_clips)))
     assert status == 200, reply
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_retrieval_model_ranks_the_index_as_predict_index_does(bundled, qa_artifact, clip_index,
+                                                               serve_clips, protocol, capsys):
+    caption = caption_of(serve_clips)
+    code, out = predicted_index(qa_artifact, clip_index, caption, capsys, "--k", "3", "--json")
+    assert code == 0
+    want = json.loads(out)
+    assert len(want["ranking"]) == 6
+    proc = client(bundled, protocol, "--text", caption, "--k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert [r["clip"] for r in got["ranking"]] == [r["clip"] for r in want["ranking"]]
+    assert [r["shortlisted"] for r in got["ranking"]] == [r["shortlisted"]
+                                                          for r in want["ranking"]]
+    assert sum(r["shortlisted"] for r in got["ranking"]) == 3
+    for g, w in zip(got["ranking"], want["ranking"]):
+        assert g["itc_similarity"] == pytest.approx(w["itc_similarity"], abs=1e-5)
+        if w["shortlisted"]:
+            assert g["match_probability"] == pytest.approx(w["match_probability"], abs=1e-6)
+        assert g.get("frames") == w.get("frames")
+
+
+def test_retrieval_model_answers_bad_requests_with_errors_and_stays_up(bundled, serve_clips):
+    for body, message in ((retrieve_request("  "), "text is empty"),
+                          (retrieve_request("a caption", k=0), "k must be >= 1")):
+        status, reply = bundled.request("POST", RETRIEVE, body)
+        assert status >= 400 and message in reply.get("error", ""), (status, reply)
+    status, reply = bundled.request("POST", RETRIEVE,
+                                    retrieve_request(caption_of(serve_clips), top=4))
+    assert status == 200, reply
+    outputs = {o["name"]: o for o in reply["outputs"]}
+    assert outputs["clips"]["shape"] == [1, 4] and len(set(outputs["clips"]["data"])) == 4
