@@ -317,7 +317,8 @@ class Report:
     total_seconds: float = 0.0
     # flavour -> precision -> result, for the flavours beyond the default (the trt8 files)
     flavours: dict[str, dict[str, PrecisionResult]] = field(default_factory=dict)
-    # The split graphs composed, per precision, against the same reference and gates.
+    # The split graphs composed, per precision label ('fp16', 'fp16.trt8' for the trt8 twins),
+    # against the same reference and gates.
     split: dict[str, PrecisionResult] = field(default_factory=dict)
     # Per validation runner (onnx-fp32, split-fp32, ...): graph executions, rows, seconds.
     validation_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -334,7 +335,7 @@ class Report:
     @property
     def failed(self) -> list[str]:
         """What failed its gates, for messages: 'fp16', 'fp16 (trt8)' for another flavour,
-        'fp16 (split)' for the split graphs composed."""
+        'fp16 (split)' / 'fp16.trt8 (split)' for the split graphs composed."""
         return ([p if fl == DEFAULT_FLAVOUR else f"{p} ({fl})"
                  for p, fl, r in self.results() if not r.passed]
                 + [f"{p} (split)" for p, r in self.split.items() if not r.passed])

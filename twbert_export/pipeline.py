@@ -184,10 +184,12 @@ class Conversion:
                 + [(g, p, fl, f) for fl, files in self.twins.items()
                    for (g, p), f in files.items()])
 
-    def split_files(self, precision: str) -> dict[str, Path] | None:
-        """graph -> file of the split graphs at one precision, None without split graphs."""
-        files = {g: self.files[(g, precision)] for g in SPLIT_GRAPHS
-                 if (g, precision) in self.files}
+    def split_files(self, precision: str, flavour: str = DEFAULT_FLAVOUR
+                    ) -> dict[str, Path] | None:
+        """graph -> file of the split graphs at one precision in one flavour, None without
+        split graphs."""
+        files = self.files if flavour == DEFAULT_FLAVOUR else self.twins.get(flavour, {})
+        files = {g: files[(g, precision)] for g in SPLIT_GRAPHS if (g, precision) in files}
         return files if len(files) == len(SPLIT_GRAPHS) else None
 
 
@@ -196,7 +198,8 @@ class Validation:
     # (precision, flavour) -> validate.compare_precision's result
     results: dict[tuple[str, str], dict[str, Any]]
     metrics: dict[str, Any]
-    split: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> split result
+    # (precision, flavour) -> the split graphs' result, composed
+    split: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # runner -> runs, seconds
 
     def of(self, flavour: str) -> dict[str, dict[str, Any]]:
@@ -446,14 +449,13 @@ def trt8_stage(conversion: Conversion, work: Path, out: Path, stages: StageLog) 
 def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: ExportOptions,
                    work: Path, out: Path, stages: StageLog) -> Validation:
     """PyTorch against ONNX Runtime on every precision and flavour of the whole-model graph
-    and on every precision of the split graphs composed; the reference data a device validates
-    against."""
+    and of the split graphs composed; the reference data a device validates against."""
     with Stopwatch() as sw:
         model = _reload(loaded, opts.trust_checkpoint)
         contract = loaded.contract
         files = {(p, fl): f for fl in FLAVOURS for p, f in conversion.of(MODEL_GRAPH, fl).items()}
-        split = {p: SplitFiles(graph_files, loaded.graph_contracts)
-                 for p in conversion.of(MODEL_GRAPH) if (graph_files := conversion.split_files(p))}
+        split = {(p, fl): SplitFiles(graph_files, loaded.graph_contracts)
+                 for (p, fl) in files if (graph_files := conversion.split_files(p, fl))}
         results, metrics, reference, checked = validate_files(
             model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates},
             split)
@@ -467,10 +469,12 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
     verdicts = ", ".join(f"{_label(p, fl)} {'PASS' if r['passed'] else 'FAIL'}"
                          for (p, fl), r in results.items())
     if checked.split:
-        verdicts += "; split " + ", ".join(f"{p} {'PASS' if r['passed'] else 'FAIL'}"
-                                           for p, r in checked.split.items())
-        whole = sum(checked.runs[f"onnx-{p}"]["seconds"] for p in checked.split)
-        composed = sum(checked.runs[f"split-{p}"]["seconds"] for p in checked.split)
+        labels = [_label(p, fl) for p, fl in checked.split]
+        verdicts += "; split " + ", ".join(
+            f"{label} {'PASS' if r['passed'] else 'FAIL'}"
+            for label, r in zip(labels, checked.split.values()))
+        whole = sum(checked.runs[f"onnx-{label}"]["seconds"] for label in labels)
+        composed = sum(checked.runs[f"split-{label}"]["seconds"] for label in labels)
         verdicts += f"; ONNX Runtime {whole:.1f}s whole model, {composed:.1f}s split"
     stages.line("validate", sw.seconds, out / REPORT_FILE, verdicts, work / REPORT_FILE)
     return Validation(results, metrics, checked.split, checked.runs)
@@ -530,14 +534,12 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
         task_metrics=validation.metrics, validation_data=val.identity,
         next_commands=next_commands, stages=stages.rows,
         lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos,
-        split={p: PrecisionResult.from_comparison(r, {
+        split={_label(p, fl): PrecisionResult.from_comparison(r, {
             g: conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
-            if (g, p) in conversion.graph_reports} or None)
-            for p, r in validation.split.items()},
+            if fl == DEFAULT_FLAVOUR and (g, p) in conversion.graph_reports} or None)
+            for (p, fl), r in validation.split.items()},
         validation_runs=validation.runs)
-    # A precision passes when each of its layouts passed its gates.
-    parity = {p: r["passed"] and validation.split.get(p, {}).get("passed", True)
-              for p, r in results.items()}
+    parity = _parity(validation, DEFAULT_FLAVOUR)
     ckpt = loaded.ckpt_path
     manifest = Manifest(
         checkpoint=CheckpointInfo(str(ckpt), file_sha256(ckpt), loaded.load_report.format),
@@ -548,8 +550,7 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
         calibration=(calib.identity | {"clips": len(calib.video), "method": opts.calib_method}
                      if calib else None),
         validation_data=val.identity, parity=parity,
-        flavour_parity={fl: {p: r["passed"] for p, r in validation.of(fl).items()}
-                        for fl in conversion.twins},
+        flavour_parity={fl: _parity(validation, fl) for fl in conversion.twins},
         graph_contracts=loaded.graph_contracts,
         tools=tool_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         tokenizer=tokenizer_name, answers="answers.json" if answers else None)
@@ -557,6 +558,13 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
     write_device_kit(work, manifest)
     write_text(work / "report.md", render_report_md(manifest, report))
     return manifest, report
+
+
+def _parity(validation: Validation, flavour: str) -> dict[str, bool]:
+    """precision -> verdict of one flavour: a precision passes when each of its layouts (the
+    whole-model file, the split graphs composed) passed its gates."""
+    return {p: r["passed"] and validation.split.get((p, flavour), {}).get("passed", True)
+            for p, r in validation.of(flavour).items()}
 
 
 @dataclass
@@ -568,22 +576,23 @@ class SplitFiles:
 
 @dataclass
 class SplitChecks:
-    """What validate_files found on the split graphs: precision -> comparison (with the
-    split-vs-whole-model gate at FP32), and per runner its graph executions, rows, seconds."""
-    split: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """What validate_files found on the split graphs: (precision, flavour) -> comparison (with
+    the split-vs-whole-model gate at FP32), and per runner its graph executions, rows, seconds."""
+    split: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Path], val,
                    answers: list[str] | None, gates: dict[str, "validate.Gate"],
-                   split: dict[str, SplitFiles] | None = None
+                   split: dict[tuple[str, str], SplitFiles] | None = None
                    ) -> tuple[dict[tuple[str, str], Any], dict[str, Any], dict[str, np.ndarray],
                               SplitChecks]:
     """PyTorch (hard and perturbed selection) and ONNX Runtime on each file, keyed (precision,
     flavour), over the validation rows: comparisons with the precision's gate verdicts, task
-    metrics per run, and the reference outputs on the paired rows. With `split` (precision -> its split graphs), the split graphs
-    composed too (`split.validate_split`: each stem and text computed once), against the same
-    reference and gates, and at FP32 against the whole-model file on every row both ran."""
+    metrics per run, and the reference outputs on the paired rows. With `split` ((precision,
+    flavour) -> its split graphs), the split graphs composed too (`split.validate_split`: each
+    stem and text computed once), against the same reference and gates, and at FP32 against the
+    whole-model file of the same flavour on every row both ran."""
     hard = make_torch_runner(model, contract, "hard", "torch-hard")
     perturbed = make_torch_runner(model, contract, "perturbed", "torch-perturbed")
     metrics: dict[str, Any] = {}
@@ -607,34 +616,38 @@ def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Pat
                             "graph_rows": {MODEL_GRAPH: rows}, "seconds": sw.seconds}
         results[(p, fl)] = validate.compare_precision(p, test, reference, contract, gates[p],
                                                       metrics[run], metrics["torch-hard"])
-        if split and p in split and fl == DEFAULT_FLAVOUR:
-            checks.split[p] = _validate_split_files(p, split[p], contract, val, reference,
-                                                    metrics, gates[p], answers, every, checks)
+        if split and (p, fl) in split:
+            checks.split[(p, fl)] = _validate_split_files(
+                p, fl, split[(p, fl)], contract, val, reference, metrics, gates[p], answers,
+                every, checks)
     return results, metrics, reference, checks
 
 
-def _validate_split_files(p: str, split: SplitFiles, contract: IOContract, val: FeedSet,
-                          reference: dict[str, np.ndarray], metrics: dict[str, Any],
+def _validate_split_files(p: str, flavour: str, split: SplitFiles, contract: IOContract,
+                          val: FeedSet, reference: dict[str, np.ndarray], metrics: dict[str, Any],
                           gate: "validate.Gate", answers: list[str] | None,
                           whole_model: dict[str, np.ndarray], checks: SplitChecks
                           ) -> dict[str, Any]:
-    """One precision's split graphs composed against the reference; at FP32 also against the
-    whole-model file's outputs on every row (a gate: SPLIT_FP32_ATOL on itm_logits)."""
+    """One precision's split graphs of one flavour composed against the reference; at FP32 also
+    against that flavour's whole-model file's outputs on every row (a gate: SPLIT_FP32_ATOL on
+    itm_logits)."""
     from .split import validate_split
 
     result = validate_split(split.files, split.contracts, contract, p, val, reference,
                             metrics["torch-hard"], gate, answers)
     every = result.pop("every")
-    metrics[f"split-{p}"] = result.pop("task_metrics")
-    checks.runs[f"split-{p}"] = {key: result.pop(key)
-                                 for key in ("graph_runs", "graph_rows", "seconds")}
+    run = f"split-{_label(p, flavour)}"
+    metrics[run] = result.pop("task_metrics")
+    checks.runs[run] = {key: result.pop(key) for key in ("graph_runs", "graph_rows", "seconds")}
     if p == "fp32":
         errors = validate.output_errors({n: every[n] for n in ("itm_logits", "itc_sim")},
                                         {n: whole_model[n] for n in ("itm_logits", "itc_sim")})
         itm, itc = errors["itm_logits"]["max_abs"], errors["itc_sim"]["max_abs"]
         rows = len(every["itm_logits"])
+        whole = "the whole-model FP32 ONNX" + (
+            "" if flavour == DEFAULT_FLAVOUR else f" of flavour {flavour}")
         result["gates"].append(dataclasses.asdict(validate.GateResult(
-            "itm_logits vs the whole-model FP32 ONNX", itm <= SPLIT_FP32_ATOL,
+            f"itm_logits vs {whole}", itm <= SPLIT_FP32_ATOL,
             f"{itm:.3g} (limit {SPLIT_FP32_ATOL:g}) over all {rows} rows; itc_sim {itc:.3g}")))
         result["passed"] = all(g["passed"] for g in result["gates"])
     return result

@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import onnx
+from onnx import helper, numpy_helper
+
 import export
-from twbert_export.artifact import Manifest, Report
+from twbert_export import legacy
+from twbert_export.artifact import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
 from twbert_export.clip_index import INDEX_FILE, ClipIndex, videos_in
 from twbert_export.pipeline import SPLIT_FP32_ATOL, ExportOptions, run_export
 from twbert_export.split import GRAPHS
@@ -26,13 +30,21 @@ def test_split_graphs_are_exported_and_gated_beside_the_whole_model(artifact, sm
             assert entry.path == f"{graph}.{p}.onnx"
             assert entry.sha256 == file_sha256(out / entry.path)
     assert list(manifest.graph_contracts) == list(GRAPHS)
-    assert Report.load(out).split.keys() == report.split.keys() == {"fp32", "fp16", "int8"}
-    for p, result in report.split.items():
-        assert result.passed, (p, [g for g in result.gates if not g["passed"]])
-        # The same gates as the whole model's, plus the split-vs-whole check at FP32.
-        extra = [g["name"] for g in result.gates if g["name"] not in
-                 {g["name"] for g in report.precisions[p].gates}]
-        assert extra == (["itm_logits vs the whole-model FP32 ONNX"] if p == "fp32" else [])
+    # The trt8 twins of the split graphs are judged as the default flavour's are.
+    labels = {"fp32", "fp16", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8"}
+    assert Report.load(out).split.keys() == report.split.keys() == labels
+    for p, flavour, whole_model in report.results():
+        label = p if flavour == DEFAULT_FLAVOUR else f"{p}.{flavour}"
+        result = report.split[label]
+        assert result.passed, (label, [g for g in result.gates if not g["passed"]])
+        # The same gates as the whole model's, plus the split-vs-whole check at FP32 against
+        # the whole-model FP32 file of the same flavour.
+        extra = [g["name"] for g in result.gates
+                 if g["name"] not in {g["name"] for g in whole_model.gates}]
+        against = "the whole-model FP32 ONNX" + (
+            "" if flavour == DEFAULT_FLAVOUR else f" of flavour {TRT8_FLAVOUR}")
+        assert extra == ([f"itm_logits vs {against}"] if p == "fp32" else [])
+        assert manifest.passed(p, flavour) is True
     assert report.split["int8"].conversion["select"]["kept_fp32_selection"]
 
 
@@ -49,7 +61,7 @@ def test_split_fp32_equals_the_whole_model_fp32_within_1e_5_on_every_pair(artifa
 def test_split_validation_computes_each_stem_and_text_once(artifact, small_val):
     _, report = artifact
     clips = len(videos_in(small_val))
-    for p in ("fp32", "fp16", "int8"):
+    for p in ("fp32", "fp16", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8"):
         rows = report.validation_runs[f"split-{p}"]["graph_rows"]
         assert rows == {"video_stem": clips, "text": clips, "select": clips * clips,
                         "fuse": clips * clips}
@@ -72,6 +84,43 @@ def test_the_whole_models_file_is_the_same_with_or_without_split_graphs(artifact
     manifest = Manifest.load(monolithic_only)
     assert manifest.graphs == ["model"] and not manifest.graph_contracts
     assert not Report.load(monolithic_only).split
+
+
+def _offset_itm_logits(path: Path, offset: float) -> None:
+    """A planted fault: `offset` added to the graph's itm_logits output, in place."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = [f"{o}_unshifted" if o == "itm_logits" else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.float32(offset), "itm_offset"))
+    graph.node.append(helper.make_node("Add", ["itm_logits_unshifted", "itm_offset"],
+                                       ["itm_logits"]))
+    onnx.save(model, str(path))
+
+
+def test_a_wrong_trt8_split_twin_fails_the_export_with_exit_1(tmp_path, small_val, monkeypatch,
+                                                              capsys):
+    write_trt8_twin = legacy.write_trt8_twin
+
+    def faulty_fuse_twin(src, work_dir):
+        twin = write_trt8_twin(src, work_dir)
+        if Path(src).name == "fuse.fp32.onnx":
+            _offset_itm_logits(twin, 0.5)
+        return twin
+
+    monkeypatch.setattr(legacy, "write_trt8_twin", faulty_fuse_twin)
+    out = tmp_path / "demo"
+    code = export.main(["--precision", "fp32", "--val-data", str(small_val), "--out", str(out)])
+    assert code == 1
+    assert "fp32.trt8 (split)" in capsys.readouterr().err
+    report, manifest = Report.load(out), Manifest.load(out)
+    # Only the planted file's layout fails: the whole-model twin and the default flavour pass.
+    assert not report.split["fp32.trt8"].passed and report.split["fp32"].passed
+    assert report.flavours[TRT8_FLAVOUR]["fp32"].passed
+    failed = {g["name"] for g in report.split["fp32.trt8"].gates if not g["passed"]}
+    assert f"itm_logits vs the whole-model FP32 ONNX of flavour {TRT8_FLAVOUR}" in failed
+    assert manifest.passed("fp32", TRT8_FLAVOUR) is False and manifest.passed("fp32") is True
+    assert "fp32.trt8" in (out / "report.md").read_text()
 
 
 # -- export.py index ----------------------------------------------------------------------------
