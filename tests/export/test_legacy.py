@@ -17,11 +17,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from twbert_export import legacy
-from twbert_export.artifact import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
+from twbert_export.artifact import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest
 from twbert_export.contract import IOContract
 from twbert_export.lint import LintError, check_model, lint_model
 from twbert_export.lint import main as lint_main
-from twbert_export.pipeline import ExportOptions, run_export
 from twbert_export.trt.commands import polygraphy_command
 
 ort = pytest.importorskip("onnxruntime")
@@ -154,15 +153,14 @@ def test_what_has_no_opset17_form_is_refused(tmp_path):
 
 # -- on a tiny export ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, small_val):
-    out = tmp_path_factory.mktemp("engines") / "demo"
-    run_export(ExportOptions(ckpt="demo", precisions=("fp16",), val_data=str(small_val),
-                             out=str(out), calib_cache=False))
-    return out, Report.load(out), Manifest.load(out)
+def shipped(artifact):
+    """The session's demo export (tests/export/conftest.py), which ships the trt8 twins."""
+    out, report = artifact
+    return out, report, Manifest.load(out)
 
 
-def test_the_export_ships_an_8x_graph_per_precision_that_passes_the_same_gates(artifact):
-    out, report, manifest = artifact
+def test_the_export_ships_an_8x_graph_per_precision_that_passes_the_same_gates(shipped):
+    out, report, manifest = shipped
     for p in ("fp32", "fp16"):
         twin = manifest.file(p, flavour=TRT8_FLAVOUR)
         assert twin.path == f"model.{p}.trt8.onnx"
@@ -177,12 +175,12 @@ def test_the_export_ships_an_8x_graph_per_precision_that_passes_the_same_gates(a
     assert all(s["divergent"] == 0 for s in fp16.selection.values())
 
 
-def test_the_86_rules_alone_are_output_identical_on_onnx_runtime(artifact, tmp_path):
+def test_the_86_rules_alone_are_output_identical_on_onnx_runtime(shipped, tmp_path):
     """Opset 17 + axes attributes change no number (same kernels); only the 8.5 LayerNorm
     decomposition does, which is why the shipped file is validated with the gates."""
     from polygraphy.json import load_json
 
-    out, _, _ = artifact
+    out, _, _ = shipped
     feed = load_json(str(out / "reference/inputs.json"))[0]
     dst = tmp_path / "model.fp16.86.onnx"
     legacy.to_trt8_graph(out / "model.fp16.onnx", dst, "8.6")
@@ -190,10 +188,10 @@ def test_the_86_rules_alone_are_output_identical_on_onnx_runtime(artifact, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_int32_reference_inputs_for_8x_engines_hold_the_same_rows(artifact):
+def test_the_int32_reference_inputs_for_8x_engines_hold_the_same_rows(shipped):
     from polygraphy.json import load_json
 
-    out, _, _ = artifact
+    out, _, _ = shipped
     wide, narrow = (load_json(str(out / f"reference/{n}.json")) for n in ("inputs",
                                                                           "inputs.int32"))
     for a, b in zip(wide, narrow):
@@ -203,11 +201,11 @@ def test_the_int32_reference_inputs_for_8x_engines_hold_the_same_rows(artifact):
 
 @pytest.mark.parametrize("precision, flavour", [("fp16", DEFAULT_FLAVOUR),
                                                ("fp16", TRT8_FLAVOUR), ("fp32", TRT8_FLAVOUR)])
-def test_the_printed_polygraphy_check_runs_and_passes_with_onnx_runtime(artifact, precision,
+def test_the_printed_polygraphy_check_runs_and_passes_with_onnx_runtime(shipped, precision,
                                                                         flavour):
     """The command export.py prints, with --onnxrt (and the ONNX file) in place of the
     engine and --trt: same inputs, reference outputs and per-output tolerances."""
-    out, report, manifest = artifact
+    out, report, manifest = shipped
     contract = manifest.contract
     errors = report.result(precision, flavour).outputs
     onnx_name = manifest.file(precision, flavour=flavour).path

@@ -24,6 +24,10 @@ from twbert_export.runners import make_torch_runner, ort_runner, ort_session, ru
 from twbert_export.split import (GRAPHS, ComposedSplit, export_split, split_contracts,
                                 split_to_fp16, validate_split)
 
+# Its own exports of the four graphs (about 35 s): the slow tier. The fast tier checks the
+# split graphs the pipeline writes (test_split_pipeline.py, on the session artifact).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo():

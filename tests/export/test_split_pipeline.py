@@ -77,6 +77,7 @@ def monolithic_only(tmp_path_factory, small_val):
     return out
 
 
+@pytest.mark.slow  # the monolithic-only export: about 16 s
 def test_the_whole_models_file_is_the_same_with_or_without_split_graphs(artifact,
                                                                         monolithic_only):
     out, _ = artifact
@@ -98,6 +99,7 @@ def _offset_itm_logits(path: Path, offset: float) -> None:
     onnx.save(model, str(path))
 
 
+@pytest.mark.slow  # a whole export of its own: about 30 s
 def test_a_wrong_trt8_split_twin_fails_the_export_with_exit_1(tmp_path, small_val, monkeypatch,
                                                               capsys):
     write_trt8_twin = legacy.write_trt8_twin
@@ -200,6 +202,7 @@ def test_interrupted_index_keeps_the_index_as_it_was(artifact, small_val, tmp_pa
     (["--artifact", "{mono}"], "holds no split graphs"),
     (["--precision", "bf16"], "has no bf16 split graphs"),
 ])
+@pytest.mark.slow  # needs the monolithic-only export
 def test_index_bad_input_is_one_line_and_exit_2(artifact, monolithic_only, small_val, tmp_path,
                                                 capsys, args, message):
     out, _ = artifact
