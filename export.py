@@ -35,7 +35,6 @@ import os
 import sys
 
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 1, 2, 3, 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM: what the shell reports for a process SIGTERM ended
 DEBUG_ENV = "TWBERT_DEBUG"  # =1: an internal error raises with its traceback
 
 
@@ -241,31 +240,14 @@ def internal_error(error: Exception) -> int:
     return EXIT_INTERNAL_ERROR
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt, so that the
-    same clean-up runs (the partial artifact directory is removed)."""
-
-
-def terminate_like_ctrl_c() -> None:
-    import signal
-
-    def raise_terminated(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, raise_terminated)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input and failed gates return their own codes, and nothing else
     reaches the user as a traceback (see the exit codes above)."""
     try:
         return run_command(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # run in-process (the signal handlers are installed below)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return EXIT_TERMINATED
     except Exception as e:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
@@ -280,6 +262,8 @@ def one_line_warnings() -> None:
 
 
 if __name__ == "__main__":
+    from twbert_export.util import stop_on_signals
+
     one_line_warnings()
-    terminate_like_ctrl_c()
+    stop_on_signals()
     sys.exit(main())

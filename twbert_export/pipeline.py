@@ -36,7 +36,8 @@ from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
 from .trt.commands import polygraphy_command, write_device_kit
 from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
-                   require, stage_peak_rss_gb, write_json, write_text)
+                   removed_if_stopped, require, signals_deferred, stage_peak_rss_gb, write_json,
+                   write_text)
 
 # Rows of validation data shipped as Polygraphy reference data (inputs + outputs) for devices.
 REFERENCE_ROWS = 8
@@ -218,23 +219,25 @@ def run_export(opts: ExportOptions) -> ExportResult:
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
                                                             loaded.contract.schedule))
     work = outdir.claim(out, opts.force)
-    try:
-        conversion = Conversion()
-        export_stage(loaded, work, out, stages, conversion)
-        lint_warnings = lint_stage(conversion, stages)
-        val, calib = data_stage(inputs, opts, loaded.contract, stages)
-        seen: dict[str, precision.RangesSeen] = {}
-        for p in inputs.precisions[1:]:
-            precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
-        trt8_stage(conversion, work, out, stages)
-        validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
-        manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
-                                                 calib, lint_warnings, opts, work, stages)
-        report.total_seconds = time.perf_counter() - t_start
-        report.write(work)
-        outdir.move_into_place(work, out, opts.force)
-    finally:
-        outdir.discard_partial(work)
+    with removed_if_stopped(work):  # a Ctrl-C or SIGTERM removes the scratch directory
+        try:
+            conversion = Conversion()
+            export_stage(loaded, work, out, stages, conversion)
+            lint_warnings = lint_stage(conversion, stages)
+            val, calib = data_stage(inputs, opts, loaded.contract, stages)
+            seen: dict[str, precision.RangesSeen] = {}
+            for p in inputs.precisions[1:]:
+                precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
+            trt8_stage(conversion, work, out, stages)
+            validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
+            manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
+                                                     calib, lint_warnings, opts, work, stages)
+            report.total_seconds = time.perf_counter() - t_start
+            report.write(work)
+            with signals_deferred():  # not stopped half-way
+                outdir.move_into_place(work, out, opts.force)
+        finally:
+            outdir.discard_partial(work)
     return ExportResult(out, manifest, report)
 
 

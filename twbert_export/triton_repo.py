@@ -55,7 +55,7 @@ from pathlib import Path
 from .artifact import Manifest
 from .contract import BATCH, IOContract
 from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
-from .util import write_json
+from .util import removed_afterwards, signals_deferred, write_json
 
 ENGINE_MODEL = "twbert_model"
 MARKER = ".twbert-triton-repo.json"  # says this command wrote the directory
@@ -292,7 +292,7 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of this pid only
     configs: dict[str, str] = {}
-    try:
+    with removed_afterwards(tmp):  # and by a Ctrl-C or SIGTERM: no half-written repository
         configs[ENGINE_MODEL] = engine_model(tmp, ENGINE_MODEL, contract, engine, instances,
                                              queue_delay_us)
         engines = [engine] if engine.is_file() else []
@@ -322,16 +322,15 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
                                   "onnx_sha256": entry.sha256,
                                   "index": None if index is None else str(Path(index).resolve()),
                                   "engines": [e.name for e in engines]})
-        if out.exists():  # ours (checked above): set aside, then removed once the new is in
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with signals_deferred():  # the swap is not stopped half-way
+            if out.exists():  # ours (checked above): set aside, then removed once the new is in
+                old = out.with_name(f".{out.name}.{os.getpid()}.old")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out)
     return checked
 
 

@@ -1,4 +1,5 @@
-"""Small shared helpers: lazy imports, atomic writes, hashes, stage timing (torch-free)."""
+"""Small shared helpers: lazy imports, atomic writes, stopping on a signal, hashes, stage timing
+(torch-free)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import importlib
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -59,13 +64,97 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     # writers of the same file never share a temporary name.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield tmp
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
+        with removed_if_stopped(tmp):
+            yield tmp
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())  # the data is on disk before the name points at it
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
+
+
+# -- stopping on SIGINT / SIGTERM ---------------------------------------------------------------
+# Why not KeyboardInterrupt: raised at an arbitrary bytecode, it can land inside a library's
+# C++ -> Python callback (torch.export's dispatch: the process aborts) or half-way through a
+# lazy import (a later AttributeError, reported as an internal error). So the handler unwinds
+# nothing: it removes the scratch paths registered here, prints one line and leaves.
+STOP_SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+_remove_on_stop: dict[Path, None] = {}  # an ordered set: the paths this process is writing
+_deferral = {"depth": 0, "pending": None}
+
+
+def stop_on_signals() -> None:
+    """On SIGINT or SIGTERM remove what `removed_if_stopped` registered, print `interrupted` or
+    `terminated` and exit 130 or 143 (128 + the signal, as a shell reports it)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
+
+
+@contextlib.contextmanager
+def removed_if_stopped(path: Path) -> Iterator[Path]:
+    """Register `path` (a file or directory this process creates) for removal should a signal
+    stop the process within the block."""
+    path = Path(path)
+    _remove_on_stop[path] = None
+    try:
+        yield path
+    finally:
+        _remove_on_stop.pop(path, None)
+
+
+@contextlib.contextmanager
+def removed_afterwards(path: Path) -> Iterator[Path]:
+    """`path` (a file or directory this process creates) is removed at the end of the block,
+    and by a stopping signal within it."""
+    with removed_if_stopped(path):
+        try:
+            yield path
+        finally:
+            _remove(path)
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str = "twbert-") -> Iterator[Path]:
+    """A new temporary directory, removed at the end of the block or by a stopping signal."""
+    with removed_afterwards(Path(tempfile.mkdtemp(prefix=prefix))) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A step that must not stop half-way (moving a finished artifact into place): a stopping
+    signal that arrives within waits for its end."""
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        if not _deferral["depth"] and _deferral["pending"] is not None:
+            _stop(_deferral["pending"], None)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    if _deferral["depth"]:
+        _deferral["pending"] = signum
+        return
+    for other in STOP_SIGNALS:  # a second Ctrl-C does not cut the clean-up short
+        signal.signal(other, signal.SIG_IGN)
+    for path in reversed(list(_remove_on_stop)):
+        _remove(path)
+    code, line = STOP_SIGNALS[signal.Signals(signum)]
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 def write_json(path: str | Path, obj: Any) -> Path:
     with atomic_path(path) as tmp:

@@ -27,7 +27,8 @@ import numpy as np
 
 from .. import modelopt_compat as compat
 from ..calibration import FeedSet, check_calibration_set
-from ..util import Stopwatch, atomic_path, file_sha256, release_heap, require, write_json
+from ..util import (Stopwatch, atomic_path, file_sha256, release_heap, require,
+                    scratch_directory, write_json)
 from .fp16 import PrecisionReport, _classify, to_fp16
 from .policy import CALIB_METHODS, FP16_DATA_MAX, INT8_OP_TYPES, QDQ_OPS, SELECTION_NODES
 from .ranges import ActivationRanges, RangesSeen
@@ -218,7 +219,7 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
 
     onnx = require("onnx", "to read the quantized graph")
     steps: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_directory("twbert-int8-") as tmp:
         # ModelOpt writes scratch files beside its input: work on a copy in our own folder.
         work = Path(tmp) / "model.onnx"
         shutil.copyfile(src, work)

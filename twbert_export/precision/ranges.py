@@ -4,8 +4,8 @@ from one set of forward passes that the FP16 range check and INT8 max calibratio
 
 from __future__ import annotations
 
+import contextlib
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -13,7 +13,7 @@ from typing import Self
 import numpy as np
 
 from ..calibration import FeedSet
-from ..util import infer_shapes, require
+from ..util import infer_shapes, require, scratch_directory
 from .policy import INT8_OP_TYPES, SELECTION_NODES
 
 # FP16 range check: a model with more float tensor bytes per clip than this is checked on its
@@ -107,7 +107,8 @@ class ActivationRanges:
         self.inputs = [i.name for i in model.graph.input]
         self._model = model
         self._session = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._scratch = contextlib.ExitStack()
+        self._dir: Path | None = None
 
     @property
     def is_large(self) -> bool:
@@ -121,10 +122,10 @@ class ActivationRanges:
     def _start(self) -> None:
         onnx = require("onnx", "to write the range-watching graph")
         ort = require("onnxruntime", "to find the activation ranges")
-        if self._tmp is None and self._model is None:
+        if self._dir is None and self._model is None:
             raise RuntimeError("these activation ranges are closed: make new ones for more rows")
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory()
+        if self._dir is None:
+            self._dir = self._scratch.enter_context(scratch_directory("twbert-ranges-"))
             # External weights: the graph stays under protobuf's 2 GB limit at any model size.
             onnx.save(self._model, str(self._path()), save_as_external_data=True,
                       location="weights.bin")
@@ -137,8 +138,8 @@ class ActivationRanges:
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     def _path(self) -> Path:
-        assert self._tmp is not None
-        return Path(self._tmp.name) / "ranges.onnx"
+        assert self._dir is not None
+        return self._dir / "ranges.onnx"
 
     def release(self) -> None:
         """Free the ONNX Runtime session (its weights and arena); more rows start it again."""
@@ -182,9 +183,8 @@ class ActivationRanges:
 
     def close(self) -> None:
         self._session = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._scratch.close()
+        self._dir = None
 
     def seen(self) -> RangesSeen:
         return RangesSeen(self.src, self.calib.identity, self.rows_done, dict(self.absmax),
