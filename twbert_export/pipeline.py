@@ -641,7 +641,8 @@ def _validate_split_files(p: str, flavour: str, split: SplitFiles, contract: IOC
     every = result.pop("every")
     run = f"split-{_label(p, flavour)}"
     metrics[run] = result.pop("task_metrics")
-    checks.runs[run] = {key: result.pop(key) for key in ("graph_runs", "graph_rows", "seconds")}
+    checks.runs[run] = {key: result.pop(key)
+                        for key in ("graph_runs", "graph_rows", "seconds", "select")}
     if p == "fp32":
         errors = validate.output_errors({n: every[n] for n in ("itm_logits", "itc_sim")},
                                         {n: whole_model[n] for n in ("itm_logits", "itc_sim")})
@@ -787,6 +788,8 @@ def _split_report_md(report: Report) -> list[str]:
         lines.append(f"| {name} | {', '.join(f'{g} {n}' for g, n in run['graph_runs'].items())} "
                      f"| {', '.join(f'{g} {n}' for g, n in run['graph_rows'].items())} "
                      f"| {run['seconds']:.1f} | {ratio} |")
+    lines += [""] + [f"- {name}: {run['select']}" for name, run in
+                     report.validation_runs.items() if run.get("select")]
     return lines
 
 

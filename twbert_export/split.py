@@ -23,7 +23,8 @@ Each graph has its own `IOContract` (batch dynamic), is exported by `onnx_export
 (dynamo, opset 19, nodes named by module scope: the selectors' nodes keep the names
 `/model/selector{1,2}/...` that `precision.SELECTION_NODES` keeps in FP32) and rewritten by
 `rewrite.rewrite`. `ComposedSplit` runs the four files on ONNX Runtime and gives the monolithic
-outputs; `split_runner` wraps it in the runner interface validation uses.
+outputs; `split_runner` wraps it in the runner interface validation uses. Validation runs the
+`select` file in pieces cut from its own nodes (select_pieces.py), checked against it whole.
 
 Timing of one query over N indexed clips, split against the whole model:
 `python -m twbert_export.artifact_bench --artifact engines/NAME --gallery 100,1000`.
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
     from .precision import PrecisionReport
 
 GRAPHS = SPLIT_GRAPHS  # ("text", "video_stem", "select", "fuse")
+# `select` in pieces must match the whole graph this closely (relative to its largest value) to
+# be used; FP32 pieces have matched exactly (0.0).
+SELECT_PIECES_RTOL = 1e-5
 SELECTION_OUTPUTS = ("frame_scores_1", "frame_indices_1", "frame_scores_2", "frame_indices_2")
 
 
@@ -228,10 +232,22 @@ class ComposedSplit:
 
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
-                 text_cache: int = 4096, stem_storage: str = "float32"):
+                 text_cache: int = 4096, stem_storage: str = "float32",
+                 select_in_pieces: bool = False):
+        from .select_pieces import NoCut, PiecewiseSelect
+
         self.contracts, self.monolithic = contracts, monolithic
         self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
         self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
+        # Validation's option (`run_split_validation`): `select` from its own nodes in pieces,
+        # the video blocks after each selector once per distinct input (select_pieces.py).
+        self.pieces: PiecewiseSelect | None = None
+        self.pieces_note = "select run whole"
+        if select_in_pieces and Path(files["select"]).suffix == ".onnx":
+            try:
+                self.pieces = PiecewiseSelect(files["select"], threads)
+            except NoCut as e:
+                self.pieces_note = f"select run whole: {e}"
         self.executions: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
         self._stems, self._texts = _LRU(stem_cache), _LRU(text_cache)
@@ -256,12 +272,52 @@ class ComposedSplit:
         parts: dict[str, list[np.ndarray]] = {name: [] for name in contract.output_names}
         for start in range(0, n, step):
             chunk = {k: np.ascontiguousarray(v[start:start + step]) for k, v in feed.items()}
-            values = self.sessions[graph].run(contract.output_names, chunk)
+            if graph == "select" and self.pieces is not None:
+                values = self._select_in_pieces(chunk)
+            else:
+                values = self.sessions[graph].run(contract.output_names, chunk)
             self.executions[graph] += 1
             self.rows[graph] += len(next(iter(chunk.values())))
             for name, value in zip(contract.output_names, values):
                 parts[name].append(value)
         return {name: np.concatenate(p) for name, p in parts.items()}
+
+    def _select_in_pieces(self, chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert self.pieces is not None
+        out = dict(zip(self.pieces.output_names, self.pieces.run(chunk)))
+        for piece in self.pieces.pieces:
+            if piece.memoized:
+                self.executions[f"select {piece.name}"] = self.pieces.executions[piece.name]
+                self.rows[f"select {piece.name}"] = self.pieces.rows[piece.name]
+        return [out[name] for name in self.contracts["select"].output_names]
+
+    def check_pieces(self, stems: np.ndarray, text_cls: np.ndarray) -> None:
+        """Run `select` whole and in pieces on these rows; keep the pieces only if they give
+        the same selections and float outputs within SELECT_PIECES_RTOL of the whole graph's
+        largest value. `pieces_note` says what was found."""
+        if self.pieces is None:
+            return
+        pieces, self.pieces = self.pieces, None
+        whole = self.select(stems, text_cls)
+        self.pieces = pieces
+        cut = self.select(stems, text_cls)
+        worst, differs = 0.0, []
+        for name, value in whole.items():
+            if value.dtype.kind in "iu":
+                if not np.array_equal(value, cut[name]):
+                    differs.append(name)
+                continue
+            error = float(np.abs(value.astype(np.float64) - cut[name]).max())
+            worst = max(worst, error / max(1.0, float(np.abs(value).max())))
+        names = ", ".join(p.name for p in pieces.pieces)
+        if differs or worst > SELECT_PIECES_RTOL:
+            self.pieces = None
+            self.pieces_note = (f"select run whole: its pieces ({names}) differed from it on "
+                                f"{len(stems)} rows ({', '.join(differs) or f'{worst:.3g}'})")
+        else:
+            self.pieces_note = (f"select in pieces ({names}), checked against the whole graph "
+                                f"on {len(stems)} rows: selections equal, max rel. difference "
+                                f"{worst:.3g}")
 
     def encode_clips(self, videos: np.ndarray) -> np.ndarray:
         """(N, T, 3, S, S) -> stems (N, T, tokens, D)."""
@@ -375,7 +431,9 @@ def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
     every clip and the text graph of every distinct text once each, then `select` and `fuse`
     on every (clip, text) pair in runs of the batch max. -> the outputs of every pair (in
     `validate.validation_pairs` order; QA: of the paired rows), of the paired rows, and the
-    task metrics.
+    task metrics. A pipeline made with `select_in_pieces` runs `select` in pieces once they
+    give the whole graph's outputs on the paired rows (`check_pieces`): its video blocks then
+    run once per distinct selection of a clip (select_pieces.py).
 
     Why `fuse` runs on every pair, not only on the ITC shortlists that the metrics read: the
     monolithic validation compares its outputs on every row it ran (the paired rows gate, all
@@ -388,6 +446,7 @@ def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
     stems = pipeline.encode_clips(feeds.video)
     stems = stems.astype(pipeline.stem_storage).astype(np.float32)  # as `infer` stores them
     text = unique_texts(pipeline, feeds.input_ids, feeds.attention_mask)
+    pipeline.check_pieces(stems[feeds.video_index], text["text_cls"])  # the paired rows
     if monolithic.task == "qa":
         v, t = feeds.video_index, np.arange(len(feeds))
     else:
@@ -418,14 +477,14 @@ def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
     from . import validate
 
     start = time.perf_counter()
-    with ComposedSplit(files, contracts, monolithic) as pipeline:
+    with ComposedSplit(files, contracts, monolithic, select_in_pieces=True) as pipeline:
         every, test, metrics = run_split_validation(pipeline, val, answers=answers)
     seconds = time.perf_counter() - start
     result = validate.compare_precision(precision, test, reference, monolithic, gate, metrics,
                                         reference_metrics)
     return {**result, "task_metrics": metrics, "seconds": seconds,
             "graph_runs": dict(pipeline.executions), "graph_rows": dict(pipeline.rows),
-            "every": every}
+            "select": pipeline.pieces_note, "every": every}
 
 
 # -- precision ----------------------------------------------------------------------------------

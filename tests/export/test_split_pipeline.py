@@ -62,9 +62,14 @@ def test_split_validation_computes_each_stem_and_text_once(artifact, small_val):
     _, report = artifact
     clips = len(videos_in(small_val))
     for p in ("fp32", "fp16", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8"):
-        rows = report.validation_runs[f"split-{p}"]["graph_rows"]
-        assert rows == {"video_stem": clips, "text": clips, "select": clips * clips,
+        run = report.validation_runs[f"split-{p}"]
+        rows = run["graph_rows"]
+        blocks = rows.pop("select blocks 2-3")  # once per distinct selection (select_pieces.py)
+        # select: every pair, and the paired rows twice more (whole and in pieces: the check)
+        assert rows == {"video_stem": clips, "text": clips, "select": clips * clips + 2 * clips,
                         "fuse": clips * clips}
+        assert clips <= blocks < clips * clips / 2, blocks
+        assert run["select"].startswith("select in pieces (stage 0, blocks 2-3, stage 1)")
         assert report.validation_runs[f"onnx-{p}"]["graph_rows"] == {"model": clips * clips}
     assert "## Validation cost per runner" in (artifact[0] / "report.md").read_text()
 
