@@ -246,7 +246,7 @@ def gallery(artifact: Path, sizes: list[int], precision: str, k: int = 50, repea
     from .assets import resolve_data
     from .clip_index import ClipIndex, index_videos, rank
     from .gallery import SplitArtifact
-    from .metrics import rerank, softmax
+    from .metrics import ranking_differences, rerank, softmax
     from .predict import encode_tokens
     from .preprocess import load_video, read_annotations
     from .runners import batched, ort_session
@@ -284,11 +284,14 @@ def gallery(artifact: Path, sizes: list[int], precision: str, k: int = 50, repea
             feed = {"video": decoded[clip_rows], "input_ids": np.repeat(ids, n, 0),
                     "attention_mask": np.repeat(mask, n, 0)}
 
+            whole_scores: dict[str, np.ndarray] = {}
+
             def whole_model_query() -> list[str]:
                 outs = [session.run(["itc_sim", "itm_logits"], chunk)
                         for chunk in batched(feed, contract.batch.max)]
                 itc = np.concatenate([o[0] for o in outs])
                 itm = softmax(np.concatenate([o[1] for o in outs]).astype(np.float64))[:, 1]
+                whole_scores.update(itc=itc, itm=itm)
                 final = rerank(itc[None], itm[None], k)[0]
                 return [gallery_ids[i] for i in np.argsort(-final, kind="stable")]
 
@@ -305,11 +308,16 @@ def gallery(artifact: Path, sizes: list[int], precision: str, k: int = 50, repea
                     seconds[name].append(time.perf_counter() - t0)
             best = {name: min(s) for name, s in seconds.items()}
             same_top = len(set(rankings["split"][:k]) & set(rankings["monolithic"][:k]))
+            differences = ranking_differences(
+                rankings["monolithic"], rankings["split"],
+                dict(zip(gallery_ids, whole_scores["itc"].tolist())),
+                dict(zip(gallery_ids, whole_scores["itm"].tolist())), k)
             rows.append({
                 "precision": precision, "clips": n, "distinct_clips": len(videos), "k": k,
                 "query_seconds": best, "ratio": best["split"] / best["monolithic"],
                 "rankings_equal": rankings["split"] == rankings["monolithic"],
-                "shortlist_overlap": same_top, "repeats": repeats,
+                "shortlist_overlap": same_top, "ranking_differences": differences,
+                "repeats": repeats,
                 "split_graph_runs": dict(pipeline.executions - before),
                 "monolithic_graph_runs": -(-n // contract.batch.max),
                 "index_seconds_per_clip": index_seconds, "stem_dtype": stored.stem_dtype,
@@ -337,6 +345,13 @@ def _gallery_main(artifact: Path, args: argparse.Namespace) -> int:
               f"{r['ratio']:>7.2f}  {str(r['rankings_equal']):<6}"
               f"{1000 * r['index_seconds_per_clip']:>14.1f}  {runs} (whole model: "
               f"{r['monolithic_graph_runs']})")
+    for r in rows:
+        d = r["ranking_differences"]
+        if not d["equal"]:
+            print(f"{r['precision']} N={r['clips']}: {d['swapped_pairs']} pairs ordered "
+                  f"differently ({d['in_shortlist']} inside the shortlist, which is "
+                  f"{'the same' if d['same_shortlist'] else 'NOT the same'}); the whole model "
+                  f"puts them at most {d['largest_gap']:.3g} apart")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     manifest = Manifest.load(artifact)
     _save(args.json, artifact, manifest, gallery=rows)

@@ -45,6 +45,25 @@ def rerank(itc: np.ndarray, itm: np.ndarray, k: int) -> np.ndarray:
     return np.where(top, np.nan_to_num(np.asarray(itm, np.float64), nan=0.0), -2.0 - itc_rank)
 
 
+def ranking_differences(first: list[str], second: list[str], itc: dict[str, float],
+                        itm: dict[str, float], k: int) -> dict[str, object]:
+    """How two rankings of the same clips differ: the pairs they order differently and, for
+    each, how far apart `first`'s scores put the two clips (ITM probability when both are in
+    the shortlist, its k first, else ITC). Small gaps mean near-ties that a different rounding
+    (FP16 twice, by two programs) can swap."""
+    if sorted(first) != sorted(second):
+        raise ValueError("the two rankings hold different clips")
+    position = {clip: i for i, clip in enumerate(second)}
+    later = np.array([position[clip] for clip in first])
+    swapped = np.argwhere(np.triu(later[:, None] > later[None, :], 1))  # first has i above j
+    top = set(first[:k])
+    gaps = [abs(itm[first[i]] - itm[first[j]]) if {first[i], first[j]} <= top
+            else abs(itc[first[i]] - itc[first[j]]) for i, j in swapped]
+    return {"equal": first == second, "same_shortlist": top == set(second[:k]),
+            "swapped_pairs": len(swapped), "largest_gap": max(gaps, default=0.0),
+            "in_shortlist": int(sum({first[i], first[j]} <= top for i, j in swapped))}
+
+
 def retrieval_metrics(itc: np.ndarray, itm: np.ndarray, text_video: np.ndarray,
                       k: int = 50) -> dict:
     """The authors' protocol on full (texts, videos) matrices of ITC similarity and ITM match

@@ -3,7 +3,7 @@ import math
 import pytest
 import numpy as np
 
-from twbert_export.metrics import ranks, recall_metrics, rerank
+from twbert_export.metrics import ranking_differences, ranks, recall_metrics, rerank
 
 
 def test_ranks_on_a_hand_made_matrix():
@@ -43,3 +43,18 @@ def test_chance_level_of_random_scores_is_about_one_over_n():
     n = 200
     m = recall_metrics(np.random.default_rng(0).random((n, n)), np.eye(n, dtype=bool))
     assert m["R@1"] < 0.05 and math.isclose(m["MedR"], n / 2, rel_tol=0.25)
+
+
+def test_ranking_differences_name_the_swapped_pairs_and_their_score_gaps():
+    itc = {"a": 5.0, "b": 4.0, "c": 3.99, "d": 3.0, "e": 1.0}
+    itm = {"a": 0.9, "b": 0.2, "c": 0.0, "d": 0.0, "e": 0.0}
+    same = ranking_differences(list("abcde"), list("abcde"), itc, itm, k=2)
+    assert same == {"equal": True, "same_shortlist": True, "swapped_pairs": 0,
+                    "largest_gap": 0.0, "in_shortlist": 0}
+    # c and d swap outside the shortlist (ITC 3.99 vs 3.0), a and b inside it (ITM 0.9 vs 0.2)
+    diff = ranking_differences(list("abcde"), list("badce"), itc, itm, k=2)
+    assert diff["swapped_pairs"] == 2 and diff["in_shortlist"] == 1
+    assert diff["largest_gap"] == pytest.approx(0.99) and diff["same_shortlist"]
+    assert not ranking_differences(list("abcde"), list("acbde"), itc, itm, k=2)["same_shortlist"]
+    with pytest.raises(ValueError, match="different clips"):
+        ranking_differences(list("abc"), list("abd"), itc, itm, k=2)
