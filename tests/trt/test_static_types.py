@@ -1,4 +1,5 @@
-"""Static check of the TensorRT module: mypy against NVIDIA's `tensorrt-stubs` (TensorRT 10.x API).
+"""Static check of the TensorRT code (twbert_export/trt and split_trt.py): mypy against NVIDIA's
+`tensorrt-stubs` (TensorRT 10.x API).
 
 What it covers: every `trt.*` name, method and argument count/type we use exists in TensorRT 10.13's
 Python API as the stubs describe it. What it does not: TensorRT 8.6 / 11.x differences (the code
@@ -78,7 +79,8 @@ def test_trt_module_type_checks_against_tensorrt_stubs(tmp_path):
     env = {**os.environ, "MYPYPATH": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", "tests/trt/mypy.ini",
-         "--cache-dir", str(tmp_path / ".mypy_cache"), "twbert_export/trt"],
+         "--cache-dir", str(tmp_path / ".mypy_cache"), "twbert_export/trt",
+         "twbert_export/split_trt.py"],
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout
