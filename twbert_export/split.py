@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from model import TWBert, TWBertConfig
 
     from .precision import PrecisionReport
+    from .select_pieces import PiecewiseSelect
 
 GRAPHS = SPLIT_GRAPHS  # ("text", "video_stem", "select", "fuse")
 # `select` in pieces must match the whole graph this closely (relative to its largest value) to
@@ -230,6 +231,10 @@ class ComposedSplit:
     each graph computed. Every run stays within the contracts' batch range.
     """
 
+    # Set by validation's `select_in_pieces` (a subclass on engines never sets them).
+    pieces: "PiecewiseSelect | None" = None
+    pieces_note = "select run whole"
+
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
                  text_cache: int = 4096, stem_storage: str = "float32",
@@ -241,8 +246,6 @@ class ComposedSplit:
         self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
         # Validation's option (`run_split_validation`): `select` from its own nodes in pieces,
         # the video blocks after each selector once per distinct input (select_pieces.py).
-        self.pieces: PiecewiseSelect | None = None
-        self.pieces_note = "select run whole"
         if select_in_pieces and Path(files["select"]).suffix == ".onnx":
             try:
                 self.pieces = PiecewiseSelect(files["select"], threads)
