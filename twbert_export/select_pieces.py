@@ -10,15 +10,17 @@ nodes, no re-export and nothing recomputed differently:
     stage 0   stem, text_cls -> what the first run of blocks takes (selector 1's frames), ...
     run 1     the blocks after selector 1: one input, memoized by that input's content
     stage 1   selector 2, ...
-    run 2     the blocks after selector 2 (none on the tiny preset)
+    run 2     the blocks after selector 2, memoized alike
     stage 2   pooling, ITC
+
+(On the tiny preset no block follows selector 2: its pieces are stage 0, blocks 2-3, stage 1.)
 
 A run is the video blocks (nodes named `/model/video/blocks/<i>/...`, see `split.py`) that follow
 one another with no other node between, plus the nodes they enclose (casts, Q/DQ pairs) and the
 constants they read; each stage holds the other nodes that become computable after the run
 before it. Each piece is an ONNX Runtime session of its own, so validation checks the pieces
-against the whole file on the paired rows (`PiecewiseSelect.agrees_with`) before it uses them;
-a TensorRT engine is built from the whole file, as it ships.
+against the whole file on the paired rows (`split.ComposedSplit.check_pieces`) before it uses
+them; a TensorRT engine is built from the whole file, as it ships.
 """
 
 from __future__ import annotations
@@ -279,7 +281,11 @@ class PiecewiseSelect:
         if len(x) != n:
             raise RuntimeError(f"{piece.name}: input of {len(x)} rows for {n} rows")
         keys = [_content_key(row) for row in x]
-        missing = list(dict.fromkeys(key for key in keys if key not in memo))
+        distinct = list(dict.fromkeys(keys))
+        for key in distinct:
+            if key in memo:
+                memo.move_to_end(key)  # this batch's rows are the most recent
+        missing = [key for key in distinct if key not in memo]
         if missing:
             first = {key: i for i, key in reversed(list(enumerate(keys)))}
             rows = [first[key] for key in missing]
@@ -291,8 +297,6 @@ class PiecewiseSelect:
             for j, key in enumerate(missing):
                 memo[key] = [o[j] for o in outs]
             row_bytes = sum(o[0].nbytes for o in outs)
-            while len(memo) > max(len(missing), MEMO_BYTES // max(row_bytes, 1)):
-                memo.popitem(last=False)
-        for key in set(keys):
-            memo.move_to_end(key)
+            while len(memo) > max(len(distinct), MEMO_BYTES // max(row_bytes, 1)):
+                memo.popitem(last=False)  # never one of this batch's: they are at the end
         return [np.stack([memo[key][j] for key in keys]) for j in range(len(piece.outputs))]

@@ -80,3 +80,28 @@ def test_pieces_that_differ_from_the_whole_graph_are_not_used(artifact, every_pa
         whole = ort_session(files["select"]).run(["itc_sim"], {"stem": stems[:8],
                                                                "text_cls": text_cls[:8]})[0]
         np.testing.assert_array_equal(pipeline.select(stems[:8], text_cls[:8])["itc_sim"], whole)
+
+
+def test_with_room_for_one_batch_only_the_memo_forgets_but_never_answers_wrong(
+        artifact, every_pair, monkeypatch):
+    from twbert_export import select_pieces
+
+    monkeypatch.setattr(select_pieces, "MEMO_BYTES", 1)  # keeps this batch's rows, no more
+    path = artifact[0] / "select.fp32.onnx"
+    stems, text_cls = every_pair
+    whole, pieces = ort_session(path), PiecewiseSelect(path)
+    names = [o.name for o in whole.get_outputs()]
+    order = np.random.default_rng(0).permutation(len(stems))  # clips no longer in turn
+    for start in range(0, len(stems), 8):
+        rows = order[start:start + 8]
+        feed = {"stem": stems[rows], "text_cls": text_cls[rows]}
+        for n, expected, got in zip(names, whole.run(names, feed), pieces.run(feed)):
+            np.testing.assert_array_equal(got, expected, err_msg=n)
+        assert len(pieces.memos[1]) == len({s.tobytes() for s in pieces_input(pieces, feed)})
+
+
+def pieces_input(pieces, feed):
+    """The rows the memoized run took for this feed (stage 0's output it reads)."""
+    stage = pieces.pieces[0]
+    values = dict(zip(stage.outputs, pieces.sessions[0].run(stage.outputs, feed)))
+    return values[pieces.pieces[1].inputs[0]]
