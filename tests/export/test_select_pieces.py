@@ -105,3 +105,23 @@ def pieces_input(pieces, feed):
     stage = pieces.pieces[0]
     values = dict(zip(stage.outputs, pieces.sessions[0].run(stage.outputs, feed)))
     return values[pieces.pieces[1].inputs[0]]
+
+
+def test_where_each_clip_meets_one_text_select_runs_whole(artifact, small_val):
+    """Nothing to reuse (one clip, one text): the pieces would only add their check."""
+    from twbert_export import validate
+    from twbert_export.runners import ort_runner
+    from twbert_export.split import validate_split
+
+    out, _ = artifact
+    manifest = Manifest.load(out)
+    files = {g: out / manifest.file("fp32", g).path for g in manifest.graph_contracts}
+    one = load_feeds(small_val, manifest.contract, Tokenizer.default(), limit=1,
+                     texts_per_video=1)
+    with ort_runner(out / "model.fp32.onnx") as runner:
+        reference, metrics = validate.run_validation(runner, one, manifest.contract)
+    result = validate_split(files, manifest.graph_contracts, manifest.contract, "fp32", one,
+                            reference, metrics, validate.DEFAULT_GATES["fp32"])
+    assert result["passed"]
+    assert result["select"] == "select run whole: each clip meets one text, nothing to reuse"
+    assert result["graph_rows"] == {"video_stem": 1, "text": 1, "select": 1, "fuse": 1}
