@@ -117,14 +117,17 @@ class SplitArtifact:
     def engines(self) -> bool:
         return all(f.suffix == ".engine" for f in self.files.values())
 
-    def pipeline(self, threads: int | None = None) -> ComposedSplit:
-        """ONNX Runtime on the .onnx files, or the engines on one CUDA stream handing device
-        buffers to each other (`split_trt.SplitEngines`)."""
+    def pipeline(self, threads: int | None = None, max_batch: int | None = None
+                 ) -> ComposedSplit:
+        """ONNX Runtime on the .onnx files (runs of at most `max_batch` rows, default the
+        contracts' batch max), or the engines on one CUDA stream handing device buffers to each
+        other (`split_trt.SplitEngines`)."""
         if self.engines:
             from .split_trt import SplitEngines
 
             return SplitEngines(self.files, self.contracts, self.manifest.contract)
-        return ComposedSplit(self.files, self.contracts, self.manifest.contract, threads)
+        return ComposedSplit(self.files, self.contracts, self.manifest.contract, threads,
+                             max_batch=max_batch)
 
 
 # -- export.py index ----------------------------------------------------------------------------

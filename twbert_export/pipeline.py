@@ -432,7 +432,10 @@ def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict
 
         fp32 = conversion.split_files("fp32")
         assert fp32 is not None
-        with ComposedSplit(fp32, loaded.graph_contracts, loaded.contract) as pipeline:
+        # Runs of the validation batch: at the base preset (32 frames) runs of 8 took more
+        # than this machine's 24 GB.
+        with ComposedSplit(fp32, loaded.graph_contracts, loaded.contract,
+                           max_batch=validate.validation_batch(loaded.contract)) as pipeline:
             conversion.split_feeds = dict(graph_feeds(pipeline, calib))
     return conversion.split_feeds
 

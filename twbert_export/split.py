@@ -234,14 +234,15 @@ class ComposedSplit:
     # Set by validation's `select_in_pieces` (a subclass on engines never sets them).
     pieces: "PiecewiseSelect | None" = None
     pieces_note = "select run whole"
+    max_batch: int | None = None  # rows per graph run at most (default: each contract's max)
 
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
                  text_cache: int = 4096, stem_storage: str = "float32",
-                 select_in_pieces: bool = False):
+                 select_in_pieces: bool = False, max_batch: int | None = None):
         from .select_pieces import NoCut, PiecewiseSelect
 
-        self.contracts, self.monolithic = contracts, monolithic
+        self.contracts, self.monolithic, self.max_batch = contracts, monolithic, max_batch
         self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
         self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
         # Validation's option (`run_split_validation`): `select` from its own nodes in pieces,
@@ -271,7 +272,7 @@ class ComposedSplit:
         """One graph over any number of rows, in runs of at most the contract's batch max."""
         contract = self.contracts[graph]
         n = len(next(iter(feed.values())))
-        step = contract.batch.max
+        step = self.batch(graph)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in contract.output_names}
         for start in range(0, n, step):
             chunk = {k: np.ascontiguousarray(v[start:start + step]) for k, v in feed.items()}
@@ -284,6 +285,11 @@ class ComposedSplit:
             for name, value in zip(contract.output_names, values):
                 parts[name].append(value)
         return {name: np.concatenate(p) for name, p in parts.items()}
+
+    def batch(self, graph: str) -> int:
+        """Rows per run of `graph`: its contract's batch max, or `max_batch` when smaller."""
+        most = self.contracts[graph].batch.max
+        return min(most, self.max_batch or most)
 
     def _select_in_pieces(self, chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
         assert self.pieces is not None
@@ -454,7 +460,7 @@ def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
         v, t = feeds.video_index, np.arange(len(feeds))
     else:
         v, t = validate.validation_pairs(feeds)
-    step = pipeline.contracts["select"].batch.max
+    step = pipeline.batch("select")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in monolithic.output_names}
     for start in range(0, len(v), step):
         rows_v, rows_t = v[start:start + step], t[start:start + step]
@@ -484,7 +490,10 @@ def validate_split(files: dict[str, Path], contracts: dict[str, IOContract],
     # pieces would only add their check (at the base preset, one pair: 13 s against 6).
     rows = len(val) if monolithic.task == "qa" else len(val) * len(val.video)
     reuse = rows > len(val.video)
-    with ComposedSplit(files, contracts, monolithic, select_in_pieces=reuse) as pipeline:
+    # The whole model's validation batch (2): at the base preset (32 frames) runs of 8 took
+    # more than this machine's 24 GB (the gallery benchmark, before it got --batch).
+    with ComposedSplit(files, contracts, monolithic, select_in_pieces=reuse,
+                       max_batch=validate.validation_batch(monolithic)) as pipeline:
         if not reuse:
             pipeline.pieces_note = "select run whole: each clip meets one text, nothing to reuse"
         every, test, metrics = run_split_validation(pipeline, val, answers=answers)
@@ -553,7 +562,10 @@ def split_to_fp16(fp32_files: dict[str, Path], contracts: dict[str, IOContract],
     pipeline computes them from the calibration rows. -> OUT/<graph>.fp16.onnx and reports."""
     from . import precision
 
-    pipeline = ComposedSplit(fp32_files, contracts, monolithic)
+    from . import validate
+
+    pipeline = ComposedSplit(fp32_files, contracts, monolithic,
+                             max_batch=validate.validation_batch(monolithic))
     feeds = graph_feeds(pipeline, calib)
     del pipeline
     files, reports = {}, {}
