@@ -269,7 +269,7 @@ class ComposedSplit:
         self.close()
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One graph over any number of rows, in runs of at most the contract's batch max."""
+        """One graph over any number of rows, in runs of at most `batch(graph)` rows."""
         contract = self.contracts[graph]
         n = len(next(iter(feed.values())))
         step = self.batch(graph)
@@ -309,15 +309,17 @@ class ComposedSplit:
         pieces, self.pieces = self.pieces, None
         whole = self.select(stems, text_cls)
         self.pieces = pieces
-        cut = self.select(stems, text_cls)
+        in_pieces = self.select(stems, text_cls)
         worst, differs = 0.0, []
         for name, value in whole.items():
-            if value.dtype.kind in "iu":
-                if not np.array_equal(value, cut[name]):
+            other = in_pieces[name]
+            if value.dtype.kind in "iu" or not np.array_equal(np.isnan(value), np.isnan(other)):
+                if not np.array_equal(value, other, equal_nan=value.dtype.kind == "f"):
                     differs.append(name)
                 continue
-            error = float(np.abs(value.astype(np.float64) - cut[name]).max())
-            worst = max(worst, error / max(1.0, float(np.abs(value).max())))
+            error = np.nan_to_num(np.abs(value.astype(np.float64) - other)).max(initial=0.0)
+            scale = np.nan_to_num(np.abs(value)).max(initial=0.0)
+            worst = max(worst, float(error) / max(1.0, float(scale)))
         names = ", ".join(p.name for p in pieces.pieces)
         if differs or worst > SELECT_PIECES_RTOL:
             self.pieces = None
@@ -438,7 +440,7 @@ def run_split_validation(pipeline: ComposedSplit, feeds: FeedSet, k: int = 50,
                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """`validate.run_every_row` for the split graphs, each part computed once: the stem of
     every clip and the text graph of every distinct text once each, then `select` and `fuse`
-    on every (clip, text) pair in runs of the batch max. -> the outputs of every pair (in
+    on every (clip, text) pair in runs of `pipeline.batch`. -> the outputs of every pair (in
     `validate.validation_pairs` order; QA: of the paired rows), of the paired rows, and the
     task metrics. A pipeline made with `select_in_pieces` runs `select` in pieces once they
     give the whole graph's outputs on the paired rows (`check_pieces`): its video blocks then
