@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
