@@ -17,10 +17,11 @@ nodes, no re-export and nothing recomputed differently:
 
 A run is the video blocks (nodes named `/model/video/blocks/<i>/...`, see `split.py`) that follow
 one another with no other node between, plus the nodes they enclose (casts, Q/DQ pairs) and the
-constants they read; each stage holds the other nodes that become computable after the run
-before it. Each piece is an ONNX Runtime session of its own, so validation checks the pieces
-against the whole file on the paired rows (`split.ComposedSplit.check_pieces`) before it uses
-them; a TensorRT engine is built from the whole file, as it ships.
+constants they read; each other node goes to the latest stage its readers allow (so only what a
+run needs first crosses a stage boundary). Each piece is an ONNX Runtime session of its own, so
+validation checks the pieces against the whole file on the paired rows
+(`split.ComposedSplit.check_pieces`) before it uses them; a TensorRT engine is built from the
+whole file, as it ships.
 """
 
 from __future__ import annotations
