@@ -100,17 +100,36 @@ class FakeGraphs:
         self.captured.pop(handle)
 
 
-def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dtype: str):
-    """Each object answers only to the names of the TensorRT class it stands for (trtapi)."""
+def stand_in_tensorrt(open_plan) -> StrictModule:
+    """A stand-in `tensorrt` module whose Runtime deserializes a plan with `open_plan(data)`.
+    Each object answers only to the names of the TensorRT class it stands for (trtapi)."""
     trt = StrictModule("tensorrt")
     trt.__version__ = MACHINE.tensorrt_version
     trt.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
     trt.nptype = lambda dtype: dtype
     trt.Logger = type("Logger", (strict_class("Logger"),),
                       {"WARNING": 2, "__init__": lambda self, level: None})
+
+    class Runtime(strict_class("Runtime")):
+        def __init__(self, logger):
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, data):
+            return open_plan(data)
+
+    trt.Runtime = Runtime
+    return trt
+
+
+def stand_in_engine(trt, memory: Memory, contract, batch_range: tuple[int, int],
+                    int_dtype: str, compute):
+    """An engine of `contract` (dynamic batch in `batch_range`) whose contexts compute
+    `compute(feed)`, reading inputs from and writing outputs to device memory at the addresses
+    they are given; int64 tensors are stored as `int_dtype` (8.x's INT32 I/O)."""
     lo, hi = batch_range
-    dtypes = {s.name: (int_dtype if s.dtype == "int64" else s.dtype)
-              for s in (*contract.inputs, *contract.outputs)}
+    specs = {s.name: s for s in (*contract.inputs, *contract.outputs)}
+    dtypes = {n: (int_dtype if s.dtype == "int64" else s.dtype) for n, s in specs.items()}
+    names = list(specs)
 
     class Context(strict_class("IExecutionContext")):
         def __init__(self):
@@ -127,22 +146,19 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
             return True
 
         def get_tensor_shape(self, name):
-            spec = next(s for s in contract.outputs if s.name == name)
-            return spec.concrete(self._shapes["video"][0])
+            return specs[name].concrete(self._shapes[contract.input_names[0]][0])
 
         def execute_async_v3(self, stream):
             feed = {}
             for spec in contract.inputs:
                 shape = self._shapes[spec.name]
-                count = int(np.prod(shape))
                 block = memory.blocks[self._address[spec.name]]
-                feed[spec.name] = block.view(dtypes[spec.name])[:count].reshape(shape)
-            for name, value in expected_outputs(feed).items():
-                raw = value.astype(dtypes[name]).reshape(-1).view(np.uint8)
+                feed[spec.name] = block.view(dtypes[spec.name])[:int(np.prod(shape))] \
+                    .reshape(shape).astype(spec.dtype)
+            for name, value in compute(feed).items():
+                raw = np.ascontiguousarray(value.astype(dtypes[name])).reshape(-1).view(np.uint8)
                 memory.blocks[self._address[name]][:raw.size] = raw
             return True
-
-    names = [s.name for s in (*contract.inputs, *contract.outputs)]
 
     class Engine(strict_class("ICudaEngine")):
         num_io_tensors = len(names)
@@ -158,25 +174,24 @@ def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dt
             return dtypes[name]
 
         def get_tensor_shape(self, name):
-            spec = next(s for s in (*contract.inputs, *contract.outputs) if s.name == name)
-            return tuple(-1 if d == "batch" else d for d in spec.shape)
+            return tuple(-1 if d == "batch" else d for d in specs[name].shape)
 
         def get_tensor_profile_shape(self, name, profile):
-            spec = next(s for s in contract.inputs if s.name == name)
-            return spec.concrete(lo), spec.concrete(lo), spec.concrete(hi)
+            return specs[name].concrete(lo), specs[name].concrete(lo), specs[name].concrete(hi)
 
         def create_execution_context(self):
             return Context()
 
-    class Runtime(strict_class("Runtime")):
-        def __init__(self, logger):
-            self.engine_host_code_allowed = False
+    return Engine()
 
-        def deserialize_cuda_engine(self, data):
-            assert data == b"PLAN"
-            return Engine()
 
-    trt.Runtime = Runtime
+def fake_tensorrt(memory: Memory, contract, batch_range: tuple[int, int], int_dtype: str):
+    """A stand-in TensorRT whose one engine (b"PLAN") computes `expected_outputs`."""
+    def open_plan(data):
+        assert data == b"PLAN"
+        return stand_in_engine(trt, memory, contract, batch_range, int_dtype, expected_outputs)
+
+    trt = stand_in_tensorrt(open_plan)
     return trt
 
 
@@ -359,83 +374,13 @@ class CountingCuda(FakeCuda):
 def fake_split_tensorrt(memory: Memory, contracts, batch_range, int_dtype: str, opened: list):
     """A stand-in TensorRT whose engines (b"PLAN:<graph>") compute `split_compute` reading and
     writing device memory at the addresses the contexts are given."""
-    trt = StrictModule("tensorrt")
-    trt.__version__ = MACHINE.tensorrt_version
-    trt.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
-    trt.nptype = lambda dtype: dtype
-    trt.Logger = type("Logger", (strict_class("Logger"),),
-                      {"WARNING": 2, "__init__": lambda self, level: None})
-    lo, hi = batch_range
+    def open_plan(data):
+        graph = data.decode().split(":", 1)[1]
+        opened.append(graph)
+        return stand_in_engine(trt, memory, contracts[graph], batch_range, int_dtype,
+                               lambda feed: split_compute(graph, feed))
 
-    def make_engine(graph):
-        contract = contracts[graph]
-        specs = {s.name: s for s in (*contract.inputs, *contract.outputs)}
-        dtypes = {n: (int_dtype if s.dtype == "int64" else s.dtype) for n, s in specs.items()}
-        names = list(specs)
-
-        class Context(strict_class("IExecutionContext")):
-            def __init__(self):
-                self._address: dict[str, int] = {}
-                self._shapes: dict[str, tuple[int, ...]] = {}
-
-            def set_tensor_address(self, name, ptr):
-                self._address[name] = ptr
-
-            def set_input_shape(self, name, shape):
-                if not lo <= shape[0] <= hi:
-                    return False
-                self._shapes[name] = tuple(shape)
-                return True
-
-            def get_tensor_shape(self, name):
-                return specs[name].concrete(self._shapes[contract.input_names[0]][0])
-
-            def execute_async_v3(self, stream):
-                feed = {}
-                for spec in contract.inputs:
-                    shape = self._shapes[spec.name]
-                    block = memory.blocks[self._address[spec.name]]
-                    feed[spec.name] = block.view(dtypes[spec.name])[:int(np.prod(shape))] \
-                        .reshape(shape).astype(spec.dtype)
-                for name, value in split_compute(graph, feed).items():
-                    raw = np.ascontiguousarray(value.astype(dtypes[name])).reshape(-1).view(np.uint8)
-                    memory.blocks[self._address[name]][:raw.size] = raw
-                return True
-
-        class Engine(strict_class("ICudaEngine")):
-            num_io_tensors = len(names)
-
-            def get_tensor_name(self, i):
-                return names[i]
-
-            def get_tensor_mode(self, name):
-                return trt.TensorIOMode.INPUT if name in contract.input_names \
-                    else trt.TensorIOMode.OUTPUT
-
-            def get_tensor_dtype(self, name):
-                return dtypes[name]
-
-            def get_tensor_shape(self, name):
-                return tuple(-1 if d == "batch" else d for d in specs[name].shape)
-
-            def get_tensor_profile_shape(self, name, profile):
-                return specs[name].concrete(lo), specs[name].concrete(lo), specs[name].concrete(hi)
-
-            def create_execution_context(self):
-                return Context()
-
-        return Engine()
-
-    class Runtime(strict_class("Runtime")):
-        def __init__(self, logger):
-            self.engine_host_code_allowed = False
-
-        def deserialize_cuda_engine(self, data):
-            graph = data.decode().split(":", 1)[1]
-            opened.append(graph)
-            return make_engine(graph)
-
-    trt.Runtime = Runtime
+    trt = stand_in_tensorrt(open_plan)
     return trt
 
 
