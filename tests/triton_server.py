@@ -3,8 +3,10 @@ over KServe v2 HTTP with the standard library, and the client and `predict` runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -12,6 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -78,6 +81,44 @@ def wait_ready(server: Server) -> None:
     pytest.fail(f"the server was not ready within {START_TIMEOUT_S} s:\n{server.output()}")
 
 
+@contextlib.contextmanager
+def running_server(python: Path, command: Callable[[int, int, int], list[str]], log: Path,
+                   models: tuple[str, ...], what: str, exit_0: bool) -> Iterator[Server]:
+    """`command(http, grpc, metrics)` on free loopback ports, run by `python`, until ready;
+    stopped with SIGINT at the end, within STOP_TIMEOUT_S (and with exit 0 if `exit_0`)."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(python), *command(http, grpc, metrics)], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", python, log,
+                    models=models)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            pytest.fail(f"{what} did not stop within {STOP_TIMEOUT_S} s of SIGINT")
+        if exit_0:
+            assert code == 0, server.output()
+
+
+def grpc_error(server: Server, model: str, inputs: str, setup: str = ""
+               ) -> subprocess.CompletedProcess:
+    """The client library sending a request (`inputs`: a Python dict expression, after
+    `setup`) over gRPC and printing the server's refusal."""
+    code = ("from twbert_export.client import *\n" + setup
+            + f"c = TritonClient({server.grpc!r}, 'grpc')\n"
+            f"try:\n    c.infer({model!r}, {inputs})\n"
+            "except ServerError as e:\n    print(e)\n")
+    return subprocess.run([str(server.python), "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
 
 QUESTION = "which way does the camera move?"
 
@@ -132,6 +173,28 @@ def client(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(server.python), "-m", "twbert_export.client", "--url", url,
                            "--protocol", protocol, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
+
+
+def served_and_predicted_index(server, artifact, index, data: Path, protocol: str, capsys
+                               ) -> None:
+    """twbert_retrieve serves, for the first caption (k = 3), the ranking `predict --index`
+    prints: the six clips in the same order, the same three shortlisted, the same scores."""
+    caption = caption_of(data)
+    code, out = predicted_index(artifact, index, caption, capsys, "--k", "3", "--json")
+    assert code == 0
+    want = json.loads(out)["ranking"]
+    assert len(want) == 6
+    proc = client(server, protocol, "--text", caption, "--k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["ranking"]
+    assert [r["clip"] for r in got] == [r["clip"] for r in want]
+    assert [r["shortlisted"] for r in got] == [r["shortlisted"] for r in want]
+    assert sum(r["shortlisted"] for r in got) == 3
+    for g, w in zip(got, want):
+        assert g["itc_similarity"] == pytest.approx(w["itc_similarity"], abs=1e-5)
+        if w["shortlisted"]:
+            assert g["match_probability"] == pytest.approx(w["match_probability"], abs=1e-6)
+        assert g.get("frames") == w.get("frames")
 
 
 def retrieve_request(text: str, **optional: int) -> dict:

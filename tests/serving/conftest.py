@@ -6,7 +6,6 @@ Tests that need the server skip, saying so, where that environment is missing.""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import pytest
 
 import export
 from clipdata import copy_clips
-from triton_server import (REPO, SERVE_ENV, STOP_TIMEOUT_S, Server, free_port, serve_python,
-                           wait_ready)
+from triton_server import SERVE_ENV, running_server, serve_python
 from twbert_export.pipeline import ExportOptions, run_export
 
 
@@ -62,26 +60,12 @@ def clip_index(qa_artifact, serve_clips, tmp_path_factory) -> Path:
 def server(serving_python, qa_artifact, clip_index, tmp_path_factory):
     """`export.py serve --index` on free loopback ports; stopped with SIGINT at the end, which
     must end it with exit 0 within STOP_TIMEOUT_S."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(serving_python), "export.py", "serve", "--artifact", str(qa_artifact),
-             "--index", str(clip_index),
-             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--max-queue-delay-us", "50000", "--threads", "1"],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log,
-                    models=("twbert_score", "twbert_qa", "twbert_retrieve"))
-    try:
-        wait_ready(server)
+    with running_server(
+            serving_python, lambda http, grpc, metrics: [
+                "export.py", "serve", "--artifact", str(qa_artifact), "--index", str(clip_index),
+                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                str(metrics), "--max-queue-delay-us", "50000", "--threads", "1"],
+            log, ("twbert_score", "twbert_qa", "twbert_retrieve"), "the server",
+            exit_0=True) as server:
         yield server
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-            pytest.fail(f"the server did not stop within {STOP_TIMEOUT_S} s of SIGINT")
-        assert code == 0, server.output()

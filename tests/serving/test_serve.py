@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import export
-from triton_server import (QUESTION, REPO, caption_of, predicted, served, v2_request,
+from triton_server import (QUESTION, caption_of, grpc_error, predicted, served, v2_request,
                            videos_of)
 from twbert_export.predict import Artifact, load_videos
 
@@ -52,13 +52,9 @@ def test_bad_requests_get_errors_and_the_server_stays_up(server, qa_artifact, se
         status, reply = server.request("POST", path, body)
         assert status >= 400 and message in reply.get("error", ""), (what, status, reply)
     # The same bad request over gRPC, through the client library.
-    code = ("from twbert_export.client import *; import numpy as np\n"
-            f"c = TritonClient({server.grpc!r}, 'grpc')\n"
-            f"video = np.zeros((1, {', '.join(map(str, clip.shape))}), np.float32)\n"
-            "try:\n    c.infer('twbert_score', {'video': video, 'text': text_column('', 1)})\n"
-            "except ServerError as e:\n    print(e)\n")
-    proc = subprocess.run([str(server.python), "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = grpc_error(server, "twbert_score", "{'video': video, 'text': text_column('', 1)}",
+                      setup="import numpy as np\n"
+                      f"video = np.zeros((1, {', '.join(map(str, clip.shape))}), np.float32)\n")
     assert "text is empty" in proc.stdout, proc.stderr
     # Still up, still right.
     assert server.get("/v2/health/live")[0] == 200 and server.get("/v2/health/ready")[0] == 200

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import export
-from triton_server import (QUESTION, REPO, RETRIEVE, Server, caption_of, client, free_port,
-                           predicted, predicted_index, retrieve_request, served, v2_request,
-                           videos_of, wait_ready)
+from triton_server import (QUESTION, REPO, RETRIEVE, caption_of, predicted, retrieve_request,
+                           running_server, served, served_and_predicted_index, v2_request,
+                           videos_of)
 from twbert_export.gallery import SplitArtifact
 from twbert_export.predict import Artifact, load_videos
 from twbert_export.triton_repo import RETRIEVAL_GRAPHS
@@ -87,14 +86,21 @@ def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, cli
     assert len(err) == 1 and "not a clip index" in err[0], err
 
 
+def triton_repo_with_index(serving_python, artifact, index, out) -> subprocess.CompletedProcess:
+    """`export.py triton-repo --index` (FP32) in the serving environment, which checks each
+    config against Triton's ModelConfig schema."""
+    proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
+                           str(artifact), "--precision", "fp32", "--out", str(out),
+                           "--index", str(index)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_every_config_parses_as_tritons_model_config(serving_python, qa_artifact, clip_index,
                                                      tmp_path):
     out = tmp_path / "repo"
-    proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
-                           str(qa_artifact), "--precision", "fp32", "--out", str(out),
-                           "--index", str(clip_index)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = triton_repo_with_index(serving_python, qa_artifact, clip_index, out)
     for model in ("twbert_model", "twbert_score", "twbert_qa", "twbert_text", "twbert_select",
                   "twbert_fuse", "twbert_retrieve"):
         assert f"{model}/config.pbtxt: parsed as Triton's ModelConfig" in proc.stdout
@@ -106,11 +112,7 @@ def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
     model replaced by the ONNX Runtime stand-in running its ONNX file."""
     root = tmp_path_factory.mktemp("bundled")
     repo = root / "repo"
-    proc = subprocess.run([str(serving_python), "export.py", "triton-repo", "--artifact",
-                           str(qa_artifact), "--precision", "fp32", "--out", str(repo),
-                           "--index", str(clip_index)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    triton_repo_with_index(serving_python, qa_artifact, clip_index, repo)
     split = SplitArtifact.for_index(qa_artifact, clip_index)
     onnx_files = {"twbert_model": qa_artifact / "model.fp32.onnx",
                   **{f"twbert_{g}": split.files[g] for g in RETRIEVAL_GRAPHS}}
@@ -121,26 +123,13 @@ def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
                           .replace("KIND_GPU", "KIND_CPU")
                           + f'parameters {{ key: "onnx" value {{ string_value: "{onnx}" }} }}\n')
         shutil.copy(HERE / "ort_engine_model.py", repo / model / "1" / "model.py")
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    log = root / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(serving_python), "-m", "twbert_export.triton_repo", "--bundled-server",
-             str(repo), str(http), str(grpc), str(metrics), str(root / "workspace")],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", serving_python, log,
-                    models=("twbert_score", "twbert_qa", "twbert_retrieve"))
-    try:
-        wait_ready(server)
+    with running_server(
+            serving_python, lambda http, grpc, metrics: [
+                "-m", "twbert_export.triton_repo", "--bundled-server", str(repo), str(http),
+                str(grpc), str(metrics), str(root / "workspace")],
+            root / "server.log", ("twbert_score", "twbert_qa", "twbert_retrieve"),
+            "the bundled server", exit_0=False) as server:
         yield server
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-            pytest.fail("the bundled server did not stop within 60 s of SIGINT")
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -171,23 +160,7 @@ def test_bls_model_answers_a_bad_request_with_an_error_and_stays_up(bundled, qa_
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_retrieval_model_ranks_the_index_as_predict_index_does(bundled, qa_artifact, clip_index,
                                                                serve_clips, protocol, capsys):
-    caption = caption_of(serve_clips)
-    code, out = predicted_index(qa_artifact, clip_index, caption, capsys, "--k", "3", "--json")
-    assert code == 0
-    want = json.loads(out)
-    assert len(want["ranking"]) == 6
-    proc = client(bundled, protocol, "--text", caption, "--k", "3", "--json")
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
-    assert [r["clip"] for r in got["ranking"]] == [r["clip"] for r in want["ranking"]]
-    assert [r["shortlisted"] for r in got["ranking"]] == [r["shortlisted"]
-                                                          for r in want["ranking"]]
-    assert sum(r["shortlisted"] for r in got["ranking"]) == 3
-    for g, w in zip(got["ranking"], want["ranking"]):
-        assert g["itc_similarity"] == pytest.approx(w["itc_similarity"], abs=1e-5)
-        if w["shortlisted"]:
-            assert g["match_probability"] == pytest.approx(w["match_probability"], abs=1e-6)
-        assert g.get("frames") == w.get("frames")
+    served_and_predicted_index(bundled, qa_artifact, clip_index, serve_clips, protocol, capsys)
 
 
 def test_retrieval_model_answers_bad_requests_with_errors_and_stays_up(bundled, serve_clips):
