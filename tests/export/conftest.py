@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from clipdata import copy_clips
-from twbert_export.pipeline import ExportOptions, run_export
+from twbert_export.export.pipeline import ExportOptions, run_export
 
 
 @pytest.fixture(scope="session")
