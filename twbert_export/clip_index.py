@@ -95,11 +95,15 @@ class ClipIndex:
             return cls(path, artifact, shape, stem_dtype, {})
         try:
             d = json.loads(index_file.read_text())
+            if not isinstance(d, dict):  # valid JSON of another shape, e.g. [1, 2, 3]
+                raise ClipIndexError(f"{index_file} is not a clip index (a JSON "
+                                     f"{type(d).__name__}, not an object)")
             if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
                 raise ClipIndexError(f"{index_file} is not a version {FORMAT_VERSION} clip index")
             entries = {cid: ClipEntry(**e) for cid, e in d["clips"].items()}
             stored = (d["artifact"], tuple(d["stem_shape"]), d["stem_dtype"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as e:
             raise ClipIndexError(f"{index_file} is not a readable clip index ({e})") from None
         if stored[0] != artifact:
             raise ForeignIndexError(f"{path} was made by artifact {stored[0][:16]}, not "

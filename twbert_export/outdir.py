@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .artifact import is_artifact_dir
+from .artifact import FORMAT, MANIFEST_FILE, is_artifact_dir
 from .input_checks import OutputDirError, check_out_dir
 
 # Written into every scratch directory at creation: what makes a `.NAME.partial-PID` ours.
@@ -46,20 +46,42 @@ class StalePartialRemoved(UserWarning):
     """A scratch directory of an export whose process is gone was removed."""
 
 
-def claim(out: Path, force: bool) -> Path:
-    """Check that `out` may be written (the rules above), remove stale scratch directories
-    beside it, and return a new scratch directory there, marked as ours."""
+def check_claim(out: Path, force: bool) -> None:
+    """Raise OutputDirError unless `out` may be written by the rules above; changes nothing
+    (the export calls it before loading the checkpoint, and `claim` again at the start)."""
     check_out_dir(out)
     if out.is_symlink():
         raise OutputDirError(f"--out {out} is a symbolic link: name the directory itself")
     if out.exists() and any(out.iterdir()):
         if not is_artifact_dir(out):
             raise OutputDirError(f"--out {out} is a directory that is not an export artifact "
-                                 "(no twbert-export manifest.json): --force replaces only an "
+                                 f"({_manifest_problem(out)}): --force replaces only an "
                                  "earlier export's directory; choose another --out")
         if not force:
             raise OutputDirError(f"{out} exists; pass --force to replace it, or --out another "
                                  "directory")
+
+
+def _manifest_problem(directory: Path) -> str:
+    """Why `directory` is not an artifact of ours, in a few words (see is_artifact_dir)."""
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_symlink() or not manifest.is_file():
+        return f"no {MANIFEST_FILE}"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        return f"its {MANIFEST_FILE} is not readable JSON: {type(e).__name__}: {reason}"
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        return f"its {MANIFEST_FILE} is not twbert-export's (format {found!r}, not {FORMAT!r})"
+    return f"its {MANIFEST_FILE} is not twbert-export's"
+
+
+def claim(out: Path, force: bool) -> Path:
+    """Check that `out` may be written (the rules above), remove stale scratch directories
+    beside it, and return a new scratch directory there, marked as ours."""
+    check_claim(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)
     work = _new_dir(out.parent, f".{out.name}.partial-{os.getpid()}")

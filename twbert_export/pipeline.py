@@ -26,7 +26,8 @@ from .artifact import (DEFAULT_FLAVOUR, FLAVOURS, MANIFEST_FILE, MODEL_GRAPH, PR
                        REPORT_FILE, SPLIT_GRAPHS, TRT8_FLAVOUR, CheckpointInfo, FileEntry,
                        Manifest, PrecisionResult, Report)
 from .assets import resolve_checkpoint, resolve_data
-from .calibration import FeedSet, check_calibration_count, check_data, load_feeds
+from .calibration import (FeedSet, check_calibration_count, check_calibration_set, check_data,
+                          load_feeds)
 from .contract import BatchRange, IOContract
 from .input_checks import check_onnx_file
 from .onnx_export import export_onnx
@@ -212,10 +213,13 @@ def run_export(opts: ExportOptions) -> ExportResult:
     """Run every stage and return the artifact's manifest and report (its gate verdicts
     included: the caller decides the exit code). Raises UserError for bad input."""
     inputs = resolve_inputs(opts)
+    if opts.out:  # refused before the checkpoint loads (the default --out needs its schedule)
+        outdir.check_claim(Path(opts.out), opts.force)
     stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
+    check_calibration_clips(inputs, opts, loaded.contract)
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
                                                             loaded.contract.schedule))
     work = outdir.claim(out, opts.force)
@@ -284,6 +288,18 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
         if "int8" in precisions:
             check_calibration_count(usable)
     return inputs
+
+
+def check_calibration_clips(inputs: Inputs, opts: ExportOptions, contract: IOContract) -> None:
+    """For INT8, the calibration clips as the precision step will see them (the contract's
+    frames and size: known once the checkpoint is loaded) checked to be real video
+    (`calibration.check_calibration_set`: not random noise) before the export starts, not at the
+    INT8 stage minutes later. The clips are decoded again by the data stage: not held through
+    the export, whose memory peak they would raise."""
+    if "int8" not in inputs.precisions or inputs.calib_dir is None:
+        return
+    check_calibration_set(load_feeds(inputs.calib_dir, contract, inputs.tokenizer,
+                                     opts.on_error, texts_per_video=1))
 
 
 def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:

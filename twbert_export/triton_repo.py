@@ -197,6 +197,9 @@ def integer_io_of(engine: Path) -> str:
 
 
 def check_out(out: Path, force: bool) -> None:
+    if out.is_symlink():  # replacing it would replace the user's link, not what it points to
+        raise TritonRepoError(f"--out {out} is a symbolic link (to {os.readlink(out)}): name "
+                              "the directory itself")
     if out.exists() and not out.is_dir():
         raise TritonRepoError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -382,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.max_queue_delay_us, args.force, args.index)
     except (ValueError, FileNotFoundError) as e:  # TritonRepoError, ArtifactFormatError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print("hint: python export.py triton-repo --help", file=sys.stderr)
         return 2
     for path, how in checked.items():
         print(f"{path}: {how}")
