@@ -81,6 +81,33 @@ def test_force_through_a_symbolic_link_is_refused_and_changes_nothing(qa_artifac
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "repo"]
 
 
+def test_force_keeps_the_engine_the_user_copied_in(qa_artifact, tmp_path, capsys):
+    """Issue 23 item 11: --force onto its own repository deleted the model.plan the user had
+    copied in, as its output told them to, without a word. Kept for the same ONNX file; for
+    another (the engine would not fit), refused, naming it, and nothing changed."""
+    args = ["triton-repo", "--artifact", str(qa_artifact), "--precision", "fp32", "--out",
+            str(tmp_path / "repo"), "--force"]
+    assert export.main(args) == 0
+    plan = tmp_path / "repo" / "twbert_model" / "1" / "model.plan"
+    assert f"copy it to {plan}" in capsys.readouterr().out
+    plan.write_bytes(b"engine built on the device")
+    with pytest.warns(UserWarning, match="kept twbert_model/1/model.plan"):
+        assert export.main(args + ["--instances", "2"]) == 0
+    assert plan.read_bytes() == b"engine built on the device"
+    assert "count: 2" in (tmp_path / "repo" / "twbert_model" / "config.pbtxt").read_text()
+    assert "no engine" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+    marker = tmp_path / "repo" / ".twbert-triton-repo.json"  # as if from another ONNX file
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "onnx_sha256": "0" * 64}))
+    before = repo_listing(tmp_path / "repo")
+    assert export.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "twbert_model/1/model.plan (engines built for" in err[0], err
+    assert repo_listing(tmp_path / "repo") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
 def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, clip_index,
                                                                  tmp_path, capsys):
     out = tmp_path / "repo"
