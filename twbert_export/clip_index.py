@@ -293,7 +293,7 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
         if entry and entry.sha256 == sha and damage is None:
             report.skipped.append(clip_id)
         else:
-            if damage is not None:
+            if entry is not None and damage is not None:
                 warnings.warn(f"{clip_id}: its stem file {entry.stem} is {damage}: indexing the "
                               "clip again", DamagedStemWarning, stacklevel=2)
             todo.append((clip_id, video, sha))
