@@ -157,13 +157,6 @@ def check_claim(out: Path, force: bool) -> None:
         if not force:
             raise OutputDirError(f"{out} exists; pass --force to replace it, or --out another "
                                  "directory")
-        engines = [f for f in added_files(out) if engine_source(f) is not None]
-        if engines:
-            warnings.warn(f"{out} holds engine files added since its export "
-                          f"({_listing(engines)}): they are kept if the ONNX files they were "
-                          "built from come out of this export unchanged; otherwise --out is not "
-                          "replaced and the new artifact is left beside it", AddedFilesKept,
-                          stacklevel=3)
 
 
 def _manifest_problem(directory: Path) -> str:
@@ -186,6 +179,13 @@ def claim(out: Path, force: bool) -> Path:
     """Check that `out` may be written (the rules above), remove stale scratch directories
     beside it, and return a new scratch directory there, marked as ours."""
     check_claim(out, force)
+    engines = [f for f in added_files(out) if engine_source(f) is not None] \
+        if is_artifact_dir(out) else []
+    if engines:  # said before the export's minutes, decided at its end (`carry_over_added`)
+        warnings.warn(f"{out} holds engine files added since its export ({_listing(engines)}): "
+                      "they are kept if the ONNX files they were built from come out of this "
+                      "export unchanged; otherwise --out is not replaced and the new artifact is "
+                      "left beside it", AddedFilesKept, stacklevel=2)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)
     work = _new_dir(out.parent, f".{out.name}.partial-{os.getpid()}")
