@@ -52,7 +52,8 @@ def export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-method", choices=["max", "entropy"], default="max",
                     help="INT8 calibration (max measured 5x more accurate than entropy here)")
     ap.add_argument("--no-calib-cache", action="store_true",
-                    help="recalibrate even when a cached INT8 result matches model and data")
+                    help="recalibrate even when a cached INT8 result matches model and data, "
+                         "and store the fresh result over that cache entry")
     ap.add_argument("--val-data", default="demo", help="real clips for validation")
     ap.add_argument("--val-clips", type=int, metavar="N",
                     help="validate on the first N clips only (retrieval runs every text-video "

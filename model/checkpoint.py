@@ -37,7 +37,7 @@ import torch
 
 from twbert_export.util import atomic_path  # standard library only: the one atomic writer
 
-from .config import TWBertConfig, schedule_for_frames
+from .config import AUTHORS_SELECT_RATIO, TWBertConfig, authors_schedule, schedule_for_frames
 from .twbert import TEMPERATURE_RANGE, TWBert
 
 FORMAT_NAME = "twbert-export"
@@ -233,7 +233,8 @@ def load_checkpoint(path: str | os.PathLike, *, preset: str | None = None, sched
     since no weight depends on it (only whether selectors exist does). The authors' files carry
     no usable config: it is `preset` (default "base") with the values the tensors' shapes fix
     (answer count, time-embedding length, vocabulary and positions), and without `schedule` the
-    schedule of the frame count their time table was trained with (`schedule_for_frames`).
+    schedule the authors' code gives the frame count their time table was trained with
+    (`config.authors_schedule`: keep int(T * 0.72), then int(K1 * 0.72)).
     `report.schedule_reason` says which schedule was chosen and why.
 
     The ITC temperature is used as stored (as the authors do at inference); a stored value
@@ -476,14 +477,20 @@ def _detect_layout(path: Path, state_dict: dict[str, torch.Tensor]) -> AuthorsLa
                           f"checkpoint (no 'text_encoder.' tensors); first names: {sample}")
 
 
+# How the load line names the authors' own schedule rule (`config.authors_schedule`).
+AUTHORS_RULE = (f"the authors' rule (keep int(T*{AUTHORS_SELECT_RATIO}), then "
+                f"int(K1*{AUTHORS_SELECT_RATIO}): their select_ratio)")
+
+
 def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: AuthorsLayout,
                     preset: str | None, schedule: str | None,
                     select_layers: str | tuple[int, int] | None) -> tuple[TWBertConfig, str]:
     """The preset, corrected by the sizes the file's tensors fix, and why it has its schedule.
 
     The authors size the time table by the frame count they train with (TimeSformer's
-    `num_frames`, set from their `num_frm`), so without `schedule` its length is T, and the
-    selector weights say whether there is selection."""
+    `num_frames`, set from their `num_frm`), so without `schedule` its length is T, the
+    selector weights say whether there is selection, and the frames kept are those their code
+    keeps (`config.authors_schedule`: select_ratio 0.72), not the paper's table."""
     text = AUTHORS_TEXT_PREFIX[layout]
 
     def rows(name: str) -> int | None:
@@ -498,9 +505,12 @@ def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: Aut
     preset = preset or "base"
     requested = schedule is not None
     has_selectors = any(_is_selector_name(name) for name in state_dict)
-    if not requested and time_table_frames:
-        schedule = schedule_for_frames(time_table_frames, has_selectors)
     try:
+        if not requested:
+            # Their rule (`authors_schedule`), on the frames their time table was trained with,
+            # else on the preset's frame count.
+            frames_trained = time_table_frames or TWBertConfig.preset(preset).selector.frames
+            schedule = authors_schedule(frames_trained, has_selectors)
         cfg = TWBertConfig.preset(preset, schedule, select_layers)
         inferred_text = {"vocab_size": rows(f"{text}embeddings.word_embeddings.weight"),
                          "max_positions": rows(f"{text}embeddings.position_embeddings.weight"),
@@ -523,8 +533,11 @@ def _authors_config(path: Path, state_dict: dict[str, torch.Tensor], layout: Aut
         reason = f"{chosen} from the checkpoint's {time_table_frames}-frame time table"
         if not has_selectors:
             reason += " and its lack of frame-selector weights"
+        else:
+            reason += ", by " + AUTHORS_RULE
     else:
-        reason = f"{chosen}, the {preset} preset's default (the checkpoint has no time table)"
+        reason = (f"{chosen}, the {preset} preset's frame count (the checkpoint has no time "
+                  "table)" + (", by " + AUTHORS_RULE if has_selectors else ""))
     return cfg, reason
 
 

@@ -222,6 +222,22 @@ def schedule_for_frames(frames: int, selection: bool = True) -> str:
     return f"{frames}-{max(1, (3 * frames + 2) // 4)}-{max(1, frames // 2)}"
 
 
+# The authors' TimeSformer config (`select_ratio`): each selector keeps this share of its frames,
+# rounded down, so their files were trained with K1 = int(T * r) and K2 = int(K1 * r).
+AUTHORS_SELECT_RATIO = 0.72
+
+
+def authors_schedule(frames: int, selection: bool = True,
+                     ratio: float = AUTHORS_SELECT_RATIO) -> str:
+    """The schedule the authors' code gives T input frames: "T" without selection; with it
+    T-int(T*r)-int(int(T*r)*r) (8 -> 8-5-3, 20 -> 20-14-10, 32 -> 32-23-16), at least one frame
+    kept by each selector (their rule keeps none below T = 2)."""
+    if not selection:
+        return str(frames)
+    k1 = max(1, int(frames * ratio))
+    return f"{frames}-{k1}-{max(1, int(k1 * ratio))}"
+
+
 def parse_layers(layers: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(layers, str):
         try:

@@ -275,3 +275,109 @@ def test_bad_data_fails_before_the_export_starts(tmp_path, capsys, option, kind,
     assert message in line
     assert captured.out == "", "no stage ran, not even the checkpoint's load"
     assert not (tmp_path / "demo").exists()
+
+
+# -- issue 23: bad input that was an internal error, or said too little --------------------------
+def one_error_and_a_hint(stderr: str) -> str:
+    """The error line of a refusal that printed exactly one `error:` and one `hint:` line."""
+    assert "Traceback" not in stderr and "internal error" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), \
+        lines
+    return lines[0]
+
+
+def run_export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """export.py in a process of its own: its stdout holds the stage lines a user sees."""
+    return subprocess.run([PYTHON, str(REPO / "export.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_out_is_checked_before_the_checkpoint_loads_and_a_broken_manifest_is_named(tmp_path):
+    """Issue 23 item 13: a `[1/8] load` line preceded the refusal, and an unparsable
+    manifest.json was reported as "no twbert-export manifest.json"."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"format": "twbert-export-artifact", ')
+    (out / "model.fp32.onnx").write_text("x")
+    proc = run_export_cli("--force", "--precision", "fp32", "--out", str(out))
+    assert proc.returncode == 2
+    line = one_error_and_a_hint(proc.stderr)
+    assert "manifest.json is not readable JSON" in line and "JSONDecodeError" in line
+    assert proc.stdout == "", "refused before the checkpoint's load line"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp32.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+@pytest.mark.slow  # 16 noise clips and the checkpoint's load: about 15 s
+def test_random_noise_calibration_is_refused_before_the_export_starts(tmp_path):
+    """Issue 23 item 13: the refusal came at the INT8 stage, after the export."""
+    from model.data.make_demo import X264_OPTIONS
+    from clipdata import write_data_dir
+
+    rng = np.random.default_rng(0)
+    clips = [(f"noise_{i:02d}.mp4", rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+              "static noise") for i in range(16)]
+    noise = write_data_dir(tmp_path / "noise", clips, options=X264_OPTIONS)
+    proc = run_export_cli("--precision", "int8", "--calib-data", str(noise), "--out",
+                          str(tmp_path / "demo"), "--val-clips", "2")
+    assert proc.returncode == 2
+    assert "look like random noise" in one_error_and_a_hint(proc.stderr)
+    stages = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert stages == ["load"], "nothing after the checkpoint's load ran"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise"]  # no partial artifact
+
+
+def test_serve_with_one_port_for_two_endpoints_is_refused_before_anything_loads(tmp_path,
+                                                                                capsys):
+    """Issue 23 item 8: Triton printed 402 lines of usage, serve waited 120 s, then exit 3."""
+    assert export.main(["serve", "--artifact", str(tmp_path / "absent"), "--http-port", "18000",
+                        "--grpc-port", "18000"]) == 2
+    line = one_error_and_a_hint(capsys.readouterr().err)
+    assert "--http-port and --grpc-port are both 18000" in line
+
+
+def test_a_directory_given_as_a_video_is_named_as_a_directory(tmp_path):
+    """Issue 23 item 13: it was reported as "file not found"."""
+    from twbert_export.data.preprocess import VideoDecodeError, load_video, probe_video
+
+    for read in (probe_video, lambda path: load_video(path, 8, 64)):
+        with pytest.raises(VideoDecodeError, match="a directory, not a video file"):
+            read(tmp_path)
+
+
+def test_predict_refuses_a_directory_as_video_and_clip_with_text_with_a_hint(artifact, small_val,
+                                                                             tmp_path, capsys):
+    """Issue 23 item 13: predict printed no hint, a directory was "file not found", and
+    `predict --index --text` ignored --clip without a word."""
+    out, _ = artifact
+    assert export.main(["predict", "--model", str(out / "model.fp32.onnx"), "--video",
+                        str(small_val / "videos"), "--text", "a cat"]) == 2
+    line = one_error_and_a_hint(capsys.readouterr().err)
+    assert "a directory, not a video file" in line
+    index = tmp_path / "index"
+    assert export.main(["index", "--artifact", str(out), "--videos", str(small_val),
+                        "--out", str(index)]) == 0
+    capsys.readouterr()
+    assert export.main(["predict", "--index", str(index), "--artifact", str(out), "--text",
+                        "a cat", "--clip", "videos/val_00000.mp4"]) == 2
+    line = one_error_and_a_hint(capsys.readouterr().err)
+    assert "--clip names the clips a --question is about" in line
+
+
+def test_index_into_an_index_json_of_the_wrong_shape_is_bad_input(artifact, small_val, tmp_path,
+                                                                   capsys):
+    """Issue 23 item 8: valid JSON of another shape was an AttributeError, exit 3."""
+    out, _ = artifact
+    index = tmp_path / "index"
+    index.mkdir()
+    for content in ("[1, 2, 3]", '{"format": "twbert-clip-index", "format_version": 1, '
+                                 '"clips": [1], "artifact": "a", "stem_shape": [1], '
+                                 '"stem_dtype": "float16"}'):
+        (index / "index.json").write_text(content)
+        assert export.main(["index", "--artifact", str(out), "--videos", str(small_val),
+                            "--out", str(index)]) == 2
+        line = one_error_and_a_hint(capsys.readouterr().err)
+        assert f"{index / 'index.json'} is not" in line and "clip index" in line
+        assert (index / "index.json").read_text() == content
+        assert [p.name for p in index.iterdir()] == ["index.json"]

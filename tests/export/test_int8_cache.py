@@ -65,3 +65,54 @@ def test_a_bad_entry_is_discarded_with_one_warning_and_rebuilt(cached, tmp_path,
     assert report.cache.startswith("stored")
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(dst)
     assert dst.read_bytes() == (tmp_path / "first.onnx").read_bytes() == entry.read_bytes()
+
+
+def another_models_qdq_graph(entry, path):
+    """A valid INT8 Q/DQ graph of another model: the entry's own, its input and output renamed
+    (what a graph of another model, or a split graph, looks like to the checks)."""
+    model = onnx.load(str(entry))
+    rename = {"x": "video", "y": "itm_logits"}
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.name = rename.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def replace_with_its_hash(entry, graph):
+    """The issue's tampering: the entry replaced, and its recorded sha256 rewritten to match."""
+    from twbert_export.util import file_sha256
+
+    identity_file = entry.parent / "identity.json"
+    shutil.copyfile(graph, entry)
+    identity = json.loads(identity_file.read_text())
+    identity_file.write_text(json.dumps({**identity, "int8_sha256": file_sha256(entry)}))
+
+
+def test_a_qdq_graph_of_another_model_with_its_hash_is_discarded_not_reused(cached, tmp_path):
+    """Issue 23 item 12: reused, it failed the export at a later stage with exit 3."""
+    src, calib, entry = cached
+    replace_with_its_hash(entry, another_models_qdq_graph(entry, tmp_path / "other.onnx"))
+    dst = tmp_path / "rebuilt.onnx"
+    with pytest.warns(CacheEntryDiscarded, match="not the FP32 graph's") as discarded:
+        report = to_int8(src, dst, calib, "max")
+    assert len(discarded.list) == 1
+    assert report.cache.startswith("stored")
+    assert [i.name for i in onnx.load(str(dst)).graph.input] == ["x"]
+    assert dst.read_bytes() == (tmp_path / "first.onnx").read_bytes() == entry.read_bytes()
+
+
+def test_no_calib_cache_recalibrates_and_writes_a_fresh_entry_over_a_bad_one(cached, tmp_path):
+    """--no-calib-cache is how a user gets rid of an entry they distrust: the entry afterwards
+    is the fresh calibration's, and a later run with the cache reuses it."""
+    src, calib, entry = cached
+    replace_with_its_hash(entry, another_models_qdq_graph(entry, tmp_path / "other.onnx"))
+    fresh = tmp_path / "fresh.onnx"
+    report = to_int8(src, fresh, calib, "max", use_cache=False)
+    assert report.cache == f"refreshed {entry}"
+    assert entry.read_bytes() == fresh.read_bytes() == (tmp_path / "first.onnx").read_bytes()
+    again = to_int8(src, tmp_path / "again.onnx", calib, "max")
+    assert again.cache == f"reused {entry}"

@@ -1,6 +1,7 @@
 """What an export may replace at --out, and the final move: nothing we did not write is ever
 deleted, whatever appears at --out while the export runs (twbert_export/artifact/outdir.py)."""
 
+import hashlib
 import json
 import os
 import socket
@@ -14,19 +15,25 @@ from twbert_export.artifact.manifest import FORMAT, MANIFEST_FILE
 from twbert_export.artifact.input_checks import OutputDirError
 
 
+def write_artifact_files(path, onnx="old"):
+    """An artifact's model.fp32.onnx (content `onnx`) and the manifest.json listing it."""
+    (path / "model.fp32.onnx").write_text(onnx)
+    (path / MANIFEST_FILE).write_text(json.dumps({
+        "format": FORMAT, "format_version": 2,
+        "files": [{"path": "model.fp32.onnx", "sha256": hashlib.sha256(onnx.encode()).hexdigest()}]}))
+
+
 def make_artifact(path, marker="old"):
     """A directory that is an artifact of ours, as far as --force is concerned."""
     path.mkdir()
-    (path / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": 2}))
-    (path / "model.fp32.onnx").write_text(marker)
+    write_artifact_files(path, marker)
     return path
 
 
-def finished_work(out):
+def finished_work(out, onnx="new"):
     """A claimed scratch directory holding a finished artifact."""
     work = outdir.claim(out, force=True)
-    (work / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": 2}))
-    (work / "model.fp32.onnx").write_text("new")
+    write_artifact_files(work, onnx)
     return work
 
 
@@ -146,3 +153,63 @@ def test_stale_partial_directories_of_dead_exports_are_removed_and_nothing_else(
         work = outdir.claim(tmp_path / "demo", force=False)
     assert not stale.exists()
     assert (unmarked / "keep.txt").exists() and alive.exists() and work.exists()
+
+
+# -- files added to an artifact since its export (issue 23 item 11) -----------------------------
+def add_engine(artifact, onnx="model.fp32.onnx"):
+    """What `export.py build` leaves beside an ONNX file on the device."""
+    stem = onnx[:-len(".onnx")]
+    (artifact / f"{stem}.engine").write_bytes(b"engine built on the device")
+    (artifact / f"{stem}.engine.json").write_text('{"onnx": "%s"}' % onnx)
+    return [f"{stem}.engine", f"{stem}.engine.json"]
+
+
+def test_force_keeps_an_engine_whose_onnx_file_is_unchanged_and_the_users_notes(tmp_path, swap):
+    """It deleted the built engine without a word."""
+    out = make_artifact(tmp_path / "demo", marker="same")
+    engine = add_engine(out)
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("mine")
+    with pytest.warns(outdir.AddedFilesKept, match="model.fp32.engine"):
+        work = outdir.claim(out, force=True)  # says up front what happens to the engine
+    write_artifact_files(work, "same")  # the same ONNX file again
+    (work / "report.md").write_text("new")
+    with pytest.warns(outdir.AddedFilesKept, match="moved into the new artifact") as kept:
+        outdir.move_into_place(work, out, force=True)
+    message = str(kept.list[-1].message)
+    assert all(name in message for name in engine + ["notes/todo.txt"])
+    assert (out / "report.md").read_text() == "new"
+    assert (out / "model.fp32.engine").read_bytes() == b"engine built on the device"
+    assert (out / "notes" / "todo.txt").read_text() == "mine"
+    assert not (out / outdir.PARTIAL_MARKER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_force_refuses_to_delete_an_engine_the_new_export_no_longer_fits(tmp_path, swap):
+    """The ONNX file changed: the engine is stale, and is named rather than deleted; the old
+    artifact stays whole and the new one is kept beside it."""
+    out = make_artifact(tmp_path / "demo", marker="old")
+    add_engine(out)
+    with pytest.warns(outdir.AddedFilesKept):
+        work = outdir.claim(out, force=True)
+    write_artifact_files(work, "changed")
+    with pytest.raises(OutputDirError, match="model.fp32.engine, model.fp32.engine.json "
+                                             r"\(built from ONNX files this export changed") as e:
+        outdir.move_into_place(work, out, force=True)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == [
+        MANIFEST_FILE, "model.fp32.engine", "model.fp32.engine.json", "model.fp32.onnx"]
+    assert (out / "model.fp32.onnx").read_text() == "old"
+    kept = tmp_path / f"demo.new-{os.getpid()}"
+    assert str(kept) in str(e.value) and (kept / "model.fp32.onnx").read_text() == "changed"
+
+
+def test_what_an_export_writes_is_not_taken_for_added_files(tmp_path):
+    out = make_artifact(tmp_path / "demo")
+    for name in ("report.md", "report.json", "DEPLOY.md", "build_on_device.sh"):
+        (out / name).write_text("x")
+    (out / "reference").mkdir()
+    (out / "reference" / "inputs.json").write_text("[]")
+    assert outdir.added_files(out) == []
+    add_engine(out)
+    assert outdir.added_files(out) == ["model.fp32.engine", "model.fp32.engine.json"]

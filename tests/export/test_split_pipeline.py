@@ -168,7 +168,7 @@ def test_index_of_another_graph_is_refused_and_left_alone(artifact, small_val, t
     assert index_cli("--artifact", out, "--videos", small_val, "--out", index,
                      "--precision", "fp32") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was made by artifact" in err[0]
+    assert len(err) == 2 and "was made by artifact" in err[0] and err[1].startswith("hint: ")
     assert (index / INDEX_FILE).read_bytes() == before
 
 
@@ -217,7 +217,7 @@ def test_index_bad_input_is_one_line_and_exit_2(artifact, monolithic_only, small
         given[key] = value.format(clips=small_val, mono=monolithic_only)
     assert index_cli(*[x for kv in given.items() for x in kv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 2 and message in err[0] and err[1].startswith("hint: ")
 
 
 # -- predict --index ----------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_predict_index_bad_input_is_one_line_and_exit_2(artifact, small_val, tmp
     for args, message in cases:
         assert export.main(["predict", *map(str, args)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
+        assert len(err) == 2 and message in err[0] and err[1].startswith("hint: "), err
 
 
 def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(

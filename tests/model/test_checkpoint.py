@@ -157,7 +157,8 @@ def test_authors_retrieval_checkpoint_loads_and_lists_skipped(tmp_path, retrieva
     path = tmp_path / "authors_retrieval.pt"
     torch.save(wrapped, path)
 
-    loaded, report = load_checkpoint(path, preset="tiny")
+    # The tiny model's own schedule (without it, the authors' rule gives 8-5-3: see below).
+    loaded, report = load_checkpoint(path, preset="tiny", schedule="8-6-4")
     assert report.format == "authors-retrieval" and report.complete
     assert {name for name, _ in report.skipped} == training_only
     assert all(reason for _, reason in report.skipped)
@@ -166,7 +167,7 @@ def test_authors_retrieval_checkpoint_loads_and_lists_skipped(tmp_path, retrieva
 
 
 def test_authors_qa_checkpoint_loads_with_sizes_from_tensors(tmp_path, inputs):
-    cfg = TWBertConfig.tiny(schedule="4-3-2", num_answers=7)
+    cfg = TWBertConfig.tiny(schedule="4-2-1", num_answers=7)  # the authors' rule for 4 frames
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=4),
                               text=dataclasses.replace(cfg.text, max_positions=64))
     model = make_model(cfg, seed=3)
@@ -177,7 +178,7 @@ def test_authors_qa_checkpoint_loads_with_sizes_from_tensors(tmp_path, inputs):
     loaded, report = load_checkpoint(path, preset="tiny")
     assert report.format == "authors-qa" and report.complete
     assert loaded.cfg == cfg
-    assert report.schedule_reason == "F@4-3-2 from the checkpoint's 4-frame time table"
+    assert report.schedule_reason.startswith("F@4-2-1 from the checkpoint's 4-frame time table")
     assert len(report.skipped) == len(training_only_entries(model, "text_encoder."))
     video, ids, mask = inputs
     assert_same_outputs(model, loaded, (video[:, :4], ids, mask))
@@ -186,8 +187,8 @@ def test_authors_qa_checkpoint_loads_with_sizes_from_tensors(tmp_path, inputs):
 def test_authors_schedule_comes_from_the_time_table_not_the_preset(tmp_path, inputs):
     """A 16-frame file loaded without a schedule: the preset alone would say its own (tiny 8-6-4,
     base 32-24-16) and resize the time table; the table's length says 16, with selectors
-    16-12-8."""
-    cfg = TWBertConfig.tiny(schedule="16-12-8")
+    16-11-7 (the authors' rule)."""
+    cfg = TWBertConfig.tiny(schedule="16-11-7")
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=16))
     model = make_model(cfg, seed=5)
     path = tmp_path / "authors_16_frames.pt"
@@ -195,8 +196,8 @@ def test_authors_schedule_comes_from_the_time_table_not_the_preset(tmp_path, inp
 
     loaded, report = load_checkpoint(path, preset="tiny")
     assert loaded.cfg == cfg and report.complete
-    assert report.schedule_reason == "F@16-12-8 from the checkpoint's 16-frame time table"
-    assert "schedule: F@16-12-8 from the checkpoint's 16-frame time table" in report.summary()
+    assert report.schedule_reason.startswith("F@16-11-7 from the checkpoint's 16-frame time table")
+    assert "schedule: F@16-11-7 from the checkpoint's 16-frame time table" in report.summary()
     video, ids, mask = inputs
     assert_same_outputs(model, loaded, (torch.cat([video, video], dim=1), ids, mask))
 
@@ -216,6 +217,26 @@ def test_authors_file_without_selectors_gets_a_schedule_without_selection(tmp_pa
     assert report.schedule_reason == ("F@8 from the checkpoint's 8-frame time table and its lack "
                                       "of frame-selector weights")
     assert_same_outputs(model, loaded, inputs)
+
+
+@pytest.mark.parametrize("frames, schedule", [(8, "8-5-3"), (20, "20-14-10"), (32, "32-23-16")])
+def test_authors_file_without_schedule_gets_the_authors_own_rule(tmp_path, frames, schedule):
+    """Issue 23 item 14: the authors' code that trained the file keeps int(T * 0.72) frames, then
+    int(K1 * 0.72) (`select_ratio` 0.72 in their TimeSformer config), not the paper's table; the
+    load line says which rule chose the schedule."""
+    cfg = TWBertConfig.tiny(schedule=schedule)
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, time_embed_frames=frames))
+    path = tmp_path / f"authors_{frames}.pt"
+    torch.save(to_authors_state_dict(make_model(cfg, seed=6)), path)
+    loaded, report = load_checkpoint(path, preset="tiny")
+    assert loaded.cfg.selector.schedule == schedule and loaded.cfg == cfg and report.complete
+    assert report.schedule_reason == (
+        f"F@{schedule} from the checkpoint's {frames}-frame time table, by the authors' rule "
+        "(keep int(T*0.72), then int(K1*0.72): their select_ratio)")
+    assert f"schedule: {report.schedule_reason}" in report.summary()
+    requested, report = load_checkpoint(path, preset="tiny", schedule=schedule_for_frames(frames))
+    assert requested.cfg.selector.schedule == schedule_for_frames(frames)
+    assert report.schedule_reason == f"F@{schedule_for_frames(frames)} as requested"
 
 
 @pytest.mark.parametrize("frames, schedule", [(32, "32-24-16"), (24, "24-18-12"), (20, "20-14-8"),
@@ -456,6 +477,6 @@ def test_pickle_needing_full_unpickling_is_refused_unless_trusted(tmp_path, retr
     for phrase in ("argparse.Namespace", "was blocked", "trust_pickle=True", "--trust-checkpoint"):
         assert phrase in str(error.value)
 
-    loaded, report = load_checkpoint(path, preset="tiny", trust_pickle=True)
+    loaded, report = load_checkpoint(path, preset="tiny", schedule="8-6-4", trust_pickle=True)
     assert report.metadata["other_entries"] == ["args"]
     assert_same_outputs(retrieval_model, loaded, inputs)

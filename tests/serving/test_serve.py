@@ -95,7 +95,8 @@ def test_serve_refuses_bad_arguments_in_one_line(qa_artifact, tmp_path, capsys):
                      ["--artifact", str(qa_artifact), "--http-port", busy]):
             assert export.main(["serve", *args]) == 2, args
             err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and err[0].startswith("error: "), err
+            assert len(err) == 2 and err[0].startswith("error: "), err
+            assert err[1] == "hint: python export.py serve --help"
     assert f"--http-port {busy}" in err[0]
 
 

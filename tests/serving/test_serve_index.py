@@ -46,4 +46,4 @@ def test_serve_refuses_a_missing_index_in_one_line(qa_artifact, tmp_path, capsys
     assert export.main(["serve", "--artifact", str(qa_artifact), "--index",
                         str(tmp_path / "missing.index")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 2 and err[0].startswith("error: ") and err[1].startswith("hint: "), err

@@ -51,12 +51,62 @@ def test_repository_never_replaces_a_directory_it_did_not_write(qa_artifact, tmp
     args = ["triton-repo", "--artifact", str(qa_artifact), "--precision", "fp32", "--out"]
     assert export.main([*args, str(foreign)]) == 2
     assert (foreign / "mine.txt").read_text() == "keep"
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1] == "hint: python export.py triton-repo --help", err
     ours = tmp_path / "repo"
     assert export.main([*args, str(ours)]) == 0
     assert export.main([*args, str(ours)]) == 2  # an earlier repository: needs --force
     assert export.main([*args, str(ours), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "repo"]  # nothing left aside
+
+
+def repo_listing(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file()}
+
+
+def test_force_through_a_symbolic_link_is_refused_and_changes_nothing(qa_artifact, tmp_path,
+                                                                      capsys):
+    """Issue 23 item 8: rmtree on the link was an internal error (exit 3), after the user's
+    link had been replaced by a directory and a stray `.old` link left beside it."""
+    args = ["triton-repo", "--artifact", str(qa_artifact), "--precision", "fp32", "--out"]
+    assert export.main([*args, str(tmp_path / "repo")]) == 0
+    link = tmp_path / "models"
+    link.symlink_to(tmp_path / "repo", target_is_directory=True)
+    before = repo_listing(tmp_path / "repo")
+    capsys.readouterr()
+    assert export.main([*args, str(link), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is a symbolic link" in err[0] and err[1].startswith("hint: "), err
+    assert link.is_symlink() and repo_listing(tmp_path / "repo") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "repo"]
+
+
+def test_force_keeps_the_engine_the_user_copied_in(qa_artifact, tmp_path, capsys):
+    """Issue 23 item 11: --force onto its own repository deleted the model.plan the user had
+    copied in, as its output told them to, without a word. Kept for the same ONNX file; for
+    another (the engine would not fit), refused, naming it, and nothing changed."""
+    args = ["triton-repo", "--artifact", str(qa_artifact), "--precision", "fp32", "--out",
+            str(tmp_path / "repo"), "--force"]
+    assert export.main(args) == 0
+    plan = tmp_path / "repo" / "twbert_model" / "1" / "model.plan"
+    assert f"copy it to {plan}" in capsys.readouterr().out
+    plan.write_bytes(b"engine built on the device")
+    with pytest.warns(UserWarning, match="kept twbert_model/1/model.plan"):
+        assert export.main(args + ["--instances", "2"]) == 0
+    assert plan.read_bytes() == b"engine built on the device"
+    assert "count: 2" in (tmp_path / "repo" / "twbert_model" / "config.pbtxt").read_text()
+    assert "no engine" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+    marker = tmp_path / "repo" / ".twbert-triton-repo.json"  # as if from another ONNX file
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "onnx_sha256": "0" * 64}))
+    before = repo_listing(tmp_path / "repo")
+    assert export.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "twbert_model/1/model.plan (engines built for" in err[0], err
+    assert repo_listing(tmp_path / "repo") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
 def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, clip_index,
@@ -84,7 +134,7 @@ def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, cli
     assert export.main(["triton-repo", "--artifact", str(qa_artifact), "--out",
                         str(tmp_path / "other"), "--index", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a clip index" in err[0], err
+    assert len(err) == 2 and "not a clip index" in err[0] and err[1].startswith("hint: "), err
 
 
 def triton_repo_with_index(serving_python, artifact, index, out) -> subprocess.CompletedProcess:

@@ -4,7 +4,13 @@ artifact is assembled in, and the final move (torch-free).
 The rules (README, "The artifact directory"):
 - An --out that does not exist, or is an empty directory, is written (nothing in it to lose).
 - An --out that is an artifact of ours (`artifact.is_artifact_dir`: its manifest.json names
-  our format) is replaced only with --force, files added to it since included.
+  our format) is replaced only with --force. Files added to it since its export (anything its
+  manifest does not account for: `added_files`) are kept, moved into the new artifact, with a
+  `warning:` line naming them; except an engine built from one of its ONNX files (`X.engine`
+  and its `.json`, `.build.log`, `.layers.json` beside `X.onnx`) when the new export's `X.onnx`
+  is not the file it was built from: such an engine no longer fits, and the export refuses to
+  replace --out, naming it (the new artifact is left in `NAME.new-PID`); the same when the new
+  artifact has a file of an added file's name.
 - Anything else there (a non-empty directory without our manifest, a file, a symbolic link) is
   refused, with or without --force, and left untouched.
 - The artifact is assembled in `.NAME.partial-PID` beside --out (`claim`), which holds a marker
@@ -34,7 +40,7 @@ from pathlib import Path
 
 from ..util import remove_if_stopped, signals_deferred
 from .input_checks import OutputDirError, check_out_dir
-from .manifest import is_artifact_dir
+from .manifest import FORMAT, MANIFEST_FILE, is_artifact_dir
 
 # Written into every scratch directory at creation: what makes a `.NAME.partial-PID` ours.
 PARTIAL_MARKER = ".twbert-export-partial.json"
@@ -47,22 +53,142 @@ class StalePartialRemoved(UserWarning):
     """A scratch directory of an export whose process is gone was removed."""
 
 
-def claim(out: Path, force: bool) -> Path:
-    """Check that `out` may be written (the rules above), remove stale scratch directories
-    beside it, and return a new scratch directory there, marked as ours and registered for
-    removal should a signal stop the process (the caller's `removed_if_stopped` block on it
-    ends that)."""
+class AddedFilesKept(UserWarning):
+    """Files added to an artifact since its export were moved into the artifact replacing it."""
+
+
+# What `export.py build` writes beside X.onnx (trt/build.py, trt/cli.py): X.engine and these.
+ENGINE_SUFFIXES = (".engine", ".engine.json", ".engine.build.log", ".engine.layers.json")
+# What the export writes besides the ONNX files its manifest lists (reference/ is all ours).
+_WRITTEN_NAMES = {MANIFEST_FILE, "report.json", "report.md", "DEPLOY.md", "build_on_device.sh"}
+
+
+def _listed_onnx(directory: Path) -> dict[str, str] | None:
+    """ONNX file -> sha256 of the files an artifact's manifest.json lists, and its tokenizer
+    and answers files (sha256 ""); None when the manifest cannot be read."""
+    try:
+        data = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    files = data.get("files")
+    entries = files if isinstance(files, list) else (
+        list(files.values()) if isinstance(files, dict) else [])
+    listed = {str(e["path"]): str(e.get("sha256", "")) for e in entries
+              if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    for key in ("tokenizer", "answers"):
+        if isinstance(data.get(key), str):
+            listed[data[key]] = ""
+    return listed
+
+
+def added_files(directory: Path) -> list[str]:
+    """Files (paths relative to `directory`) in an artifact that its export did not write: not
+    in its manifest, not a file every export writes, not under reference/."""
+    listed = _listed_onnx(directory) or {}
+    found = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                   if p.is_file() or p.is_symlink())
+    return [f for f in found if f not in listed and f not in _WRITTEN_NAMES
+            and not f.startswith("reference/") and f != PARTIAL_MARKER]
+
+
+def engine_source(name: str) -> str | None:
+    """The ONNX file an engine file was built from (`X.onnx` for `X.engine`, `X.engine.json`,
+    ...), None for a file that is not an engine build's."""
+    for suffix in sorted(ENGINE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + ".onnx"
+    return None
+
+
+def carry_over_added(old: Path, new: Path) -> list[str]:
+    """Move what was added to the artifact `old` since its export into the finished artifact
+    `new` (the rules above); returns what was moved. Raises OutputDirError, moving nothing,
+    when an added engine does not fit `new`'s ONNX file or `new` has a file of that name."""
+    added = added_files(old)
+    if not added:
+        return []
+    before, after = _listed_onnx(old) or {}, _listed_onnx(new) or {}
+    stale, taken = [], []
+    for name in added:
+        source = engine_source(name)
+        if source is not None and source in before and (
+                source not in after or after[source] != before[source]):
+            stale.append(name)
+        elif (new / name).exists() or (new / name).is_symlink():
+            taken.append(name)
+    if stale or taken:
+        why = []
+        if stale:
+            why.append(f"{_listing(stale)} (built from ONNX files this export changed: they do "
+                       "not fit the new ones)")
+        if taken:
+            why.append(f"{_listing(taken)} (the new artifact has files of those names)")
+        raise OutputDirError(f"--force would delete what was added to {old} since its export: "
+                             f"{'; '.join(why)}: move them out of {old} (or delete them) and "
+                             "run again")
+    for name in added:
+        (new / name).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old / name, new / name)
+    # The user's files are in it now: no longer a scratch directory anything may remove
+    # (`discard_partial`, `remove_stale_partials` look for this marker).
+    (new / PARTIAL_MARKER).unlink(missing_ok=True)
+    warnings.warn(f"kept {_listing(added)}, added to {old} since its export: moved into the new "
+                  "artifact", AddedFilesKept, stacklevel=3)
+    return added
+
+
+def _listing(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown
+                                       else "")
+
+
+def check_claim(out: Path, force: bool) -> None:
+    """Raise OutputDirError unless `out` may be written by the rules above; changes nothing
+    (the export calls it before loading the checkpoint, and `claim` again at the start)."""
     check_out_dir(out)
     if out.is_symlink():
         raise OutputDirError(f"--out {out} is a symbolic link: name the directory itself")
     if out.exists() and any(out.iterdir()):
         if not is_artifact_dir(out):
             raise OutputDirError(f"--out {out} is a directory that is not an export artifact "
-                                 "(no twbert-export manifest.json): --force replaces only an "
+                                 f"({_manifest_problem(out)}): --force replaces only an "
                                  "earlier export's directory; choose another --out")
         if not force:
             raise OutputDirError(f"{out} exists; pass --force to replace it, or --out another "
                                  "directory")
+
+
+def _manifest_problem(directory: Path) -> str:
+    """Why `directory` is not an artifact of ours, in a few words (see is_artifact_dir)."""
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_symlink() or not manifest.is_file():
+        return f"no {MANIFEST_FILE}"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        return f"its {MANIFEST_FILE} is not readable JSON: {type(e).__name__}: {reason}"
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        return f"its {MANIFEST_FILE} is not twbert-export's (format {found!r}, not {FORMAT!r})"
+    return f"its {MANIFEST_FILE} is not twbert-export's"
+
+
+def claim(out: Path, force: bool) -> Path:
+    """Check that `out` may be written (the rules above), remove stale scratch directories
+    beside it, and return a new scratch directory there, marked as ours and registered for
+    removal should a signal stop the process (the caller's `removed_if_stopped` block on it
+    ends that)."""
+    check_claim(out, force)
+    engines = [f for f in added_files(out) if engine_source(f) is not None] \
+        if is_artifact_dir(out) else []
+    if engines:  # said before the export's minutes, decided at its end (`carry_over_added`)
+        warnings.warn(f"{out} holds engine files added since its export ({_listing(engines)}): "
+                      "they are kept if the ONNX files they were built from come out of this "
+                      "export unchanged; otherwise --out is not replaced and the new artifact is "
+                      "left beside it", AddedFilesKept, stacklevel=2)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)
     # Registered for removal in the same uninterruptible step that makes it: a signal right
@@ -148,9 +274,9 @@ def move_into_place(work: Path, out: Path, force: bool) -> None:
     except OutputDirError as refused:
         kept = _new_dir(out.parent, f"{out.name}.new-{os.getpid()}")
         os.rename(work, kept)  # onto the empty directory just made: it cannot hold anything
-        (kept / PARTIAL_MARKER).unlink()
+        (kept / PARTIAL_MARKER).unlink(missing_ok=True)
         raise OutputDirError(f"{refused}; the new artifact is in {kept}") from None
-    (out / PARTIAL_MARKER).unlink()
+    (out / PARTIAL_MARKER).unlink(missing_ok=True)
 
 
 def _place(work: Path, out: Path, force: bool) -> None:
@@ -166,6 +292,7 @@ def _place(work: Path, out: Path, force: bool) -> None:
     if not force:
         raise OutputDirError(f"{out} appeared during the export (pass --force to replace an "
                              "artifact): kept it")
+    carry_over_added(out, work)  # before the swap: a refusal leaves both as they are
     if exchange(work, out):
         previous = work  # what was at `out` a moment ago
         if not is_artifact_dir(previous):  # replaced between the check and the swap

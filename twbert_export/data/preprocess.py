@@ -207,6 +207,8 @@ def read_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
     """
     av = _import_av()
     path = Path(path)
+    if path.is_dir():
+        raise VideoDecodeError(path, "a directory, not a video file: name one video file")
     if not path.is_file():
         raise VideoDecodeError(path, "file not found")
     try:
@@ -233,6 +235,8 @@ def probe_video(path: str | Path) -> None:
     in is found when it is decoded in full. Raises VideoDecodeError."""
     av = _import_av()
     path = Path(path)
+    if path.is_dir():
+        raise VideoDecodeError(path, "a directory, not a video file: name one video file")
     if not path.is_file():
         raise VideoDecodeError(path, "file not found")
     try:

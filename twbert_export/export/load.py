@@ -9,7 +9,8 @@ from ..artifact.contract import BatchRange, IOContract
 from ..artifact.input_checks import UserError
 from ..artifact.manifest import PRECISIONS
 from ..data.assets import resolve_checkpoint, resolve_data
-from ..data.calibration import FeedSet, check_calibration_count, check_data, load_feeds
+from ..data.calibration import (FeedSet, check_calibration_count, check_calibration_set, check_data,
+                                load_feeds)
 from ..data.preprocess import Tokenizer
 from ..util import Stopwatch
 from .job import GRAPH_SETS, ExportOptions, Inputs, Loaded, StageLog
@@ -49,6 +50,18 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
         if "int8" in precisions:
             check_calibration_count(usable)
     return inputs
+
+
+def check_calibration_clips(inputs: Inputs, opts: ExportOptions, contract: IOContract) -> None:
+    """For INT8, the calibration clips as the precision step will see them (the contract's
+    frames and size: known once the checkpoint is loaded) checked to be real video
+    (`calibration.check_calibration_set`: not random noise) before the export starts, not at the
+    INT8 stage minutes later. The clips are decoded again by the data stage: not held through
+    the export, whose memory peak they would raise."""
+    if "int8" not in inputs.precisions or inputs.calib_dir is None:
+        return
+    check_calibration_set(load_feeds(inputs.calib_dir, contract, inputs.tokenizer,
+                                     opts.on_error, texts_per_video=1))
 
 
 def load_stage(inputs: Inputs, opts: ExportOptions, stages: StageLog) -> Loaded:

@@ -21,7 +21,8 @@ from ..artifact.manifest import Manifest, Report
 from ..util import map_large_allocations, removed_if_stopped, require, signals_deferred
 from .convert import lint_stage, precision_stage, trt8_stage
 from .job import Conversion, ExportOptions, StageLog
-from .load import data_stage, default_name, load_stage, resolve_inputs
+from .load import (check_calibration_clips, data_stage, default_name, load_stage,
+                   resolve_inputs)
 from .onnx_export import export_stage
 from .split import split_export_stage
 from .verify import validate_stage
@@ -32,10 +33,13 @@ def run_export(opts: ExportOptions) -> ExportResult:
     """Run every stage and return the artifact's manifest and report (its gate verdicts
     included: the caller decides the exit code). Raises UserError for bad input."""
     inputs = resolve_inputs(opts)
+    if opts.out:  # refused before the checkpoint loads (the default --out needs its schedule)
+        outdir.check_claim(Path(opts.out), opts.force)
     stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
+    check_calibration_clips(inputs, opts, loaded.contract)
     out = Path(opts.out or Path("engines") / default_name(opts.ckpt, opts.task,
                                                             loaded.contract.schedule))
     work = outdir.claim(out, opts.force)

@@ -2,8 +2,9 @@
 products), calibrated on real clips with the selection path excluded; the rest then goes through
 the same AutoCast as FP16, with the Q/DQ nodes (and their scales) left in FP32. The result is
 cached by (model hash, calibration data identity, settings) and reused only on a full match of
-an entry that passes its check: identity, sha256 recorded when stored, Q/DQ nodes present
-(`cached_result`, `store_result`).
+an entry that passes its check: identity, sha256 recorded when stored, Q/DQ nodes present, the
+FP32 graph's inputs and outputs (`cached_result`, `store_result`). A run told not to use the
+cache (`use_cache=False`, --no-calib-cache) recalibrates and stores its result over the entry.
 
 Max calibration is the running maximum of `ActivationRanges` (checked equal to ModelOpt's own
 calibration: tests/export/test_fp16_ranges.py); it reaches ModelOpt as a TensorRT calibration
@@ -117,10 +118,13 @@ def cache_identity(key: str, source_sha256: str, calib: FeedSet, method: str) ->
             "preprocessing_sha256": calib.identity["preprocessing_sha256"]}
 
 
-def _entry_problem(cached: Path, expected: dict[str, Any]) -> str | None:
+def _entry_problem(cached: Path, expected: dict[str, Any], source: Path | None = None
+                   ) -> str | None:
     """Why the cache entry `cached` must not be reused, or None when it passes: its identity
-    file matches `expected`, the file has the sha256 recorded when it was stored, and it holds
-    Q/DQ nodes."""
+    file matches `expected`, the file has the sha256 recorded when it was stored, it holds
+    Q/DQ nodes and, given the `source` graph it is to stand for, takes and gives what that graph
+    takes and gives (`_io_problem`: a Q/DQ graph of another model, its hash rewritten, fails
+    here and not at a later stage)."""
     try:
         identity = json.loads((cached.parent / "identity.json").read_text())
     except (OSError, ValueError) as e:
@@ -134,22 +138,50 @@ def _entry_problem(cached: Path, expected: dict[str, Any]) -> str | None:
         return "the file is not the one stored (sha256 differs: truncated or replaced)"
     onnx = require("onnx", "to check the cached graph")
     try:
-        ops = {n.op_type for n in onnx.load(str(cached), load_external_data=False).graph.node}
+        graph = onnx.load(str(cached), load_external_data=False).graph
     except Exception as e:  # onnx's parsers raise their own error types
         return f"not a readable ONNX file ({type(e).__name__})"
+    ops = {n.op_type for n in graph.node}
     if not {"QuantizeLinear", "DequantizeLinear"} <= ops:
         return "no QuantizeLinear/DequantizeLinear nodes: not an INT8 Q/DQ graph"
+    if source is not None:
+        return _io_problem(graph, onnx.load(str(source), load_external_data=False).graph)
     return None
 
 
-def cached_result(key: str, expected: dict[str, Any]) -> Path | None:
+def _graph_io(graph) -> tuple[list[tuple[str, int, list]], list[tuple[str, int, list]]]:
+    """(name, element type, dims) of a graph's inputs (initializers left out) and outputs."""
+    def described(values) -> list[tuple[str, int, list]]:
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in values]
+
+    initializers = {t.name for t in graph.initializer}
+    return (described([i for i in graph.input if i.name not in initializers]),
+            described(graph.output))
+
+
+def _io_problem(cached_graph, source_graph) -> str | None:
+    """How a cached INT8 graph's inputs and outputs differ from the FP32 graph it was made from
+    (the precision steps keep names, types and shapes of both: the graph's contract), or None."""
+    cached_in, cached_out = _graph_io(cached_graph)
+    source_in, source_out = _graph_io(source_graph)
+    for kind, got, want in (("inputs", cached_in, source_in), ("outputs", cached_out, source_out)):
+        if got != want:
+            return (f"its {kind} {[g[0] for g in got]} are not the FP32 graph's "
+                    f"{[w[0] for w in want]} (names, types and shapes must match): a graph of "
+                    "another model")
+    return None
+
+
+def cached_result(key: str, expected: dict[str, Any], source: Path | None = None) -> Path | None:
     """The cached INT8 graph for a calibration key when there is one and it passes its check
-    (`_entry_problem`); a failing entry is removed with a one-line warning, and None returned
-    so that it is rebuilt."""
+    (`_entry_problem`, against the FP32 `source` graph when given); a failing entry is removed
+    with a one-line warning, and None returned so that it is rebuilt."""
     cached = _cache_dir() / key / "model.int8.onnx"
     if not cached.is_file():
         return None
-    problem = _entry_problem(cached, expected)
+    problem = _entry_problem(cached, expected, source)
     if problem is None:
         return cached
     warnings.warn(f"INT8 calibration cache entry {cached.parent} discarded: {problem}; "
@@ -191,7 +223,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
     source_sha256 = file_sha256(src)
     key = calibration_key(source_sha256, calib, method)
     identity = cache_identity(key, source_sha256, calib, method)
-    cached = cached_result(key, identity) if use_cache else None
+    cached = cached_result(key, identity, Path(src)) if use_cache else None
     if cached:
         shutil.copyfile(cached, dst)
         report = to_report_from(src, dst, calibration)
@@ -204,9 +236,10 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         steps = _quantize(Path(src), Path(dst), calib, method, ranges, calibration)
         calibration["range_check_clips"] = ranges.rows_done
     report = to_report_from(src, dst, calibration)
-    if use_cache:
-        stored = store_result(key, Path(dst), {**identity, "calibration": calibration})
-        report.cache = f"stored {stored}"
+    # Stored with or without use_cache: recalibrating (--no-calib-cache) is how a user replaces
+    # an entry they distrust, so the fresh result takes its place.
+    stored = store_result(key, Path(dst), {**identity, "calibration": calibration})
+    report.cache = f"{'stored' if use_cache else 'refreshed'} {stored}"
     report.steps = steps
     report.note = untested_note()
     return report

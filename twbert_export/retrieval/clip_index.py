@@ -6,13 +6,17 @@ Layout of an index directory (torch-free, numpy only):
     INDEX/index.json              format, the artifact's identity, stem shape and dtype, and per
                                   clip: its file's sha256 and its stem file
     INDEX/stems/<sha256>.npy      one clip's stem (T, tokens, D), named by the video file's hash
+    INDEX/.index.lock             locked (flock) while a run merges its entries into index.json
 
 Writes are atomic: each stem file is written beside its place and renamed
 (`util.atomic_path`), and index.json is replaced after each batch of clips, only once every stem
 it names is in place. An interrupted run therefore leaves index.json as it was or with whole
 entries added; a stem file it wrote but did not list is ignored, and written again when its clip
-is indexed. The index belongs to one artifact (an identity string: the hash of the graph that made
-the stems); opening it for another raises `ForeignIndexError`.
+is indexed. Each entry records its stem file's size and sha256: a clip counts as unchanged only
+while its stem file still has them, and is indexed again otherwise. Runs into the same directory
+at the same time each merge their entries into index.json under a lock (`ClipIndex.commit`), so
+none loses the other's. The index belongs to one artifact (an identity string: the hash of the
+graph that made the stems); opening it for another raises `ForeignIndexError`.
 
 Stems are stored in FP16 by default: on the demo clips that moves itc_sim and itm_logits by
 less than the FP16 model does on its own (docs/split.md has the figures), and halves the files.
@@ -25,10 +29,12 @@ highest ITC, ordered by match probability above all others, which keep their ITC
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -60,6 +66,15 @@ class ForeignIndexError(ClipIndexError):
 class ClipEntry:
     sha256: str  # of the video file
     stem: str  # stem file, relative to the index directory
+    # The stem file as written (`ClipIndex.stem_record`): a clip is unchanged only while its stem
+    # file still has them (`ClipIndex.stem_problem`). None in entries written before they were
+    # recorded: then the file must load as a stem of the index's shape and dtype.
+    stem_bytes: int | None = None
+    stem_sha256: str | None = None
+
+
+class DamagedStemWarning(UserWarning):
+    """An indexed clip's stem file is missing or damaged: the clip is indexed again."""
 
 
 @dataclass
@@ -76,6 +91,9 @@ class ClipIndex:
                  entries: dict[str, ClipEntry]):
         self.path, self.artifact = path, artifact
         self.stem_shape, self.stem_dtype, self.entries = stem_shape, stem_dtype, entries
+        # The entries as index.json last had them (read or written by us): what `commit` tells
+        # this run's changes apart by, to merge them with another run's.
+        self.synced = dict(entries)
 
     @classmethod
     def open(cls, path: str | Path, artifact: str, stem_shape: Iterable[int | str],
@@ -89,17 +107,22 @@ class ClipIndex:
             raise ValueError(f"stem dtype must be one of {STEM_DTYPES}, got {stem_dtype!r}")
         index_file = path / INDEX_FILE
         if not index_file.is_file():
-            if path.exists() and any(path.iterdir()):
+            # What a run that has not committed yet leaves is ours: its lock file and stems.
+            if path.exists() and any(p.name not in (LOCK_FILE, "stems") for p in path.iterdir()):
                 raise ClipIndexError(f"{path} is not empty and has no {INDEX_FILE}: not a clip "
                                      "index (pass a new directory)")
             return cls(path, artifact, shape, stem_dtype, {})
         try:
             d = json.loads(index_file.read_text())
+            if not isinstance(d, dict):  # valid JSON of another shape, e.g. [1, 2, 3]
+                raise ClipIndexError(f"{index_file} is not a clip index (a JSON "
+                                     f"{type(d).__name__}, not an object)")
             if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
                 raise ClipIndexError(f"{index_file} is not a version {FORMAT_VERSION} clip index")
             entries = {cid: ClipEntry(**e) for cid, e in d["clips"].items()}
             stored = (d["artifact"], tuple(d["stem_shape"]), d["stem_dtype"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as e:
             raise ClipIndexError(f"{index_file} is not a readable clip index ({e})") from None
         if stored[0] != artifact:
             raise ForeignIndexError(f"{path} was made by artifact {stored[0][:16]}, not "
@@ -147,12 +170,79 @@ class ClipIndex:
                 np.save(f, stem.astype(self.stem_dtype), allow_pickle=False)
         return relative
 
+    def stem_record(self, relative: str) -> tuple[int, str]:
+        """(bytes, sha256) of a stem file as just written, for its entry."""
+        path = self.path / relative
+        return path.stat().st_size, file_sha256(path)
+
+    def stem_problem(self, entry: ClipEntry) -> str | None:
+        """Why an entry's stem file cannot be trusted (missing, another size or sha256 than
+        recorded at write, or for older entries not loadable as a stem of this index), or None."""
+        path = self.path / entry.stem
+        if not path.is_file():
+            return "missing"
+        if entry.stem_sha256 is not None:
+            size = path.stat().st_size
+            if size != entry.stem_bytes:
+                return f"{size} bytes, {entry.stem_bytes} when written"
+            if file_sha256(path) != entry.stem_sha256:
+                return "altered (its sha256 is not the one recorded when it was written)"
+            return None
+        try:
+            stem = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            return f"unreadable ({' '.join(str(e).split())})"
+        if stem.shape != self.stem_shape or stem.dtype != np.dtype(self.stem_dtype):
+            return f"{stem.dtype} {stem.shape}, not {self.stem_dtype} {self.stem_shape}"
+        return None
+
     def commit(self) -> None:
-        """Replace index.json atomically with the entries in memory."""
-        write_json(self.path / INDEX_FILE, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": self.artifact,
-            "stem_shape": list(self.stem_shape), "stem_dtype": self.stem_dtype,
-            "clips": {cid: vars(e) for cid, e in self.entries.items()}})
+        """Replace index.json atomically with the entries in memory, merged under a lock with
+        what another run (`export.py index` into the same directory at the same time) committed
+        since this one read it: its entries are kept, and this run's changes win for the clips
+        it changed. Two concurrent runs therefore never lose each other's clips."""
+        with index_lock(self.path):
+            on_disk = self._read_entries()
+            changed = {cid: e for cid, e in self.entries.items() if self.synced.get(cid) != e}
+            merged = {**on_disk, **changed}
+            write_json(self.path / INDEX_FILE, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": self.artifact,
+                "stem_shape": list(self.stem_shape), "stem_dtype": self.stem_dtype,
+                "clips": {cid: vars(e) for cid, e in merged.items()}})
+        self.entries, self.synced = merged, dict(merged)
+
+    def _read_entries(self) -> dict[str, ClipEntry]:
+        """The entries index.json holds now ({} before the first commit); ClipIndexError when
+        another run left one that is not this index's any more."""
+        if not (self.path / INDEX_FILE).is_file():
+            return {}
+        other = ClipIndex.open(self.path, self.artifact, self.stem_shape, self.stem_dtype)
+        if other.stem_dtype != self.stem_dtype:
+            raise ClipIndexError(f"{self.path} was made with {other.stem_dtype} stems by another "
+                                 f"run meanwhile, this run writes {self.stem_dtype}")
+        return other.entries
+
+
+LOCK_FILE = ".index.lock"
+
+
+@contextlib.contextmanager
+def index_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on an index directory (flock(2) on its lock file, made on first use
+    and never removed: removing it would let two runs lock two different files), held while
+    index.json is read, merged and replaced. Released when the process ends, however it ends."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (concurrent runs are not supported there)
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def index_identity(path: str | Path) -> str:
@@ -199,17 +289,23 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
     for video in map(Path, videos):
         clip_id, sha = clip_id_of(video, root), file_sha256(video)
         entry = index.entries.get(clip_id)
-        if entry and entry.sha256 == sha and (index.path / entry.stem).is_file():
+        damage = index.stem_problem(entry) if entry and entry.sha256 == sha else None
+        if entry and entry.sha256 == sha and damage is None:
             report.skipped.append(clip_id)
         else:
+            if entry is not None and damage is not None:
+                warnings.warn(f"{clip_id}: its stem file {entry.stem} is {damage}: indexing the "
+                              "clip again", DamagedStemWarning, stacklevel=2)
             todo.append((clip_id, video, sha))
     frames, size = stem_contract.frames, stem_contract.image_size
     step = batch or stem_contract.batch.max
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         stems = pipeline.encode_clips(np.stack([load_video(v, frames, size) for _, v, _ in chunk]))
-        written = {clip_id: ClipEntry(sha, index.write_stem(sha, stem))
-                   for (clip_id, _, sha), stem in zip(chunk, stems)}
+        written = {}
+        for (clip_id, _, sha), stem in zip(chunk, stems):
+            relative = index.write_stem(sha, stem)
+            written[clip_id] = ClipEntry(sha, relative, *index.stem_record(relative))
         previous = {cid: index.entries[cid] for cid in written if cid in index.entries}
         index.entries.update(written)
         index.commit()

@@ -33,6 +33,8 @@ from ..data.preprocess import AnnotationError, Tokenizer, VideoDecodeError
 from ..validation.composed import ComposedSplit
 
 EXIT_BAD_INPUT = 2
+INDEX_HINT = "python export.py index --help"
+PREDICT_INDEX_HINT = "python export.py predict --index INDEX --help"
 BAD_INPUT: tuple[type[Exception], ...] = (ValueError, VideoDecodeError, AnnotationError,
                                           FileNotFoundError)
 
@@ -156,7 +158,7 @@ def index_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no video files under {videos_dir}")
         index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
     except BAD_INPUT + (ArtifactFormatError,) as e:
-        return _bad_input(e)
+        return _bad_input(e, hint=INDEX_HINT)
     print(f"index {args.out}: {len(index)} clips indexed before; {len(videos)} videos in "
           f"{videos_dir}; video_stem.{artifact.precision} ({artifact.files['video_stem'].name}, "
           f"{artifact.identity[:12]}), stems {index.stem_dtype}", flush=True)
@@ -174,7 +176,7 @@ def index_main(argv: list[str] | None = None) -> int:
             report = index_videos(index, videos, pipeline, artifact.contracts["video_stem"],
                                   root=videos_dir, progress=progress)
     except stopping as e:
-        return _bad_input(e, f"clips stored before it are kept in {args.out}")
+        return _bad_input(e, f"clips stored before it are kept in {args.out}", INDEX_HINT)
     print(f"added {len(report.added)}, replaced {len(report.replaced)}, unchanged "
           f"{len(report.skipped)}; {len(index)} clips in {args.out} "
           f"({time.perf_counter() - start:.1f}s)")
@@ -191,8 +193,10 @@ def _runtime_errors() -> tuple[type[Exception], ...]:
     return (MissingDependency, EngineMismatch)
 
 
-def _bad_input(error: Exception, note: str = "") -> int:
+def _bad_input(error: Exception, note: str = "", hint: str = PREDICT_INDEX_HINT) -> int:
+    """One `error:` line (with `note` after it) and a `hint:` line, as every command prints."""
     print(f"error: {' '.join(str(error).split())}{'; ' + note if note else ''}", file=sys.stderr)
+    print(f"hint: {hint}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -278,6 +282,9 @@ def predict_index_main(argv: list[str]) -> int:
                              "give the caption or question to run")
         if args.k < 1:
             raise ValueError(f"--k must be >= 1, got {args.k}")
+        if args.text is not None and args.clip:
+            raise ValueError("--clip names the clips a --question is about; --text ranks every "
+                             "indexed clip (leave --clip out; --top N prints the N best)")
         artifact = SplitArtifact.for_index(args.artifact, args.index, args.engines)
         if args.question is not None:
             if not artifact.answers or artifact.manifest.contract.task != "qa":

@@ -73,6 +73,13 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     return [f"{e['video']}: {e['answer']} ({e['probability']:.2f})" for e in result["answers"]]
 
 
+def _bad_input(error: Exception) -> int:
+    """One `error:` line and a `hint:` line, exit 2 (as every command prints bad input)."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    print("hint: python export.py predict --help", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a.split("=")[0] == "--index" for a in argv):
@@ -103,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         videos = load_videos(artifact, args.video)
         ids, mask = encode_text(artifact, text)
     except (ValueError, VideoDecodeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(e)
     from ..trt.engine_manifest import EngineMismatch
     from ..util import MissingDependency
 
@@ -112,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         with artifact.runner(args.threads) as runner:
             out = score(artifact, runner, videos, ids, mask)
     except (MissingDependency, EngineMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(e)
     if args.text is not None:
         result = ranking(args.text, args.video, out, args.k)
     else:

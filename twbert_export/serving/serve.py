@@ -215,6 +215,18 @@ def index_split(artifact: str, index: str) -> tuple[Any, Any]:
     return split, ClipIndex.open(index, split.identity, split.stem_shape)
 
 
+def check_ports_distinct(ports: dict[str, int]) -> None:
+    """ValueError naming two options given the same port: Triton would print its usage and
+    exit, and PyTriton only notice after its start-up timeout. Checked before anything loads."""
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port in seen:
+            raise ValueError(f"{seen[port]} and {option} are both {port}: each endpoint needs a "
+                             f"port of its own (e.g. --http-port 8000 --grpc-port 8001 "
+                             "--metrics-port 8002)")
+        seen[port] = option
+
+
 def check_ports_free(ports: dict[str, int]) -> None:
     """ValueError naming the first port already taken on the loopback address: Triton would
     exit on it, and PyTriton only notice after its start-up timeout."""
@@ -257,6 +269,8 @@ def pytriton():
 def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[Any]:
     """Triton running with the artifact's models bound; yields the pytriton `Triton` object.
     Stops the server and deactivates the runners on the way out."""
+    check_ports_distinct({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
+                          "--metrics-port": opts.metrics_port})
     path = model_file(opts.artifact, opts.precision)
     artifact = Artifact(path)
     c = artifact.contract
@@ -364,5 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         serve(opts, log=lambda line: print(line, flush=True))
     except (ValueError, MissingDependency, EngineMismatch, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print("hint: python export.py serve --help", file=sys.stderr)
         return 2
     return 0

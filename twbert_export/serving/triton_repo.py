@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,9 @@ def integer_io_of(engine: Path) -> str:
 
 
 def check_out(out: Path, force: bool) -> None:
+    if out.is_symlink():  # replacing it would replace the user's link, not what it points to
+        raise TritonRepoError(f"--out {out} is a symbolic link (to {os.readlink(out)}): name "
+                              "the directory itself")
     if out.exists() and not out.is_dir():
         raise TritonRepoError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -277,6 +281,66 @@ def retrieval_models(tmp: Path, artifact_dir: Path, index: Path, instances: int,
     return configs, engines
 
 
+class AddedFilesKept(UserWarning):
+    """Files added to a repository since this command wrote it were moved into the new one."""
+
+
+def added_files(repo: Path, new: Path) -> list[str]:
+    """Files (relative paths) in a repository this command wrote that it did not write: not in
+    its marker's file list; for a marker without one (written before it was kept), not in the
+    repository `new` replacing it either."""
+    try:
+        written = json.loads((repo / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    found = sorted(str(p.relative_to(repo)) for p in repo.rglob("*")
+                   if p.is_file() or p.is_symlink())
+    if isinstance(written, list):
+        return [f for f in found if f not in written]
+    return [f for f in found if not (new / f).exists() and f != MARKER]
+
+
+def carry_over_added(out: Path, new: Path, onnx_sha256: str) -> list[str]:
+    """Move what was added to the repository `out` since it was written (the `model.plan` its
+    output told the user to copy in, or anything else) into the repository `new` replacing it.
+    Raises TritonRepoError, moving nothing, for an engine of a repository written from another
+    ONNX file (it would not fit the new engine models), and for a file where `new` has one."""
+    added = added_files(out, new)
+    if not added:
+        return []
+    try:
+        previous = json.loads((out / MARKER).read_text()).get("onnx_sha256")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    stale = [f for f in added if Path(f).name == "model.plan" and previous != onnx_sha256]
+    taken = [f for f in added if f not in stale and ((new / f).exists() or (new / f).is_symlink())]
+    if stale or taken:
+        why = ([f"{', '.join(stale)} (engines built for the ONNX file the repository was "
+                f"written from, sha256 {str(previous)[:12]}; this artifact's is "
+                f"{onnx_sha256[:12]})"] if stale else [])
+        why += [f"{', '.join(taken)} (the new repository has files there)"] if taken else []
+        raise TritonRepoError(f"--force would delete what was added to {out} since it was "
+                              f"written: {'; '.join(why)}: move them out of {out} (or delete "
+                              "them) and run again")
+    for name in added:
+        (new / name).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(out / name, new / name)
+    warnings.warn(f"kept {', '.join(added)}, added to {out} since it was written: moved into "
+                  "the new repository", AddedFilesKept, stacklevel=3)
+    return added
+
+
+def _return_carried(carried: list[str], tmp: Path, out: Path, old: Path) -> None:
+    """Undo `carry_over_added` after a failed swap: the earlier repository back at `out`, the
+    user's files back in it."""
+    if old.is_dir() and not out.exists():
+        os.replace(old, out)
+    for name in carried:
+        if (tmp / name).exists():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, out / name)
+
+
 def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None = None,
                instances: int = 1, queue_delay_us: int = 2000, force: bool = False,
                index: str | Path | None = None) -> dict[str, str]:
@@ -326,13 +390,20 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
         write_json(tmp / MARKER, {"artifact": str(artifact_dir), "precision": chosen,
                                   "onnx_sha256": entry.sha256,
                                   "index": None if index is None else str(Path(index).resolve()),
-                                  "engines": [e.name for e in engines]})
+                                  "engines": [e.name for e in engines],
+                                  "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                                                  if p.is_file()) + [MARKER]})
         out.parent.mkdir(parents=True, exist_ok=True)
         with signals_deferred():  # the swap is not stopped half-way
             if out.exists():  # ours (checked above): set aside, then removed once the new is in
+                carried = carry_over_added(out, tmp, entry.sha256)
                 old = out.with_name(f".{out.name}.{os.getpid()}.old")
-                os.replace(out, old)
-                os.replace(tmp, out)
+                try:
+                    os.replace(out, old)
+                    os.replace(tmp, out)
+                except OSError:  # the user's files go back before tmp is removed
+                    _return_carried(carried, tmp, out, old)
+                    raise
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, out)
@@ -387,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.max_queue_delay_us, args.force, args.index)
     except (ValueError, FileNotFoundError) as e:  # TritonRepoError, ArtifactFormatError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print("hint: python export.py triton-repo --help", file=sys.stderr)
         return 2
     for path, how in checked.items():
         print(f"{path}: {how}")
