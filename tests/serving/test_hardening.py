@@ -1,0 +1,348 @@
+"""Issue 23, serving: what a client gets for its mistakes, readiness that means ready, JSON that
+is JSON, and the tools around the server (perf_analyzer's input, the queue-delay default), against
+a real `export.py serve` on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import export
+from triton_server import (REPO, RETRIEVE, START_TIMEOUT_S, STOP_TIMEOUT_S, caption_of,
+                           free_port, retrieve_request, v2_request, videos_of)
+from twbert_export import served
+from twbert_export.perf_input import decoded_video, entries
+from twbert_export.predict import Artifact, load_videos
+from twbert_export.serve import ServeOptions
+
+MODELS = ("twbert_score", "twbert_qa", "twbert_retrieve")
+
+
+def status_of(url: str) -> int | None:
+    """HTTP status of a GET, None while nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def test_ready_is_never_200_before_every_model_is(serving_python, qa_artifact, clip_index,
+                                                  tmp_path):
+    """Polled every 50 ms from the moment the server is started: whenever /v2/health/ready
+    said 200, every model said ready in the same round; and it settles at 200."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(serving_python), "export.py", "serve", "--artifact", str(qa_artifact),
+             "--index", str(clip_index), "--http-port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics), "--threads", "1"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}/v2"
+    rounds, ready_rounds, early = 0, 0, []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and ready_rounds < 20 and process.poll() is None:
+            health = status_of(f"{base}/health/ready")
+            if health == 200:
+                models = {m: status_of(f"{base}/models/{m}/ready") for m in MODELS}
+                if any(s != 200 for s in models.values()):
+                    early.append((rounds, models))
+                ready_rounds += 1
+            rounds += 1
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    assert not early, f"ready while models were not: {early[:3]}\n{log.read_text()}"
+    assert ready_rounds == 20, f"not ready within {START_TIMEOUT_S} s:\n{log.read_text()}"
+
+
+PROBE = """
+import json, sys
+import numpy as np
+from tritonclient.utils import InferenceServerException
+import tritonclient.http as http, tritonclient.grpc as grpc
+cases = json.loads(sys.stdin.read())
+video = np.load(sys.argv[3])
+results = []
+for protocol, module, url in (("http", http, sys.argv[1]), ("grpc", grpc, sys.argv[2])):
+    client = module.InferenceServerClient(url)
+    for case in cases:
+        inputs = []
+        for name, spec in case["inputs"].items():
+            if spec["kind"] == "text":
+                array = np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)]
+                                  for t in spec["rows"]], dtype=np.object_)
+                dtype = "BYTES"
+            elif spec["kind"] == "int":
+                array, dtype = np.array([[v] for v in spec["rows"]], np.int64), "INT64"
+            else:
+                array = np.repeat(video[None], spec["rows"], 0).copy()
+                for index, value in spec.get("set", []):
+                    array[tuple(index)] = float(value)
+                dtype = "FP32"
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            client.infer(case["model"], inputs)
+            results.append({"case": case["name"], "protocol": protocol, "status": "OK"})
+        except InferenceServerException as e:
+            results.append({"case": case["name"], "protocol": protocol,
+                            "status": str(e.status()), "message": e.message()})
+    client.close()
+print(json.dumps(results))
+"""
+
+
+def probe(server, clip: np.ndarray, cases: list[dict], tmp_path: Path) -> list[dict]:
+    """Each case sent once over HTTP and once over gRPC with tritonclient (binary tensors, so
+    that non-UTF-8 bytes reach the model), in the serving environment."""
+    np.save(tmp_path / "clip.npy", clip)
+    proc = subprocess.run([str(server.python), "-c", PROBE, server.http, server.grpc,
+                           str(tmp_path / "clip.npy")], input=json.dumps(cases), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def text(rows):
+    return {"kind": "text", "rows": rows}
+
+
+def clip_rows(n=1, set_=()):
+    return {"kind": "video", "rows": n, "set": list(set_)}
+
+
+def ints(rows):
+    return {"kind": "int", "rows": rows}
+
+
+LONG = "a man is cooking pasta in a small kitchen " * 40  # ~360 wordpieces, 1.7 KB
+
+
+def refusal_cases(caption: str) -> list[tuple[dict, str]]:
+    """(request, what the refusal must say): the client mistakes of issue 23, items 2, 3, 5."""
+    score = "twbert_score"
+    return [
+        ({"name": "empty text", "model": score, "inputs": {"video": clip_rows(),
+                                                          "text": text([""])}}, "text is empty"),
+        ({"name": "whitespace text", "model": score,
+          "inputs": {"video": clip_rows(), "text": text(["  \t "])}}, "text is empty"),
+        ({"name": "non-UTF-8 text", "model": score,
+          "inputs": {"video": clip_rows(), "text": text([[0xff, 0xfe, 0x41]])}},
+         "text is not UTF-8"),
+        ({"name": "empty question", "model": "twbert_qa",
+          "inputs": {"video": clip_rows(), "question": text([" "])}}, "question is empty"),
+        ({"name": "text too long", "model": score,
+          "inputs": {"video": clip_rows(), "text": text([LONG])}}, "wordpieces long"),
+        ({"name": "text over the byte limit", "model": score,
+          "inputs": {"video": clip_rows(), "text": text(["x" * (served.MAX_TEXT_BYTES + 1)])}},
+         f"the limit is {served.MAX_TEXT_BYTES} bytes"),
+        ({"name": "NaN pixel", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 0, 0, 0, 0], "nan")]),
+                     "text": text([caption])}}, "video holds NaN or Inf"),
+        ({"name": "Inf pixel", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 1, 2, 3, 4], "inf")]),
+                     "text": text([caption])}}, "video holds NaN or Inf"),
+        ({"name": "pixel beyond FP16", "model": "twbert_qa",
+          "inputs": {"video": clip_rows(set_=[([0, 0, 1, 0, 0], 7e4)]),
+                     "question": text([caption])}}, "outside what the preprocessing makes"),
+        ({"name": "pixel just out of range", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 0, 0, 0, 0], -2.5)]),
+                     "text": text([caption])}}, "outside what the preprocessing makes"),
+        ({"name": "k = 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "k": ints([0])}}, "k must be >= 1"),
+        ({"name": "k < 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "k": ints([-3])}}, "k must be >= 1"),
+        ({"name": "top < 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "top": ints([-1])}}, "top must be >= 0"),
+        ({"name": "rows with different top", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption, caption]), "top": ints([1, 2])}},
+         "the same for every row"),
+        ({"name": "retrieve text too long", "model": "twbert_retrieve",
+          "inputs": {"text": text([LONG])}}, "wordpieces long"),
+    ]
+
+
+def check_refusals(server, qa_artifact, serve_clips, tmp_path):
+    clip = load_videos(Artifact(qa_artifact / "model.fp32.onnx"), videos_of(serve_clips, 1))[0]
+    caption = caption_of(serve_clips)
+    cases = refusal_cases(caption)
+    results = probe(server, clip, [c for c, _ in cases] + [
+        {"name": "good", "model": "twbert_score",
+         "inputs": {"video": clip_rows(), "text": text([caption])}}], tmp_path)
+    want = {c["name"]: message for c, message in cases}
+    for r in results:
+        if r["case"] == "good":
+            assert r["status"] == "OK", r
+            continue
+        expected = "400" if r["protocol"] == "http" else "StatusCode.INVALID_ARGUMENT"
+        assert r["status"] == expected, r
+        message = r["message"]
+        assert want[r["case"]] in message, r
+        assert "\n" not in message.strip() and "Traceback" not in message, r
+        assert "/" not in message and ".py" not in message, r  # no server path
+    assert len(results) == 2 * (len(cases) + 1)
+    return clip, caption
+
+
+def test_client_mistakes_are_400_and_invalid_argument_with_the_reason(server, qa_artifact,
+                                                                      serve_clips, tmp_path):
+    clip, caption = check_refusals(server, qa_artifact, serve_clips, tmp_path)
+    # Still up and still right.
+    assert server.get("/v2/health/ready")[0] == 200
+    status, reply = server.request("POST", "/v2/models/twbert_score/infer",
+                                   v2_request(clip, caption))
+    assert status == 200 and 0.0 <= reply["outputs"][0]["data"][0] <= 1.0, reply
+
+
+def test_requests_batched_with_a_refused_one_are_not_blamed_for_it(server, qa_artifact,
+                                                                   serve_clips):
+    """Concurrent requests (the server's batcher waits 50 ms, so they share batches): the bad
+    one gets 400 with its reason; each good one its answer, or 503 saying to send it again,
+    never another request's reason."""
+    clip = load_videos(Artifact(qa_artifact / "model.fp32.onnx"), videos_of(serve_clips, 1))[0]
+    good = v2_request(clip, caption_of(serve_clips))
+    bad = v2_request(clip, " ")
+    bodies = [bad, good, good, good] * 2
+
+    def one(body):
+        return server.request("POST", "/v2/models/twbert_score/infer", body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(one, bodies))
+    for body, (status, reply) in zip(bodies, replies):
+        if body is bad:
+            assert status == 400 and "text is empty" in reply["error"], (status, reply)
+        else:
+            assert status == 200 or (status == 503 and "send it again" in reply["error"]), \
+                (status, reply)
+    statuses = [s for s, _ in replies]
+    assert 503 in statuses or statuses.count(200) == 6, statuses
+
+
+def strict_json(raw: bytes):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def test_retrieve_answers_json_with_shortlisted_instead_of_nan(server, serve_clips):
+    body = json.dumps(retrieve_request(caption_of(serve_clips), k=2)).encode()
+    req = urllib.request.Request(f"http://{server.http}{RETRIEVE}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        reply = strict_json(r.read())  # NaN, Infinity: ValueError
+    outputs = {o["name"]: o for o in reply["outputs"]}
+    shortlisted = outputs["shortlisted"]["data"]
+    probability = outputs["match_probability"]["data"]
+    assert outputs["shortlisted"]["datatype"] == "BOOL" and len(shortlisted) == 6
+    assert shortlisted == [True, True, False, False, False, False]  # the ITM-ranked first
+    assert all(0.0 <= p <= 1.0 for p, s in zip(probability, shortlisted) if s)
+    assert all(p == served.NOT_SCORED for p, s in zip(probability, shortlisted) if not s)
+
+
+def test_validate_refuses_reference_clips_the_preprocessing_cannot_make(qa_artifact, tmp_path,
+                                                                        capsys):
+    for name, value in (("nan", np.nan), ("inf", np.inf), ("7e4", 7e4)):
+        reference = tmp_path / name
+        shutil.copytree(qa_artifact / "reference", reference)
+        with np.load(reference / "validation.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays["video"][1, 2, 0, 3, 4] = value
+        np.savez(reference / "validation.npz", **arrays)
+        code = export.main(["validate", "--engine", str(qa_artifact / "model.fp32.onnx"),
+                            "--reference", str(reference)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, err
+        assert err[0].startswith("error: ") and "input video" in err[0], err
+        assert ("NaN or Inf" if name != "7e4" else "outside what the preprocessing") in err[0]
+        assert [line for line in err[1:] if not line.startswith("hint: ")] == [], err
+
+
+def test_video_range_is_what_the_preprocessing_makes():
+    """Black and white frames through the real preprocessing sit inside the range, and just
+    beyond either end is outside it."""
+    from twbert_export.preprocess import normalize_frame
+
+    for level in (0, 255):
+        frame = normalize_frame(np.full((20, 30, 3), level, np.uint8), 16)
+        assert served.video_problem(frame[None]) is None
+    low, high = served.video_range()
+    assert (high - low).min() > 3.2 and served.VIDEO_SLACK <= 1e-3
+    frame = normalize_frame(np.zeros((8, 8, 3), np.uint8), 8)[None]
+    frame[0, 2, 0, 0] = low[2] - 2 * served.VIDEO_SLACK
+    assert "channel 2" in served.video_problem(frame)
+
+
+def test_perf_input_carries_the_artifacts_preprocessed_clips(serving_python, qa_artifact,
+                                                             serve_clips, server, tmp_path):
+    """The perf_analyzer input the command writes: the clips exactly as predict preprocesses
+    them, each with its caption, and each entry, sent as a request, is answered."""
+    out = tmp_path / "perf.json"
+    proc = subprocess.run([str(serving_python), "-m", "twbert_export.perf_input", "--artifact",
+                           str(qa_artifact), "--precision", "fp32", "--data", str(serve_clips),
+                           "--clips", "3", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "perf_analyzer -m twbert_score" in proc.stdout
+    data = json.loads(out.read_text())["data"]
+    artifact = Artifact(qa_artifact / "model.fp32.onnx")
+    clips = load_videos(artifact, videos_of(serve_clips, 3))
+    shape = clips.shape[1:]
+    annotations = [json.loads(line) for line in
+                   (serve_clips / "annotations.jsonl").read_text().splitlines()]
+    captions = {a["video"]: a["caption"] for a in reversed(annotations) if a.get("caption")}
+    assert len(data) == 3
+    for entry, clip, video in zip(data, clips, videos_of(serve_clips, 3)):
+        assert np.array_equal(decoded_video(entry, shape), clip)
+        assert entry["text"] == [captions[str(Path(video).relative_to(serve_clips))]]
+        status, reply = server.request("POST", "/v2/models/twbert_score/infer",
+                                       v2_request(decoded_video(entry, shape), entry["text"][0]))
+        assert status == 200, reply
+    retrieve = entries("twbert_retrieve", np.zeros(0), ["a caption"], k=3, top=2)
+    assert retrieve == [{"text": ["a caption"], "k": [3], "top": [2]}]
+
+
+def test_pytriton_patch_adds_the_refusal_answer_and_changes_nothing_else(serving_python):
+    """The one patch of PyTriton's proxy model (pytriton_compat): found once in the installed
+    PyTriton, removable to the byte, valid Python, applied only on the version it was made
+    for."""
+    from twbert_export import pytriton_compat
+
+    where = subprocess.run([str(serving_python), "-c", "import importlib.metadata as m, "
+                            "importlib.util as u; print(u.find_spec('pytriton').submodule_"
+                            "search_locations[0]); print(m.version('nvidia-pytriton'))"],
+                           capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    package, version = where.stdout.split()
+    original = (Path(package) / "proxy" / "model.py").read_text()
+    patched = pytriton_compat.patch_text(original)
+    if version not in pytriton_compat.PATCHED_VERSIONS:
+        pytest.skip(f"nvidia-pytriton {version}: the patch is made for "
+                    f"{pytriton_compat.PATCHED_VERSIONS} only")
+    assert patched is not None and patched != original
+    assert pytriton_compat.unpatch_text(patched) == original
+    compile(patched, "model.py", "exec")
+    assert pytriton_compat.patch_text(patched) is None  # never applied twice
