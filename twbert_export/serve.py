@@ -62,6 +62,8 @@ from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT,
 from .util import require
 
 LOOPBACK = "127.0.0.1"
+# The dynamic batcher's default wait, chosen from the sweep in docs/serving-hardening.md.
+DEFAULT_QUEUE_DELAY_US = 5000
 # PyTriton protects these endpoints with a generated token by default; the statistics endpoint
 # is left open (read-only, loopback only) so that clients and the load test can read the batch
 # sizes the dynamic batcher formed.
@@ -77,7 +79,7 @@ class ServeOptions:
     metrics_port: int = 8002
     instances: int = 1
     max_batch: int | None = None  # default: the exported batch max
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     index: str | None = None  # a clip index: serve `twbert_retrieve` over it
 
@@ -432,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--instances", type=int, default=1, help="model instances (runners)")
     ap.add_argument("--max-batch", type=int, help="largest batch formed (default: exported max)")
-    ap.add_argument("--max-queue-delay-us", type=int, default=2000,
-                    help="how long the dynamic batcher waits to fill a batch")
+    ap.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                    help="how long the dynamic batcher waits to fill a batch (default "
+                    f"{DEFAULT_QUEUE_DELAY_US}: docs/serving-hardening.md)")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance")
     args = ap.parse_args(argv)
     from .trt.engine_manifest import EngineMismatch

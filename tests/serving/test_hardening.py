@@ -195,6 +195,21 @@ def test_perf_input_carries_the_artifacts_preprocessed_clips(serving_python, qa_
     assert retrieve == [{"text": ["a caption"], "k": [3], "top": [2]}]
 
 
+def test_default_queue_delay_is_the_one_the_measured_table_chose():
+    """docs/serving-hardening.md chooses serve's default from its measured sweep; serve, its
+    command line and the load test use it."""
+    from twbert_export import serve, serve_bench
+
+    doc = (REPO / "docs" / "serving-hardening.md").read_text()
+    chosen = int(re.search(r"default queue delay: \*\*(\d+) ms\*\*", doc).group(1))
+    assert "| delay (ms) | clients | rows/s |" in doc
+    assert ServeOptions("x").max_queue_delay_us == chosen * 1000
+    assert serve.DEFAULT_QUEUE_DELAY_US == chosen * 1000
+    for module in (serve, serve_bench):  # both command lines take the constant
+        assert '"--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US' in \
+            Path(module.__file__).read_text(), module
+
+
 def test_pytriton_patch_adds_the_refusal_answer_and_changes_nothing_else(serving_python):
     """The one patch of PyTriton's proxy model (pytriton_compat): found once in the installed
     PyTriton, removable to the byte, valid Python, applied only on the version it was made
