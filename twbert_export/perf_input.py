@@ -7,8 +7,8 @@ rather than on random tensors, which the models refuse (docs/serving-hardening.m
         [--model twbert_score|twbert_qa|twbert_retrieve] [--data demo] [--clips 8] [--k 50]
 
 One entry per clip (with its own caption, or question for twbert_qa; for twbert_retrieve the
-captions alone, with `k` and `top`); the clip travels as base64 of its float32 bytes (perf_analyzer's
-"b64" form: a JSON list of floats would be ten times larger). Then, for example:
+captions alone, with `k` and `top`); the clip travels as base64 of its float32 bytes
+(perf_analyzer's "b64" form, a quarter of the size of a JSON list of numbers). Then, e.g.:
 
     perf_analyzer -m twbert_score -u 127.0.0.1:8000 --input-data perf.json -b 1 \\
         --concurrency-range 1:8:1 --measurement-interval 5000
