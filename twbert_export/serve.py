@@ -184,8 +184,8 @@ class RetrievalModel:
 
     def retrieve(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """PyTriton's undecorated form: the requests of one batch, each answered on its own
-        (their rankings may differ in length with `top`). A request refused (BadRequest) gets
-        its reason and the others of the batch are not answered (`refused`)."""
+        (their rankings may differ in length with `top`). When a request is refused
+        (BadRequest), RefusedRequests carries each one's reason, as `refusing` does."""
         answers, reasons = [], []
         for request in requests:
             try:
