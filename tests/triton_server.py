@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 import export
+from twbert_export.retrieval.predict import load_videos
+from twbert_export.serving.served import MAX_TEXT_BYTES
+from twbert_export.validation.artifact_runner import Artifact
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_ENV = "TWBERT_SERVE_PYTHON"
@@ -202,3 +205,134 @@ def retrieve_request(text: str, **optional: int) -> dict:
     inputs += [{"name": name, "shape": [1, 1], "datatype": "INT64", "data": [value]}
                for name, value in optional.items()]
     return {"inputs": inputs}
+
+
+# -- refusals of client mistakes (issue 23; serve and the triton-repo BLS models) ----------------
+PROBE = """
+import json, sys
+import numpy as np
+from tritonclient.utils import InferenceServerException
+import tritonclient.http as http, tritonclient.grpc as grpc
+cases = json.loads(sys.stdin.read())
+video = np.load(sys.argv[3])
+results = []
+for protocol, module, url in (("http", http, sys.argv[1]), ("grpc", grpc, sys.argv[2])):
+    client = module.InferenceServerClient(url)
+    for case in cases:
+        inputs = []
+        for name, spec in case["inputs"].items():
+            if spec["kind"] == "text":
+                array = np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)]
+                                  for t in spec["rows"]], dtype=np.object_)
+                dtype = "BYTES"
+            elif spec["kind"] == "int":
+                array, dtype = np.array([[v] for v in spec["rows"]], np.int64), "INT64"
+            else:
+                array = np.repeat(video[None], spec["rows"], 0).copy()
+                for index, value in spec.get("set", []):
+                    array[tuple(index)] = float(value)
+                dtype = "FP32"
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            client.infer(case["model"], inputs)
+            results.append({"case": case["name"], "protocol": protocol, "status": "OK"})
+        except InferenceServerException as e:
+            results.append({"case": case["name"], "protocol": protocol,
+                            "status": str(e.status()), "message": e.message()})
+    client.close()
+print(json.dumps(results))
+"""
+
+
+def probe(server, clip: np.ndarray, cases: list[dict], tmp_path: Path) -> list[dict]:
+    """Each case sent once over HTTP and once over gRPC with tritonclient (binary tensors, so
+    that non-UTF-8 bytes reach the model), in the serving environment."""
+    np.save(tmp_path / "clip.npy", clip)
+    proc = subprocess.run([str(server.python), "-c", PROBE, server.http, server.grpc,
+                           str(tmp_path / "clip.npy")], input=json.dumps(cases), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def text(rows):
+    return {"kind": "text", "rows": rows}
+
+
+def clip_rows(n=1, set_=()):
+    return {"kind": "video", "rows": n, "set": list(set_)}
+
+
+def ints(rows):
+    return {"kind": "int", "rows": rows}
+
+
+LONG = "a man is cooking pasta in a small kitchen " * 40  # ~360 wordpieces, 1.7 KB
+
+
+def refusal_cases(caption: str) -> list[tuple[dict, str]]:
+    """(request, what the refusal must say): the client mistakes of issue 23, items 2, 3, 5."""
+    score = "twbert_score"
+    return [
+        ({"name": "empty text", "model": score, "inputs": {"video": clip_rows(),
+                                                          "text": text([""])}}, "text is empty"),
+        ({"name": "whitespace text", "model": score,
+          "inputs": {"video": clip_rows(), "text": text(["  \t "])}}, "text is empty"),
+        ({"name": "non-UTF-8 text", "model": score,
+          "inputs": {"video": clip_rows(), "text": text([[0xff, 0xfe, 0x41]])}},
+         "text is not UTF-8"),
+        ({"name": "empty question", "model": "twbert_qa",
+          "inputs": {"video": clip_rows(), "question": text([" "])}}, "question is empty"),
+        ({"name": "text too long", "model": score,
+          "inputs": {"video": clip_rows(), "text": text([LONG])}}, "wordpieces long"),
+        ({"name": "text over the byte limit", "model": score,
+          "inputs": {"video": clip_rows(), "text": text(["x" * (MAX_TEXT_BYTES + 1)])}},
+         f"the limit is {MAX_TEXT_BYTES} bytes"),
+        ({"name": "NaN pixel", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 0, 0, 0, 0], "nan")]),
+                     "text": text([caption])}}, "video holds NaN or Inf"),
+        ({"name": "Inf pixel", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 1, 2, 3, 4], "inf")]),
+                     "text": text([caption])}}, "video holds NaN or Inf"),
+        ({"name": "pixel beyond FP16", "model": "twbert_qa",
+          "inputs": {"video": clip_rows(set_=[([0, 0, 1, 0, 0], 7e4)]),
+                     "question": text([caption])}}, "outside what the preprocessing makes"),
+        ({"name": "pixel just out of range", "model": score,
+          "inputs": {"video": clip_rows(set_=[([0, 0, 0, 0, 0], -2.5)]),
+                     "text": text([caption])}}, "outside what the preprocessing makes"),
+        ({"name": "k = 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "k": ints([0])}}, "k must be >= 1"),
+        ({"name": "k < 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "k": ints([-3])}}, "k must be >= 1"),
+        ({"name": "top < 0", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption]), "top": ints([-1])}}, "top must be >= 0"),
+        ({"name": "rows with different top", "model": "twbert_retrieve",
+          "inputs": {"text": text([caption, caption]), "top": ints([1, 2])}},
+         "the same for every row"),
+        ({"name": "retrieve text too long", "model": "twbert_retrieve",
+          "inputs": {"text": text([LONG])}}, "wordpieces long"),
+    ]
+
+
+def check_refusals(server, qa_artifact, serve_clips, tmp_path):
+    clip = load_videos(Artifact(qa_artifact / "model.fp32.onnx"), videos_of(serve_clips, 1))[0]
+    caption = caption_of(serve_clips)
+    cases = refusal_cases(caption)
+    results = probe(server, clip, [c for c, _ in cases] + [
+        {"name": "good", "model": "twbert_score",
+         "inputs": {"video": clip_rows(), "text": text([caption])}}], tmp_path)
+    want = {c["name"]: message for c, message in cases}
+    for r in results:
+        if r["case"] == "good":
+            assert r["status"] == "OK", r
+            continue
+        expected = "400" if r["protocol"] == "http" else "StatusCode.INVALID_ARGUMENT"
+        assert r["status"] == expected, r
+        message = r["message"]
+        assert want[r["case"]] in message, r
+        assert "\n" not in message.strip() and "Traceback" not in message, r
+        assert "/" not in message and ".py" not in message, r  # no server path
+    assert len(results) == 2 * (len(cases) + 1)
+    return clip, caption

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 import export
-from triton_server import (QUESTION, REPO, RETRIEVE, caption_of, predicted, retrieve_request,
-                           running_server, served, served_and_predicted_index, v2_request,
-                           videos_of)
+from triton_server import (QUESTION, REPO, RETRIEVE, caption_of, check_refusals, predicted,
+                           retrieve_request, running_server, served, served_and_predicted_index,
+                           v2_request, videos_of)
 from twbert_export.retrieval.gallery import SplitArtifact
-from twbert_export.validation.artifact_runner import Artifact
 from twbert_export.retrieval.predict import load_videos
 from twbert_export.serving.triton_repo import RETRIEVAL_GRAPHS
+from twbert_export.validation.artifact_runner import Artifact
 
 HERE = Path(__file__).resolve().parent
 
@@ -224,3 +224,10 @@ def test_retrieval_model_answers_bad_requests_with_errors_and_stays_up(bundled, 
     assert status == 200, reply
     outputs = {o["name"]: o for o in reply["outputs"]}
     assert outputs["clips"]["shape"] == [1, 4] and len(set(outputs["clips"]["data"])) == 4
+
+
+def test_bls_models_refuse_client_mistakes_as_serve_does(bundled, qa_artifact, serve_clips,
+                                                         tmp_path):
+    """The mistakes `serve` refuses (test_hardening), refused by the BLS models alike: HTTP 400
+    and gRPC INVALID_ARGUMENT with the one-line reason, no traceback, no path."""
+    check_refusals(bundled, qa_artifact, serve_clips, tmp_path)

@@ -519,3 +519,33 @@ def encode_tokens(tokenizer: Tokenizer, text: str, text_len: int
         print(f"warning: the text is longer than {text_len} tokens and was truncated (the "
               "model was exported with that length)", file=sys.stderr)
     return ids, mask
+
+
+# -- what the preprocessing can make (checked where clips come from a request or a file) ----------
+# Slack on the value range of a preprocessed clip, for float32 rounding in the normalisation.
+VIDEO_SLACK = 1e-3
+
+
+def video_range() -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the lowest and highest value the preprocessing can make
+    (`normalize_frame`: a pixel in [0, 1] becomes (x - mean) / std), with VIDEO_SLACK."""
+    mean, std = np.asarray(CLIP_MEAN, np.float64), np.asarray(CLIP_STD, np.float64)
+    return -mean / std - VIDEO_SLACK, (1.0 - mean) / std + VIDEO_SLACK
+
+
+def video_problem(video: np.ndarray) -> str | None:
+    """Why clips (..., 3, S, S) cannot have come from the preprocessing (NaN or Inf, or a value
+    outside `video_range`), or None."""
+    video = np.asarray(video)
+    finite = np.isfinite(video)
+    if not finite.all():
+        return f"holds NaN or Inf (first at index {np.argwhere(~finite)[0].tolist()})"
+    channels = tuple(a for a in range(video.ndim) if a != video.ndim - 3)
+    lowest, highest = video.min(axis=channels), video.max(axis=channels)
+    low, high = video_range()
+    for c in range(len(low)):
+        if lowest[c] < low[c] or highest[c] > high[c]:
+            value = lowest[c] if lowest[c] < low[c] else highest[c]
+            return (f"has {float(value):.4g} in channel {c}, outside what the preprocessing makes "
+                    f"({low[c]:.3f} to {high[c]:.3f}: CLIP-normalised pixels)")
+    return None

@@ -142,12 +142,15 @@ def retrieve(client: TritonClient, text: str, k: int, top: int | None) -> dict[s
                                         "k": np.array([[k]], np.int64),
                                         "top": np.array([[top or 0]], np.int64)})
     frames = out.get("frames")
+    # `shortlisted` says which clips have a match probability (older servers sent NaN instead)
+    scored = out["shortlisted"][0] if "shortlisted" in out \
+        else ~np.isnan(out["match_probability"][0])
     ranked = [RankedClip(clip.decode("utf-8"), float(itc),
-                         None if np.isnan(itm) else float(itm),
+                         float(itm) if ok else None,
                          None if frames is None else frames[0, i].tolist())
-              for i, (clip, itm, itc) in enumerate(zip(out["clips"][0],
-                                                       out["match_probability"][0],
-                                                       out["itc_similarity"][0]))]
+              for i, (clip, itm, itc, ok) in enumerate(zip(out["clips"][0],
+                                                           out["match_probability"][0],
+                                                           out["itc_similarity"][0], scored))]
     return ranking_result(text, ranked)
 
 

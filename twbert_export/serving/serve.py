@@ -16,16 +16,20 @@ within the exported batch range, which the runner takes in one call):
 - `twbert_retrieve` (with `--index INDEX`, a clip index `export.py index` made with this
   artifact): `text` BYTES (1,), optional `k` INT64 (1,) (ITC shortlist re-ranked by ITM, default
   50) and `top` INT64 (1,) (the N best; default 0: every clip) -> `clips` BYTES (N,),
-  `match_probability` FP64 (N,) (NaN outside the shortlist), `itc_similarity` FP32 (N,) and, with
+  `match_probability` FP64 (N,) (-1 outside the shortlist), `shortlisted` BOOL (N,) (which clips
+  have a match probability), `itc_similarity` FP32 (N,) and, with
   frame selection, `frames` INT64 (N, K2): the ranking `predict --index --text` prints, made by
   the same code (`gallery.ranked_clips` on the split graphs of the index's precision). Rows of a
   request must ask for the same `top`. Batches the dynamic batcher forms are ranked one text
   after the other (one ranking reads every stem once: batching texts would save no graph run
   worth having on a small index, and keeps the code `predict --index` runs).
 Clients send decoded clips (`preprocess.load_video`, as predict does) and raw text; the server
-tokenises with the artifact's tokenizer. Triton itself refuses a wrong shape or dtype; an empty
-text (or a `k` below 1) gets an error response from the model; either way the server stays up.
-A request the model refuses fails the other requests the batcher joined to it in that batch.
+tokenises with the artifact's tokenizer. Triton itself refuses a wrong shape or dtype; the model
+refuses, with HTTP 400 / gRPC INVALID_ARGUMENT and a one-line reason, an empty, non-UTF-8 or too
+long text, clips the preprocessing cannot have made (NaN, Inf, out of range) and bad `k` / `top`
+(docs/serving.md); either way the server stays up. The other requests the batcher
+joined to a refused one in that batch are not run: they get UNAVAILABLE (HTTP 503), send again.
+`/v2/health/ready` answers 200 only once every model is loaded.
 
 The runner is the artifact's, chosen from the model file as `predict` chooses it (ONNX Runtime
 for .onnx, TensorRT for an .engine after the engine preflight), one per model instance.
@@ -50,13 +54,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..artifact.manifest import Manifest
+from ..util import require
 from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
-from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, answer_outputs,
-                     ranking_width, retrieval_outputs, score_outputs, texts_of)
-from ..util import require
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, BadRequest,
+                     answer_outputs, check_text_lengths, check_video, ranking_width,
+                     retrieval_outputs, score_outputs, texts_of)
 
 LOOPBACK = "127.0.0.1"
+# The dynamic batcher's default wait, chosen from the sweep in docs/serving.md.
+DEFAULT_QUEUE_DELAY_US = 5000
 # PyTriton protects these endpoints with a generated token by default; the statistics endpoint
 # is left open (read-only, loopback only) so that clients and the load test can read the batch
 # sizes the dynamic batcher formed.
@@ -72,7 +79,7 @@ class ServeOptions:
     metrics_port: int = 8002
     instances: int = 1
     max_batch: int | None = None  # default: the exported batch max
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     index: str | None = None  # a clip index: serve `twbert_retrieve` over it
 
@@ -103,6 +110,13 @@ class ArtifactModel:
     def __init__(self, artifact: Artifact, runner: Any):
         self.artifact, self.runner = artifact, runner
         self.contract = artifact.contract
+
+    def check(self, request: Any, text_input: str) -> None:
+        """BadRequest unless one request's rows can be run: texts that fit the model, clips the
+        preprocessing can have made."""
+        texts = texts_of(np.asarray(request[text_input]), text_input)
+        check_text_lengths(self.artifact.tokenizer, texts, self.contract.text_len, text_input)
+        check_video(np.asarray(request["video"]))
 
     def forward(self, video: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
         """The contract's outputs for rows of (clip, text); batches outside the exported range
@@ -170,13 +184,27 @@ class RetrievalModel:
 
     def retrieve(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """PyTriton's undecorated form: the requests of one batch, each answered on its own
-        (their rankings may differ in length with `top`)."""
-        return [self.ranking(request) for request in requests]
+        (their rankings may differ in length with `top`). When a request is refused
+        (BadRequest), RefusedRequests carries each one's reason, as `refusing` does."""
+        answers, reasons = [], []
+        for request in requests:
+            try:
+                answers.append(self.ranking(request))
+                reasons.append(None)
+            except BadRequest as e:
+                reasons.append(str(e))
+        if any(reasons):
+            from .pytriton_compat import RefusedRequests
+
+            raise RefusedRequests(reasons)
+        return answers
 
     def ranking(self, request: Any) -> dict[str, np.ndarray]:
         from ..retrieval.gallery import ranked_clips
 
         texts = texts_of(request[SCORE_TEXT], SCORE_TEXT)
+        check_text_lengths(self.split.tokenizer(), texts, self.split.manifest.contract.text_len,
+                           SCORE_TEXT)
         ks = row_values(request, "k", len(texts), DEFAULT_K)
         width = ranking_width(ks, row_values(request, "top", len(texts), 0), len(self.index))
         rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
@@ -193,7 +221,7 @@ def selected_frames(split: Any) -> int | None:
 
 def retrieval_spec(split: Any) -> ModelSpec:
     outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
-               ("itc_similarity", np.float32, (-1,))]
+               ("itc_similarity", np.float32, (-1,)), ("shortlisted", np.bool_, (-1,))]
     kept = selected_frames(split)
     if kept is not None:
         outputs.append(("frames", np.int64, (-1, kept)))
@@ -293,10 +321,12 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
     security = triton_module.TritonSecurityConfig(restricted_endpoints=PROTECTED_ENDPOINTS)
     specs = model_specs(artifact)
     with contextlib.ExitStack() as stack:
+        workspace = stack.enter_context(tempfile.TemporaryDirectory(prefix="twbert-triton-"))
         # One runner per instance (activation checks the file: contract, hash, engine preflight).
         models = [ArtifactModel(artifact, stack.enter_context(artifact.runner(opts.threads)))
                   for _ in range(opts.instances)]
-        bound = [(spec, [decorators.batch(spec.compute(m)) for m in models]) for spec in specs]
+        bound = [(spec, [refusing(request_check(m, spec), decorators.batch(spec.compute(m)))
+                         for m in models]) for spec in specs]
         if split is not None:
             retrievers = [RetrievalModel(split, index,
                                          stack.enter_context(split.pipeline(opts.threads)))
@@ -304,8 +334,9 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
             spec = retrieval_spec(split)
             bound.append((spec, [spec.compute(r) for r in retrievers]))
             specs.append(spec)
-        server = stack.enter_context(triton_module.Triton(config=config,
-                                                          security_config=security))
+        server = stack.enter_context(triton_module.Triton(
+            config=config, security_config=security, **loaded_at_start(triton_module,
+                                                                       workspace)))
         for spec, infer_funcs in bound:
             server.bind(
                 model_name=spec.name,
@@ -319,6 +350,7 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                     batcher=model_config.DynamicBatcher(
                         max_queue_delay_microseconds=opts.max_queue_delay_us)),
                 strict=True)
+        refusals = refusals_answered(Path(workspace) / "pytriton")
         runtime = "TensorRT" if path.suffix == ".engine" else "ONNX Runtime"
         log(f"serving {path} ({runtime}, task {c.task}, F@{c.schedule}): "
             f"{', '.join(s.name for s in specs)}; batches up to {max_batch}, queue delay "
@@ -331,7 +363,59 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
         log(f"  http://{LOOPBACK}:{opts.http_port}  grpc {LOOPBACK}:{opts.grpc_port}  "
             f"metrics http://{LOOPBACK}:{opts.metrics_port}/metrics  "
             f"Triton's log: {log_file}")
+        if not refusals:
+            log("  note: this PyTriton answers refused requests with HTTP 500 and a traceback "
+                "(400 / INVALID_ARGUMENT needs nvidia-pytriton 0.7.0: twbert_export."
+                "pytriton_compat)")
         yield server
+
+
+def request_check(model: ArtifactModel, spec: ModelSpec) -> Callable[[Any], None]:
+    """The check (`ArtifactModel.check`) of one request to a score or QA model."""
+    text_input = next(n for n, _, _ in spec.inputs if n in (SCORE_TEXT, QA_TEXT))
+    return lambda request: model.check(request, text_input)
+
+
+def refusing(check: Callable[[Any], None], infer: Callable[[list], list]
+             ) -> Callable[[list], list]:
+    """A batched inference callable that first checks each request of the batch: when any is
+    refused (BadRequest), none runs and RefusedRequests carries each one's reason, which the
+    patched proxy model answers request by request (pytriton_compat)."""
+    def infer_requests(requests: list) -> list:
+        reasons: list[str | None] = []
+        for request in requests:
+            try:
+                check(request)
+                reasons.append(None)
+            except BadRequest as e:
+                reasons.append(str(e))
+        if any(reasons):
+            from .pytriton_compat import RefusedRequests
+
+            raise RefusedRequests(reasons)
+        return infer(requests)
+
+    return infer_requests
+
+
+def loaded_at_start(triton_module: Any, workspace: str) -> dict[str, Any]:
+    """Triton arguments that make it load every bound model before it opens its endpoints:
+    PyTriton's default starts Triton first and loads the models one by one through its API, and
+    meanwhile `/v2/health/ready` answers 200 between loads (issue 23). With a local model store
+    (PyTriton's documented lifecycle policy, the one its Vertex AI mode uses) the models are
+    written at `bind` and Triton loads them all at start (`--load-model=*`), so readiness never
+    says ready before every model is."""
+    policy = triton_module.TritonLifecyclePolicy(launch_triton_on_startup=False,
+                                                 local_model_store=True)
+    return {"workspace": str(Path(workspace) / "pytriton"), "triton_lifecycle_policy": policy}
+
+
+def refusals_answered(pytriton_workspace: Path) -> bool:
+    """Patch the proxy models PyTriton wrote to answer refused requests as client errors
+    (pytriton_compat); False where this PyTriton is not the one the patch was made for."""
+    from .pytriton_compat import patch_model_store
+
+    return bool(patch_model_store(pytriton_workspace / "model-store"))
 
 
 def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
@@ -364,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--instances", type=int, default=1, help="model instances (runners)")
     ap.add_argument("--max-batch", type=int, help="largest batch formed (default: exported max)")
-    ap.add_argument("--max-queue-delay-us", type=int, default=2000,
-                    help="how long the dynamic batcher waits to fill a batch")
+    ap.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                    help="how long the dynamic batcher waits to fill a batch (default "
+                    f"{DEFAULT_QUEUE_DELAY_US}: docs/serving.md)")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance")
     args = ap.parse_args(argv)
     from ..trt.engine_manifest import EngineMismatch

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..data.assets import resolve_data
-from ..validation.artifact_runner import Artifact
-from ..retrieval.predict import load_videos, score
 from ..data.preprocess import read_annotations
-from .serve import model_file
+from ..retrieval.predict import load_videos, score
+from ..validation.artifact_runner import Artifact
+from .serve import DEFAULT_QUEUE_DELAY_US, model_file
 from .served import SCORE_MODEL, SCORE_TEXT, score_outputs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     ap.add_argument("--max-requests", type=int, default=20000, help="bound on served requests")
-    ap.add_argument("--max-queue-delay-us", type=int, default=2000)
+    ap.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US)
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (both phases)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.preprocess import video_problem
 from ..validation.metrics import softmax
 
 SCORE_MODEL, QA_MODEL = "twbert_score", "twbert_qa"
@@ -69,15 +70,47 @@ def ranking_width(ks: list[int], tops: list[int], clips: int) -> int:
 def retrieval_outputs(rankings: list, width: int, kept: int | None) -> dict[str, np.ndarray]:
     """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
     first, cut to `width`): clip ids, ITM match probability (NaN outside the shortlist), ITC
-    similarity and, with frame selection (`kept` frames), the frames kept."""
+    similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
+    shortlist has no match probability: `shortlisted` says which have one, and theirs is
+    NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON)."""
     rows = len(rankings)
     out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
                              dtype=np.object_).reshape(rows, width),
-           "match_probability": np.array([[np.nan if c.itm is None else c.itm for c in r]
+           "match_probability": np.array([[NOT_SCORED if c.itm is None else c.itm for c in r]
                                           for r in rankings], np.float64).reshape(rows, width),
+           "shortlisted": np.array([[c.itm is not None for c in r] for r in rankings],
+                                   np.bool_).reshape(rows, width),
            "itc_similarity": np.array([[c.itc for c in r] for r in rankings], np.float32
                                       ).reshape(rows, width)}
     if kept is not None:
         out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
                                  ).reshape(rows, width, kept)
     return out
+
+
+# -- what a request must be for the model to run it (docs/serving.md) ------------------
+NOT_SCORED = -1.0  # twbert_retrieve's match_probability of a clip outside the ITC shortlist
+# A text longer than this is refused before it is tokenised; one within it is refused when it has
+# more wordpieces than the model reads (text_len - 2): the model would see only its start.
+MAX_TEXT_BYTES = 4096
+def check_video(video: np.ndarray, name: str = "video") -> None:
+    """BadRequest naming the input unless `video` can be the preprocessing's output."""
+    problem = video_problem(video)
+    if problem is not None:
+        raise BadRequest(f"{name} {problem}: send clips as preprocess.load_video makes them")
+
+
+def check_text_lengths(tokenizer, texts: list[str], text_len: int, name: str) -> None:
+    """BadRequest unless every text fits the model: at most MAX_TEXT_BYTES, and at most
+    text_len - 2 wordpieces (the rest would be cut off without the caller knowing)."""
+    room = text_len - 2
+    for text in texts:
+        size = len(text.encode("utf-8"))
+        if size > MAX_TEXT_BYTES:
+            raise BadRequest(f"{name} is {size} bytes long; the limit is {MAX_TEXT_BYTES} bytes "
+                             f"and {room} wordpieces: shorten it")
+        pieces = len(tokenizer.tokenize(text))
+        if pieces > room:
+            raise BadRequest(f"{name} is {pieces} wordpieces long; this model reads at most "
+                             f"{room} (its text length {text_len} less [CLS] and [SEP]): "
+                             "shorten it")

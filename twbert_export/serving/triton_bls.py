@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twbert_serving.data.preprocess import Tokenizer  # noqa: E402
 from twbert_serving.serving.served import (QA_TEXT, SCORE_TEXT, BadRequest,  # noqa: E402
-                                           answer_outputs, ranking_width, retrieval_outputs,
-                                           score_outputs, texts_of)
+                                           answer_outputs, check_text_lengths, check_video,
+                                           ranking_width, retrieval_outputs, score_outputs,
+                                           texts_of)
 
 DEFAULT_K = 50  # predict --index's default shortlist
 
@@ -126,9 +127,18 @@ class TritonPythonModel:
             try:
                 responses.append(self.answer(request))
             except Exception as e:  # this request's error; the batch's other requests go on
-                message = str(e) if isinstance(e, BadRequest) else f"{type(e).__name__}: {e}"
-                responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(message)))
+                responses.append(self.pb.InferenceResponse(error=self.error_of(e)))
         return responses
+
+    def error_of(self, e):
+        """A refused request (BadRequest) as the client's error: its one-line reason with
+        INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), where this Triton's Python backend takes
+        a code; anything else as Triton's default (INTERNAL)."""
+        error = self.pb.TritonError
+        if not isinstance(e, BadRequest):
+            return error(f"{type(e).__name__}: {e}")
+        invalid = getattr(error, "INVALID_ARG", None)
+        return error(str(e)) if invalid is None else error(str(e), invalid)
 
     def answer(self, request):
         if self.kind == "retrieve":
@@ -137,6 +147,8 @@ class TritonPythonModel:
         video = pb.get_input_tensor_by_name(request, "video").as_numpy()
         texts = texts_of(pb.get_input_tensor_by_name(request, self.text_input).as_numpy(),
                          self.text_input)
+        check_text_lengths(self.tokenizer, texts, self.text_len, self.text_input)
+        check_video(video)
         ids, mask, _ = self.tokenizer.encode(texts, self.text_len)
         result = pb.InferenceRequest(
             model_name=self.engine_model, requested_output_names=self.engine_outputs,
@@ -157,6 +169,7 @@ class TritonPythonModel:
 
         pb = self.pb
         texts = texts_of(pb.get_input_tensor_by_name(request, SCORE_TEXT).as_numpy(), SCORE_TEXT)
+        check_text_lengths(self.tokenizer, texts, self.text_len, SCORE_TEXT)
         ks = optional_ints(pb, request, "k", len(texts), DEFAULT_K)
         width = ranking_width(ks, optional_ints(pb, request, "top", len(texts), 0),
                               len(self.index))

@@ -149,7 +149,7 @@ def served_tensors(contract: IOContract, kind: str) -> tuple[list[Tensor], list[
 def retrieval_tensors(kept: int | None) -> tuple[list[Tensor], list[Tensor]]:
     """What `export.py serve --index` binds for twbert_retrieve (see serve.retrieval_spec)."""
     outputs = [Tensor("clips", "bytes", (-1,)), Tensor("match_probability", "float64", (-1,)),
-               Tensor("itc_similarity", "float32", (-1,))]
+               Tensor("itc_similarity", "float32", (-1,)), Tensor("shortlisted", "bool", (-1,))]
     if kept is not None:
         outputs.append(Tensor("frames", "int64", (-1, kept)))
     return ([Tensor(SCORE_TEXT, "bytes", (1,)), Tensor("k", "int64", (1,), optional=True),

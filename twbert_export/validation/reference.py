@@ -115,12 +115,25 @@ def load_validation_reference(directory: str | Path, contract: IOContract
     missing = [n for n in contract.output_names if OUTPUT_PREFIX + n not in arrays]
     if missing:
         raise ReferenceError(f"{directory}: no reference values for outputs {missing}")
+    check_reference_inputs(arrays_path, arrays)
     feeds = FeedSet(video=arrays["video"], input_ids=arrays["input_ids"],
                     attention_mask=arrays["attention_mask"], video_index=arrays["video_index"],
                     texts=meta["texts"], answers=meta["answers"],
                     video_paths=meta["video_paths"], identity=meta["validation_data"])
     outputs = {n: arrays[OUTPUT_PREFIX + n] for n in contract.output_names}
     return feeds, outputs, meta
+
+
+def check_reference_inputs(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """ReferenceError naming the input when the stored clips cannot be the preprocessing's
+    output (NaN, Inf, or values outside its range: `preprocess.video_problem`): a damaged or
+    hand-made file would otherwise be run and judged on NaN outputs."""
+    from ..data.preprocess import video_problem
+
+    problem = video_problem(arrays["video"])
+    if problem is not None:
+        raise ReferenceError(f"{path}: input video {problem}; copy the artifact's reference/ "
+                             "directory again")
 
 
 def validate_against_reference(runner: Any, precision: str, contract: IOContract,
