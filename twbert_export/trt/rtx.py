@@ -133,10 +133,11 @@ def engine_name(onnx: str | Path) -> str:
 
 # -- parse, audit, build ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _native_stdout(lines: list[str]) -> Iterator[None]:
-    """Collect what the TensorRT-RTX libraries print to the process's stdout (file descriptor
-    1) past the logger (e.g. "WARNING: in op /model/Clip_min, operand ... precision-lose
-    casting") into `lines`, instead of letting it interleave with the stage lines."""
+def _native_output(lines: list[str]) -> Iterator[None]:
+    """Collect what the TensorRT-RTX libraries print past the logger, to the process's stdout
+    or stderr (file descriptors 1 and 2: "WARNING: in op /model/Clip_min, operand ...
+    precision-lose casting", "Unsupported ONNX data type: INT16 (5)"), into `lines`, instead of
+    letting it interleave with the stage lines."""
     import ctypes
     import os
     import sys
@@ -144,22 +145,26 @@ def _native_stdout(lines: list[str]) -> Iterator[None]:
 
     libc = ctypes.CDLL(None)
     sys.stdout.flush()
+    sys.stderr.flush()
     libc.fflush(None)
-    saved = os.dup(1)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 1)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
             libc.fflush(None)  # C++ streams synced with stdio write through it
-            os.dup2(saved, 1)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             sink.seek(0)
             lines += [line.strip() for line in sink.read().decode(errors="replace").splitlines()
                       if line.strip()]
 
 
 def _dtype(value: Any) -> str:
+    """'DataType.HALF' / 'LayerType.MATRIX_MULTIPLY' -> 'HALF' / 'MATRIX_MULTIPLY'."""
     return str(value).rsplit(".", 1)[-1]
 
 
@@ -191,7 +196,7 @@ def parse(trt: ModuleType, path: Path) -> tuple[Any, Any, Any, list[str]]:
     network = builder.create_network(0)  # strongly typed: TensorRT-RTX's only mode
     parser = trt.OnnxParser(network, log)
     printed: list[str] = []
-    with _native_stdout(printed):
+    with _native_output(printed):
         parsed = parser.parse_from_file(str(path))
     log.messages += _printed(printed)
     if not parsed:
@@ -241,7 +246,7 @@ def build(trt: ModuleType, builder: Any, network: Any, contract: IOContract, onn
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     printed: list[str] = []
-    with _native_stdout(printed):
+    with _native_output(printed):
         engine = builder.build_serialized_network(network, config)
     log.messages += _printed(printed)
     if engine is None:
