@@ -327,6 +327,7 @@ class RtxGraphBuild:
     # TensorRT layer type -> output type -> layers: MatMul and Normalization layers
     matmul: dict[str, int] = field(default_factory=dict)
     normalization: dict[str, int] = field(default_factory=dict)
+    qdq_layers: int = 0  # Quantize + Dequantize layers (the INT8 of a W8A8 Q/DQ graph)
     selection_layers: int = 0  # layers whose name is on the frame-selection path
     selection_not_fp32: list[str] = field(default_factory=list)  # 'layer (TYPE): HALF', ...
     parser_warnings: list[str] = field(default_factory=list)
@@ -347,7 +348,8 @@ class RtxGraphBuild:
         kinds: dict[str, Any] = {"graph": str, "precision": str, "flavour": str, "onnx": str,
                                  "built": bool, "parse_seconds": (int, float),
                                  "build_seconds": (int, float), "engine_bytes": int,
-                                 "matmul": dict, "normalization": dict, "selection_layers": int,
+                                 "matmul": dict, "normalization": dict, "qdq_layers": int,
+                                 "selection_layers": int,
                                  "selection_not_fp32": list, "parser_warnings": list,
                                  "builder_warnings": list, "note": str}
         values = {k: _read(d, k, kind, where) for k, kind in kinds.items()}

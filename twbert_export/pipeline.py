@@ -35,6 +35,7 @@ from .reference import save_polygraphy_reference, save_validation_reference
 from .rewrite import rewrite
 from .runners import batched, make_torch_runner, ort_runner
 from .trt.commands import polygraphy_command, write_device_kit
+from .trt.rtx import RtxCheck, report_md as rtx_report_md, rtx_stage
 from .util import (Stopwatch, current_rss_gb, file_sha256, human_size, map_large_allocations,
                    removed_if_stopped, require, signals_deferred, stage_peak_rss_gb, write_json,
                    write_text)
@@ -72,6 +73,7 @@ class ExportOptions:
     val_limit: int | None = None
     calib_cache: bool = True
     graphs: str = "both"
+    rtx_engines: bool = False  # keep the TensorRT-RTX engines of the rtx stage (trt/rtx.py)
 
 
 class StageLog:
@@ -212,7 +214,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
     """Run every stage and return the artifact's manifest and report (its gate verdicts
     included: the caller decides the exit code). Raises UserError for bad input."""
     inputs = resolve_inputs(opts)
-    stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
+    stages = StageLog(total=7 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
@@ -229,9 +231,15 @@ def run_export(opts: ExportOptions) -> ExportResult:
             for p in inputs.precisions[1:]:
                 precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
             trt8_stage(conversion, work, out, stages)
+            # NVIDIA's parser and CPU builder on every file; a refused graph raises RtxGraphError
+            rtx_check = rtx_stage(conversion.entries(),
+                                  {MODEL_GRAPH: loaded.contract, **loaded.graph_contracts},
+                                  precision.SELECTION_NODES, stages,
+                                  work if opts.rtx_engines else None)
             validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
             manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
-                                                     calib, lint_warnings, opts, work, stages)
+                                                     calib, lint_warnings, opts, work, stages,
+                                                     rtx_check)
             report.total_seconds = time.perf_counter() - t_start
             report.write(work)
             with signals_deferred():  # not stopped half-way
@@ -512,7 +520,8 @@ def _reload(loaded: Loaded, trust_checkpoint: bool):
 def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion,
                           validation: Validation, val: FeedSet, calib: FeedSet | None,
                           lint_warnings: list[Any], opts: ExportOptions, work: Path,
-                          stages: StageLog) -> tuple[Manifest, Report]:
+                          stages: StageLog, rtx: RtxCheck | None = None
+                          ) -> tuple[Manifest, Report]:
     """Tokenizer, answers, manifest, device kit and report.md (report.json is written last,
     with the total time, by run_export)."""
     tokenizer_name = "tokenizer.json" if inputs.tokenizer.source.endswith(".json") else "vocab.txt"
@@ -544,7 +553,7 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
             g: conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
             if fl == DEFAULT_FLAVOUR and (g, p) in conversion.graph_reports} or None)
             for (p, fl), r in validation.split.items()},
-        validation_runs=validation.runs)
+        validation_runs=validation.runs, rtx=rtx)
     parity = _parity(validation, DEFAULT_FLAVOUR)
     ckpt = loaded.ckpt_path
     manifest = Manifest(
@@ -759,6 +768,8 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
                          f"{100 * v['R@5']:.1f} | {100 * v['R@10']:.1f} | {v['MedR']:.1f} |")
     if report.split:
         lines += _split_report_md(report)
+    if report.rtx:
+        lines += rtx_report_md(report.rtx)
     return "\n".join(lines) + "\n"
 
 

@@ -50,12 +50,14 @@ FLOAT_TYPES = frozenset({"FLOAT", "HALF", "BF16", "FP8", "FP4"})
 # What a parser/builder warning means for us, for report.json (pattern -> explanation). A
 # warning matching none is reported as unexplained.
 WARNING_NOTES = {
-    r"Make sure input .* has Int64 binding": (
-        "the contract's input_ids / attention_mask are int64 (contract.py) and every runner "
-        "binds them as int64: expected, nothing to do"),
-    r"operand .*Clip.* payload type requires precision-lose casting": (
-        "a Clip bound (F.normalize's eps, 1e-12) stored in a lower precision than TensorRT "
-        "casts it to; see docs/rtx.md, 'The Clip warning'"),
+    r"Make sure (input|output) .* has Int64 binding": (
+        "input_ids, attention_mask and frame_indices_* are int64 in the contract (contract.py) "
+        "and every runner binds them as int64: expected, nothing to do"),
+    r"operand .*Clip.*_beta payload type requires precision-lose casting": (
+        "F.normalize's clamp of the ITC norm: the FP16 graph stores its bound 1e-12 as FP16's "
+        "smallest step 2^-24, TensorRT casts that FP32 scalar to the layer's HALF (exact unless "
+        "the GPU flushes subnormals); it acts only on a norm below 6e-8, and the smallest "
+        "measured is 1.97 (docs/rtx.md, 'The Clip warning')"),
 }
 # TensorRT prints this when a second builder shares the process-wide logger: not about a graph.
 _IGNORED = ("differs from one already registered",)
@@ -131,7 +133,7 @@ def engine_name(onnx: str | Path) -> str:
     return Path(onnx).name.removesuffix(".onnx") + RTX_ENGINE_SUFFIX
 
 
-# -- parse, audit, build ----------------------------------------------------------------------------
+# -- parse, audit, build --------------------------------------------------------------------------
 @contextlib.contextmanager
 def _native_output(lines: list[str]) -> Iterator[None]:
     """Collect what the TensorRT-RTX libraries print past the logger, to the process's stdout
@@ -215,14 +217,15 @@ def parse(trt: ModuleType, path: Path) -> tuple[Any, Any, Any, list[str]]:
 
 def audit_network(network: Any, selection: Sequence[str]) -> dict[str, Any]:
     """TensorRT's types of a parsed network: per HISTOGRAM_LAYERS kind, output type -> layers;
-    the layers on the selection path (name matches a `selection` pattern) and those of them
-    with a floating-point output that is not FLOAT."""
+    the Quantize/Dequantize layers; the layers on the selection path (name matches a
+    `selection` pattern) and those of them with a floating-point output that is not FLOAT."""
     histogram: dict[str, dict[str, int]] = {kind: {} for kind in HISTOGRAM_LAYERS.values()}
-    on_path, not_fp32 = 0, []
+    on_path, qdq, not_fp32 = 0, 0, []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         kind = _dtype(layer.type)
         types = [_dtype(layer.get_output(j).dtype) for j in range(layer.num_outputs)]
+        qdq += kind in ("QUANTIZE", "DEQUANTIZE")
         if kind in HISTOGRAM_LAYERS and types:
             counts = histogram[HISTOGRAM_LAYERS[kind]]
             counts[types[0]] = counts.get(types[0], 0) + 1
@@ -231,7 +234,8 @@ def audit_network(network: Any, selection: Sequence[str]) -> dict[str, Any]:
             low = [t for t in types if t in FLOAT_TYPES and t != "FLOAT"]
             if low:
                 not_fp32.append(f"{layer.name} ({kind}): {', '.join(low)}")
-    return {**histogram, "selection_layers": on_path, "selection_not_fp32": not_fp32}
+    return {**histogram, "qdq_layers": qdq, "selection_layers": on_path,
+            "selection_not_fp32": not_fp32}
 
 
 def build(trt: ModuleType, builder: Any, network: Any, contract: IOContract, onnx: str
@@ -382,14 +386,14 @@ def report_md(check: RtxCheck) -> list[str]:
               "profile per graph from its contract's batch range. Types are TensorRT's own, "
               "read from the parsed network.", "",
               "| file | built | parse s | build s | engine | MatMul types | Normalization types "
-              "| selection layers | not FP32 |", "| --- | --- | --- | --- | --- | --- | --- | --- "
-              "| --- |"]
+              "| Q/DQ layers | selection layers | not FP32 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in check.graphs:
         hist = lambda h: ", ".join(f"{t} {n}" for t, n in sorted(h.items())) or "-"  # noqa: E731
         lines.append(f"| {r.onnx} | {'yes' if r.built else 'no: ' + r.note} | "
                      f"{r.parse_seconds:.1f} | {r.build_seconds:.1f} | "
                      f"{human_size(r.engine_bytes) if r.built else ''} | {hist(r.matmul)} | "
-                     f"{hist(r.normalization)} | {r.selection_layers} | "
+                     f"{hist(r.normalization)} | {r.qdq_layers} | {r.selection_layers} | "
                      f"{', '.join(r.selection_not_fp32) or 'none'} |")
     if check.warnings:
         lines += ["", "| parser / builder warning | what it means |", "| --- | --- |"]
@@ -458,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
                              manifest.contract_of(f.graph))
             r = build_graphs([spec], selection, directory if args.engines else None, trt)[0]
             results.append(r)
-            print(f"{r.onnx:<28} {'built' if r.built else 'NOT BUILT'} parse {r.parse_seconds:5.1f}s "
-                  f"build {r.build_seconds:5.1f}s {human_size(r.engine_bytes):>9}  MatMul "
-                  f"{r.matmul} Normalization {r.normalization} selection {r.selection_layers} "
+            print(f"{r.onnx:<28} {'built' if r.built else 'NOT BUILT'} parse "
+                  f"{r.parse_seconds:5.1f}s build {r.build_seconds:5.1f}s "
+                  f"{human_size(r.engine_bytes):>9}  MatMul {r.matmul} Normalization "
+                  f"{r.normalization} Q/DQ {r.qdq_layers} selection {r.selection_layers} "
                   f"layers, not FP32: {len(r.selection_not_fp32)}"
                   + (f"  ({r.note})" if r.note else ""), flush=True)
             for w in (*r.parser_warnings, *r.builder_warnings):
