@@ -221,3 +221,33 @@ def test_the_runner_refuses_an_engine_of_another_file_before_touching_a_gpu(tmp_
         with pytest.raises(EngineMismatch, match="no CUDA GPU visible here: model.fp32.rtx.engine "
                                                  "runs only on a GPU"):
             rtx_runner(tmp_path / r.engine, tiny_contract()).activate()
+
+
+@needs_rtx
+@pytest.mark.slow
+def test_a_planted_bad_graph_stops_a_real_export_and_nothing_is_moved_into_place(
+        tmp_path, small_val, monkeypatch, capsys):
+    """The whole export (FP32, whole model), with one more file for the rtx stage: a graph
+    NVIDIA's parser rejects. Exit 1, the parser's message and node in one line, no artifact and
+    no scratch directory left."""
+    import export
+    from twbert_export import pipeline
+
+    bad = scorer_graph(tmp_path / "planted.fp32.onnx", bad_op=True)
+    real_stage = pipeline.rtx_stage
+
+    def with_planted_graph(entries, contracts, *args, **kwargs):
+        return real_stage([*entries, ("model", "fp32", "trt10", bad)], contracts, *args,
+                          **kwargs)
+
+    monkeypatch.setattr(pipeline, "rtx_stage", with_planted_graph)
+    out = tmp_path / "out"
+    code = export.main(["--precision", "fp32", "--graphs", "monolithic", "--val-data",
+                        str(small_val), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith(
+        "error: planted.fp32.onnx: TensorRT-RTX ONNX parse failed at node /model/planted/Unique "
+        "(Unique): UNSUPPORTED_NODE")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["planted.fp32.onnx"]

@@ -229,6 +229,45 @@ def test_lint_rule_against_tensorrt_rtx(case: Case, tmp_path):
     assert verdict == case.rtx, message
 
 
+# Unary ops the dtype sweep tries (lint.STRICT_OP_DTYPES rests on it).
+UNARY = ("Abs", "Acos", "Ceil", "Cos", "Erf", "Exp", "Floor", "Log", "Neg", "Reciprocal", "Relu",
+         "Round", "Sigmoid", "Sign", "Sin", "Sqrt", "Tanh", "Softmax", "Elu", "LeakyRelu",
+         "HardSigmoid", "Softplus", "IsNaN", "Not", "Identity")
+SWEEP = [(op, dtype) for dtype in ("INT32", "BOOL") for op in UNARY
+         if dtype not in lint.OPERATORS[op].types]
+
+
+def unary(op: str, dtype: str) -> onnx.ModelProto:
+    elem = getattr(TensorProto, dtype)
+    out = TensorProto.BOOL if op == "IsNaN" else elem
+    return model([node(op, ["x"], ["y"])], [("x", elem, [2, 4])], [("y", out, None)])
+
+
+@pytest.mark.skipif(RTX is None, reason=WHY)
+def test_int32_and_bool_where_the_table_does_not_list_them_are_lint_errors_and_refused(tmp_path):
+    """Every unary op of UNARY on INT32 / BOOL that the operator table does not list the type
+    for: a lint error (STRICT_OP_DTYPES), and TensorRT-RTX's parser refuses it."""
+    assert len(SWEEP) == 42
+    for op, dtype in SWEEP:
+        proto = unary(op, dtype)
+        assert lint_verdict(proto)[0] == "error", (op, dtype)
+        assert rtx_verdict(proto, tmp_path)[0] == "refused at parse", (op, dtype)
+
+
+@pytest.mark.skipif(RTX is None, reason=WHY)
+def test_int8_where_the_table_does_not_list_it_stays_a_warning(tmp_path):
+    """On INT8 the same ops split: TensorRT-RTX builds some and refuses the rest, so the lint
+    keeps a warning there."""
+    built = set()
+    for op in UNARY:
+        proto = unary(op, "INT8")
+        assert lint_verdict(proto)[0] == "warning", op
+        if rtx_verdict(proto, tmp_path)[0] == "built":
+            built.add(op)
+    assert built == {"Abs", "Erf", "Neg", "Reciprocal", "Relu", "Sign", "LeakyRelu",
+                     "HardSigmoid", "Identity"}
+
+
 def table(tmp: Path) -> str:
     rows = ["| rule (lint.py) | minimal graph | lint, TensorRT 10 | TensorRT-RTX "
             f"{RTX.__version__} | conclusion |", "| --- | --- | --- | --- | --- |"]
