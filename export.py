@@ -80,12 +80,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises: each is reported as one line with exit code 2."""
-    from twbert_export.artifact import ArtifactFormatError
-    from twbert_export.calibration import CalibrationDataError
-    from twbert_export.input_checks import ModelFileMismatch, OutputDirError
-    from twbert_export.pipeline import UserError
-    from twbert_export.preprocess import AnnotationError, VideoDecodeError
-    from twbert_export.validate import GateSpecError
+    from twbert_export.artifact.manifest import ArtifactFormatError
+    from twbert_export.data.calibration import CalibrationDataError
+    from twbert_export.artifact.input_checks import ModelFileMismatch, OutputDirError
+    from twbert_export.export.pipeline import UserError
+    from twbert_export.data.preprocess import AnnotationError, VideoDecodeError
+    from twbert_export.validation.parity import GateSpecError
 
     return (UserError, ArtifactFormatError, CalibrationDataError, VideoDecodeError,
             AnnotationError, GateSpecError, OutputDirError, ModelFileMismatch, FileNotFoundError)
@@ -98,9 +98,9 @@ def bad_input(error: Exception, hint: str) -> int:
 
 
 def run_export(argv: list[str]) -> int:
-    from twbert_export import pipeline
+    from twbert_export.export import pipeline
     from twbert_export.trt.rtx import RtxGraphError
-    from twbert_export.validate import parse_gate_overrides
+    from twbert_export.validation.parity import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
     try:
@@ -144,12 +144,12 @@ def run_export(argv: list[str]) -> int:
 
 def run_validate(argv: list[str]) -> int:
     if any(a.split("=")[0] in ("--engine", "--model") for a in argv):
-        from twbert_export.reference import main as validate_against_reference
+        from twbert_export.validation.reference import main as validate_against_reference
 
         return validate_against_reference(argv)
-    from twbert_export.artifact import PRECISIONS
-    from twbert_export.pipeline import validate_onnx
-    from twbert_export.validate import parse_gate_overrides
+    from twbert_export.artifact.manifest import PRECISIONS
+    from twbert_export.export.pipeline import validate_onnx
+    from twbert_export.validation.parity import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",
                                  description="Validate an ONNX file against its checkpoint on "
@@ -196,25 +196,25 @@ def run_build(argv: list[str]) -> int:
 
 
 def run_predict(argv: list[str]) -> int:
-    from twbert_export.predict import main
+    from twbert_export.retrieval.predict import main
 
     return main(argv)
 
 
 def run_index(argv: list[str]) -> int:
-    from twbert_export.gallery import index_main
+    from twbert_export.retrieval.gallery import index_main
 
     return index_main(argv)
 
 
 def run_serve(argv: list[str]) -> int:
-    from twbert_export.serve import main
+    from twbert_export.serving.serve import main
 
     return main(argv)
 
 
 def run_triton_repo(argv: list[str]) -> int:
-    from twbert_export.triton_repo import main
+    from twbert_export.serving.triton_repo import main
 
     return main(argv)
 

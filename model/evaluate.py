@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from twbert_export.metrics import retrieval_metrics
+from twbert_export.validation.metrics import retrieval_metrics
 
 from .data.dataset import ClipTextDataset
 from .twbert import TWBert
@@ -124,8 +124,8 @@ def evaluate_qa(model: TWBert, data: ClipTextDataset, batch_size: int = 64,
 def load_for_eval(ckpt: str, data: str, task: str, tokenizer: str | None = None,
                   on_error: str = "fail", trust_checkpoint: bool = False
                   ) -> tuple[TWBert, ClipTextDataset, dict[str, Any]]:
-    from twbert_export.assets import resolve_checkpoint, resolve_data
-    from twbert_export.preprocess import Tokenizer
+    from twbert_export.data.assets import resolve_checkpoint, resolve_data
+    from twbert_export.data.preprocess import Tokenizer
 
     from .checkpoint import load_checkpoint
 

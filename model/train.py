@@ -183,8 +183,8 @@ def param_groups(model: TWBert, weight_decay: float) -> list[dict[str, Any]]:
 
 # -- main loop ----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    from twbert_export.assets import resolve_checkpoint, resolve_data
-    from twbert_export.preprocess import Tokenizer
+    from twbert_export.data.assets import resolve_checkpoint, resolve_data
+    from twbert_export.data.preprocess import Tokenizer
 
     out = Path(args.out)
     resume_path = out / "resume.pt"

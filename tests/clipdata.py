@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twbert_export.assets import DEMO_DATA
+from twbert_export.data.assets import DEMO_DATA
 
 
 def copy_clips(dst: Path, n_clips: int, split: str = "val") -> Path:

@@ -35,7 +35,7 @@ def artifact(tmp_path_factory, small_val):
     """The demo checkpoint exported at every precision: (artifact directory, report). Its
     export runs every stage, TensorRT-RTX's build of each graph included (tests/trt/test_rtx.py
     reads that)."""
-    from twbert_export.pipeline import ExportOptions, run_export
+    from twbert_export.export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("engines") / "demo"
     result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),

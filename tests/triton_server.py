@@ -111,7 +111,7 @@ def grpc_error(server: Server, model: str, inputs: str, setup: str = ""
                ) -> subprocess.CompletedProcess:
     """The client library sending a request (`inputs`: a Python dict expression, after
     `setup`) over gRPC and printing the server's refusal."""
-    code = ("from twbert_export.client import *\n" + setup
+    code = ("from twbert_export.serving.client import *\n" + setup
             + f"c = TritonClient({server.grpc!r}, 'grpc')\n"
             f"try:\n    c.infer({model!r}, {inputs})\n"
             "except ServerError as e:\n    print(e)\n")
@@ -137,7 +137,7 @@ def predicted(artifact: Path, videos: list[str], flag: str, text: str, capsys) -
 
 def served(server, protocol: str, videos: list[str], flag: str, text: str) -> dict:
     url = server.http if protocol == "http" else server.grpc
-    args = [str(server.python), "-m", "twbert_export.client", "--url", url, "--protocol",
+    args = [str(server.python), "-m", "twbert_export.serving.client", "--url", url, "--protocol",
             protocol, flag, text, "--json"]
     for v in videos:
         args += ["--video", v]
@@ -170,7 +170,7 @@ def predicted_index(artifact, index, text: str, capsys, *extra: str) -> tuple[in
 
 def client(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
     url = server.http if protocol == "http" else server.grpc
-    return subprocess.run([str(server.python), "-m", "twbert_export.client", "--url", url,
+    return subprocess.run([str(server.python), "-m", "twbert_export.serving.client", "--url", url,
                            "--protocol", protocol, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 

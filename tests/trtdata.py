@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from twbert_export.artifact import TRT8_FLAVOUR, CheckpointInfo, FileEntry, Manifest
-from twbert_export.contract import BatchRange, IOContract, TensorSpec
+from twbert_export.artifact.manifest import TRT8_FLAVOUR, CheckpointInfo, FileEntry, Manifest
+from twbert_export.artifact.contract import BatchRange, IOContract, TensorSpec
 
 # /etc/nv_tegra_release as JetPack writes it (one line, then the kernel-variant comment lines).
 TEGRA_R35_4_1 = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "

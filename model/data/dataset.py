@@ -1,7 +1,7 @@
 """Torch view of a data directory for training and evaluation.
 
 Decoding, sampling, resizing, normalising and tokenising are done by the one torch-free
-implementation in `twbert_export.preprocess`; this module only stacks its numpy output into
+implementation in `twbert_export.data.preprocess`; this module only stacks its numpy output into
 tensors. Every distinct video is decoded once and kept in memory (the demo splits are a few
 tens of MB at the tiny preset's 64 px).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twbert_export.preprocess import TextTruncatedWarning, Tokenizer, load_clips
+from twbert_export.data.preprocess import TextTruncatedWarning, Tokenizer, load_clips
 
 
 @dataclass

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twbert_export.preprocess import ANNOTATIONS_FILE, resize_bilinear
+from twbert_export.data.preprocess import ANNOTATIONS_FILE, resize_bilinear
 from twbert_export.util import atomic_path
 
 GENERATOR = "model.data.make_demo"

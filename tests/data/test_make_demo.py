@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model.data import make_demo as md
-from twbert_export.preprocess import Tokenizer, load_clips, read_annotations, read_frames
+from twbert_export.data.preprocess import Tokenizer, load_clips, read_annotations, read_frames
 
 SIZE, FRAMES = 96, 24
 COUNTS = {"train": 8, "val": 6, "calib": 6}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twbert_export import preprocess as P
-from twbert_export.preprocess import (CLIP_MEAN, CLIP_STD, AnnotationError, EmptyTextWarning,
+from twbert_export.data import preprocess as P
+from twbert_export.data.preprocess import (CLIP_MEAN, CLIP_STD, AnnotationError, EmptyTextWarning,
                                       ShortVideoWarning, TextTruncatedWarning, Tokenizer,
                                       VideoDecodeError, load_clips, load_video, read_annotations,
                                       read_frames, sample_indices)
@@ -316,7 +316,7 @@ def test_empty_captions_and_questions_warn_and_are_dropped(tmp_path):
 
 def test_preprocess_does_not_import_torch(tmp_path):
     video = counter_video(tmp_path / "v.mp4", 4)
-    code = ("import sys, twbert_export.preprocess as p; "
+    code = ("import sys, twbert_export.data.preprocess as p; "
             "assert 'torch' not in sys.modules; "
             f"p.load_video({str(video)!r}, 4); p.Tokenizer.default().encode(['hello'], 8); "
             "assert 'torch' not in sys.modules, 'torch imported while decoding or tokenising'")

@@ -6,8 +6,8 @@ import pytest
 from trtdata import artifact_manifest
 
 import export
-from twbert_export import modelopt_compat
-from twbert_export.artifact import (DEFAULT_FLAVOUR, FORMAT_VERSION, TRT8_FLAVOUR,
+from twbert_export.precision import modelopt_compat
+from twbert_export.artifact.manifest import (DEFAULT_FLAVOUR, FORMAT_VERSION, TRT8_FLAVOUR,
                                     ArtifactFormatError, Manifest, PrecisionResult, Report)
 
 

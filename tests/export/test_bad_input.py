@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import export
-from twbert_export.artifact import Manifest
-from twbert_export.input_checks import ModelFileMismatch, check_onnx_file
+from twbert_export.artifact.manifest import Manifest
+from twbert_export.artifact.input_checks import ModelFileMismatch, check_onnx_file
 
 from clipdata import copy_clips, write_video
 
@@ -147,12 +147,12 @@ def test_read_only_out_is_refused_with_one_line(read_only_dir, capsys):
 # -- everything else ----------------------------------------------------------------------------
 def test_an_unexpected_error_is_one_line_and_exit_3_with_the_traceback_in_a_file(
         monkeypatch, tmp_path, capsys):
-    import twbert_export.predict
+    import twbert_export.retrieval.predict
 
     def broken(argv):
         raise RuntimeError("something nobody expected\nover two lines")
 
-    monkeypatch.setattr(twbert_export.predict, "main", broken)
+    monkeypatch.setattr(twbert_export.retrieval.predict, "main", broken)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv(export.DEBUG_ENV, raising=False)
     assert export.main(["predict"]) == export.EXIT_INTERNAL_ERROR == 3
@@ -197,7 +197,7 @@ def test_ctrl_c_or_sigterm_during_an_export_is_one_line_and_removes_the_partial_
 
 
 def test_the_partial_artifact_a_killed_export_left_is_removed_by_the_next_one(tmp_path):
-    from twbert_export import outdir
+    from twbert_export.artifact import outdir
 
     out = tmp_path / "demo"
     proc = start_export(out, tmp_path)

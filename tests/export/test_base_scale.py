@@ -10,13 +10,13 @@ import torch
 from clipdata import copy_clips
 
 from model import TWBert, TWBertConfig
-from twbert_export.calibration import load_feeds
-from twbert_export.contract import BatchRange, IOContract
-from twbert_export.onnx_export import export_onnx
-from twbert_export.preprocess import Tokenizer
-from twbert_export.rewrite import rewrite
-from twbert_export.runners import make_torch_runner, ort_runner
-from twbert_export.validate import output_errors
+from twbert_export.data.calibration import load_feeds
+from twbert_export.artifact.contract import BatchRange, IOContract
+from twbert_export.export.onnx_export import export_onnx
+from twbert_export.data.preprocess import Tokenizer
+from twbert_export.export.rewrite import rewrite
+from twbert_export.validation.runners import make_torch_runner, ort_runner
+from twbert_export.validation.parity import output_errors
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The benchmark's own parsing (timings themselves are benchmarks, not tests)."""
 
-from twbert_export.artifact_bench import parse_tegrastats
+from twbert_export.bench.artifact_bench import parse_tegrastats
 
 
 def test_the_benchmark_reads_gpu_load_and_board_power_from_tegrastats():

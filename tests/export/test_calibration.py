@@ -1,4 +1,4 @@
-"""The INT8 calibration set checks (twbert_export/calibration.py) on clips that went through a
+"""The INT8 calibration set checks (twbert_export/data/calibration.py) on clips that went through a
 real codec, as a user's clips do."""
 
 from pathlib import Path
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from model.data.make_demo import X264_OPTIONS
-from twbert_export.assets import DEMO_DATA
-from twbert_export.calibration import (MIN_DISTANT_PIXEL_CORRELATION, CalibrationDataError,
+from twbert_export.data.assets import DEMO_DATA
+from twbert_export.data.calibration import (MIN_DISTANT_PIXEL_CORRELATION, CalibrationDataError,
                                        check_calibration_set, distant_pixel_correlation,
                                        load_feeds)
-from twbert_export.contract import IOContract
-from twbert_export.preprocess import Tokenizer
+from twbert_export.artifact.contract import IOContract
+from twbert_export.data.preprocess import Tokenizer
 
 from clipdata import write_data_dir
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export.modelopt_compat import quiet_modelopt
+from twbert_export.precision.modelopt_compat import quiet_modelopt
 from twbert_export.precision import FP16_DATA_MAX, ActivationRanges, to_fp16, to_int8
 from twbert_export.precision.int8 import _RowReader
 
@@ -112,7 +112,7 @@ def test_linear_dead_node_cleanup_removes_what_modelopts_removes():
 
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    from twbert_export.modelopt_compat import linear_dead_node_cleanup
+    from twbert_export.precision.modelopt_compat import linear_dead_node_cleanup
 
     nodes = [helper.make_node("Relu", ["x"], ["r1"], name="feeds_dead"),
              helper.make_node("Relu", ["r1"], ["r2"], name="dead"),
@@ -140,7 +140,7 @@ def test_linear_dead_node_cleanup_gives_autocasts_own_result(tmp_path):
     from modelopt.onnx.autocast import convert_to_mixed_precision
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    from twbert_export.modelopt_compat import linear_dead_node_cleanup
+    from twbert_export.precision.modelopt_compat import linear_dead_node_cleanup
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
@@ -178,7 +178,7 @@ def test_on_an_untested_modelopt_its_own_path_writes_the_same_int8_graph(tmp_pat
     """With the compat patches standing aside (an untested ModelOpt version), ModelOpt runs its
     own calibrator, GEMV check, shape inference and dead-node pass: the same bytes, and the
     report says which path ran."""
-    from twbert_export import modelopt_compat
+    from twbert_export.precision import modelopt_compat
 
     src = matmul_graph(tmp_path / "m.onnx")
     smooth = np.cumsum(np.random.default_rng(1).standard_normal((20, 16, 64)), axis=-1)

@@ -1,4 +1,4 @@
-"""The TensorRT 8.5 / 8.6 graph (twbert_export.legacy): each rewrite on a tiny graph against
+"""The TensorRT 8.5 / 8.6 graph (twbert_export.export.legacy): each rewrite on a tiny graph against
 ONNX Runtime, the lint rules of each parser release, and on a tiny export: the shipped
 `model.PRECISION.trt8.onnx` passes the same gates as the main graph, and the printed
 Polygraphy check runs (with ONNX Runtime in place of TensorRT) and passes."""
@@ -16,11 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export import legacy
-from twbert_export.artifact import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest
-from twbert_export.contract import IOContract
-from twbert_export.lint import LintError, check_model, lint_model
-from twbert_export.lint import main as lint_main
+from twbert_export.export import legacy
+from twbert_export.artifact.manifest import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest
+from twbert_export.artifact.contract import IOContract
+from twbert_export.trt.lint import LintError, check_model, lint_model
+from twbert_export.trt.lint import main as lint_main
 from twbert_export.trt.commands import polygraphy_command
 
 ort = pytest.importorskip("onnxruntime")
@@ -233,9 +233,9 @@ def test_the_split_graphs_get_trt8_twins_that_compose_as_the_originals(tmp_path)
     (split.py, not yet in the export) convert and lint for both parsers as trt8_stage would
     convert them, and composed they give what the originals give."""
     from model import load_checkpoint
-    from twbert_export.assets import resolve_checkpoint
-    from twbert_export.onnx_export import example_feed
-    from twbert_export.split import ComposedSplit, export_split, split_contracts
+    from twbert_export.data.assets import resolve_checkpoint
+    from twbert_export.export.onnx_export import example_feed
+    from twbert_export.export.split import ComposedSplit, export_split, split_contracts
 
     model, _ = load_checkpoint(resolve_checkpoint("demo"))
     monolithic = IOContract.for_model(model.cfg)

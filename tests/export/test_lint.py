@@ -6,7 +6,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from twbert_export.lint import (  # noqa: E402
+from twbert_export.trt.lint import (  # noqa: E402
     OPERATORS, LintError, LintFinding, check_model, format_findings, lint_model)
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -175,8 +175,8 @@ def test_model_path_is_accepted(tmp_path):
 def exported(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from model import TWBert, TWBertConfig
-    from twbert_export.contract import IOContract
-    from twbert_export.onnx_export import export_onnx
+    from twbert_export.artifact.contract import IOContract
+    from twbert_export.export.onnx_export import export_onnx
 
     cfg = TWBertConfig.tiny(num_answers=7)
     torch.manual_seed(0)
@@ -193,8 +193,8 @@ def test_exported_model_is_clean_for_trt10(exported):
 def test_exported_model_is_refused_for_trt8_and_its_legacy_graph_is_not(exported, tmp_path):
     """The opset-19 graph: 8.x parsers would reduce over every axis (ReduceL2/ReduceMean with
     axes as an input: onnx-tensorrt 8.5-GA / 8.6-GA), and 8.5 has no LayerNormalization. The
-    graph twbert_export.legacy writes for them has neither problem: only the INT64 note."""
-    from twbert_export.legacy import to_trt8_graph
+    graph twbert_export.export.legacy writes for them has neither problem: only the INT64 note."""
+    from twbert_export.export.legacy import to_trt8_graph
 
     findings = lint_model(exported, trt_major=8)
     errors_8 = {f.op_type for f in findings if f.severity == "error"}

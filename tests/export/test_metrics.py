@@ -3,7 +3,7 @@ import math
 import pytest
 import numpy as np
 
-from twbert_export.metrics import ranking_differences, ranks, recall_metrics, rerank
+from twbert_export.validation.metrics import ranking_differences, ranks, recall_metrics, rerank
 
 
 def test_ranks_on_a_hand_made_matrix():

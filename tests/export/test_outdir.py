@@ -1,5 +1,5 @@
 """What an export may replace at --out, and the final move: nothing we did not write is ever
-deleted, whatever appears at --out while the export runs (twbert_export/outdir.py)."""
+deleted, whatever appears at --out while the export runs (twbert_export/artifact/outdir.py)."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from twbert_export import outdir
-from twbert_export.artifact import FORMAT, MANIFEST_FILE
-from twbert_export.input_checks import OutputDirError
+from twbert_export.artifact import outdir
+from twbert_export.artifact.manifest import FORMAT, MANIFEST_FILE
+from twbert_export.artifact.input_checks import OutputDirError
 
 
 def make_artifact(path, marker="old"):

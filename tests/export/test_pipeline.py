@@ -9,14 +9,14 @@ import onnx
 import pytest
 
 import export
-from twbert_export.artifact import TRT8_FLAVOUR, Manifest, Report
-from twbert_export.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
-from twbert_export.contract import IOContract
-from twbert_export.input_checks import OutputDirError
-from twbert_export.pipeline import (ExportOptions, StageLog, UserError, run_export,
+from twbert_export.artifact.manifest import TRT8_FLAVOUR, Manifest, Report
+from twbert_export.data.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
+from twbert_export.artifact.contract import IOContract
+from twbert_export.artifact.input_checks import OutputDirError
+from twbert_export.export.pipeline import (ExportOptions, StageLog, UserError, run_export,
                                     validate_onnx)
 from twbert_export.precision import to_int8
-from twbert_export.preprocess import Tokenizer
+from twbert_export.data.preprocess import Tokenizer
 from twbert_export.util import file_sha256, human_size
 
 from blocked_imports import run_without
@@ -157,9 +157,9 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
     from modelopt.onnx.quantization import graph_utils, quantize
     from onnxruntime.quantization import calibrate
 
-    from twbert_export import modelopt_compat as compat
+    from twbert_export.precision import modelopt_compat as compat
     from twbert_export import precision
-    from twbert_export.assets import resolve_data
+    from twbert_export.data.assets import resolve_data
     from twbert_export.precision.int8 import _RowReader
 
     out, _ = artifact
@@ -210,7 +210,7 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
     from modelopt.onnx import utils
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    from twbert_export import modelopt_compat as compat
+    from twbert_export.precision import modelopt_compat as compat
     from twbert_export import precision
 
     def autocast(src: Path, exclude: list[str] | None) -> bytes:
@@ -235,7 +235,7 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
 def test_gates_hold_on_awkward_real_clips(artifact, tmp_path):
     """Static clips, clips shorter than T, odd aspect ratios and over-long captions, made from
     demo frames: the FP16 gates hold (ties of static clips count as near-ties at most)."""
-    from twbert_export.preprocess import read_frames
+    from twbert_export.data.preprocess import read_frames
 
     out, _ = artifact
     src = sorted((copy_clips(tmp_path / "src", 4)).glob("videos/*.mp4"))
@@ -282,10 +282,10 @@ def test_predict_needs_no_torch(artifact, small_val):
 
 def test_import_twbert_export_needs_no_heavy_dependency():
     heavy = ("torch", "onnx", "onnxruntime", "modelopt", "tensorrt", "polygraphy")
-    proc = run_without(heavy, "import twbert_export, twbert_export.contract, "
-                              "twbert_export.preprocess, twbert_export.lint, "
-                              "twbert_export.metrics, twbert_export.assets, "
-                              "twbert_export.reference\n")
+    proc = run_without(heavy, "import twbert_export, twbert_export.artifact.contract, "
+                              "twbert_export.data.preprocess, twbert_export.trt.lint, "
+                              "twbert_export.validation.metrics, twbert_export.data.assets, "
+                              "twbert_export.validation.reference\n")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -310,7 +310,7 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
     The bench's trt-* backends need the engine `export.py build` writes."""
     import shutil
 
-    from twbert_export import artifact_bench as bench
+    from twbert_export.bench import artifact_bench as bench
 
     out, _ = artifact
     copy = tmp_path / "artifact"
@@ -329,7 +329,7 @@ def test_predict_and_bench_take_engines_and_say_what_is_missing(artifact, small_
 
 
 def test_bench_op_profile_breaks_ort_latency_down_by_op_type(artifact, tmp_path, capsys):
-    from twbert_export import artifact_bench as bench
+    from twbert_export.bench import artifact_bench as bench
 
     out, _ = artifact
     saved = tmp_path / "ops.json"

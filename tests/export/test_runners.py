@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from model import TWBertConfig
-from twbert_export.calibration import FeedSet
-from twbert_export.contract import BatchRange, IOContract
-from twbert_export.metrics import retrieval_metrics, softmax
-from twbert_export.runners import make_torch_runner
-from twbert_export.validate import run_validation, validation_batch
+from twbert_export.data.calibration import FeedSet
+from twbert_export.artifact.contract import BatchRange, IOContract
+from twbert_export.validation.metrics import retrieval_metrics, softmax
+from twbert_export.validation.runners import make_torch_runner
+from twbert_export.validation.parity import run_validation, validation_batch
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`select` run in pieces for validation (twbert_export/select_pieces.py): cut from the split
+"""`select` run in pieces for validation (twbert_export/validation/select_pieces.py): cut from the split
 select graphs the export writes (session artifact: every precision and flavour), the pieces give
 the whole graph's outputs exactly while the video blocks run once per distinct selection; pieces
 that disagree with the whole graph are not used."""
@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-from twbert_export.artifact import Manifest
-from twbert_export.calibration import load_feeds
-from twbert_export.preprocess import Tokenizer
-from twbert_export.runners import ort_session
-from twbert_export.select_pieces import NoCut, PiecewiseSelect, cut
-from twbert_export.split import ComposedSplit, unique_texts
+from twbert_export.artifact.manifest import Manifest
+from twbert_export.data.calibration import load_feeds
+from twbert_export.data.preprocess import Tokenizer
+from twbert_export.validation.runners import ort_session
+from twbert_export.validation.select_pieces import NoCut, PiecewiseSelect, cut
+from twbert_export.export.split import ComposedSplit, unique_texts
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_pieces_that_differ_from_the_whole_graph_are_not_used(artifact, every_pa
 
 def test_with_room_for_one_batch_only_the_memo_forgets_but_never_answers_wrong(
         artifact, every_pair, monkeypatch):
-    from twbert_export import select_pieces
+    from twbert_export.validation import select_pieces
 
     monkeypatch.setattr(select_pieces, "MEMO_BYTES", 1)  # keeps this batch's rows, no more
     path = artifact[0] / "select.fp32.onnx"
@@ -109,9 +109,9 @@ def pieces_input(pieces, feed):
 
 def test_where_each_clip_meets_one_text_select_runs_whole(artifact, small_val):
     """Nothing to reuse (one clip, one text): the pieces would only add their check."""
-    from twbert_export import validate
-    from twbert_export.runners import ort_runner
-    from twbert_export.split import validate_split
+    from twbert_export.validation import parity as validate
+    from twbert_export.validation.runners import ort_runner
+    from twbert_export.export.split import validate_split
 
     out, _ = artifact
     manifest = Manifest.load(out)

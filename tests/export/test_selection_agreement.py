@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from twbert_export.validate import selection_agreement
+from twbert_export.validation.parity import selection_agreement
 
 # One sample, 8 frames; the reference keeps the 6 best. Frames 5 and 6 tie at the boundary.
 SCORES_1 = np.array([[0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.10 - 1e-6, 0.00]])

@@ -56,8 +56,8 @@ def test_equals_onnx_shape_inference_on_a_hand_made_graph(options):
 
 @pytest.mark.slow  # an ONNX export of its own and ONNX's full inference: about 25 s
 def test_equals_onnx_shape_inference_on_the_exported_tiny_model(tmp_path, tiny_cfg, tiny_model):
-    from twbert_export.contract import IOContract
-    from twbert_export.onnx_export import export_onnx
+    from twbert_export.artifact.contract import IOContract
+    from twbert_export.export.onnx_export import export_onnx
 
     path = export_onnx(tiny_model, IOContract.for_model(tiny_cfg, "retrieval"),
                        tmp_path / "m.onnx")

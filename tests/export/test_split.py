@@ -11,17 +11,18 @@ import numpy as np
 import onnx
 import pytest
 
-from twbert_export import precision, validate
-from twbert_export.calibration import load_feeds
-from twbert_export.clip_index import (INDEX_FILE, ClipIndex, ClipIndexError, ForeignIndexError,
+from twbert_export import precision
+from twbert_export.validation import parity as validate
+from twbert_export.data.calibration import load_feeds
+from twbert_export.retrieval.clip_index import (INDEX_FILE, ClipIndex, ClipIndexError, ForeignIndexError,
                                       index_videos, rank, videos_in)
-from twbert_export.contract import IOContract
-from twbert_export.metrics import rerank, softmax
-from twbert_export.onnx_export import example_feed, export_onnx
-from twbert_export.preprocess import Tokenizer
-from twbert_export.rewrite import rewrite
-from twbert_export.runners import make_torch_runner, ort_runner, ort_session, run_batches
-from twbert_export.split import (GRAPHS, ComposedSplit, export_split, split_contracts,
+from twbert_export.artifact.contract import IOContract
+from twbert_export.validation.metrics import rerank, softmax
+from twbert_export.export.onnx_export import example_feed, export_onnx
+from twbert_export.data.preprocess import Tokenizer
+from twbert_export.export.rewrite import rewrite
+from twbert_export.validation.runners import make_torch_runner, ort_runner, ort_session, run_batches
+from twbert_export.export.split import (GRAPHS, ComposedSplit, export_split, split_contracts,
                                 split_to_fp16, validate_split)
 
 # Its own exports of the four graphs (about 35 s): the slow tier. The fast tier checks the
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo():
     from model import load_checkpoint
-    from twbert_export.assets import resolve_checkpoint
+    from twbert_export.data.assets import resolve_checkpoint
 
     model, _ = load_checkpoint(resolve_checkpoint("demo"))
     monolithic = IOContract.for_model(model.cfg)
@@ -190,7 +191,7 @@ def test_index_appends_new_clips_and_skips_unchanged_ones(demo, pipeline, small_
 
 
 def val_video(path, contracts):
-    from twbert_export.preprocess import load_video
+    from twbert_export.data.preprocess import load_video
 
     c = contracts["video_stem"]
     return load_video(path, c.frames, c.image_size)

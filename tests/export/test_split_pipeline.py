@@ -13,11 +13,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 import export
-from twbert_export import legacy
-from twbert_export.artifact import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
-from twbert_export.clip_index import INDEX_FILE, ClipIndex, videos_in
-from twbert_export.pipeline import SPLIT_FP32_ATOL, ExportOptions, run_export
-from twbert_export.split import GRAPHS
+from twbert_export.export import legacy
+from twbert_export.artifact.manifest import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
+from twbert_export.retrieval.clip_index import INDEX_FILE, ClipIndex, videos_in
+from twbert_export.export.pipeline import SPLIT_FP32_ATOL, ExportOptions, run_export
+from twbert_export.export.split import GRAPHS
 from twbert_export.util import file_sha256
 
 
@@ -279,8 +279,8 @@ def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(
     (`split_trt.SplitEngines`; here a stand-in that checks the ONNX hash each engine would be
     preflighted against and runs the ONNX files on ONNX Runtime). The engine set's own logic
     is tests/trt/test_runner_logic.py's."""
-    from twbert_export import split_trt
-    from twbert_export.split import ComposedSplit
+    from twbert_export.retrieval import split_trt
+    from twbert_export.export.split import ComposedSplit
 
     out = tmp_path / "artifact"
     shutil.copytree(artifact[0], out)

@@ -14,7 +14,7 @@ import pytest
 import export
 from clipdata import copy_clips
 from triton_server import SERVE_ENV, running_server, serve_python
-from twbert_export.pipeline import ExportOptions, run_export
+from twbert_export.export.pipeline import ExportOptions, run_export
 
 
 @pytest.fixture(scope="session")

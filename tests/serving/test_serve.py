@@ -15,7 +15,7 @@ import pytest
 import export
 from triton_server import (QUESTION, caption_of, grpc_error, predicted, served, v2_request,
                            videos_of)
-from twbert_export.predict import Artifact, load_videos
+from twbert_export.retrieval.predict import Artifact, load_videos
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -16,9 +16,9 @@ import export
 from triton_server import (QUESTION, REPO, RETRIEVE, caption_of, predicted, retrieve_request,
                            running_server, served, served_and_predicted_index, v2_request,
                            videos_of)
-from twbert_export.gallery import SplitArtifact
-from twbert_export.predict import Artifact, load_videos
-from twbert_export.triton_repo import RETRIEVAL_GRAPHS
+from twbert_export.retrieval.gallery import SplitArtifact
+from twbert_export.retrieval.predict import Artifact, load_videos
+from twbert_export.serving.triton_repo import RETRIEVAL_GRAPHS
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,7 +125,7 @@ def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
         shutil.copy(HERE / "ort_engine_model.py", repo / model / "1" / "model.py")
     with running_server(
             serving_python, lambda http, grpc, metrics: [
-                "-m", "twbert_export.triton_repo", "--bundled-server", str(repo), str(http),
+                "-m", "twbert_export.serving.triton_repo", "--bundled-server", str(repo), str(http),
                 str(grpc), str(metrics), str(root / "workspace")],
             root / "server.log", ("twbert_score", "twbert_qa", "twbert_retrieve"),
             "the bundled server", exit_0=False) as server:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from clipdata import copy_clips
 
-from twbert_export.assets import DEMO_DATA
+from twbert_export.data.assets import DEMO_DATA
 
 
 @pytest.fixture(scope="session")

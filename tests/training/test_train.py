@@ -8,8 +8,8 @@ from model import TWBert, TWBertConfig, load_checkpoint
 from model.data.dataset import ClipTextDataset
 from model.evaluate import evaluate_qa, evaluate_retrieval
 from model.train import build_parser, train, training_step, video_warmup
-from twbert_export.assets import AssetError, resolve_checkpoint, resolve_data
-from twbert_export.preprocess import EmptyTextWarning, Tokenizer, VideoDecodeError
+from twbert_export.data.assets import AssetError, resolve_checkpoint, resolve_data
+from twbert_export.data.preprocess import EmptyTextWarning, Tokenizer, VideoDecodeError
 
 
 @pytest.fixture(scope="module")

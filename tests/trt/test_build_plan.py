@@ -391,7 +391,7 @@ def reduce_l2_artifact(tmp_path, trt8: str | None):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from twbert_export.legacy import to_trt8_graph
+    from twbert_export.export.legacy import to_trt8_graph
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])

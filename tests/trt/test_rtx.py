@@ -16,8 +16,8 @@ import pytest
 from blocked_imports import run_without
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export.artifact import FLAVOURS, PRECISIONS, Manifest, Report
-from twbert_export.contract import BatchRange, IOContract, TensorSpec
+from twbert_export.artifact.contract import BatchRange, IOContract, TensorSpec
+from twbert_export.artifact.manifest import FLAVOURS, PRECISIONS, Manifest, Report
 from twbert_export.precision import SELECTION_NODES
 from twbert_export.trt import rtx
 
@@ -150,7 +150,7 @@ def test_engines_are_kept_only_when_asked_with_a_sidecar(tmp_path):
 
 def test_export_exits_1_with_one_line_when_nvidia_refuses_a_graph(monkeypatch, capsys):
     import export
-    from twbert_export import pipeline
+    from twbert_export.export import pipeline
 
     def refuse(opts):
         raise rtx.RtxGraphError("model.fp16.onnx", "ONNX parse", "UNSUPPORTED_NODE: false",
@@ -188,7 +188,7 @@ def test_the_rtx_module_imports_without_tensorrt_rtx_torch_or_modelopt():
 
 
 def test_report_json_round_trips_the_check():
-    from twbert_export.artifact import RtxCheck, RtxGraphBuild
+    from twbert_export.artifact.manifest import RtxCheck, RtxGraphBuild
 
     check = RtxCheck(True, "1.7.1.116", graphs=[RtxGraphBuild(
         "model", "fp16", "trt10", "model.fp16.onnx", True, 0.4, 5.1, 21_000_000,
@@ -231,7 +231,7 @@ def test_a_planted_bad_graph_stops_a_real_export_and_nothing_is_moved_into_place
     NVIDIA's parser rejects. Exit 1, the parser's message and node in one line, no artifact and
     no scratch directory left."""
     import export
-    from twbert_export import pipeline
+    from twbert_export.export import pipeline
 
     bad = scorer_graph(tmp_path / "planted.fp32.onnx", bad_op=True)
     real_stage = pipeline.rtx_stage

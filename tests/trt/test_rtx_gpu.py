@@ -17,8 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export.artifact import Manifest
-from twbert_export.contract import BatchRange, IOContract, TensorSpec
+from twbert_export.artifact.contract import BatchRange, IOContract, TensorSpec
+from twbert_export.artifact.manifest import Manifest
 from twbert_export.precision import SELECTION_NODES
 from twbert_export.trt import rtx
 from twbert_export.trt.targets import query_cuda_device
@@ -68,7 +68,7 @@ def test_whole_model_engine_passes_the_host_gates_on_the_gpu(artifact, tmp_path,
                                                               capsys):
     """Built on the CPU, run here: `validate --engine model.<p>.rtx.engine` against the
     reference data the export shipped, with the host's gates (exit 0)."""
-    from twbert_export.reference import main as validate_engine
+    from twbert_export.validation.reference import main as validate_engine
 
     src, _ = artifact
     out = tmp_path / "artifact"

@@ -1,10 +1,10 @@
-"""The lint (twbert_export/lint.py, TensorRT 10/11 rules) against NVIDIA's real parser: for each
-rule, a minimal graph that breaks it, linted for TensorRT 10 and parsed and built by TensorRT-RTX
-on the CPU. Each case records what the lint says and what TensorRT-RTX did; the test holds both
+"""The lint (twbert_export/trt/lint.py, TensorRT 10/11 rules) against NVIDIA's real parser: for
+each rule, a minimal graph that breaks it, linted for TensorRT 10 and parsed and built by
+TensorRT-RTX on the CPU. Each case records what the lint says and what TensorRT-RTX did; the test holds both
 to the record, so a parser release that changes its mind fails here, and docs/rtx.md's table
 is this file's output:
 
-    python tests/trt/test_rtx_lint.py      # prints the table (needs the TensorRT-RTX wheels)
+    PYTHONPATH=.:tests python tests/trt/test_rtx_lint.py   # the table (needs the RTX wheels)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from twbert_export import lint
+from twbert_export.trt import lint
 from twbert_export.trt import rtx
 
 RTX, WHY = rtx.load_rtx()

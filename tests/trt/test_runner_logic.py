@@ -15,7 +15,7 @@ import pytest
 from trtdata import tiny_contract
 from trtapi import StrictModule, enum, strict_class
 
-from twbert_export.contract import BatchRange
+from twbert_export.artifact.contract import BatchRange
 from twbert_export.trt import runtime, targets
 from twbert_export.trt.engine_manifest import (
     EngineManifest,
@@ -388,7 +388,7 @@ def fake_split_tensorrt(memory: Memory, contracts, batch_range, int_dtype: str, 
 def make_split_engines(tmp_path, monkeypatch):
     from trtdata import tiny_split_contracts
 
-    from twbert_export import split_trt
+    from twbert_export.retrieval import split_trt
 
     def make(batch_range=(1, 4), int_dtype="int64", sha=None):
         contracts = tiny_split_contracts(BatchRange(1, 2, 4))

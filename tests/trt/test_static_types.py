@@ -80,7 +80,7 @@ def test_trt_module_type_checks_against_tensorrt_stubs(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", "tests/trt/mypy.ini",
          "--cache-dir", str(tmp_path / ".mypy_cache"), "twbert_export/trt",
-         "twbert_export/split_trt.py"],
+         "twbert_export/retrieval/split_trt.py"],
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout

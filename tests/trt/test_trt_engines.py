@@ -31,10 +31,10 @@ if query_cuda_device() is None:
 if not (importlib.util.find_spec("pycuda") or importlib.util.find_spec("cuda")):
     pytest.skip("the TensorRT runner needs pycuda or cuda-python", allow_module_level=True)
 
-from twbert_export.artifact import PRECISIONS, TRT8_FLAVOUR  # noqa: E402
-from twbert_export.pipeline import ExportOptions, run_export  # noqa: E402
+from twbert_export.artifact.manifest import PRECISIONS, TRT8_FLAVOUR  # noqa: E402
+from twbert_export.export.pipeline import ExportOptions, run_export  # noqa: E402
 from twbert_export.trt.commands import DEVICE_ATOL_FLOOR  # noqa: E402
-from twbert_export.runners import ort_runner, run_batches  # noqa: E402
+from twbert_export.validation.runners import ort_runner, run_batches  # noqa: E402
 from twbert_export.trt.build import BuildOptions, build_engine  # noqa: E402
 from twbert_export.trt.cli import onnx_for_version  # noqa: E402
 from twbert_export.trt.commands import polygraphy_command  # noqa: E402
@@ -139,7 +139,7 @@ def test_preflight_refuses_an_engine_from_another_tensorrt(engines, tmp_path):
 def test_validate_engine_passes_the_hosts_gates(artifact, engines, precision, capsys):
     """`export.py validate --engine` on the device: the shipped validation set, the host's
     gates, against the PyTorch reference outputs (no PyTorch run here)."""
-    from twbert_export.reference import main as validate_engine
+    from twbert_export.validation.reference import main as validate_engine
 
     assert validate_engine(["--engine", str(engines[precision].engine)]) == 0, \
         capsys.readouterr().out
@@ -203,8 +203,8 @@ def split_engines(artifact, tmp_path_factory):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_the_split_engine_set_matches_the_composed_onnx_within_the_gate(artifact, split_engines,
                                                                         precision):
-    from twbert_export.gallery import SplitArtifact
-    from twbert_export.split_trt import SplitEngines
+    from twbert_export.retrieval.gallery import SplitArtifact
+    from twbert_export.retrieval.split_trt import SplitEngines
 
     out, report, manifest = artifact
     on_onnx, on_engines = SplitArtifact(out, precision), SplitArtifact(out, precision, True)

@@ -8,13 +8,12 @@ the numerics TensorRT will build strongly typed.
   then the same AutoCast for the rest.
 
 Both read the activation ranges from forward passes of `ranges.ActivationRanges`. Every patch
-of ModelOpt's internals these steps use lives in `twbert_export.modelopt_compat`.
+of ModelOpt's internals these steps use lives in `twbert_export.precision.modelopt_compat`.
 """
 
 from .fp16 import PrecisionReport, to_fp16
 from .int8 import calibration_key, check_scales, to_int8, write_scale_cache
-from .policy import (CALIB_METHODS, FP16_DATA_MAX, INT8_OP_TYPES, QDQ_OPS,
-                     SELECTION_NODES)
+from .policy import CALIB_METHODS, FP16_DATA_MAX, INT8_OP_TYPES, QDQ_OPS, SELECTION_NODES
 from .ranges import ActivationRanges, RangesSeen
 
 __all__ = ["ActivationRanges", "CALIB_METHODS", "FP16_DATA_MAX", "INT8_OP_TYPES",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import modelopt_compat as compat
+from . import modelopt_compat as compat
 from ..util import Stopwatch, atomic_path, infer_shapes, require
 from .policy import FP16_DATA_MAX, SELECTION_NODES
 from .ranges import ActivationRanges

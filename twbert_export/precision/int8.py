@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import modelopt_compat as compat
-from ..calibration import FeedSet, check_calibration_set
-from ..util import (Stopwatch, atomic_path, file_sha256, release_heap, require,
-                    scratch_directory, write_json)
+from . import modelopt_compat as compat
+from ..data.calibration import FeedSet, check_calibration_set
+from ..util import (Stopwatch, atomic_path, file_sha256, release_heap, require, scratch_directory,
+                    write_json)
 from .fp16 import PrecisionReport, _classify, to_fp16
 from .policy import CALIB_METHODS, FP16_DATA_MAX, INT8_OP_TYPES, QDQ_OPS, SELECTION_NODES
 from .ranges import ActivationRanges, RangesSeen

@@ -12,7 +12,7 @@ from typing import Self
 
 import numpy as np
 
-from ..calibration import FeedSet
+from ..data.calibration import FeedSet
 from ..util import infer_shapes, require, scratch_directory
 from .policy import INT8_OP_TYPES, SELECTION_NODES
 

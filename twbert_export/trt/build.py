@@ -6,7 +6,7 @@ Which path is taken depends on the TensorRT found (`plan_for`):
   STRONGLY_TYPED)`, or Polygraphy's `NetworkFromOnnxPath(strongly_typed=True)`): the FP16 /
   Q/DQ types in the file are what gets built. On 11.x no weak-typing call is made at all.
 - TensorRT 8.5 / 8.6 (JetPack 5.1 / 6.0): the artifact's opset-17 `model.PRECISION.trt8.onnx`
-  (twbert_export.legacy; `check_graph_for` lints the file with that parser's rules first); no
+  (twbert_export.export.legacy; `check_graph_for` lints the file with that parser's rules first); no
   strong typing, so `BuilderFlag.FP16` for the FP16 file, `INT8` + `FP16` for the Q/DQ file
   (explicit quantization: no calibrator), and every layer pinned to the type the file gives it
   (`pin_file_types`, OBEY_PRECISION_CONSTRAINTS): otherwise the FP16 flag lets TensorRT run the
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import tensorrt
 
-from ..artifact import TRT8_FLAVOUR, ArtifactFormatError, Manifest
-from ..contract import IOContract
+from ..artifact.manifest import TRT8_FLAVOUR, ArtifactFormatError, Manifest
+from ..artifact.contract import IOContract
 from ..util import atomic_path, file_sha256, require
 from .commands import default_timing_cache, engine_name, python_build_command
 from .engine_manifest import EngineManifest, write_manifest
@@ -435,7 +435,7 @@ def _flavour_of(onnx: Path) -> str | None:
 def check_graph_for(onnx: Path, trt_version: str) -> None:
     """Refuse (ValueError, one line) a file this TensorRT's parser would reject or mis-import:
     the lint with the rules of that parser release (8.5 / 8.6 / 10 / 11)."""
-    from ..lint import LintError, check_model, one_line
+    from .lint import LintError, check_model, one_line
 
     major, minor, _ = parse_version(trt_version)
     parser = f"{major}.{minor}" if major == 8 else str(major)

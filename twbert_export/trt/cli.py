@@ -23,8 +23,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..artifact import (MODEL_GRAPH, PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError, Manifest,
-                        PrecisionResult, Report)
+from ..artifact.manifest import (MODEL_GRAPH, PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError,
+                                 Manifest, PrecisionResult, Report)
 from ..util import MissingDependency, human_size
 from .commands import GRAPH_SELECTIONS, polygraphy_command, selected_graphs
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target

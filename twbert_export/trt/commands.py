@@ -26,8 +26,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..artifact import MODEL_GRAPH, PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Manifest
-from ..contract import IOContract
+from ..artifact.manifest import MODEL_GRAPH, PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Manifest
+from ..artifact.contract import IOContract
 from ..util import write_text
 from .version import dla_available
 
@@ -128,7 +128,7 @@ REFERENCE_OUTPUTS = "reference/outputs.json"
 def polygraphy_tolerances(precision: str, errors: dict[str, dict]) -> dict[str, str]:
     """An explicit absolute tolerance for every output: float outputs max(floor, 2x the host's
     error); frame indices exactly equal ("0"), except on INT8, whose gate allows divergent
-    selections: there they are excluded on purpose ("inf"); `python3 -m twbert_export.reference
+    selections: there they are excluded on purpose ("inf"); `python3 -m twbert_export.validation.reference
     --engine` judges selections near-tie-aware on the whole validation set."""
     floor = DEVICE_ATOL_FLOOR[precision]
     tolerances = {}
@@ -396,7 +396,7 @@ def build_script(manifest: Manifest) -> str:
         '"${RECORD[@]}" --record-trtexec-build "$TRT_VERSION"',
         "else",
         '  echo "note: twbert_export is not installed here, so no sidecar manifest was written; '
-        'python3 -m twbert_export.reference --engine needs it (pip install --no-deps the '
+        'python3 -m twbert_export.validation.reference --engine needs it (pip install --no-deps the '
         'twbert-export checkout)" >&2',
         "fi",
         "",
@@ -449,7 +449,7 @@ def split_section(manifest: Manifest) -> list[str]:
         "```", "",
         "With `--engines` the four engines run on one CUDA stream and share one device buffer "
         "per tensor, so stems, text embeddings and video embeddings pass between them without "
-        "a copy through the host (`twbert_export.split_trt`). An index query reads the stored "
+        "a copy through the host (`twbert_export.retrieval.split_trt`). An index query reads the stored "
         "stems from the host and brings back ITC and each batch's video embeddings, of which "
         "it keeps the shortlist's k rows for `fuse`.", ""]
 
@@ -525,7 +525,7 @@ def deploy_md(manifest: Manifest) -> str:
         "<engine>.build.log`.", "",
         "## Validate on the device", "",
         "```bash",
-        f"python3 -m twbert_export.reference --engine {engine_name(onnx)}",
+        f"python3 -m twbert_export.validation.reference --engine {engine_name(onnx)}",
         "```", "",
         "Runs the engine over the validation set in `reference/` and applies the gates the host "
         "applied (per-output errors and frame-selection agreement against the PyTorch outputs, "
@@ -551,7 +551,7 @@ def deploy_md(manifest: Manifest) -> str:
         f"- Smoke test and benchmark: `trtexec --loadEngine={engine_name(onnx)} "
         f"--shapes={shape_flags(contract)[1].split('=', 1)[1]} --useCudaGraph --useSpinWait "
         "--noDataTransfers` (8.x engines: the `.trt8.engine`); `python -m "
-        "twbert_export.artifact_bench --artifact . --backends trt-" + default + "` reads "
+        "twbert_export.bench.artifact_bench --artifact . --backends trt-" + default + "` reads "
         "`tegrastats` alongside where present.",
         "- The Python runner (`twbert_export.trt.runtime.TrtRunner`) refuses an engine whose "
         "sidecar `<engine>.json` says it was built for another TensorRT, GPU or JetPack.", "",

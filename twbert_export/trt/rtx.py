@@ -30,8 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..artifact import RTX_ENGINE_SUFFIX, RtxCheck, RtxGraphBuild
-from ..contract import IOContract
+from ..artifact.contract import IOContract
+from ..artifact.manifest import RTX_ENGINE_SUFFIX, RtxCheck, RtxGraphBuild
 from ..util import atomic_path, file_sha256, human_size, write_json
 
 MODULE = "tensorrt_rtx_bindings"
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from ..artifact import Manifest
+    from ..artifact.manifest import Manifest
 
     ap = argparse.ArgumentParser(prog="python -m twbert_export.trt.rtx", description=main.__doc__)
     ap.add_argument("artifact", help="artifact directory (manifest.json)")

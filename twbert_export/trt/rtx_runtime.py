@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import IOContract
+from ..artifact.contract import IOContract
 from ..util import MissingDependency
 from .engine_manifest import EngineMismatch
 from .rtx import DEFAULT_COMPUTE_CAPABILITIES, engine_sidecar, load_rtx
@@ -49,7 +49,7 @@ def rtx_runner(engine_path: str | Path, contract: IOContract | None = None,
     """A runner for a TensorRT-RTX engine; the contract and the ONNX hash come from the
     artifact's manifest.json beside it when not given. Raises EngineMismatch (before
     deserialising) when the sidecar says the engine was built from another file."""
-    from ..artifact import Manifest
+    from ..artifact.manifest import Manifest
 
     path = Path(engine_path)
     if contract is None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..contract import IOContract
+from ..artifact.contract import IOContract
 from ..util import require
 from .engine_manifest import EngineManifest, preflight
 from .targets import machine_info
@@ -382,7 +382,7 @@ def trt_runner(engine_path: str | Path, contract: IOContract | None = None,
     """A runner for an engine built by `export.py build`. The contract comes from the
     artifact's manifest.json beside the engine when not given (and with it the ONNX hash that
     the preflight checks)."""
-    from ..artifact import Manifest
+    from ..artifact.manifest import Manifest
 
     path = Path(engine_path)
     if contract is None:

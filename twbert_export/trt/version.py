@@ -53,7 +53,7 @@ def check_supported(text: str) -> Version:
 
 
 def needs_legacy_graph(text: str) -> bool:
-    """8.x parsers need the opset-17 graph `model.PRECISION.trt8.onnx` (twbert_export.legacy)."""
+    """8.x parsers need the opset-17 graph `model.PRECISION.trt8.onnx` (twbert_export.export.legacy)."""
     return parse_version(text) < (9, 0, 0)
 
 

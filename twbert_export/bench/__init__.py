@@ -1,0 +1,8 @@
+"""Benchmarks: scripts that print a table and save JSON.
+
+- `artifact_bench`: latency of an artifact's files per backend, and the gallery query cost of
+  the split graphs against the whole model.
+- `scale_check`: the whole export at the base preset, timed, with its memory peak.
+
+Imports: any package below it; nothing imports this one.
+"""

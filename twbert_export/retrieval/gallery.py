@@ -1,0 +1,302 @@
+"""The edge workflow on the split graphs: index clips as they come, query them later.
+
+    python export.py index --artifact engines/NAME --videos DIR --out INDEX [--precision fp16]
+    python export.py predict --index INDEX --artifact engines/NAME --text "a caption" [--k 50]
+    python export.py predict --index INDEX --artifact engines/NAME --question "..." --clip ID
+
+`index` decodes each new or changed clip once (`preprocess.load_video`), runs the `video_stem`
+graph and stores the stem (`clip_index`); the index belongs to the `video_stem` file that made
+it (its sha256 in the manifest), so a query runs the other graphs of that precision.
+`predict --index` ranks every indexed clip as the authors' evaluation does (ITC for all, ITM for
+the k best by ITC: `clip_index.rank`), or answers a question about named clips.
+Each graph runs on ONNX Runtime (.onnx) or, with --engines, on TensorRT (the .engine that
+`export.py build` made beside each .onnx). Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact.manifest import (SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
+                                 Manifest)
+from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError, RankedClip,
+                         index_identity, index_videos, rank, videos_in)
+from ..validation.metrics import softmax
+from ..data.preprocess import AnnotationError, Tokenizer, VideoDecodeError
+from ..export.split import ComposedSplit
+
+EXIT_BAD_INPUT = 2
+BAD_INPUT: tuple[type[Exception], ...] = (ValueError, VideoDecodeError, AnnotationError,
+                                          FileNotFoundError)
+
+
+class SplitArtifact:
+    """The split graphs of one precision in an artifact directory, checked against its
+    manifest: their files (.onnx, or the .engine built from each), contracts, tokenizer and
+    answers."""
+
+    def __init__(self, directory: str | Path, precision: str | None = None,
+                 engines: bool = False):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ValueError(f"artifact directory not found: {self.dir}")
+        self.manifest = Manifest.load(self.dir)
+        if not self.manifest.has_split:
+            raise ValueError(f"{self.dir} holds no split graphs (exported with --graphs "
+                             "monolithic): export again with --graphs both")
+        split_precisions = [p for p in self.manifest.precisions
+                            if all(self.manifest.file(p, g) for g in SPLIT_GRAPHS)]
+        self.precision = precision or split_precisions[-1]
+        if self.precision not in split_precisions:
+            raise ValueError(f"{self.dir} has no {self.precision} split graphs (it has "
+                             f"{', '.join(split_precisions)})")
+        self.entries: dict[str, FileEntry] = {}
+        for graph in SPLIT_GRAPHS:
+            entry = self.manifest.file(self.precision, graph)
+            assert entry is not None
+            self.entries[graph] = entry
+        self.contracts = {g: self.manifest.contract_of(g) for g in SPLIT_GRAPHS}
+        self.files = {g: self._file(g, engines) for g in SPLIT_GRAPHS}
+        answers = self.manifest.answers
+        self.answers = json.loads((self.dir / answers).read_text()) if answers else None
+
+    @classmethod
+    def for_index(cls, directory: str | Path, index_path: str | Path,
+                  engines: bool = False) -> "SplitArtifact":
+        """The split graphs of the precision whose `video_stem` file made the index; raises
+        ForeignIndexError when no file of this artifact made it."""
+        identity = index_identity(index_path)
+        manifest = Manifest.load(directory)
+        stem = next((f for f in manifest.files
+                     if f.graph == "video_stem" and f.sha256 == identity), None)
+        if stem is None:
+            raise ForeignIndexError(f"{index_path} was made by another artifact (video_stem "
+                                 f"sha256 {identity[:16]}), not by a graph of {directory}: "
+                                 "index the clips with this artifact first")
+        return cls(directory, stem.precision, engines)
+
+    def _file(self, graph: str, engines: bool) -> Path:
+        onnx = self.dir / self.entries[graph].path
+        if engines:
+            # TensorRT 8.5 / 8.6 build the graph's trt8 twin: its engine, when that is the one built.
+            twin = self.manifest.twin(self.entries[graph], TRT8_FLAVOUR)
+            candidates = [onnx.with_suffix(".engine")] + (
+                [(self.dir / twin.path).with_suffix(".engine")] if twin else [])
+            engine = next((c for c in candidates if c.is_file()), None)
+            if engine is None:
+                raise ValueError(f"{candidates[0]} not found: build the split engines on the "
+                                 f"device with `python export.py build --artifact {self.dir} "
+                                 f"--graphs split --precision {self.precision}`")
+            return engine
+        from ..artifact.input_checks import check_onnx_file
+
+        if not onnx.is_file():
+            raise ValueError(f"{onnx} is listed in the manifest but missing")
+        check_onnx_file(onnx, self.contracts[graph], self.entries[graph].sha256)
+        return onnx
+
+    @property
+    def identity(self) -> str:
+        """What an index made by this artifact records: the sha256 of its video_stem file."""
+        return self.entries["video_stem"].sha256
+
+    @property
+    def stem_shape(self) -> tuple[int | str, ...]:
+        return self.contracts["video_stem"].outputs[0].shape[1:]
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(self.dir / self.manifest.tokenizer)
+
+    @property
+    def engines(self) -> bool:
+        return all(f.suffix == ".engine" for f in self.files.values())
+
+    def pipeline(self, threads: int | None = None, max_batch: int | None = None
+                 ) -> ComposedSplit:
+        """ONNX Runtime on the .onnx files (runs of at most `max_batch` rows, default the
+        contracts' batch max), or the engines on one CUDA stream handing device buffers to each
+        other (`split_trt.SplitEngines`)."""
+        if self.engines:
+            from .split_trt import SplitEngines
+
+            return SplitEngines(self.files, self.contracts, self.manifest.contract)
+        return ComposedSplit(self.files, self.contracts, self.manifest.contract, threads,
+                             max_batch=max_batch)
+
+
+# -- export.py index ----------------------------------------------------------------------------
+def index_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python export.py index", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True, help="artifact directory (engines/NAME)")
+    ap.add_argument("--videos", required=True, help="directory of clips (searched recursively)")
+    ap.add_argument("--out", required=True, help="index directory (made, or appended to)")
+    ap.add_argument("--precision", help="which video_stem file makes the stems (default: the "
+                    "artifact's last precision)")
+    ap.add_argument("--stem-dtype", choices=["float16", "float32"], default="float16",
+                    help="stems on disk (float16: half the size, error measured in docs/split.md)")
+    ap.add_argument("--engines", action="store_true",
+                    help="run the TensorRT engines built beside the .onnx files")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    args = ap.parse_args(argv)
+    try:
+        artifact = SplitArtifact(args.artifact, args.precision, args.engines)
+        videos_dir = Path(args.videos)
+        if not videos_dir.is_dir():
+            raise ValueError(f"--videos {videos_dir} is not a directory")
+        videos = videos_in(videos_dir)
+        if not videos:
+            raise ValueError(f"no video files under {videos_dir}")
+        index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
+    except BAD_INPUT + (ArtifactFormatError,) as e:
+        return _bad_input(e)
+    print(f"index {args.out}: {len(index)} clips indexed before; {len(videos)} videos in "
+          f"{videos_dir}; video_stem.{artifact.precision} ({artifact.files['video_stem'].name}, "
+          f"{artifact.identity[:12]}), stems {index.stem_dtype}", flush=True)
+    start = time.perf_counter()
+
+    def progress(report: AddReport, to_do: int) -> None:
+        done = len(report.added) + len(report.replaced)
+        per_clip = (time.perf_counter() - start) / max(done, 1)
+        print(f"  {done:>5}/{to_do} new or changed clips stored  {1000 * per_clip:6.1f} ms/clip",
+              flush=True)
+
+    stopping = (VideoDecodeError, ClipIndexError) + _runtime_errors()
+    try:
+        with artifact.pipeline(args.threads) as pipeline:
+            report = index_videos(index, videos, pipeline, artifact.contracts["video_stem"],
+                                  root=videos_dir, progress=progress)
+    except stopping as e:
+        return _bad_input(e, f"clips stored before it are kept in {args.out}")
+    print(f"added {len(report.added)}, replaced {len(report.replaced)}, unchanged "
+          f"{len(report.skipped)}; {len(index)} clips in {args.out} "
+          f"({time.perf_counter() - start:.1f}s)")
+    print(f"next: python export.py predict --index {args.out} --artifact {args.artifact} "
+          "--text \"a caption\"")
+    return 0
+
+
+def _runtime_errors() -> tuple[type[Exception], ...]:
+    """What a missing TensorRT or an engine built from another file raises: bad input too."""
+    from ..trt.engine_manifest import EngineMismatch
+    from ..util import MissingDependency
+
+    return (MissingDependency, EngineMismatch)
+
+
+def _bad_input(error: Exception, note: str = "") -> int:
+    print(f"error: {' '.join(str(error).split())}{'; ' + note if note else ''}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# -- export.py predict --index ------------------------------------------------------------------
+def encode_text(artifact: SplitArtifact, text: str) -> tuple[np.ndarray, np.ndarray]:
+    from .predict import encode_tokens
+
+    return encode_tokens(artifact.tokenizer(), text, artifact.manifest.contract.text_len)
+
+
+def ranked_clips(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
+                 text: str, k: int) -> list[RankedClip]:
+    """Every indexed clip for a caption, best first (`clip_index.rank`)."""
+    ids, mask = encode_text(artifact, text)
+    return rank(index, pipeline, ids, mask, k)
+
+
+def ranking_result(text: str, ranked: list[RankedClip]) -> dict[str, Any]:
+    """A ranking in `predict --index`'s JSON form (also the client's, from the served model)."""
+    return {"text": text, "ranking": [
+        {"rank": r + 1, "clip": c.clip_id, "match_probability": c.itm,
+         "itc_similarity": c.itc, "shortlisted": c.itm is not None,
+         **({"frames": c.frames} if c.frames is not None else {})}
+        for r, c in enumerate(ranked)]}
+
+
+def ranking(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit, text: str,
+            k: int) -> dict[str, Any]:
+    """Every indexed clip for a caption, best first, in `predict`'s JSON form."""
+    return ranking_result(text, ranked_clips(artifact, index, pipeline, text, k))
+
+
+def ranking_lines(result: dict[str, Any], top: int | None = None) -> list[str]:
+    """What `predict --index --text` prints: one line per clip, the `top` best (default all)."""
+    shown = result["ranking"][:top] if top else result["ranking"]
+    return [f"{e['rank']:>3}. {e['clip']}  match "
+            + (f"{e['match_probability']:.3f}" if e["shortlisted"] else "  -  ")
+            + f"  itc {e['itc_similarity']:.2f}" for e in shown]
+
+
+def answers(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
+            question: str, clips: list[str]) -> dict[str, Any]:
+    """The answer to a question about each named clip, from its stored stem."""
+    unknown = [c for c in clips if c not in index.entries]
+    if unknown:
+        raise ValueError(f"not in the index: {', '.join(unknown)} (clip ids are paths relative "
+                         "to the indexed directory)")
+    ids, mask = encode_text(artifact, question)
+    text = pipeline.encode_texts(ids, mask)
+    n = len(clips)
+    rows = {name: np.repeat(value, n, 0) for name, value in text.items()}
+    out = pipeline.score(index.stems(clips), rows, np.repeat(mask, n, 0))
+    probs = softmax(out["qa_logits"].astype(np.float64))
+    best = probs.argmax(-1)
+    assert artifact.answers is not None
+    return {"question": question, "answers": [
+        {"clip": c, "answer": artifact.answers[b], "probability": float(probs[i, b])}
+        for i, (c, b) in enumerate(zip(clips, best))]}
+
+
+def predict_index_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python export.py predict --index", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True, help="a clip index made by `export.py index`")
+    ap.add_argument("--artifact", required=True, help="the artifact directory that made it")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", help="caption to rank the indexed clips for")
+    group.add_argument("--question", help="question to answer about each --clip")
+    ap.add_argument("--clip", action="append", default=[],
+                    help="an indexed clip id (with --question; repeatable)")
+    ap.add_argument("--k", type=int, default=50, help="ITC shortlist re-ranked by ITM")
+    ap.add_argument("--top", type=int, help="print only the N best clips")
+    ap.add_argument("--engines", action="store_true",
+                    help="run the TensorRT engines built beside the .onnx files")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    text = args.question if args.text is None else args.text
+    refused = BAD_INPUT + (ArtifactFormatError,) + _runtime_errors()
+    try:
+        if not text.strip():
+            raise ValueError(f"{'--text' if args.text is not None else '--question'} is empty: "
+                             "give the caption or question to run")
+        if args.k < 1:
+            raise ValueError(f"--k must be >= 1, got {args.k}")
+        artifact = SplitArtifact.for_index(args.artifact, args.index, args.engines)
+        if args.question is not None:
+            if not artifact.answers or artifact.manifest.contract.task != "qa":
+                raise ValueError(f"{artifact.dir} was exported for retrieval: it has no QA head "
+                                 "outputs or answer list (export with --task qa)")
+            if not args.clip:
+                raise ValueError("--question needs the clips to answer about: --clip ID")
+        index = ClipIndex.open(args.index, artifact.identity, artifact.stem_shape)
+        with artifact.pipeline(args.threads) as pipeline:
+            if args.text is not None:
+                result = ranking(artifact, index, pipeline, args.text, args.k)
+            else:
+                result = answers(artifact, index, pipeline, args.question, args.clip)
+    except refused as e:
+        return _bad_input(e)
+    if args.text is not None:
+        lines = ranking_lines(result, args.top)
+    else:
+        lines = [f"{e['clip']}: {e['answer']} ({e['probability']:.2f})"
+                 for e in result["answers"]]
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+    return 0

@@ -1,0 +1,368 @@
+"""Serve an artifact on Triton Inference Server, with the models bound in-process through NVIDIA's
+PyTriton (`nvidia-pytriton`: a real `tritonserver` with its Python backend; KServe v2 HTTP/gRPC,
+dynamic batching, model instances, health, metrics and statistics endpoints).
+
+    python export.py serve --artifact engines/NAME [--index INDEX] [--http-port 8000]
+                           [--grpc-port 8001] [--instances N] [--max-batch B]
+                           [--max-queue-delay-us U]
+
+Models (each request is one row; Triton's dynamic batcher joins concurrent rows into batches
+within the exported batch range, which the runner takes in one call):
+- `twbert_score`: `video` FP32 (T, 3, S, S) + `text` BYTES (1,) -> `match_probability` FP64 (1,),
+  `itc_similarity` FP32 (1,), `itm_logits` FP32 (2,) and, with frame selection, `frames` INT64
+  (K2,): the numbers `predict --text` ranks by, computed as it computes them.
+- `twbert_qa` (QA artifacts): `video` + `question` BYTES (1,) -> `answer` BYTES (1,),
+  `probability` FP64 (1,), `answer_index` INT64 (1,): what `predict --question` prints.
+- `twbert_retrieve` (with `--index INDEX`, a clip index `export.py index` made with this
+  artifact): `text` BYTES (1,), optional `k` INT64 (1,) (ITC shortlist re-ranked by ITM, default
+  50) and `top` INT64 (1,) (the N best; default 0: every clip) -> `clips` BYTES (N,),
+  `match_probability` FP64 (N,) (NaN outside the shortlist), `itc_similarity` FP32 (N,) and, with
+  frame selection, `frames` INT64 (N, K2): the ranking `predict --index --text` prints, made by
+  the same code (`gallery.ranked_clips` on the split graphs of the index's precision). Rows of a
+  request must ask for the same `top`. Batches the dynamic batcher forms are ranked one text
+  after the other (one ranking reads every stem once: batching texts would save no graph run
+  worth having on a small index, and keeps the code `predict --index` runs).
+Clients send decoded clips (`preprocess.load_video`, as predict does) and raw text; the server
+tokenises with the artifact's tokenizer. Triton itself refuses a wrong shape or dtype; an empty
+text (or a `k` below 1) gets an error response from the model; either way the server stays up.
+A request the model refuses fails the other requests the batcher joined to it in that batch.
+
+The runner is the artifact's, chosen from the model file as `predict` chooses it (ONNX Runtime
+for .onnx, TensorRT for an .engine after the engine preflight), one per model instance.
+Ports are bound on 127.0.0.1 only: put a reverse proxy or the stock Triton container
+(`export.py triton-repo`) in front for other hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..artifact.manifest import Manifest
+from ..retrieval.predict import Artifact
+from ..validation.runners import batched, run_batches
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, answer_outputs,
+                     ranking_width, retrieval_outputs, score_outputs, texts_of)
+from ..util import require
+
+LOOPBACK = "127.0.0.1"
+# PyTriton protects these endpoints with a generated token by default; the statistics endpoint
+# is left open (read-only, loopback only) so that clients and the load test can read the batch
+# sizes the dynamic batcher formed.
+PROTECTED_ENDPOINTS = ["shared-memory", "model-repository", "trace", "logging"]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    artifact: str
+    precision: str | None = None
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    instances: int = 1
+    max_batch: int | None = None  # default: the exported batch max
+    max_queue_delay_us: int = 2000
+    threads: int | None = None  # ONNX Runtime intra-op threads per instance
+    index: str | None = None  # a clip index: serve `twbert_retrieve` over it
+
+
+def model_file(artifact: str | Path, precision: str | None = None) -> Path:
+    """The model to serve: a file (.onnx or .engine) as given, or for an artifact directory the
+    manifest's file of `precision` (default fp16 if there, else fp32), its .engine when one was
+    built beside it (TensorRT), else the .onnx (ONNX Runtime)."""
+    path = Path(artifact)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"--artifact {path}: no such directory or model file")
+    manifest = Manifest.load(path)
+    chosen = precision or ("fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
+    entry = manifest.file(chosen)
+    if entry is None:
+        raise ValueError(f"--precision {chosen}: {path} holds {', '.join(manifest.precisions)}")
+    onnx = path / entry.path
+    engine = onnx.with_suffix(".engine")
+    return engine if engine.is_file() else onnx
+
+
+class ArtifactModel:
+    """One model instance: the artifact's runner (activated) and the computations the served
+    models make, the same as `predict` makes them."""
+
+    def __init__(self, artifact: Artifact, runner: Any):
+        self.artifact, self.runner = artifact, runner
+        self.contract = artifact.contract
+
+    def forward(self, video: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
+        """The contract's outputs for rows of (clip, text); batches outside the exported range
+        are split (above max) or padded by repeating the last row (below min)."""
+        ids, mask, _ = self.artifact.tokenizer.encode(texts, self.contract.text_len)
+        n, low = len(video), self.contract.batch.min
+        feed = {"video": np.ascontiguousarray(video, np.float32), "input_ids": ids,
+                "attention_mask": mask}
+        if n < low:
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], low - n, 0)]) for k, v in feed.items()}
+        out = run_batches(self.runner, batched(feed, self.contract.batch.max))
+        return {k: v[:n] for k, v in out.items()}
+
+    def score(self, video: np.ndarray, text: np.ndarray) -> dict[str, np.ndarray]:
+        return score_outputs(self.forward(video, texts_of(text, SCORE_TEXT)))
+
+    def answer(self, video: np.ndarray, question: np.ndarray) -> dict[str, np.ndarray]:
+        return answer_outputs(self.forward(video, texts_of(question, QA_TEXT)),
+                              self.artifact.answers or [])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A served model: its name, tensors (shapes without the batch axis) and computation."""
+    name: str
+    inputs: list[tuple[str, Any, tuple[int, ...]]]
+    outputs: list[tuple[str, Any, tuple[int, ...]]]
+    compute: Callable[[Any], Callable[..., Any]]  # instance -> infer function
+
+
+def model_specs(artifact: Artifact) -> list[ModelSpec]:
+    c = artifact.contract
+    video = ("video", np.float32, (c.frames, 3, c.image_size, c.image_size))
+    score_out = [("match_probability", np.float64, (1,)), ("itc_similarity", np.float32, (1,)),
+                 ("itm_logits", np.float32, (2,))]
+    kept = next((t for t in c.outputs if t.name == "frame_indices_2"), None)
+    if kept is not None:
+        score_out.append(("frames", np.int64, (int(kept.shape[1]),)))
+    specs = [ModelSpec(SCORE_MODEL, [video, (SCORE_TEXT, bytes, (1,))], score_out,
+                       lambda m: m.score)]
+    if c.task == "qa" and artifact.answers:
+        specs.append(ModelSpec(QA_MODEL, [video, (QA_TEXT, bytes, (1,))],
+                               [("answer", bytes, (1,)), ("probability", np.float64, (1,)),
+                                ("answer_index", np.int64, (1,))], lambda m: m.answer))
+    return specs
+
+
+DEFAULT_K = 50  # predict --index's default shortlist
+OPTIONAL = ("k", "top")  # retrieval inputs a request may leave out
+
+
+def row_values(request: Any, name: str, rows: int, default: int) -> list[int]:
+    """An optional INT64 (N, 1) input as N ints, `default` where the request has none."""
+    if name not in request:
+        return [default] * rows
+    return [int(v) for v in np.asarray(request[name]).reshape(rows, -1)[:, 0]]
+
+
+class RetrievalModel:
+    """One instance of `twbert_retrieve`: the index and the split graphs that made it; each text
+    ranks every indexed clip as `predict --index` ranks them (`gallery.ranked_clips`)."""
+
+    def __init__(self, split: Any, index: Any, pipeline: Any):
+        self.split, self.index, self.pipeline = split, index, pipeline
+
+    def retrieve(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        """PyTriton's undecorated form: the requests of one batch, each answered on its own
+        (their rankings may differ in length with `top`)."""
+        return [self.ranking(request) for request in requests]
+
+    def ranking(self, request: Any) -> dict[str, np.ndarray]:
+        from ..retrieval.gallery import ranked_clips
+
+        texts = texts_of(request[SCORE_TEXT], SCORE_TEXT)
+        ks = row_values(request, "k", len(texts), DEFAULT_K)
+        width = ranking_width(ks, row_values(request, "top", len(texts), 0), len(self.index))
+        rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
+                    for text, k in zip(texts, ks)]
+        return retrieval_outputs(rankings, width, selected_frames(self.split))
+
+
+def selected_frames(split: Any) -> int | None:
+    """Frames the second selector keeps (K2), None for an artifact without frame selection."""
+    kept = next((t for t in split.contracts["select"].outputs if t.name == "frame_indices_2"),
+                None)
+    return None if kept is None else int(kept.shape[1])
+
+
+def retrieval_spec(split: Any) -> ModelSpec:
+    outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
+               ("itc_similarity", np.float32, (-1,))]
+    kept = selected_frames(split)
+    if kept is not None:
+        outputs.append(("frames", np.int64, (-1, kept)))
+    return ModelSpec(RETRIEVE_MODEL, [(SCORE_TEXT, bytes, (1,)), ("k", np.int64, (1,)),
+                                      ("top", np.int64, (1,))], outputs, lambda m: m.retrieve)
+
+
+def index_split(artifact: str, index: str) -> tuple[Any, Any]:
+    """The split graphs that made the index (their .engine files when all were built beside
+    the .onnx, as `model_file` prefers an engine) and the index, opened for them."""
+    from ..retrieval.clip_index import ClipIndex
+    from ..retrieval.gallery import SplitArtifact
+
+    if not Path(artifact).is_dir():
+        raise ValueError(f"--index needs --artifact to be the artifact directory, got {artifact}")
+    split = SplitArtifact.for_index(artifact, index)
+    if all(f.with_suffix(".engine").is_file() for f in split.files.values()):
+        split = SplitArtifact(artifact, split.precision, engines=True)
+    return split, ClipIndex.open(index, split.identity, split.stem_shape)
+
+
+def check_ports_free(ports: dict[str, int]) -> None:
+    """ValueError naming the first port already taken on the loopback address: Triton would
+    exit on it, and PyTriton only notice after its start-up timeout."""
+    for option, port in ports.items():
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError as e:
+                raise ValueError(f"{option} {port}: cannot listen on {LOOPBACK}:{port} "
+                                 f"({e.strerror}): choose another port") from None
+
+
+def use_own_libpython() -> None:
+    """Make Triton's Python-backend stub load this interpreter's libpython.
+
+    The stub links `libpython3.X.so.1.0` and the dynamic loader finds the system's copy first;
+    with a Python of another patch level (e.g. pyenv's 3.11.7 beside Debian's 3.11.2) the stub
+    then runs that library against this interpreter's standard library and model loading fails
+    ('_thread.RLock' object has no attribute '_recursion_count'). PyTriton starts tritonserver
+    with this process's environment (appending its own libraries to LD_LIBRARY_PATH), so putting
+    our LIBDIR first is enough. A Python built without a shared library has none to offer: then
+    the system's must be of the same patch level (make the environment from /usr/bin/python3)."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and (Path(libdir) / str(sysconfig.get_config_var("INSTSONAME"))).is_file():
+        rest = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = libdir + (f":{rest}" if rest else "")
+
+
+def pytriton():
+    """PyTriton's modules, or MissingDependency naming the serving install."""
+    require("pytriton", "to serve on Triton Inference Server")
+    from pytriton import decorators, model_config, triton
+
+    return decorators, model_config, triton
+
+
+@contextlib.contextmanager
+def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[Any]:
+    """Triton running with the artifact's models bound; yields the pytriton `Triton` object.
+    Stops the server and deactivates the runners on the way out."""
+    path = model_file(opts.artifact, opts.precision)
+    artifact = Artifact(path)
+    c = artifact.contract
+    max_batch = opts.max_batch or c.batch.max
+    if not 1 <= max_batch <= c.batch.max:
+        raise ValueError(f"--max-batch {max_batch} is outside the exported batch range "
+                         f"1..{c.batch.max}")
+    if opts.instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {opts.instances}")
+    split, index = index_split(opts.artifact, opts.index) if opts.index else (None, None)
+    check_ports_free({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
+                      "--metrics-port": opts.metrics_port})
+    decorators, model_config, triton_module = pytriton()
+    use_own_libpython()
+    log_file = Path(tempfile.gettempdir()) / f"twbert-triton-{os.getpid()}.log"
+    config = triton_module.TritonConfig(
+        http_address=LOOPBACK, http_port=opts.http_port, grpc_address=LOOPBACK,
+        grpc_port=opts.grpc_port, metrics_address=LOOPBACK, metrics_port=opts.metrics_port,
+        log_verbose=0, exit_on_error=True, log_file=log_file)
+    security = triton_module.TritonSecurityConfig(restricted_endpoints=PROTECTED_ENDPOINTS)
+    specs = model_specs(artifact)
+    with contextlib.ExitStack() as stack:
+        # One runner per instance (activation checks the file: contract, hash, engine preflight).
+        models = [ArtifactModel(artifact, stack.enter_context(artifact.runner(opts.threads)))
+                  for _ in range(opts.instances)]
+        bound = [(spec, [decorators.batch(spec.compute(m)) for m in models]) for spec in specs]
+        if split is not None:
+            retrievers = [RetrievalModel(split, index,
+                                         stack.enter_context(split.pipeline(opts.threads)))
+                          for _ in range(opts.instances)]
+            spec = retrieval_spec(split)
+            bound.append((spec, [spec.compute(r) for r in retrievers]))
+            specs.append(spec)
+        server = stack.enter_context(triton_module.Triton(config=config,
+                                                          security_config=security))
+        for spec, infer_funcs in bound:
+            server.bind(
+                model_name=spec.name,
+                infer_func=infer_funcs,
+                inputs=[model_config.Tensor(name=n, dtype=d, shape=s, optional=n in OPTIONAL)
+                        for n, d, s in spec.inputs],
+                outputs=[model_config.Tensor(name=n, dtype=d, shape=s)
+                         for n, d, s in spec.outputs],
+                config=model_config.ModelConfig(
+                    max_batch_size=max_batch,
+                    batcher=model_config.DynamicBatcher(
+                        max_queue_delay_microseconds=opts.max_queue_delay_us)),
+                strict=True)
+        runtime = "TensorRT" if path.suffix == ".engine" else "ONNX Runtime"
+        log(f"serving {path} ({runtime}, task {c.task}, F@{c.schedule}): "
+            f"{', '.join(s.name for s in specs)}; batches up to {max_batch}, queue delay "
+            f"{opts.max_queue_delay_us} us, {opts.instances} instance(s)")
+        if split is not None:
+            split_runtime = "TensorRT" if split.files["text"].suffix == ".engine" \
+                else "ONNX Runtime"
+            log(f"  {RETRIEVE_MODEL}: {len(index)} clips in {opts.index}, split graphs "
+                f"{split.precision} ({split_runtime})")
+        log(f"  http://{LOOPBACK}:{opts.http_port}  grpc {LOOPBACK}:{opts.grpc_port}  "
+            f"metrics http://{LOOPBACK}:{opts.metrics_port}/metrics  "
+            f"Triton's log: {log_file}")
+        yield server
+
+
+def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT or SIGTERM (or until Triton or a model stops), then stop Triton.
+    The signal handler only sets a flag: taking a lock there (threading.Event.set) can deadlock
+    with the main thread's own wait on that lock."""
+    stopping: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _: stopping.append(signum))
+    with started(opts, log) as server:
+        server.run()  # the models load; returns once they are ready
+        log("ready (GET /v2/health/ready; each model: GET /v2/models/NAME/ready)")
+        while server.is_alive() and not stopping:
+            time.sleep(0.5)
+    log("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python export.py serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True,
+                    help="artifact directory (engines/NAME) or a model file in one")
+    ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
+    ap.add_argument("--index", help="a clip index (`export.py index` with this artifact): "
+                    "also serve twbert_retrieve, which ranks its clips for a text")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--instances", type=int, default=1, help="model instances (runners)")
+    ap.add_argument("--max-batch", type=int, help="largest batch formed (default: exported max)")
+    ap.add_argument("--max-queue-delay-us", type=int, default=2000,
+                    help="how long the dynamic batcher waits to fill a batch")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance")
+    args = ap.parse_args(argv)
+    from ..trt.engine_manifest import EngineMismatch
+    from ..util import MissingDependency
+
+    opts = ServeOptions(args.artifact, args.precision, args.http_port, args.grpc_port,
+                        args.metrics_port, args.instances, args.max_batch,
+                        args.max_queue_delay_us, args.threads, args.index)
+    try:
+        serve(opts, log=lambda line: print(line, flush=True))
+    except (ValueError, MissingDependency, EngineMismatch, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
