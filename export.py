@@ -82,8 +82,7 @@ def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises: each is reported as one line with exit code 2."""
     from twbert_export.artifact.manifest import ArtifactFormatError
     from twbert_export.data.calibration import CalibrationDataError
-    from twbert_export.artifact.input_checks import ModelFileMismatch, OutputDirError
-    from twbert_export.export.pipeline import UserError
+    from twbert_export.artifact.input_checks import ModelFileMismatch, OutputDirError, UserError
     from twbert_export.data.preprocess import AnnotationError, VideoDecodeError
     from twbert_export.validation.parity import GateSpecError
 
@@ -98,6 +97,7 @@ def bad_input(error: Exception, hint: str) -> int:
 
 
 def run_export(argv: list[str]) -> int:
+    from twbert_export.artifact.render import summary_table
     from twbert_export.export import pipeline
     from twbert_export.trt.rtx import RtxGraphError
     from twbert_export.validation.parity import parse_gate_overrides
@@ -120,7 +120,7 @@ def run_export(argv: list[str]) -> int:
         print(f"error: {e}; nothing was written to the output directory", file=sys.stderr)
         return EXIT_GATE_FAILED
     print()
-    print(pipeline.summary_table(result))
+    print(summary_table(result.manifest, result.report))
     out = result.out
     print(f"\nartifacts: {out}/ (manifest.json, report.md, reference/)")
     failed = result.report.failed
@@ -148,7 +148,7 @@ def run_validate(argv: list[str]) -> int:
 
         return validate_against_reference(argv)
     from twbert_export.artifact.manifest import PRECISIONS
-    from twbert_export.export.pipeline import validate_onnx
+    from twbert_export.validation.files import validate_onnx
     from twbert_export.validation.parity import parse_gate_overrides
 
     ap = argparse.ArgumentParser(prog="python export.py validate",

@@ -91,12 +91,18 @@ def stop_on_signals() -> None:
         signal.signal(signum, _stop)
 
 
+def remove_if_stopped(path: Path) -> None:
+    """Register `path` for removal should a signal stop the process (until a `removed_if_stopped`
+    block on it ends): for a path made where no block can open before it exists."""
+    _remove_on_stop[Path(path)] = None
+
+
 @contextlib.contextmanager
 def removed_if_stopped(path: Path) -> Iterator[Path]:
     """Register `path` (a file or directory this process creates) for removal should a signal
     stop the process within the block."""
     path = Path(path)
-    _remove_on_stop[path] = None
+    remove_if_stopped(path)
     try:
         yield path
     finally:

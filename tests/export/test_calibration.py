@@ -9,8 +9,8 @@ import pytest
 from model.data.make_demo import X264_OPTIONS
 from twbert_export.data.assets import DEMO_DATA
 from twbert_export.data.calibration import (MIN_DISTANT_PIXEL_CORRELATION, CalibrationDataError,
-                                       check_calibration_set, distant_pixel_correlation,
-                                       load_feeds)
+                                            check_calibration_set, distant_pixel_correlation,
+                                            load_feeds)
 from twbert_export.artifact.contract import IOContract
 from twbert_export.data.preprocess import Tokenizer
 

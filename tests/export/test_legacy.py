@@ -235,7 +235,8 @@ def test_the_split_graphs_get_trt8_twins_that_compose_as_the_originals(tmp_path)
     from model import load_checkpoint
     from twbert_export.data.assets import resolve_checkpoint
     from twbert_export.export.onnx_export import example_feed
-    from twbert_export.export.split import ComposedSplit, export_split, split_contracts
+    from twbert_export.validation.composed import ComposedSplit
+    from twbert_export.export.split import export_split, split_contracts
 
     model, _ = load_checkpoint(resolve_checkpoint("demo"))
     monolithic = IOContract.for_model(model.cfg)

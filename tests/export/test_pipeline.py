@@ -12,9 +12,10 @@ import export
 from twbert_export.artifact.manifest import TRT8_FLAVOUR, Manifest, Report
 from twbert_export.data.calibration import CalibrationDataError, MIN_CALIBRATION_CLIPS, load_feeds
 from twbert_export.artifact.contract import IOContract
-from twbert_export.artifact.input_checks import OutputDirError
-from twbert_export.export.pipeline import (ExportOptions, StageLog, UserError, run_export,
-                                    validate_onnx)
+from twbert_export.artifact.input_checks import OutputDirError, UserError
+from twbert_export.export.job import StageLog
+from twbert_export.export.pipeline import ExportOptions, run_export
+from twbert_export.validation.files import validate_onnx
 from twbert_export.precision import to_int8
 from twbert_export.data.preprocess import Tokenizer
 from twbert_export.util import file_sha256, human_size

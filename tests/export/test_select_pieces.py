@@ -12,7 +12,7 @@ from twbert_export.data.calibration import load_feeds
 from twbert_export.data.preprocess import Tokenizer
 from twbert_export.validation.runners import ort_session
 from twbert_export.validation.select_pieces import NoCut, PiecewiseSelect, cut
-from twbert_export.export.split import ComposedSplit, unique_texts
+from twbert_export.validation.composed import ComposedSplit, unique_texts
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_where_each_clip_meets_one_text_select_runs_whole(artifact, small_val):
     """Nothing to reuse (one clip, one text): the pieces would only add their check."""
     from twbert_export.validation import parity as validate
     from twbert_export.validation.runners import ort_runner
-    from twbert_export.export.split import validate_split
+    from twbert_export.validation.composed import validate_split
 
     out, _ = artifact
     manifest = Manifest.load(out)

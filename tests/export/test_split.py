@@ -14,16 +14,17 @@ import pytest
 from twbert_export import precision
 from twbert_export.validation import parity as validate
 from twbert_export.data.calibration import load_feeds
-from twbert_export.retrieval.clip_index import (INDEX_FILE, ClipIndex, ClipIndexError, ForeignIndexError,
-                                      index_videos, rank, videos_in)
+from twbert_export.retrieval.clip_index import (INDEX_FILE, ClipIndex, ClipIndexError,
+                                                ForeignIndexError, index_videos, rank, videos_in)
 from twbert_export.artifact.contract import IOContract
 from twbert_export.validation.metrics import rerank, softmax
 from twbert_export.export.onnx_export import example_feed, export_onnx
 from twbert_export.data.preprocess import Tokenizer
 from twbert_export.export.rewrite import rewrite
-from twbert_export.validation.runners import make_torch_runner, ort_runner, ort_session, run_batches
-from twbert_export.export.split import (GRAPHS, ComposedSplit, export_split, split_contracts,
-                                split_to_fp16, validate_split)
+from twbert_export.validation.runners import (make_torch_runner, ort_runner, ort_session,
+                                              run_batches)
+from twbert_export.export.split import GRAPHS, export_split, split_contracts, split_to_fp16
+from twbert_export.validation.composed import ComposedSplit, validate_split
 
 # Its own exports of the four graphs (about 35 s): the slow tier. The fast tier checks the
 # split graphs the pipeline writes (test_split_pipeline.py, on the session artifact).

@@ -16,9 +16,10 @@ import export
 from twbert_export.export import legacy
 from twbert_export.artifact.manifest import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
 from twbert_export.retrieval.clip_index import INDEX_FILE, ClipIndex, videos_in
-from twbert_export.export.pipeline import SPLIT_FP32_ATOL, ExportOptions, run_export
+from twbert_export.export.pipeline import ExportOptions, run_export
 from twbert_export.export.split import GRAPHS
 from twbert_export.util import file_sha256
+from twbert_export.validation.files import SPLIT_FP32_ATOL
 
 
 def test_split_graphs_are_exported_and_gated_beside_the_whole_model(artifact, small_val):
@@ -280,7 +281,7 @@ def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(
     preflighted against and runs the ONNX files on ONNX Runtime). The engine set's own logic
     is tests/trt/test_runner_logic.py's."""
     from twbert_export.retrieval import split_trt
-    from twbert_export.export.split import ComposedSplit
+    from twbert_export.validation.composed import ComposedSplit
 
     out = tmp_path / "artifact"
     shutil.copytree(artifact[0], out)

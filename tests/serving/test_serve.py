@@ -15,7 +15,8 @@ import pytest
 import export
 from triton_server import (QUESTION, caption_of, grpc_error, predicted, served, v2_request,
                            videos_of)
-from twbert_export.retrieval.predict import Artifact, load_videos
+from twbert_export.validation.artifact_runner import Artifact
+from twbert_export.retrieval.predict import load_videos
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

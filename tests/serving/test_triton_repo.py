@@ -17,7 +17,8 @@ from triton_server import (QUESTION, REPO, RETRIEVE, caption_of, predicted, retr
                            running_server, served, served_and_predicted_index, v2_request,
                            videos_of)
 from twbert_export.retrieval.gallery import SplitArtifact
-from twbert_export.retrieval.predict import Artifact, load_videos
+from twbert_export.validation.artifact_runner import Artifact
+from twbert_export.retrieval.predict import load_videos
 from twbert_export.serving.triton_repo import RETRIEVAL_GRAPHS
 
 HERE = Path(__file__).resolve().parent

@@ -16,6 +16,10 @@ from .contract import BATCH, BatchRange, IOContract, TensorSpec
 from ..util import file_sha256, require
 
 
+class UserError(ValueError):
+    """Bad input from the user: one clear line, exit code 2."""
+
+
 class ModelFileMismatch(ValueError):
     """An ONNX file that is not the model its artifact describes."""
 

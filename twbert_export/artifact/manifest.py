@@ -464,3 +464,8 @@ class Report:
 
     def write(self, directory: str | Path) -> Path:
         return write_json(Path(directory) / REPORT_FILE, self.to_dict())
+
+
+def label(precision: str, flavour: str) -> str:
+    """'fp16', or 'fp16.trt8' for another flavour: how a result is named in lines and metrics."""
+    return precision if flavour == DEFAULT_FLAVOUR else f"{precision}.{flavour}"

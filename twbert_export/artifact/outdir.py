@@ -32,8 +32,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .manifest import is_artifact_dir
+from ..util import remove_if_stopped, signals_deferred
 from .input_checks import OutputDirError, check_out_dir
+from .manifest import is_artifact_dir
 
 # Written into every scratch directory at creation: what makes a `.NAME.partial-PID` ours.
 PARTIAL_MARKER = ".twbert-export-partial.json"
@@ -48,7 +49,9 @@ class StalePartialRemoved(UserWarning):
 
 def claim(out: Path, force: bool) -> Path:
     """Check that `out` may be written (the rules above), remove stale scratch directories
-    beside it, and return a new scratch directory there, marked as ours."""
+    beside it, and return a new scratch directory there, marked as ours and registered for
+    removal should a signal stop the process (the caller's `removed_if_stopped` block on it
+    ends that)."""
     check_out_dir(out)
     if out.is_symlink():
         raise OutputDirError(f"--out {out} is a symbolic link: name the directory itself")
@@ -62,7 +65,11 @@ def claim(out: Path, force: bool) -> Path:
                                  "directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)
-    work = _new_dir(out.parent, f".{out.name}.partial-{os.getpid()}")
+    # Registered for removal in the same uninterruptible step that makes it: a signal right
+    # after the mkdir would otherwise leave it behind (seen under load).
+    with signals_deferred():
+        work = _new_dir(out.parent, f".{out.name}.partial-{os.getpid()}")
+        remove_if_stopped(work)
     (work / PARTIAL_MARKER).write_text(json.dumps(
         {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out),
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")

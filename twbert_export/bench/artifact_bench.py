@@ -122,9 +122,9 @@ def _runner(artifact: Path, backend: str, manifest: Manifest, threads: int):
         torch.set_num_threads(threads)
         model, _ = load_checkpoint(manifest.checkpoint.path)
         if model.cfg.selector.schedule != contract.schedule:
-            from ..export.pipeline import _with_schedule
+            from ..validation.files import with_schedule
 
-            model = _with_schedule(model, contract.schedule)
+            model = with_schedule(model, contract.schedule)
         return make_torch_runner(model, contract, "hard", "torch", reuse_stems=False)
     path = backend_file(artifact, manifest, backend)
     if backend.startswith("trt-"):
@@ -249,7 +249,7 @@ def gallery(artifact: Path, sizes: list[int], precision: str, k: int = 50, repea
     from ..retrieval.clip_index import ClipIndex, index_videos, rank
     from ..retrieval.gallery import SplitArtifact
     from ..validation.metrics import ranking_differences, rerank, softmax
-    from ..retrieval.predict import encode_tokens
+    from ..data.preprocess import encode_tokens
     from ..data.preprocess import load_video, read_annotations
     from ..validation.runners import batched, ort_session
 

@@ -29,6 +29,7 @@ Data directory: DIR/annotations.jsonl (one JSON object per line, `video` relativ
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,3 +503,15 @@ def load_clips(data_dir: str | Path, num_frames: int, size: int = 224, on_error:
     """A ClipLoader over DIR (see there): iterate it for Clip objects, then read `.skipped` or
     `.report()`."""
     return ClipLoader(data_dir, num_frames, size, on_error, mean, std)
+
+
+def encode_tokens(tokenizer: Tokenizer, text: str, text_len: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """ids and mask (1, L) of one text; a warning line when it was truncated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)  # said below, in our words
+        ids, mask, truncated = tokenizer.encode([text], text_len)
+    if truncated:
+        print(f"warning: the text is longer than {text_len} tokens and was truncated (the "
+              "model was exported with that length)", file=sys.stderr)
+    return ids, mask

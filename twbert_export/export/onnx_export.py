@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..artifact.contract import BATCH, IOContract
-from ..util import atomic_path, require
+from ..artifact.manifest import MODEL_GRAPH
+from ..util import Stopwatch, atomic_path, require
+from .job import Conversion, Loaded, StageLog
+from .rewrite import rewrite
 
 if TYPE_CHECKING:
     import onnx
@@ -107,3 +110,20 @@ def name_nodes_by_scope(model: "onnx.ModelProto") -> "onnx.ModelProto":
         seen[base] += 1
         node.name = base if seen[base] == 1 else f"{base}_{seen[base] - 1}"
     return model
+
+
+def export_stage(loaded: Loaded, work: Path, out: Path, stages: StageLog,
+                 conversion: Conversion) -> None:
+    """The checkpoint's graph to ONNX, then rewritten for TensorRT (the fp32 file)."""
+    with Stopwatch() as sw:
+        raw = work / "model.raw.onnx"
+        export_onnx(loaded.model, loaded.contract, raw)
+    stages.line("export", sw.seconds, out / raw.name, f"opset {loaded.contract.opset}, dynamo",
+                raw)
+    with Stopwatch() as sw:
+        fp32 = conversion.files[(MODEL_GRAPH, "fp32")] = work / "model.fp32.onnx"
+        histogram = rewrite(raw, fp32, loaded.contract)
+        raw.unlink()
+    top = ", ".join(f"{k} {v}" for k, v in list(histogram.items())[:8])
+    stages.line("rewrite", sw.seconds, out / fp32.name,
+                f"{sum(histogram.values())} nodes: {top}, ...", fp32)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from . import modelopt_compat as compat
+from .modelopt_compat import (light_shape_inference, linear_dead_node_cleanup, quiet_modelopt,
+                              untested_note)
 from ..util import Stopwatch, atomic_path, infer_shapes, require
 from .policy import FP16_DATA_MAX, SELECTION_NODES
 from .ranges import ActivationRanges
@@ -70,8 +71,8 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
         ranges.over(ranges.default_rows())
     ranges.release()  # its ONNX Runtime session, before AutoCast loads the model again
     out_of_range = [f"^{re.escape(name)}$" for name in ranges.nodes_beyond(FP16_DATA_MAX)]
-    with (compat.quiet_modelopt(), compat.linear_dead_node_cleanup(),
-          compat.light_shape_inference(),
+    with (quiet_modelopt(), linear_dead_node_cleanup(),
+          light_shape_inference(),
           Stopwatch() as autocast):
         # data_max=inf: the range rule was applied above, and AutoCast skips its own reference
         # run (the memory problem ActivationRanges describes).
@@ -91,4 +92,4 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
                            calibration={"clips": len(calib.video), "data": calib.identity,
                                         "range_check_clips": ranges.rows_done},
                            steps={"range check": range_check.seconds,
-                                  "AutoCast": autocast.seconds}, note=compat.untested_note())
+                                  "AutoCast": autocast.seconds}, note=untested_note())

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import modelopt_compat as compat
+from .modelopt_compat import (calibrator_from, light_shape_inference, matmul_shapes_from,
+                              quiet_modelopt, untested_note)
 from ..data.calibration import FeedSet, check_calibration_set
 from ..util import (Stopwatch, atomic_path, file_sha256, release_heap, require, scratch_directory,
                     write_json)
@@ -207,7 +208,7 @@ def to_int8(src: str | Path, dst: str | Path, calib: FeedSet, method: str = "max
         stored = store_result(key, Path(dst), {**identity, "calibration": calibration})
         report.cache = f"stored {stored}"
     report.steps = steps
-    report.note = compat.untested_note()
+    report.note = untested_note()
     return report
 
 
@@ -242,9 +243,9 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
         # ModelOpt appends the matrix products it leaves unquantized (GEMV shapes) to the
         # exclusion list it is given; those stay FP32 in the AutoCast below, as they always did.
         excluded = list(SELECTION_NODES)
-        known = compat.calibrator_from(absmax) if scales else contextlib.nullcontext()
-        with (compat.quiet_modelopt(), known, compat.matmul_shapes_from(ranges.shapes),
-              compat.light_shape_inference(), Stopwatch() as quantizing):
+        known = calibrator_from(absmax) if scales else contextlib.nullcontext()
+        with (quiet_modelopt(), known, matmul_shapes_from(ranges.shapes),
+              light_shape_inference(), Stopwatch() as quantizing):
             quantize(str(work), quantize_mode="int8",
                      calibration_data_reader=_RowReader(calib, order),
                      calibration_method=method, calibration_eps=["cpu"],

@@ -38,7 +38,7 @@ from ..data.preprocess import load_video
 from ..util import atomic_path, file_sha256, write_json
 
 if TYPE_CHECKING:
-    from ..export.split import ComposedSplit
+    from ..validation.composed import ComposedSplit
 
 FORMAT = "twbert-clip-index"
 FORMAT_VERSION = 1

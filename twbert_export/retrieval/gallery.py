@@ -30,7 +30,7 @@ from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError
                          index_identity, index_videos, rank, videos_in)
 from ..validation.metrics import softmax
 from ..data.preprocess import AnnotationError, Tokenizer, VideoDecodeError
-from ..export.split import ComposedSplit
+from ..validation.composed import ComposedSplit
 
 EXIT_BAD_INPUT = 2
 BAD_INPUT: tuple[type[Exception], ...] = (ValueError, VideoDecodeError, AnnotationError,
@@ -198,7 +198,7 @@ def _bad_input(error: Exception, note: str = "") -> int:
 
 # -- export.py predict --index ------------------------------------------------------------------
 def encode_text(artifact: SplitArtifact, text: str) -> tuple[np.ndarray, np.ndarray]:
-    from .predict import encode_tokens
+    from ..data.preprocess import encode_tokens
 
     return encode_tokens(artifact.tokenizer(), text, artifact.manifest.contract.text_len)
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..artifact.manifest import MANIFEST_FILE, Manifest
 from ..artifact.contract import IOContract
-from ..export.split import GRAPHS, ComposedSplit
+from ..validation.composed import GRAPHS, ComposedSplit
 from ..trt import runtime as trt_runtime
 from ..trt.engine_manifest import preflight
 from ..trt.version import check_supported

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..artifact.manifest import Manifest
-from ..retrieval.predict import Artifact
+from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
 from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, answer_outputs,
                      ranking_width, retrieval_outputs, score_outputs, texts_of)

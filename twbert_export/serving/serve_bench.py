@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..data.assets import resolve_data
-from ..retrieval.predict import Artifact, load_videos, score
+from ..validation.artifact_runner import Artifact
+from ..retrieval.predict import load_videos, score
 from ..data.preprocess import read_annotations
 from .serve import model_file
 from .served import SCORE_MODEL, SCORE_TEXT, score_outputs

@@ -377,30 +377,6 @@ def summary_line(results: list[RtxGraphBuild], version: str) -> str:
     return line
 
 
-def report_md(check: RtxCheck) -> list[str]:
-    """The report.md section of the check."""
-    lines = ["", "## TensorRT-RTX: NVIDIA's parser and CPU build of every graph", ""]
-    if not check.ran:
-        return lines + [f"Not run: {check.reason}."]
-    lines += [f"TensorRT-RTX {check.version}, ahead-of-time build on the CPU (no GPU), one "
-              "profile per graph from its contract's batch range. Types are TensorRT's own, "
-              "read from the parsed network.", "",
-              "| file | built | parse s | build s | engine | MatMul types | Normalization types "
-              "| Q/DQ layers | selection layers | not FP32 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in check.graphs:
-        hist = lambda h: ", ".join(f"{t} {n}" for t, n in sorted(h.items())) or "-"  # noqa: E731
-        lines.append(f"| {r.onnx} | {'yes' if r.built else 'no: ' + r.note} | "
-                     f"{r.parse_seconds:.1f} | {r.build_seconds:.1f} | "
-                     f"{human_size(r.engine_bytes) if r.built else ''} | {hist(r.matmul)} | "
-                     f"{hist(r.normalization)} | {r.qdq_layers} | {r.selection_layers} | "
-                     f"{', '.join(r.selection_not_fp32) or 'none'} |")
-    if check.warnings:
-        lines += ["", "| parser / builder warning | what it means |", "| --- | --- |"]
-        lines += [f"| {w} | {n} |" for w, n in check.warnings.items()]
-    return lines
-
-
 def engine_sidecar(engine: str | Path) -> dict[str, Any]:
     """The sidecar of an .rtx.engine (ValueError when it is missing or not ours)."""
     path = Path(f"{engine}.json")

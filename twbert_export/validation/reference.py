@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from ..retrieval.predict import Artifact
+    from .artifact_runner import Artifact
     from ..trt.engine_manifest import EngineMismatch
     from ..util import MissingDependency
 

@@ -26,6 +26,7 @@ whole file, as it ships.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from typing import Any
 import numpy as np
 
 from ..util import require
+
+
+def content_key(row: np.ndarray) -> bytes:
+    """A row's identity by content (memo keys of the split graphs' caches and of the pieces)."""
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
 
 BLOCK_NODE = re.compile(r"/model/video/blocks/(\d+)/")
 MEMO_BYTES = 256 * 2**20  # memoized block outputs kept at once (rows of the most recent inputs)
@@ -276,12 +282,10 @@ class PiecewiseSelect:
         return [values[name] for name in self.output_names]
 
     def _memoized(self, k: int, x: np.ndarray, n: int) -> list[np.ndarray]:
-        from ..export.split import _content_key
-
         piece, memo = self.pieces[k], self.memos[k]
         if len(x) != n:
             raise RuntimeError(f"{piece.name}: input of {len(x)} rows for {n} rows")
-        keys = [_content_key(row) for row in x]
+        keys = [content_key(row) for row in x]
         distinct = list(dict.fromkeys(keys))
         for key in distinct:
             if key in memo:
