@@ -23,7 +23,8 @@
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
-Exit codes: 0 success, 1 a validation gate failed, 2 bad input (one line), 3 an internal error
+Exit codes: 0 success, 1 a validation gate failed (or TensorRT-RTX's parser or builder refused a
+graph), 2 bad input (one line), 3 an internal error
 (one line; the traceback goes to a file named there, and TWBERT_DEBUG=1 lets it through instead),
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); either way the partial artifact is removed.
 """
@@ -72,6 +73,9 @@ def export_parser() -> argparse.ArgumentParser:
                          "split graphs text, video_stem, select, fuse (<graph>.<p>.onnx) that "
                          "`export.py index` and `predict --index` use; monolithic: the whole "
                          "model only (docs/split.md)")
+    ap.add_argument("--rtx-engines", action="store_true",
+                    help="keep the TensorRT-RTX engines the rtx stage builds on the CPU "
+                         "(<file>.rtx.engine + .json, for RTX GPUs; docs/rtx.md)")
     return ap
 
 
@@ -96,6 +100,7 @@ def bad_input(error: Exception, hint: str) -> int:
 def run_export(argv: list[str]) -> int:
     from twbert_export.artifact.render import summary_table
     from twbert_export.export import pipeline
+    from twbert_export.trt.rtx import RtxGraphError
     from twbert_export.validation.parity import parse_gate_overrides
 
     args = export_parser().parse_args(argv)
@@ -108,10 +113,13 @@ def run_export(argv: list[str]) -> int:
             calib_method=args.calib_method, val_data=args.val_data, out=args.out,
             force=args.force, tokenizer=args.tokenizer, trust_checkpoint=args.trust_checkpoint,
             on_error=args.on_error, gates=gates, calib_cache=not args.no_calib_cache,
-            val_limit=args.val_clips, graphs=args.graphs)
+            val_limit=args.val_clips, graphs=args.graphs, rtx_engines=args.rtx_engines)
         result = pipeline.run_export(opts)
     except input_errors() as e:
         return bad_input(e, "python export.py --help")
+    except RtxGraphError as e:  # NVIDIA's parser or builder refused a graph: a failed gate
+        print(f"error: {e}; nothing was written to the output directory", file=sys.stderr)
+        return EXIT_GATE_FAILED
     print()
     print(summary_table(result.manifest, result.report))
     out = result.out

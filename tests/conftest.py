@@ -1,8 +1,11 @@
-"""Fixtures shared by the model and export tests."""
+"""Fixtures shared by the model, export and trt tests."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from clipdata import copy_clips
 from model import TWBert, TWBertConfig
 
 
@@ -20,6 +23,25 @@ def tiny_model(tiny_cfg) -> TWBert:
         for block in model.video.blocks:
             torch.nn.init.trunc_normal_(block.temporal_fc.weight, std=0.02)
     return model
+
+
+@pytest.fixture(scope="session")
+def small_val(tmp_path_factory) -> Path:
+    return copy_clips(tmp_path_factory.mktemp("val") / "data", 6)
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory, small_val):
+    """The demo checkpoint exported at every precision: (artifact directory, report). Its
+    export runs every stage, TensorRT-RTX's build of each graph included (tests/trt/test_rtx.py
+    reads that)."""
+    from twbert_export.export.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("engines") / "demo"
+    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
+                                      val_data=str(small_val), out=str(out),
+                                      calib_cache=False))
+    return out, result.report
 
 
 # -- tiers ------------------------------------------------------------------------------------------

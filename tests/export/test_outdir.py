@@ -210,6 +210,12 @@ def test_what_an_export_writes_is_not_taken_for_added_files(tmp_path):
         (out / name).write_text("x")
     (out / "reference").mkdir()
     (out / "reference" / "inputs.json").write_text("[]")
+    # `--rtx-engines`: TensorRT-RTX engines of its own files, and their sidecars
+    (out / "model.fp32.rtx.engine").write_bytes(b"built on the host's CPU")
+    (out / "model.fp32.rtx.engine.json").write_text("{}")
     assert outdir.added_files(out) == []
+    (out / "other.fp32.rtx.engine").write_bytes(b"not built from a file of this artifact")
+    assert outdir.added_files(out) == ["other.fp32.rtx.engine"]
+    (out / "other.fp32.rtx.engine").unlink()
     add_engine(out)
     assert outdir.added_files(out) == ["model.fp32.engine", "model.fp32.engine.json"]

@@ -15,6 +15,12 @@ import numpy as np
 
 OPSET = 19  # Q/DQ INT8 needs 19; TensorRT 10 parses it; dynamo exports no lower than 18.
 BATCH = "batch"
+# The nodes of the selection path, by the names the export gives them: everything that decides
+# which frames are kept (the scorers, their softmax, the hard top-k and the product that gathers
+# the kept frames), all under the selector modules. The precision steps keep them FP32 and
+# TensorRT-RTX's type audit checks they stayed so. A tuple: ModelOpt's quantize extends the list
+# it is given in place (see precision/int8.py).
+SELECTION_NODES = (r"/model/selector[12]/.*",)
 
 
 @dataclass(frozen=True)

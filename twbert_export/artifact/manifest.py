@@ -33,6 +33,8 @@ SPLIT_GRAPHS = ("text", "video_stem", "select", "fuse")  # the split deployment 
 DEFAULT_FLAVOUR = "trt10"
 TRT8_FLAVOUR = "trt8"  # the opset-17 twin of a trt10 file, for TensorRT 8.5 / 8.6 (legacy.py)
 FLAVOURS = (DEFAULT_FLAVOUR, TRT8_FLAVOUR)
+# A TensorRT-RTX engine built from <stem>.onnx (trt/rtx.py): <stem>.rtx.engine
+RTX_ENGINE_SUFFIX = ".rtx.engine"
 
 
 class ArtifactFormatError(ValueError):
@@ -198,8 +200,11 @@ class Manifest:
                 else self.flavour_parity.get(flavour, {})).get(precision)
 
     def entry_for(self, model_path: str | Path) -> FileEntry | None:
-        """The entry of the ONNX file a model (.onnx, or an .engine built beside it) came from."""
-        onnx_name = Path(model_path).with_suffix(".onnx").name
+        """The entry of the ONNX file a model (.onnx, or an .engine built beside it: a
+        TensorRT-RTX engine is <onnx stem>.rtx.engine) came from."""
+        name = Path(model_path).name
+        onnx_name = (name[:-len(RTX_ENGINE_SUFFIX)] + ".onnx" if name.endswith(RTX_ENGINE_SUFFIX)
+                     else Path(model_path).with_suffix(".onnx").name)
         return next((f for f in self.files if f.path == onnx_name), None)
 
     # -- JSON ------------------------------------------------------------------------------------
@@ -305,6 +310,79 @@ class PrecisionResult:
 
 
 @dataclass
+class RtxGraphBuild:
+    """One ONNX file through TensorRT-RTX's parser and ahead-of-time builder on the CPU
+    (trt/rtx.py): whether it built, the time and engine size, TensorRT's own types of the parsed
+    network (its layers' output types, not the ONNX file's) and what the parser and builder said.
+    """
+    graph: str
+    precision: str
+    flavour: str
+    onnx: str  # file name in the artifact directory
+    built: bool
+    parse_seconds: float = 0.0
+    build_seconds: float = 0.0
+    engine_bytes: int = 0
+    engine: str | None = None  # file name, when --rtx-engines kept it
+    # TensorRT layer type -> output type -> layers: MatMul and Normalization layers
+    matmul: dict[str, int] = field(default_factory=dict)
+    normalization: dict[str, int] = field(default_factory=dict)
+    qdq_layers: int = 0  # Quantize + Dequantize layers (the INT8 of a W8A8 Q/DQ graph)
+    selection_layers: int = 0  # layers whose name is on the frame-selection path
+    selection_not_fp32: list[str] = field(default_factory=list)  # 'layer (TYPE): HALF', ...
+    parser_warnings: list[str] = field(default_factory=list)
+    builder_warnings: list[str] = field(default_factory=list)
+    note: str = ""  # why it did not build, where that is not a failure (INT8 Q/DQ)
+
+    @property
+    def seconds(self) -> float:
+        return self.parse_seconds + self.build_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "RtxGraphBuild":
+        if not isinstance(d, dict):
+            raise ArtifactFormatError(f"{where}: not a JSON object")
+        kinds: dict[str, Any] = {"graph": str, "precision": str, "flavour": str, "onnx": str,
+                                 "built": bool, "parse_seconds": (int, float),
+                                 "build_seconds": (int, float), "engine_bytes": int,
+                                 "matmul": dict, "normalization": dict, "qdq_layers": int,
+                                 "selection_layers": int,
+                                 "selection_not_fp32": list, "parser_warnings": list,
+                                 "builder_warnings": list, "note": str}
+        values = {k: _read(d, k, kind, where) for k, kind in kinds.items()}
+        return cls(**values, engine=_read(d, "engine", str, where, optional=True))
+
+
+@dataclass
+class RtxCheck:
+    """The TensorRT-RTX build check of every shipped graph (trt/rtx.py), or why it did not run.
+    `warnings`: each distinct parser/builder warning once, with what it means for us."""
+    ran: bool
+    version: str | None = None  # TensorRT-RTX, when installed
+    reason: str = ""  # why it did not run
+    graphs: list[RtxGraphBuild] = field(default_factory=list)
+    warnings: dict[str, str] = field(default_factory=dict)  # warning -> explanation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ran": self.ran, "version": self.version, "reason": self.reason,
+                "graphs": [g.to_dict() for g in self.graphs], "warnings": self.warnings}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "RtxCheck":
+        if not isinstance(d, dict):
+            raise ArtifactFormatError(f"{where}: not a JSON object")
+        return cls(ran=_read(d, "ran", bool, where),
+                   version=_read(d, "version", str, where, optional=True),
+                   reason=_read(d, "reason", str, where),
+                   graphs=[RtxGraphBuild.from_dict(g, f"{where}.graphs[{i}]")
+                           for i, g in enumerate(_read(d, "graphs", list, where))],
+                   warnings=_read(d, "warnings", dict, where))
+
+
+@dataclass
 class Report:
     """report.json: the parity verdicts and how the export went."""
     precisions: dict[str, PrecisionResult]  # of the default-flavour files
@@ -322,6 +400,8 @@ class Report:
     split: dict[str, PrecisionResult] = field(default_factory=dict)
     # Per validation runner (onnx-fp32, split-fp32, ...): graph executions, rows, seconds.
     validation_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # TensorRT-RTX's parser and CPU build of every shipped graph (None: an older report)
+    rtx: RtxCheck | None = None
 
     def result(self, precision: str, flavour: str = DEFAULT_FLAVOUR) -> PrecisionResult | None:
         return (self.precisions if flavour == DEFAULT_FLAVOUR
@@ -350,7 +430,8 @@ class Report:
                 "flavours": {fl: {p: r.to_dict() for p, r in by_p.items()}
                              for fl, by_p in self.flavours.items()},
                 **({"split": {p: r.to_dict() for p, r in self.split.items()},
-                    "validation_runs": self.validation_runs} if self.split else {})}
+                    "validation_runs": self.validation_runs} if self.split else {}),
+                **({"rtx": self.rtx.to_dict()} if self.rtx else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = REPORT_FILE) -> "Report":
@@ -372,7 +453,9 @@ class Report:
             total_seconds=_read(d, "total_seconds", (int, float), where),
             split={p: PrecisionResult.from_dict(r, f"{where} split.{p}")
                    for p, r in (_read(d, "split", dict, where, optional=True) or {}).items()},
-            validation_runs=_read(d, "validation_runs", dict, where, optional=True) or {})
+            validation_runs=_read(d, "validation_runs", dict, where, optional=True) or {},
+            rtx=(RtxCheck.from_dict(d["rtx"], f"{where} rtx") if d.get("rtx") is not None
+                 else None))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Report":

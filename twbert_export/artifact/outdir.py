@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..util import remove_if_stopped, signals_deferred
 from .input_checks import OutputDirError, check_out_dir
-from .manifest import FORMAT, MANIFEST_FILE, is_artifact_dir
+from .manifest import FORMAT, MANIFEST_FILE, RTX_ENGINE_SUFFIX, is_artifact_dir
 
 # Written into every scratch directory at creation: what makes a `.NAME.partial-PID` ours.
 PARTIAL_MARKER = ".twbert-export-partial.json"
@@ -90,7 +90,18 @@ def added_files(directory: Path) -> list[str]:
     found = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
                    if p.is_file() or p.is_symlink())
     return [f for f in found if f not in listed and f not in _WRITTEN_NAMES
-            and not f.startswith("reference/") and f != PARTIAL_MARKER]
+            and not f.startswith("reference/") and f != PARTIAL_MARKER
+            and not _rtx_engine_of(f, listed)]
+
+
+def _rtx_engine_of(name: str, listed: dict[str, str]) -> bool:
+    """Whether `name` is a TensorRT-RTX engine or its sidecar that the export itself wrote
+    (`--rtx-engines`: <stem>.rtx.engine[.json] beside a listed <stem>.onnx): replaced with the
+    artifact, not kept as the user's."""
+    for suffix in (RTX_ENGINE_SUFFIX, RTX_ENGINE_SUFFIX + ".json"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + ".onnx" in listed
+    return False
 
 
 def engine_source(name: str) -> str | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .manifest import Manifest, PrecisionResult, Report, label
+from ..util import human_size
+from .manifest import Manifest, PrecisionResult, Report, RtxCheck, label
 
 
 def render_report_md(manifest: Manifest, report: Report) -> str:
@@ -48,6 +49,8 @@ def render_report_md(manifest: Manifest, report: Report) -> str:
                          f"{100 * v['R@5']:.1f} | {100 * v['R@10']:.1f} | {v['MedR']:.1f} |")
     if report.split:
         lines += _split_report_md(report)
+    if report.rtx:
+        lines += _rtx_report_md(report.rtx)
     return "\n".join(lines) + "\n"
 
 
@@ -101,3 +104,27 @@ def summary_table(manifest: Manifest, report: Report) -> str:
         rows.append(f"{p:<10}{f'split ({p}) x4':<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     return "\n".join(rows)
+
+
+def _rtx_report_md(check: RtxCheck) -> list[str]:
+    """The TensorRT-RTX check (trt/rtx.py): its section of report.md."""
+    lines = ["", "## TensorRT-RTX: NVIDIA's parser and CPU build of every graph", ""]
+    if not check.ran:
+        return lines + [f"Not run: {check.reason}."]
+    lines += [f"TensorRT-RTX {check.version}, ahead-of-time build on the CPU (no GPU), one "
+              "profile per graph from its contract's batch range. Types are TensorRT's own, "
+              "read from the parsed network.", "",
+              "| file | built | parse s | build s | engine | MatMul types | Normalization types "
+              "| Q/DQ layers | selection layers | not FP32 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in check.graphs:
+        hist = lambda h: ", ".join(f"{t} {n}" for t, n in sorted(h.items())) or "-"  # noqa: E731
+        lines.append(f"| {r.onnx} | {'yes' if r.built else 'no: ' + r.note} | "
+                     f"{r.parse_seconds:.1f} | {r.build_seconds:.1f} | "
+                     f"{human_size(r.engine_bytes) if r.built else ''} | {hist(r.matmul)} | "
+                     f"{hist(r.normalization)} | {r.qdq_layers} | {r.selection_layers} | "
+                     f"{', '.join(r.selection_not_fp32) or 'none'} |")
+    if check.warnings:
+        lines += ["", "| parser / builder warning | what it means |", "| --- | --- |"]
+        lines += [f"| {w} | {n} |" for w, n in check.warnings.items()]
+    return lines

@@ -39,6 +39,7 @@ class ExportOptions:
     val_limit: int | None = None
     calib_cache: bool = True
     graphs: str = "both"
+    rtx_engines: bool = False  # keep the TensorRT-RTX engines of the rtx stage (trt/rtx.py)
 
 
 class StageLog:

@@ -1,5 +1,5 @@
 """The export job: checkpoint -> ONNX -> rewrite -> lint -> precision -> TensorRT 8.x twins ->
-validate -> artifact directory.
+TensorRT-RTX build check -> validate -> artifact directory.
 
 `run_export` is the list of stages in order; each is a function beside what it runs (`load`,
 `onnx_export`, `split`, `convert`, `verify`, `write`), prints one line (artifact, size, time)
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .. import precision
 from ..artifact import outdir
-from ..artifact.manifest import Manifest, Report
+from ..artifact.manifest import MODEL_GRAPH, Manifest, Report
+from ..trt.rtx import rtx_stage
 from ..util import map_large_allocations, removed_if_stopped, require, signals_deferred
 from .convert import lint_stage, precision_stage, trt8_stage
 from .job import Conversion, ExportOptions, StageLog
@@ -35,7 +36,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
     inputs = resolve_inputs(opts)
     if opts.out:  # refused before the checkpoint loads (the default --out needs its schedule)
         outdir.check_claim(Path(opts.out), opts.force)
-    stages = StageLog(total=6 + len(inputs.precisions) + (opts.graphs == "both"))
+    stages = StageLog(total=7 + len(inputs.precisions) + (opts.graphs == "both"))
     t_start = time.perf_counter()
     map_large_allocations()  # stages load and free whole models: return them to the system
     loaded = load_stage(inputs, opts, stages)
@@ -58,9 +59,15 @@ def run_export(opts: ExportOptions) -> ExportResult:
             for p in inputs.precisions[1:]:
                 precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
             trt8_stage(conversion, work, out, stages)
+            # NVIDIA's parser and CPU builder on every file; a refused graph raises RtxGraphError
+            rtx_check = rtx_stage(conversion.entries(),
+                                  {MODEL_GRAPH: loaded.contract, **loaded.graph_contracts},
+                                  precision.SELECTION_NODES, stages,
+                                  work if opts.rtx_engines else None)
             validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
             manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
-                                                     calib, lint_warnings, opts, work, stages)
+                                                     calib, lint_warnings, opts, work, stages,
+                                                     rtx_check)
             report.total_seconds = time.perf_counter() - t_start
             report.write(work)
             with signals_deferred():  # not stopped half-way

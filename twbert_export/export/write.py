@@ -11,7 +11,7 @@ from typing import Any
 
 from ..artifact.manifest import (DEFAULT_FLAVOUR, MODEL_GRAPH, SPLIT_GRAPHS, TRT8_FLAVOUR,
                                  CheckpointInfo, FileEntry, Manifest, PrecisionResult, Report,
-                                 label)
+                                 RtxCheck, label)
 from ..artifact.render import render_report_md
 from ..data.calibration import FeedSet
 from ..trt.commands import polygraphy_command, write_device_kit
@@ -35,7 +35,8 @@ def tool_versions() -> dict[str, str]:
 def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion,
                           validation: Validation, val: FeedSet, calib: FeedSet | None,
                           lint_warnings: list[Any], opts: ExportOptions, work: Path,
-                          stages: StageLog) -> tuple[Manifest, Report]:
+                          stages: StageLog, rtx: RtxCheck | None = None
+                          ) -> tuple[Manifest, Report]:
     """Tokenizer, answers, manifest, device kit and report.md (report.json is written last,
     with the total time, by run_export)."""
     tokenizer_name = "tokenizer.json" if inputs.tokenizer.source.endswith(".json") else "vocab.txt"
@@ -67,7 +68,7 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
             g: conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
             if fl == DEFAULT_FLAVOUR and (g, p) in conversion.graph_reports} or None)
             for (p, fl), r in validation.split.items()},
-        validation_runs=validation.runs)
+        validation_runs=validation.runs, rtx=rtx)
     parity = _parity(validation, DEFAULT_FLAVOUR)
     ckpt = loaded.ckpt_path
     manifest = Manifest(

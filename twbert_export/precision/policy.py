@@ -6,10 +6,9 @@ them: docs/benchmarks.md, "Precision choices").
 
 from __future__ import annotations
 
-# Everything that decides which frames are kept: the scorers, their softmax, the hard top-k and
-# the product that gathers the kept frames (all named under the selector modules at export).
-# A tuple: ModelOpt's quantize extends the list it is given in place (see int8.py).
-SELECTION_NODES = (r"/model/selector[12]/.*",)
+# The selection path stays FP32 in every precision (its node names: artifact/contract.py, which
+# TensorRT-RTX's type audit reads too).
+from ..artifact.contract import SELECTION_NODES  # noqa: F401  (re-exported)
 # Quantize only the matrix products: residual Adds and LayerNorms in INT8 cost accuracy for
 # little speed (docs/benchmarks.md, "Export-time measurements behind the code").
 INT8_OP_TYPES = ["MatMul", "Gemm", "Conv"]

@@ -8,8 +8,11 @@
 - `build`: the TensorRT build (strongly typed on TensorRT >= 10, precision flags on 8.5/8.6).
 - `runtime`: a TensorRT runner with the interface of the ONNX Runtime and PyTorch runners.
 - `cli`: `python export.py build ...`.
+- `rtx`: TensorRT for RTX (NVIDIA's parser and ahead-of-time builder, on the CPU) on every
+  shipped graph: the export's `rtx` stage, TensorRT's own type audit (docs/rtx.md).
+- `rtx_runtime`: a runner for the TensorRT-RTX engines (GPU only).
 
-Importing any of these imports neither tensorrt, pycuda, cuda-python nor torch: a Jetson with
-only TensorRT and numpy runs `build` and `runtime`, and a machine without TensorRT still writes
-the device kit.
+Importing any of these imports neither tensorrt, tensorrt_rtx_bindings, pycuda, cuda-python
+nor torch: a Jetson with only TensorRT and numpy runs `build` and `runtime`, and a machine
+without TensorRT still writes the device kit.
 """

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..artifact.manifest import FileEntry, Manifest
+from ..artifact.manifest import RTX_ENGINE_SUFFIX, FileEntry, Manifest
 from ..data.preprocess import Tokenizer
 
 
@@ -37,7 +37,8 @@ class Artifact:
         return Tokenizer.from_file(self.dir / self.manifest.tokenizer)
 
     def runner(self, threads: int | None = None) -> Any:
-        """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`.
+        """ONNX Runtime for an .onnx file, TensorRT for an .engine built by `export.py build`,
+        TensorRT-RTX for an .rtx.engine built by the export's rtx stage (--rtx-engines).
         An .onnx file is first checked against the contract and the manifest's hash (raises
         ModelFileMismatch, a ValueError: a file from another export)."""
         if self.model_path.suffix == ".onnx":
@@ -47,6 +48,10 @@ class Artifact:
             check_onnx_file(self.model_path, self.contract,
                             self.entry.sha256 if self.entry else None)
             return ort_runner(self.model_path, threads=threads)
+        if self.model_path.name.endswith(RTX_ENGINE_SUFFIX):  # TensorRT-RTX (trt/rtx.py)
+            from ..trt.rtx_runtime import rtx_runner
+
+            return rtx_runner(self.model_path)  # contract and ONNX hash from manifest.json
         if self.model_path.suffix == ".engine":
             from ..trt.runtime import trt_runner
 
