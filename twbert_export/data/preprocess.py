@@ -197,6 +197,16 @@ def _decode_pass(av, path: Path, num_frames: int,
     return n, count, picked
 
 
+def _video_file(path: str | Path) -> Path:
+    """`path` as a Path, or VideoDecodeError when it names no file (missing, or a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise VideoDecodeError(path, "a directory, not a video file: name one video file")
+    if not path.is_file():
+        raise VideoDecodeError(path, "file not found")
+    return path
+
+
 def read_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
     """Decode the T uniformly sampled frames of a video as uint8 RGB arrays (H, W, 3).
 
@@ -206,11 +216,7 @@ def read_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
     Raises VideoDecodeError for a missing, corrupt or undecodable file and for zero frames.
     """
     av = _import_av()
-    path = Path(path)
-    if path.is_dir():
-        raise VideoDecodeError(path, "a directory, not a video file: name one video file")
-    if not path.is_file():
-        raise VideoDecodeError(path, "file not found")
+    path = _video_file(path)
     try:
         n, count, picked = _decode_pass(av, path, num_frames, None)
         if count == 0:
@@ -234,11 +240,7 @@ def probe_video(path: str | Path) -> None:
     (a missing file, not a video, no video stream, an unreadable start). A file damaged further
     in is found when it is decoded in full. Raises VideoDecodeError."""
     av = _import_av()
-    path = Path(path)
-    if path.is_dir():
-        raise VideoDecodeError(path, "a directory, not a video file: name one video file")
-    if not path.is_file():
-        raise VideoDecodeError(path, "file not found")
+    path = _video_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
