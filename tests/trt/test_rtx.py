@@ -178,6 +178,21 @@ def test_without_the_wheels_the_stage_says_so_in_one_line_and_goes_on():
     assert reason in line
 
 
+def test_a_library_caller_may_leave_the_stage_out_and_the_line_says_so(tmp_path):
+    """ExportOptions.rtx_check=False (the serving tests' artifact): one 'skipped' line, nothing
+    parsed (the file named does not even exist), nothing recorded as built."""
+    lines = []
+
+    class Lines:
+        def line(self, name, seconds, path, note=""):
+            lines.append(f"{name} {note}")
+
+    check = rtx.rtx_stage([("model", "fp32", "trt10", tmp_path / "absent.onnx")], {}, (),
+                          Lines(), asked=False)
+    assert not check.ran and check.graphs == []
+    assert lines == ["rtx skipped: not asked for (ExportOptions.rtx_check)"]
+
+
 def test_the_rtx_module_imports_without_tensorrt_rtx_torch_or_modelopt():
     blocked = ("tensorrt_rtx_bindings", "tensorrt_rtx_libs", "torch", "modelopt", "tensorrt")
     proc = run_without(blocked, "import twbert_export.trt.rtx\n"

@@ -40,6 +40,9 @@ class ExportOptions:
     calib_cache: bool = True
     graphs: str = "both"
     rtx_engines: bool = False  # keep the TensorRT-RTX engines of the rtx stage (trt/rtx.py)
+    # The rtx stage (NVIDIA's parser and CPU builder on every graph). The command line always
+    # runs it; library callers whose subject is elsewhere (the serving tests' artifact) may not.
+    rtx_check: bool = True
 
 
 class StageLog:

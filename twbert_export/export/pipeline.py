@@ -63,7 +63,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
             rtx_check = rtx_stage(conversion.entries(),
                                   {MODEL_GRAPH: loaded.contract, **loaded.graph_contracts},
                                   precision.SELECTION_NODES, stages,
-                                  work if opts.rtx_engines else None)
+                                  work if opts.rtx_engines else None, opts.rtx_check)
             validation = validate_stage(loaded, conversion, val, opts, work, out, stages)
             manifest, report = write_artifacts_stage(inputs, loaded, conversion, validation, val,
                                                      calib, lint_warnings, opts, work, stages,

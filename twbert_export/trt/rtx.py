@@ -342,12 +342,13 @@ def explain_warnings(results: Iterable[RtxGraphBuild]) -> dict[str, str]:
 
 # -- the export's stage ----------------------------------------------------------------------------
 def rtx_stage(entries: Iterable[tuple[str, str, str, Path]], contracts: dict[str, IOContract],
-              selection: Sequence[str], stages: Any, engines: Path | None = None) -> RtxCheck:
+              selection: Sequence[str], stages: Any, engines: Path | None = None,
+              asked: bool = True) -> RtxCheck:
     """The export's TensorRT-RTX stage over (graph, precision, flavour, file) entries, with
     each graph's contract. One line on `stages` (a pipeline.StageLog); raises RtxGraphError /
     RtxAuditError for a graph NVIDIA's parser or builder refuses (INT8 excepted, see
-    build_graphs)."""
-    trt, why = load_rtx()
+    build_graphs). `asked` False: the line says it was skipped, and nothing runs."""
+    trt, why = load_rtx() if asked else (None, "not asked for (ExportOptions.rtx_check)")
     if trt is None:
         stages.line("rtx", 0.0, None, f"skipped: {why}")
         return RtxCheck(ran=False, reason=why)
