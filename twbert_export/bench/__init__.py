@@ -3,6 +3,7 @@
 - `artifact_bench`: latency of an artifact's files per backend, and the gallery query cost of
   the split graphs against the whole model.
 - `scale_check`: the whole export at the base preset, timed, with its memory peak.
+- `queue_delay_sweep`: served throughput against the dynamic batcher's queue delay.
 
 Imports: any package below it; nothing imports this one.
 """
