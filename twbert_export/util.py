@@ -162,6 +162,14 @@ def _remove(path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
 
+def move_files(names: list[str], src: Path, dst: Path) -> None:
+    """Move files (paths relative to `src`) to the same places under `dst`, each in one rename
+    (both on one file system: an artifact and the scratch directory beside it)."""
+    for name in names:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src / name, dst / name)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

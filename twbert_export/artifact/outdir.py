@@ -38,7 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..util import remove_if_stopped, signals_deferred
+from ..util import move_files, remove_if_stopped, signals_deferred
 from .input_checks import OutputDirError, check_out_dir
 from .manifest import FORMAT, MANIFEST_FILE, RTX_ENGINE_SUFFIX, is_artifact_dir
 
@@ -139,9 +139,7 @@ def carry_over_added(old: Path, new: Path) -> list[str]:
         raise OutputDirError(f"--force would delete what was added to {old} since its export: "
                              f"{'; '.join(why)}: move them out of {old} (or delete them) and "
                              "run again")
-    for name in added:
-        (new / name).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(old / name, new / name)
+    move_files(added, old, new)
     # The user's files are in it now: no longer a scratch directory anything may remove
     # (`discard_partial`, `remove_stale_partials` look for this marker).
     (new / PARTIAL_MARKER).unlink(missing_ok=True)

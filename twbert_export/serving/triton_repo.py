@@ -56,7 +56,7 @@ from pathlib import Path
 from ..artifact.manifest import Manifest
 from ..artifact.contract import BATCH, IOContract
 from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
-from ..util import removed_afterwards, signals_deferred, write_json
+from ..util import move_files, removed_afterwards, signals_deferred, write_json
 
 ENGINE_MODEL = "twbert_model"
 MARKER = ".twbert-triton-repo.json"  # says this command wrote the directory
@@ -322,9 +322,7 @@ def carry_over_added(out: Path, new: Path, onnx_sha256: str) -> list[str]:
         raise TritonRepoError(f"--force would delete what was added to {out} since it was "
                               f"written: {'; '.join(why)}: move them out of {out} (or delete "
                               "them) and run again")
-    for name in added:
-        (new / name).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(out / name, new / name)
+    move_files(added, out, new)
     warnings.warn(f"kept {', '.join(added)}, added to {out} since it was written: moved into "
                   "the new repository", AddedFilesKept, stacklevel=3)
     return added
@@ -335,10 +333,7 @@ def _return_carried(carried: list[str], tmp: Path, out: Path, old: Path) -> None
     user's files back in it."""
     if old.is_dir() and not out.exists():
         os.replace(old, out)
-    for name in carried:
-        if (tmp / name).exists():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / name, out / name)
+    move_files([name for name in carried if (tmp / name).exists()], tmp, out)
 
 
 def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None = None,
