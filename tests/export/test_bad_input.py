@@ -381,3 +381,23 @@ def test_index_into_an_index_json_of_the_wrong_shape_is_bad_input(artifact, smal
         assert f"{index / 'index.json'} is not" in line and "clip index" in line
         assert (index / "index.json").read_text() == content
         assert [p.name for p in index.iterdir()] == ["index.json"]
+
+
+def test_build_without_tensorrt_refuses_with_an_error_and_a_hint(artifact, capsys):
+    """Issue 23 left `build` as the one command whose refusal printed no `hint:` line."""
+    from twbert_export.util import MissingDependency
+
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the build would run, not refuse")
+    except (ImportError, MissingDependency):
+        pass
+    out, _ = artifact
+    assert export.main(["build", "--onnx", str(out / "model.fp16.onnx")]) == 2
+    line = one_error_and_a_hint(capsys.readouterr().err).lower()
+    assert "no nvidia gpu found" in line or "tensorrt" in line
+
+
+def test_build_of_a_missing_file_refuses_with_an_error_and_a_hint(tmp_path, capsys):
+    assert export.main(["build", "--onnx", str(tmp_path / "absent.onnx")]) == 2
+    assert "ONNX file not found" in one_error_and_a_hint(capsys.readouterr().err)

@@ -90,9 +90,16 @@ def layer_report(path: Path) -> str:
             "fallback is silent: this is where it shows)")
 
 
+def refuse(message: str, hint: str = "python export.py build --help") -> int:
+    """Bad input or no TensorRT: the one error line and a hint, as every command prints them."""
+    print(f"error: {message}", file=sys.stderr)
+    print(f"hint: {hint}", file=sys.stderr)
+    return 2
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    err = refuse
     if args.layer_report:
         try:
             print(layer_report(Path(args.layer_report)))
@@ -135,8 +142,7 @@ def build_artifact(args: argparse.Namespace) -> int:
         artifact = Manifest.load(artifact_dir)
         files = artifact_onnx_files(artifact, artifact_dir, args.graphs or "all", args.precision)
     except ValueError as e:  # ArtifactFormatError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(str(e))
     for i, onnx in enumerate(files, 1):
         print(f"graph      {artifact.entry_for(onnx).graph} ({i}/{len(files)}, "  # type: ignore[union-attr]
               "one engine at a time)", flush=True)
@@ -149,7 +155,7 @@ def build_artifact(args: argparse.Namespace) -> int:
 
 def build_file(args: argparse.Namespace, onnx: Path) -> int:
     """One engine from one ONNX file of an artifact, with the profile of that file's graph."""
-    err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    err = refuse
     if not onnx.is_file():
         return err(f"ONNX file not found: {onnx}")
     try:
@@ -210,8 +216,8 @@ def build_file(args: argparse.Namespace, onnx: Path) -> int:
         opts.check()
         result = build_engine(opts)
     except MissingDependency as e:
-        return err(f"{e}. On a machine without TensorRT, copy {onnx.parent} to the device and "
-                   "run its build_on_device.sh there.")
+        return refuse(str(e), hint=f"on a machine without TensorRT, copy {onnx.parent} to the "
+                      "device and run its build_on_device.sh there")
     except ValueError as e:
         return err(str(e))
     except BuildError as e:
