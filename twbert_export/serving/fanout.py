@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,6 +47,7 @@ class ShardServer:
         aio = require(f"tritonclient.{protocol}.aio", "for the Triton client")
         self.client = aio.InferenceServerClient(url, conn_timeout=timeout_s) \
             if protocol == "http" else aio.InferenceServerClient(url)
+        self.exact: dict[str, np.ndarray] = {}  # what asks twbert_retrieve for the exact ranking
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
                     ) -> dict[str, np.ndarray | None]:
@@ -64,9 +64,22 @@ class ShardServer:
             raise ServerError(f"{self.url}: {model}: {error_line(e)}") from None
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def identity(self) -> ShardIdentity | None:
-        """The shard this server serves; None when it serves an index that is not a shard."""
+    async def metadata(self, model: str) -> dict[str, Any]:
+        kwargs = {"as_json": True} if self.protocol == "grpc" else {}
         try:
+            return await self.client.get_model_metadata(model, **kwargs)
+        except Exception as e:  # as in `infer`
+            raise ServerError(f"{self.url}: {model}: {error_line(e)}") from None
+
+    async def identity(self) -> ShardIdentity | None:
+        """The shard this server serves; None when it serves an index that is not a shard.
+        Also notes whether its twbert_retrieve takes `shortlist` (a first stage before the
+        exact ranking, branch i22-faiss): the fan-out then asks for the exact ranking (0), the
+        one whose merge equals the unsplit index's."""
+        try:
+            metadata = await self.metadata(RETRIEVE_MODEL)
+            self.exact = {"shortlist": np.array([[0]], np.int64)} \
+                if any(i["name"] == "shortlist" for i in metadata.get("inputs", [])) else {}
             out = await self.infer(SHARD_MODEL, {}, ["identity"])
         except ServerError as e:
             if "unknown model" in str(e) or "not found" in str(e):
@@ -84,7 +97,8 @@ class ShardServer:
                  "frames"]
         out = await self.infer(RETRIEVE_MODEL, {
             SCORE_TEXT: np.array([[text.encode("utf-8")]], dtype=np.object_),
-            "k": np.array([[k]], np.int64), "top": np.array([[top]], np.int64)}, names)
+            "k": np.array([[k]], np.int64), "top": np.array([[top]], np.int64), **self.exact},
+            names)
         if out["index_rows"] is None:
             raise ShardError(f"{self.url}: {RETRIEVE_MODEL} gives no index_rows (a server from "
                              "before shards: update it)")
@@ -166,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     urls = [u.strip() for u in args.shards.split(",") if u.strip()]
-    start = time.perf_counter()
     try:
         if not args.text.strip():
             raise ValueError("--text is empty: give the caption to rank the clips for")
@@ -182,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = ranking_result(args.text, ranked)
     print(json.dumps(result, indent=2) if args.json else "\n".join(ranking_lines(result)))
-    print(f"{len(urls)} shards, {time.perf_counter() - start:.3f} s", file=sys.stderr)
     return 0
 
 
