@@ -76,7 +76,7 @@ async def unsplit_rankings(url: str, protocol: str, k: int, repeat: int
     """The unsplit server's ranking per caption (twbert_retrieve, every clip) and its times."""
     server = ShardServer(url, protocol, 300.0)
     try:
-        await server.metadata("twbert_retrieve")
+        await server.ask_exact()
         wanted, times = {}, []
         for _ in range(repeat):
             for caption in CAPTIONS:

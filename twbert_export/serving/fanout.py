@@ -71,15 +71,18 @@ class ShardServer:
         except Exception as e:  # as in `infer`
             raise ServerError(f"{self.url}: {model}: {error_line(e)}") from None
 
-    async def identity(self) -> ShardIdentity | None:
-        """The shard this server serves; None when it serves an index that is not a shard.
-        Also notes whether its twbert_retrieve takes `shortlist` (a first stage before the
-        exact ranking, branch i22-faiss): the fan-out then asks for the exact ranking (0), the
+    async def ask_exact(self) -> None:
+        """Note whether this server's twbert_retrieve takes `shortlist` (a first stage before
+        the exact ranking, branch i22-faiss): it is then asked for the exact ranking (0), the
         one whose merge equals the unsplit index's."""
+        metadata = await self.metadata(RETRIEVE_MODEL)
+        self.exact = {"shortlist": np.array([[0]], np.int64)} \
+            if any(i["name"] == "shortlist" for i in metadata.get("inputs", [])) else {}
+
+    async def identity(self) -> ShardIdentity | None:
+        """The shard this server serves; None when it serves an index that is not a shard."""
         try:
-            metadata = await self.metadata(RETRIEVE_MODEL)
-            self.exact = {"shortlist": np.array([[0]], np.int64)} \
-                if any(i["name"] == "shortlist" for i in metadata.get("inputs", [])) else {}
+            await self.ask_exact()
             out = await self.infer(SHARD_MODEL, {}, ["identity"])
         except ServerError as e:
             if "unknown model" in str(e) or "not found" in str(e):
