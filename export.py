@@ -20,6 +20,10 @@
                      (Triton, PyTriton; --index also serves twbert_retrieve over a clip index)
     python export.py triton-repo --artifact engines/NAME --out REPO [--index INDEX]
                      (for the Triton container; --index also writes twbert_retrieve)
+    python export.py index-split --index INDEX --shards S --out DIR
+                     (S shards of a clip index, each served by its own `serve --index SHARD`)
+    python export.py query --shards HOST:PORT,... --text "a caption" [--k 50] [--top N]
+                     (one query over every shard's server, merged into the unsplit ranking)
 
 Without --ckpt the demo checkpoint is used ('demo'); --calib-data demo:calib and --val-data demo
 name the demo splits; any directory with annotations.jsonl and the videos it names works.
@@ -220,9 +224,22 @@ def run_triton_repo(argv: list[str]) -> int:
     return main(argv)
 
 
+def run_index_split(argv: list[str]) -> int:
+    from twbert_export.retrieval.shards import split_main
+
+    return split_main(argv)
+
+
+def run_query(argv: list[str]) -> int:
+    from twbert_export.serving.fanout import main
+
+    return main(argv)
+
+
 def run_command(argv: list[str]) -> int:
     commands = {"validate": run_validate, "predict": run_predict, "build": run_build,
-                "index": run_index, "serve": run_serve, "triton-repo": run_triton_repo}
+                "index": run_index, "serve": run_serve, "triton-repo": run_triton_repo,
+                "index-split": run_index_split, "query": run_query}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "export":

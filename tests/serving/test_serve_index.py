@@ -47,3 +47,25 @@ def test_serve_refuses_a_missing_index_in_one_line(qa_artifact, tmp_path, capsys
                         str(tmp_path / "missing.index")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("error: ") and err[1].startswith("hint: "), err
+
+
+def test_retrieve_gives_index_rows_and_an_unsplit_index_is_no_shard(server, clip_index,
+                                                                    serve_clips):
+    """`index_rows` (what a fan-out over shards breaks ties by) is each clip's row in the
+    index; a server of an index that was not split is refused as a shard, in one line."""
+    import json
+    import subprocess
+
+    from triton_server import REPO
+
+    status, reply = server.request("POST", RETRIEVE, retrieve_request(caption_of(serve_clips)))
+    assert status == 200, reply
+    outputs = {o["name"]: o["data"] for o in reply["outputs"]}
+    order = list(json.loads((clip_index / "index.json").read_text())["clips"])
+    assert sorted(outputs["index_rows"]) == list(range(len(order)))
+    assert [order[row] for row in outputs["index_rows"]] == outputs["clips"]
+    proc = subprocess.run([str(server.python), "export.py", "query", "--shards", server.http,
+                           "--text", caption_of(serve_clips)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 2 and "is not a shard" in err[0], proc.stderr

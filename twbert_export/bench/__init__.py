@@ -4,6 +4,7 @@
   the split graphs against the whole model.
 - `scale_check`: the whole export at the base preset, timed, with its memory peak.
 - `queue_delay_sweep`: served throughput against the dynamic batcher's queue delay.
+- `shard_fanout`: query time against the number of shards, each on its own server.
 
 Imports: any package below it; nothing imports this one.
 """

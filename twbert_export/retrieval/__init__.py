@@ -5,6 +5,8 @@
   `rank`, the authors' ranking (ITC for every clip, ITM on the shortlist).
 - `gallery`: `export.py index` and `predict --index`: an artifact's split graphs over an index.
 - `split_trt`: the four split graphs' TensorRT engines as one engine set on one CUDA stream.
+- `shards`: `export.py index-split` (an index split by clip into shards, each with its
+  identity), the shard list's check and the merge of the shards' rankings.
 
 Imports: `util`, `artifact`, `data`, `validation` (runners, metrics, the composed split graphs)
 and `trt` (lazily).

@@ -8,6 +8,7 @@
 - `pytriton_compat`: the one patch of PyTriton (client mistakes answered as client errors).
 - `perf_input`: perf_analyzer's `--input-data` from real clips and captions.
 - `serve_bench`: the load test.
+- `fanout`: `export.py query --shards`, one query over every shard's server, merged.
 
 Imports: `util`, `artifact`, `data`, `validation`, `retrieval`, `trt` (lazily).
 """

@@ -17,12 +17,16 @@ within the exported batch range, which the runner takes in one call):
   artifact): `text` BYTES (1,), optional `k` INT64 (1,) (ITC shortlist re-ranked by ITM, default
   50) and `top` INT64 (1,) (the N best; default 0: every clip) -> `clips` BYTES (N,),
   `match_probability` FP64 (N,) (-1 outside the shortlist), `shortlisted` BOOL (N,) (which clips
-  have a match probability), `itc_similarity` FP32 (N,) and, with
+  have a match probability), `itc_similarity` FP32 (N,), `index_rows` INT64 (N,) (each
+  clip's row in the index: ties go to the lower) and, with
   frame selection, `frames` INT64 (N, K2): the ranking `predict --index --text` prints, made by
   the same code (`gallery.ranked_clips` on the split graphs of the index's precision). Rows of a
   request must ask for the same `top`. Batches the dynamic batcher forms are ranked one text
   after the other (one ranking reads every stem once: batching texts would save no graph run
   worth having on a small index, and keeps the code `predict --index` runs).
+- `twbert_shard` (with `--index SHARD`, a shard `export.py index-split` wrote): no input ->
+  `identity` BYTES (1,), the shard's manifest as JSON; `export.py query --shards` checks every
+  shard's before it queries any (`retrieval/shards.py`, `serving/fanout.py`).
 Clients send decoded clips (`preprocess.load_video`, as predict does) and raw text; the server
 tokenises with the artifact's tokenizer. Triton itself refuses a wrong shape or dtype; the model
 refuses, with HTTP 400 / gRPC INVALID_ARGUMENT and a one-line reason, an empty, non-UTF-8 or too
@@ -57,8 +61,9 @@ from ..artifact.manifest import Manifest
 from ..util import require
 from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
-from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, BadRequest,
-                     answer_outputs, check_text_lengths, check_video, ranking_width,
+from ..retrieval.shards import shard_of
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, SHARD_MODEL,
+                     BadRequest, answer_outputs, check_text_lengths, check_video, ranking_width,
                      retrieval_outputs, score_outputs, texts_of)
 
 LOOPBACK = "127.0.0.1"
@@ -145,6 +150,7 @@ class ModelSpec:
     inputs: list[tuple[str, Any, tuple[int, ...]]]
     outputs: list[tuple[str, Any, tuple[int, ...]]]
     compute: Callable[[Any], Callable[..., Any]]  # instance -> infer function
+    batched: bool = True  # False: no batch axis, no dynamic batcher (twbert_shard)
 
 
 def model_specs(artifact: Artifact) -> list[ModelSpec]:
@@ -165,7 +171,7 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
 
 
 DEFAULT_K = 50  # predict --index's default shortlist
-OPTIONAL = ("k", "top")  # retrieval inputs a request may leave out
+OPTIONAL = ("k", "top", "probe")  # inputs a request may leave out
 
 
 def row_values(request: Any, name: str, rows: int, default: int) -> list[int]:
@@ -181,6 +187,7 @@ class RetrievalModel:
 
     def __init__(self, split: Any, index: Any, pipeline: Any):
         self.split, self.index, self.pipeline = split, index, pipeline
+        self.rows = {clip_id: row for row, clip_id in enumerate(index.clip_ids)}
 
     def retrieve(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         """PyTriton's undecorated form: the requests of one batch, each answered on its own
@@ -209,7 +216,8 @@ class RetrievalModel:
         width = ranking_width(ks, row_values(request, "top", len(texts), 0), len(self.index))
         rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
                     for text, k in zip(texts, ks)]
-        return retrieval_outputs(rankings, width, selected_frames(self.split))
+        rows = [[self.rows[c.clip_id] for c in ranking] for ranking in rankings]
+        return retrieval_outputs(rankings, width, selected_frames(self.split), rows)
 
 
 def selected_frames(split: Any) -> int | None:
@@ -221,12 +229,22 @@ def selected_frames(split: Any) -> int | None:
 
 def retrieval_spec(split: Any) -> ModelSpec:
     outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
-               ("itc_similarity", np.float32, (-1,)), ("shortlisted", np.bool_, (-1,))]
+               ("itc_similarity", np.float32, (-1,)), ("shortlisted", np.bool_, (-1,)),
+               ("index_rows", np.int64, (-1,))]
     kept = selected_frames(split)
     if kept is not None:
         outputs.append(("frames", np.int64, (-1, kept)))
     return ModelSpec(RETRIEVE_MODEL, [(SCORE_TEXT, bytes, (1,)), ("k", np.int64, (1,)),
                                       ("top", np.int64, (1,))], outputs, lambda m: m.retrieve)
+
+
+def shard_spec(identity: Any) -> ModelSpec:
+    """`twbert_shard`, served with a shard of a split index (`retrieval.shards`): a request
+    with no input gets `identity` BYTES (1,), the shard's manifest as JSON, which a fan-out
+    checks for every shard before it sends any of them a query (`serving.fanout`)."""
+    answer = {"identity": np.array([identity.to_json().encode("utf-8")], dtype=np.object_)}
+    return ModelSpec(SHARD_MODEL, [("probe", np.int64, (1,))], [("identity", bytes, (1,))],
+                     lambda _: lambda requests: [answer for _ in requests], batched=False)
 
 
 def index_split(artifact: str, index: str) -> tuple[Any, Any]:
@@ -309,6 +327,7 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
     if opts.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {opts.instances}")
     split, index = index_split(opts.artifact, opts.index) if opts.index else (None, None)
+    shard = shard_of(opts.index) if opts.index else None
     check_ports_free({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                       "--metrics-port": opts.metrics_port})
     decorators, model_config, triton_module = pytriton()
@@ -334,6 +353,9 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
             spec = retrieval_spec(split)
             bound.append((spec, [spec.compute(r) for r in retrievers]))
             specs.append(spec)
+        if shard is not None:
+            specs.append(shard_spec(shard))
+            bound.append((specs[-1], [specs[-1].compute(None)]))
         server = stack.enter_context(triton_module.Triton(
             config=config, security_config=security, **loaded_at_start(triton_module,
                                                                        workspace)))
@@ -348,7 +370,8 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                 config=model_config.ModelConfig(
                     max_batch_size=max_batch,
                     batcher=model_config.DynamicBatcher(
-                        max_queue_delay_microseconds=opts.max_queue_delay_us)),
+                        max_queue_delay_microseconds=opts.max_queue_delay_us))
+                if spec.batched else model_config.ModelConfig(batching=False),
                 strict=True)
         refusals = refusals_answered(Path(workspace) / "pytriton")
         runtime = "TensorRT" if path.suffix == ".engine" else "ONNX Runtime"
@@ -359,7 +382,8 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
             split_runtime = "TensorRT" if split.files["text"].suffix == ".engine" \
                 else "ONNX Runtime"
             log(f"  {RETRIEVE_MODEL}: {len(index)} clips in {opts.index}, split graphs "
-                f"{split.precision} ({split_runtime})")
+                f"{split.precision} ({split_runtime})"
+                + (f"; {SHARD_MODEL}: {shard.label}" if shard is not None else ""))
         log(f"  http://{LOOPBACK}:{opts.http_port}  grpc {LOOPBACK}:{opts.grpc_port}  "
             f"metrics http://{LOOPBACK}:{opts.metrics_port}/metrics  "
             f"Triton's log: {log_file}")

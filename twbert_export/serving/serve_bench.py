@@ -150,11 +150,12 @@ def load(url: str, videos: np.ndarray, captions: list[str], expected: list[dict]
 
 
 def start_server(python: str, model: Path, ports: tuple[int, int, int], threads: int | None,
-                 delay_us: int, log: Path) -> subprocess.Popen:
+                 delay_us: int, log: Path, extra: list[str] | None = None) -> subprocess.Popen:
+    """`export.py serve` of `model` with `extra` options (e.g. --index) on these ports."""
     http, grpc, metrics = ports
     command = [python, str(REPO_ROOT / "export.py"), "serve", "--artifact", str(model),
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-               str(metrics), "--max-queue-delay-us", str(delay_us)]
+               str(metrics), "--max-queue-delay-us", str(delay_us), *(extra or [])]
     if threads:
         command += ["--threads", str(threads)]
     with open(log, "w") as out:

@@ -14,6 +14,8 @@ from ..validation.metrics import softmax
 SCORE_MODEL, QA_MODEL = "twbert_score", "twbert_qa"
 # Served by `export.py serve --index` only: ranks the clips of an index (gallery, clip_index).
 RETRIEVE_MODEL = "twbert_retrieve"
+# Served by `export.py serve --index SHARD` only: the shard's identity (retrieval.shards).
+SHARD_MODEL = "twbert_shard"
 # Served tensors beside the video (FP32, the contract's (T, 3, S, S)); shapes without batch.
 SCORE_TEXT, QA_TEXT = "text", "question"
 
@@ -67,12 +69,15 @@ def ranking_width(ks: list[int], tops: list[int], clips: int) -> int:
     return min(tops[0] or clips, clips)
 
 
-def retrieval_outputs(rankings: list, width: int, kept: int | None) -> dict[str, np.ndarray]:
+def retrieval_outputs(rankings: list, width: int, kept: int | None,
+                      index_rows: list | None = None) -> dict[str, np.ndarray]:
     """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
     first, cut to `width`): clip ids, ITM match probability (NaN outside the shortlist), ITC
     similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
     shortlist has no match probability: `shortlisted` says which have one, and theirs is
-    NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON)."""
+    NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON). With
+    `index_rows` (per row, each clip's row in the index), also those: ties in ITC and ITM go
+    to the lower row, which a fan-out over shards needs to merge their rankings exactly."""
     rows = len(rankings)
     out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
                              dtype=np.object_).reshape(rows, width),
@@ -85,6 +90,8 @@ def retrieval_outputs(rankings: list, width: int, kept: int | None) -> dict[str,
     if kept is not None:
         out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
                                  ).reshape(rows, width, kept)
+    if index_rows is not None:  # each clip's row in the served index (shards.merge_rankings)
+        out["index_rows"] = np.array(index_rows, np.int64).reshape(rows, width)
     return out
 
 
