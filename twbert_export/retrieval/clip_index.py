@@ -454,6 +454,10 @@ class RankedClip(NamedTuple):
     first_stage: float | None = None  # the FAISS inner product, when the cascade found it
 
 
+# The first stage's default M (docs/benchmarks.md, "Retrieval cascade": recall against M).
+DEFAULT_SHORTLIST = 200
+
+
 def shortlist_problem(shortlist: int, k: int) -> str | None:
     """Why a first-stage shortlist M cannot serve k (M < k), or None (M = 0: exact ranking)."""
     if shortlist < 0:

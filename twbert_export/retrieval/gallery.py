@@ -31,11 +31,13 @@ import numpy as np
 from ..artifact.manifest import (SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
                                  Manifest)
 from . import first_stage as fs
-from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError, RankedClip,
-                         index_identity, index_videos, rank, shortlist_problem, videos_in)
+from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
+                         ForeignIndexError, RankedClip, index_identity, index_videos, rank,
+                         shortlist_problem, videos_in)
 from ..validation.metrics import softmax
 from ..data.preprocess import AnnotationError, Tokenizer, VideoDecodeError
 from ..validation.composed import ComposedSplit
+from ..util import file_sha256
 
 EXIT_BAD_INPUT = 2
 INDEX_HINT = "python export.py index --help"
@@ -115,9 +117,14 @@ class SplitArtifact:
         return self.entries["video_stem"].sha256
 
     def clip_embedder(self, pipeline: ComposedSplit) -> fs.ClipEmbedder:
-        """The first stage's clip side: the projections of this precision's `select` file (its
-        .onnx, also when the engines run) and the neutral text's CLS."""
-        projections = fs.Projections.from_select_graph(self.dir / self.entries["select"].path)
+        """The first stage's clip side: the ITC projections as the FP32 `select` file holds them
+        (every artifact has it; an INT8 graph's weights are quantized) and the neutral text's
+        CLS from this precision's `text` graph."""
+        fp32 = self.manifest.file("fp32", "select") or self.entries["select"]
+        path = self.dir / fp32.path
+        if not path.is_file() or file_sha256(path) != fp32.sha256:
+            raise ValueError(f"{path} is missing or not the file the manifest lists (sha256)")
+        projections = fs.Projections.from_select_graph(path)
         ids, mask = encode_text(self, fs.NEUTRAL_TEXT)
         return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"])
 
@@ -222,9 +229,6 @@ def encode_text(artifact: SplitArtifact, text: str) -> tuple[np.ndarray, np.ndar
     from ..data.preprocess import encode_tokens
 
     return encode_tokens(artifact.tokenizer(), text, artifact.manifest.contract.text_len)
-
-
-DEFAULT_SHORTLIST = 200  # the first stage's M (docs/benchmarks.md: recall against M)
 
 
 def ranked_clips(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
