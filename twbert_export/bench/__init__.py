@@ -4,6 +4,7 @@
   the split graphs against the whole model.
 - `scale_check`: the whole export at the base preset, timed, with its memory peak.
 - `queue_delay_sweep`: served throughput against the dynamic batcher's queue delay.
+- `cascade_bench`: the retrieval cascade's first-stage recall and its query cost against N.
 
 Imports: any package below it; nothing imports this one.
 """
