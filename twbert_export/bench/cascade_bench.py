@@ -298,6 +298,52 @@ def ivf_recall(index: ClipIndex, pipeline: Any, text_cls: np.ndarray, m: int) ->
     return float(np.mean([len(set(e) & set(a)) / m for e, a in zip(exact, approximate)]))
 
 
+def commit_main(args: argparse.Namespace) -> dict[str, Any]:
+    """What one more batch of 8 clips costs to commit at N, with the first stage and without
+    (index.json alone, as before it): N entries of random unit vectors naming one stem file."""
+    rng = np.random.default_rng(0)
+    dim, rows = 32, []
+    for n in args.n:
+        work = Path(tempfile.mkdtemp(prefix="twbert-cascade-commit-"))
+        index = ClipIndex.open(work / "index", "commit-bench", (2, 2), "float32")
+        stem = index.write_stem("0" * 64, np.zeros((2, 2), np.float32))
+        record = index.stem_record(stem)
+        w = rng.standard_normal((dim, 4)).astype(np.float32)
+        index.embedder = fs.ClipEmbedder(fs.Projections(w, np.zeros(dim, np.float32), w,
+                                                        np.zeros(dim, np.float32)),
+                                         np.zeros((1, 4), np.float32))
+
+        def add(count: int, tag: str) -> None:
+            vectors = fs.normalized(rng.standard_normal((count, dim)))
+            for i in range(count):
+                sha = hashlib.sha256(f"{tag} {i}".encode()).hexdigest()
+                index.entries[f"{tag}_{i:06d}"] = ClipEntry(sha, stem, *record)
+                index.pending[sha] = vectors[i]
+
+        add(n, "clip")
+        start = time.perf_counter()
+        index.commit()
+        bulk = time.perf_counter() - start
+        add(8, "with")
+        start = time.perf_counter()
+        index.commit()
+        with_first_stage = time.perf_counter() - start
+        index.embedder, index.pending = None, {}
+        add(8, "without")
+        index.pending = {}
+        start = time.perf_counter()
+        index.commit()  # entries changed and no embedder: the first stage is dropped
+        without = time.perf_counter() - start
+        row = {"n": n, "bulk_commit_s": bulk, "append_8_with_first_stage_s": with_first_stage,
+               "append_8_index_json_only_s": without}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        import shutil
+
+        shutil.rmtree(work)
+    return {"rows": rows}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -395,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("commit").add_argument("--n", default="1000,10000,100000")
+    sub.choices["commit"].add_argument("--json")
     for name in ("recall", "synthetic", "cost"):
         p = sub.add_parser(name)
         p.add_argument("--artifact", required=True)
@@ -437,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         result = recall_main(args)
     elif args.what == "synthetic":
         result = synthetic_main(args)
+    elif args.what == "commit":
+        args.n = [int(n) for n in args.n.split(",")]
+        result = commit_main(args)
     else:
         args.n = [int(n) for n in args.n.split(",")]
         result = cost_main(args)
