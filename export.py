@@ -12,9 +12,9 @@
     python export.py build --artifact engines/NAME [--graphs all|model|split] [--precision fp16]
                      (each graph's engine in turn, one at a time; needs TensorRT)
     python export.py index --artifact engines/NAME --videos DIR --out INDEX [--precision fp16]
-                     (each clip's video stem, computed once, on the split graphs)
-    python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50] |
-                     --question "..." --clip ID)
+                     (each clip's video stem, computed once, and its FAISS first-stage vector)
+    python export.py predict --index INDEX --artifact engines/NAME (--text "..." [--k 50]
+                     [--shortlist 400 | --exact] | --question "..." --clip ID)
     python export.py serve --artifact engines/NAME [--index INDEX] [--http-port 8000]
                      [--grpc-port 8001] [--instances N] [--max-batch B] [--max-queue-delay-us U]
                      (Triton, PyTriton; --index also serves twbert_retrieve over a clip index)

@@ -198,6 +198,17 @@ def served_and_predicted_index(server, artifact, index, data: Path, protocol: st
         if w["shortlisted"]:
             assert g["match_probability"] == pytest.approx(w["match_probability"], abs=1e-6)
         assert g.get("frames") == w.get("frames")
+    # The cascade (issue 22): the first stage's 4 clips, as `predict --index --shortlist 4`.
+    code, out = predicted_index(artifact, index, caption, capsys, "--k", "3", "--shortlist",
+                                "4", "--json")
+    want = json.loads(out)["ranking"]
+    proc = client(server, protocol, "--text", caption, "--k", "3", "--shortlist", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["ranking"]
+    assert len(got) == 4 and [r["clip"] for r in got] == [r["clip"] for r in want]
+    for g, w in zip(got, want):
+        assert g["first_stage_similarity"] == pytest.approx(w["first_stage_similarity"],
+                                                            abs=1e-5)
 
 
 def retrieve_request(text: str, **optional: int) -> dict:

@@ -24,6 +24,7 @@ LIGHT_TENSOR_ELEMENTS = 256
 # Package to install for each optional module, and why it is needed.
 INSTALL_HINTS = {
     "onnx": "onnx",
+    "faiss": "faiss-cpu",
     "onnxruntime": "onnxruntime",
     "onnx_graphsurgeon": "onnx-graphsurgeon",
     "polygraphy": "polygraphy",

@@ -1,7 +1,10 @@
 """The clip index keeps what users put in it: a damaged stem file is found and the clip indexed
 again, and two runs into the same index at the same time never lose each other's clips
-(twbert_export/retrieval/clip_index.py; issue 23 items 9 and 10). A stand-in for the stem graph keeps
-these fast: what is tested is the index, not the model."""
+(twbert_export/retrieval/clip_index.py; issue 23 items 9 and 10). The retrieval cascade's FAISS
+first stage is kept with it (issue 22): one vector per distinct video, committed, appended and
+replaced with the entries, consistent after an interrupted commit, refused when its file is not
+the one recorded; the index type chosen by N. A stand-in for the stem graph (and the clip
+embedder) keeps these fast: what is tested is the index, not the model."""
 
 import json
 import shutil
@@ -14,8 +17,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from twbert_export.retrieval import clip_index as ci
+from twbert_export.retrieval import first_stage as fs
 from twbert_export.retrieval.clip_index import (INDEX_FILE, ClipIndex, DamagedStemWarning, index_videos,
-                                      videos_in)
+                                      shortlist_problem, videos_in)
 
 from clipdata import copy_clips
 
@@ -136,3 +141,125 @@ def test_two_runs_into_one_index_at_the_same_time_lose_no_clip(tmp_path, clips):
     assert reopened.stems().shape == (6, *STEM_SHAPE)
     assert sorted(p.name for p in (index / "stems").iterdir()) == sorted(
         Path(e["stem"]).name for e in listed.values())  # no stem on disk unlisted
+
+
+# -- the first stage (issue 22) ------------------------------------------------------------------
+DIM = 4
+
+
+class StandInEmbedder:
+    """`ClipEmbedder`'s interface: a unit vector per stem from its values."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((DIM, STEM_SHAPE[-1])).astype(np.float32)
+        self.projections = fs.Projections(w, np.zeros(DIM, np.float32), w,
+                                          np.zeros(DIM, np.float32))
+        self.dim = DIM
+        self.calls = 0
+
+    def __call__(self, pipeline, stems):
+        self.calls += len(stems)
+        features = stems.reshape(len(stems), -1, STEM_SHAPE[-1]).mean(1) + np.arange(DIM)[None]
+        return fs.normalized(features @ self.projections.vision_weight.T)
+
+
+def add_embedded(path: Path, clips: list[Path], embedder=None):
+    return index_videos(open_index(path), clips, StandInStemGraph(), STEM_CONTRACT,
+                        root=clips[0].parent, embedder=embedder or StandInEmbedder())
+
+
+def test_each_video_gets_one_vector_appended_with_its_entry(tmp_path, clips):
+    add_embedded(tmp_path / "index", clips[:3])
+    index = open_index(tmp_path / "index")
+    stage = index.first_stage
+    assert stage["type"] == fs.FLAT and stage["vectors"] == 3
+    assert (tmp_path / "index" / stage["faiss"]).is_file()
+    assert index.first_stage_index().ntotal == 3
+    assert index.first_stage_ids() == {fs.vector_id(e.sha256) for e in index.entries.values()}
+
+    embedder = StandInEmbedder()
+    report = add_embedded(tmp_path / "index", clips, embedder)
+    assert len(report.added) == 3 and embedder.calls == 3  # the unchanged three not recomputed
+    index = open_index(tmp_path / "index")
+    assert index.first_stage_index().ntotal == 6
+    files = sorted(p.name for p in (tmp_path / "index" / fs.DIRECTORY).glob("*.faiss"))
+    assert files == [Path(index.first_stage["faiss"]).name]  # the replaced file removed
+
+
+def test_a_replaced_clip_gets_its_new_vector_and_loses_the_old(tmp_path, clips):
+    add_embedded(tmp_path / "index", clips[:2])
+    before = open_index(tmp_path / "index")
+    old_sha = before.entries[clips[1].name].sha256
+    clips[1].write_bytes(clips[3].read_bytes())  # the same clip id, another video
+    report = add_embedded(tmp_path / "index", clips[:2])
+    assert report.replaced == [clips[1].name]
+    index = open_index(tmp_path / "index")
+    ids = index.first_stage_ids()
+    assert fs.vector_id(old_sha) not in ids and len(ids) == 2
+    assert fs.vector_id(index.entries[clips[1].name].sha256) in ids
+
+
+def test_an_interrupted_commit_leaves_the_first_stage_that_index_json_names(
+        tmp_path, clips, monkeypatch):
+    add_embedded(tmp_path / "index", clips[:2])
+    recorded = json.loads((tmp_path / "index" / INDEX_FILE).read_text())
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # after the new FAISS file was written, before index.json
+
+    monkeypatch.setattr(ci, "write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        add_embedded(tmp_path / "index", clips)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "index" / INDEX_FILE).read_text()) == recorded
+    index = open_index(tmp_path / "index")
+    assert len(index) == 2 and index.first_stage_index().ntotal == 2
+    add_embedded(tmp_path / "index", clips)  # and the next run completes it
+    assert open_index(tmp_path / "index").first_stage_index().ntotal == 6
+
+
+def test_a_faiss_file_that_does_not_match_the_stems_is_refused_in_one_line(tmp_path, clips):
+    add_embedded(tmp_path / "index", clips[:2])
+    add_embedded(tmp_path / "other", clips[2:])
+    index = open_index(tmp_path / "index")
+    other = open_index(tmp_path / "other")
+    (tmp_path / "index" / index.first_stage["faiss"]).write_bytes(
+        (tmp_path / "other" / other.first_stage["faiss"]).read_bytes())
+    with pytest.raises(fs.FirstStageError, match="does not match the stems") as refused:
+        open_index(tmp_path / "index").first_stage_index()
+    assert "\n" not in str(refused.value)
+
+
+def test_an_index_without_a_first_stage_gets_one_from_its_stored_stems(tmp_path, clips):
+    index_videos(open_index(tmp_path / "index"), clips[:3], StandInStemGraph(), STEM_CONTRACT,
+                 root=clips[0].parent)  # no embedder: as an index made before the first stage
+    assert open_index(tmp_path / "index").first_stage is None
+    embedder = StandInEmbedder()
+    report = add_embedded(tmp_path / "index", clips[:3], embedder)
+    assert len(report.skipped) == 3 and embedder.calls == 3
+    assert open_index(tmp_path / "index").first_stage_index().ntotal == 3
+
+
+def test_the_index_type_is_chosen_by_n_and_updates_keep_every_vector(monkeypatch):
+    monkeypatch.setattr(fs, "EXACT_MAX", 300)
+    rng = np.random.default_rng(1)
+    vectors = fs.normalized(rng.standard_normal((400, 8)))
+    ids = np.arange(400, dtype=np.int64) * 7
+    index, trained = fs.updated(None, 8, [], vectors[:250], ids[:250], 0)
+    assert fs.kind_of(index) == fs.FLAT and index.ntotal == 250
+    index, trained = fs.updated(index, 8, [ids[0]], vectors[250:], ids[250:], trained)
+    assert fs.kind_of(index) == fs.IVF and index.ntotal == 399 and trained == 399
+    held, held_ids = fs.contents(index)
+    assert sorted(held_ids.tolist()) == sorted(ids[1:].tolist())
+    order = np.argsort(held_ids)
+    np.testing.assert_array_equal(held[order], vectors[1:])
+    # An approximate search still finds a stored vector as its own nearest.
+    _, found = index.search(vectors[5:6], 1)
+    assert found[0, 0] == ids[5]
+
+
+def test_a_shortlist_smaller_than_k_is_refused_and_zero_is_exact():
+    assert shortlist_problem(0, 50) is None and shortlist_problem(50, 50) is None
+    assert "smaller than k" in shortlist_problem(20, 50)
+    assert ">= 0" in shortlist_problem(-1, 50)

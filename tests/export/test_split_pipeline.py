@@ -267,11 +267,41 @@ def test_predict_index_bad_input_is_one_line_and_exit_2(artifact, small_val, tmp
               "is not a clip index"),
              (["--index", index, "--artifact", out, "--question", "what?", "--clip", "x"],
               "was exported for retrieval"),
-             (["--index", index, "--artifact", out, "--text", " "], "is empty")]
+             (["--index", index, "--artifact", out, "--text", " "], "is empty"),
+             (["--index", index, "--artifact", out, "--text", "a cat", "--shortlist", "2",
+               "--k", "3"], "--shortlist 2 is smaller than k 3")]
     for args, message in cases:
         assert export.main(["predict", *map(str, args)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and message in err[0] and err[1].startswith("hint: "), err
+    # A first-stage FAISS file that is not the one index.json recorded: refused, one line.
+    faiss_file = index / json.loads((index / INDEX_FILE).read_text())["first_stage"]["faiss"]
+    faiss_file.write_bytes(faiss_file.read_bytes()[:-4] + bytes(4))
+    assert export.main(["predict", "--index", str(index), "--artifact", str(out), "--text",
+                        "a cat", "--shortlist", "3", "--k", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "does not match the stems" in err[0], err
+
+
+def test_predict_index_cascade_ranks_the_first_stages_shortlist_as_the_exact_ranking(
+        artifact, small_val, tmp_path, capsys):
+    """Issue 22: `--shortlist M` ranks the first stage's M clips with the exact ITC and ITM;
+    M at least N (or --exact) is the exact ranking of every clip."""
+    out, _ = artifact
+    index = tmp_path / "index"
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index) == 0
+    caption = json.loads((small_val / "annotations.jsonl").read_text().splitlines()[0])["caption"]
+    common = ["--index", index, "--artifact", out, "--text", caption, "--k", 3]
+    exact = predict_json(capsys, *common, "--exact")["ranking"]
+    assert predict_json(capsys, *common, "--shortlist", 100)["ranking"] == exact  # M > N: N
+    cascade = predict_json(capsys, *common, "--shortlist", 4)["ranking"]
+    assert len(cascade) == 4 and all(-1 <= r["first_stage_similarity"] <= 1 for r in cascade)
+    itc = {r["clip"]: r["itc_similarity"] for r in exact}
+    assert all(r["itc_similarity"] == itc[r["clip"]] for r in cascade)
+    chosen = {r["clip"] for r in cascade}
+    by_itc = sorted(itc, key=lambda c: -itc[c])
+    if set(by_itc[:3]) <= chosen:  # the exact ITM shortlist inside M: the same order
+        assert [r["clip"] for r in cascade] == [r["clip"] for r in exact if r["clip"] in chosen]
 
 
 def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(

@@ -26,7 +26,9 @@ def test_served_index_ranking_equals_predict_index(server, qa_artifact, clip_ind
 
 def test_retrieve_bad_requests_get_errors_and_the_server_stays_up(server, serve_clips):
     for body, message in ((retrieve_request("  "), "text is empty"),
-                          (retrieve_request("a caption", k=0), "k must be >= 1")):
+                          (retrieve_request("a caption", k=0), "k must be >= 1"),
+                          (retrieve_request("a caption", k=3, shortlist=2),
+                           "shortlist 2 is smaller than k 3")):
         status, reply = server.request("POST", RETRIEVE, body)
         assert status >= 400 and message in reply.get("error", ""), (status, reply)
     proc = client(server, "grpc", "--text", "")

@@ -216,7 +216,9 @@ def test_retrieval_model_ranks_the_index_as_predict_index_does(bundled, qa_artif
 
 def test_retrieval_model_answers_bad_requests_with_errors_and_stays_up(bundled, serve_clips):
     for body, message in ((retrieve_request("  "), "text is empty"),
-                          (retrieve_request("a caption", k=0), "k must be >= 1")):
+                          (retrieve_request("a caption", k=0), "k must be >= 1"),
+                          (retrieve_request("a caption", k=3, shortlist=2),
+                           "shortlist 2 is smaller than k 3")):
         status, reply = bundled.request("POST", RETRIEVE, body)
         assert status >= 400 and message in reply.get("error", ""), (status, reply)
     status, reply = bundled.request("POST", RETRIEVE,

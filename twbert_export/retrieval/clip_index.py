@@ -34,7 +34,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from ..artifact.contract import IOContract
 from ..validation.metrics import rerank, softmax
 from ..data.preprocess import load_video
 from ..util import atomic_path, file_sha256, write_json
+from . import first_stage as fs
 
 if TYPE_CHECKING:
     from ..validation.composed import ComposedSplit
@@ -88,12 +89,18 @@ class ClipIndex:
     """An index directory in memory: entries by clip id (in the order they were added)."""
 
     def __init__(self, path: Path, artifact: str, stem_shape: tuple[int, ...], stem_dtype: str,
-                 entries: dict[str, ClipEntry]):
+                 entries: dict[str, ClipEntry], first_stage: dict[str, Any] | None = None):
         self.path, self.artifact = path, artifact
         self.stem_shape, self.stem_dtype, self.entries = stem_shape, stem_dtype, entries
         # The entries as index.json last had them (read or written by us): what `commit` tells
         # this run's changes apart by, to merge them with another run's.
         self.synced = dict(entries)
+        # The cascade's first stage as index.json describes it (`first_stage` module), None when
+        # the index has none; `embedder` set: this run keeps it (commit adds `pending` vectors).
+        self.first_stage = first_stage
+        self.embedder: fs.ClipEmbedder | None = None
+        self.pending: dict[str, np.ndarray] = {}  # first-stage vector by video sha256
+        self._faiss: Any = None
 
     @classmethod
     def open(cls, path: str | Path, artifact: str, stem_shape: Iterable[int | str],
@@ -121,6 +128,9 @@ class ClipIndex:
                 raise ClipIndexError(f"{index_file} is not a version {FORMAT_VERSION} clip index")
             entries = {cid: ClipEntry(**e) for cid, e in d["clips"].items()}
             stored = (d["artifact"], tuple(d["stem_shape"]), d["stem_dtype"])
+            first_stage = d.get("first_stage")
+            if first_stage is not None and not isinstance(first_stage, dict):
+                raise TypeError("first_stage is not an object")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
                 AttributeError) as e:
             raise ClipIndexError(f"{index_file} is not a readable clip index ({e})") from None
@@ -131,7 +141,7 @@ class ClipIndex:
         if stored[1] != shape:
             raise ClipIndexError(f"{path} holds stems of shape {stored[1]}, this artifact "
                                  f"makes {shape}")
-        return cls(path, artifact, shape, stored[2], entries)
+        return cls(path, artifact, shape, stored[2], entries, first_stage)
 
     @property
     def clip_ids(self) -> list[str]:
@@ -202,25 +212,107 @@ class ClipIndex:
         since this one read it: its entries are kept, and this run's changes win for the clips
         it changed. Two concurrent runs therefore never lose each other's clips."""
         with index_lock(self.path):
-            on_disk = self._read_entries()
+            on_disk, on_disk_stage = self._read_entries()
             changed = {cid: e for cid, e in self.entries.items() if self.synced.get(cid) != e}
             merged = {**on_disk, **changed}
+            if self.embedder is not None:
+                stage = self._commit_first_stage(merged, on_disk_stage)
+            else:  # kept while this run changes no entry (it cannot compute their vectors)
+                stage = on_disk_stage if not changed else None
             write_json(self.path / INDEX_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": self.artifact,
                 "stem_shape": list(self.stem_shape), "stem_dtype": self.stem_dtype,
-                "clips": {cid: vars(e) for cid, e in merged.items()}})
-        self.entries, self.synced = merged, dict(merged)
+                "clips": {cid: vars(e) for cid, e in merged.items()},
+                **({"first_stage": stage} if stage else {})})
+            # The FAISS file index.json named before is replaced only now that it names another.
+            old = (on_disk_stage or {}).get("faiss")
+            if old and old != (stage or {}).get("faiss"):
+                (self.path / old).unlink(missing_ok=True)
+        self.entries, self.synced, self.first_stage = merged, dict(merged), stage
+        self._faiss = None
 
-    def _read_entries(self) -> dict[str, ClipEntry]:
-        """The entries index.json holds now ({} before the first commit); ClipIndexError when
-        another run left one that is not this index's any more."""
+    def _commit_first_stage(self, merged: dict[str, ClipEntry],
+                            on_disk: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The FAISS index of the committed index.json, brought to `merged`: vectors of videos
+        no longer named removed, this run's new ones added, written under a new name (index.json
+        names it once written; the old one stays until then). None, the first stage dropped,
+        when a named video has no vector (an entry another program added): the next
+        `export.py index` run computes it from the stored stem."""
+        assert self.embedder is not None
+        try:
+            index = None if on_disk is None else self._read_faiss(on_disk)
+        except fs.FirstStageError:  # damaged or replaced: built again from this run's vectors
+            index = None
+        present = set(fs.contents(index)[1].tolist()) if index is not None else set()
+        needed = {fs.vector_id(e.sha256): e.sha256 for e in merged.values()}
+        missing = [vid for vid in needed if vid not in present]
+        if any(needed[vid] not in self.pending for vid in missing):
+            return None
+        add_ids = np.array(missing, np.int64)
+        add = (np.stack([self.pending[needed[vid]] for vid in missing]) if missing
+               else np.empty((0, self.embedder.dim), np.float32))
+        index, trained_on = fs.updated(index, self.embedder.dim, present - needed.keys(), add,
+                                       add_ids, int((on_disk or {}).get("trained_on", 0)))
+        faiss_file, faiss_sha = fs.write(index, self.path)
+        text_file, text_sha = self.embedder.projections.save_text(self.path)
+        self.pending = {}
+        return {"embedding": fs.EMBEDDING, "neutral_text": fs.NEUTRAL_TEXT,
+                "dim": self.embedder.dim, "type": fs.kind_of(index),
+                "vectors": int(index.ntotal), "trained_on": trained_on,
+                "nprobe": fs.NPROBE if fs.kind_of(index) == fs.IVF else None,
+                "faiss": faiss_file, "faiss_sha256": faiss_sha,
+                "text_projection": text_file, "text_projection_sha256": text_sha}
+
+    def _read_faiss(self, stage: dict[str, Any]) -> Any:
+        try:
+            return fs.read(self.path, stage["faiss"], stage["faiss_sha256"])
+        except (KeyError, TypeError) as e:
+            raise fs.FirstStageError(f"{self.path / INDEX_FILE}: unreadable first_stage "
+                                     f"({e!r})") from None
+
+    def first_stage_index(self) -> Any:
+        """The first stage's FAISS index, checked: its file's sha256 as recorded, and one
+        vector for each distinct video of the entries (else FirstStageError: it does not match
+        the stems). None when the index has no first stage."""
+        if self.first_stage is None:
+            return None
+        if self._faiss is None:
+            index = self._read_faiss(self.first_stage)
+            videos = {fs.vector_id(e.sha256) for e in self.entries.values()}
+            if index.ntotal != len(videos) or index.ntotal != self.first_stage.get("vectors"):
+                raise fs.FirstStageError(
+                    f"{self.path / self.first_stage['faiss']} holds {index.ntotal} vectors, "
+                    f"the index {len(videos)} videos: it does not match the stems; run "
+                    "`export.py index` again to rebuild it")
+            self._faiss = index
+        return self._faiss
+
+    def first_stage_ids(self) -> set[int]:
+        """The FAISS ids (videos) the committed first stage holds (empty without one)."""
+        if self.first_stage is None:
+            return set()
+        return set(fs.contents(self._read_faiss(self.first_stage))[1].tolist())
+
+    def text_projection(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) of the query side, checked against the recorded sha256."""
+        assert self.first_stage is not None
+        path = self.path / self.first_stage["text_projection"]
+        if not path.is_file() or file_sha256(path) != self.first_stage["text_projection_sha256"]:
+            raise fs.FirstStageError(f"{path} is missing or not the text projection this index "
+                                     "recorded; run `export.py index` again to rebuild it")
+        with np.load(path, allow_pickle=False) as d:
+            return d["weight"], d["bias"]
+
+    def _read_entries(self) -> tuple[dict[str, ClipEntry], dict[str, Any] | None]:
+        """The entries and first stage index.json holds now ({} and None before the first
+        commit); ClipIndexError when another run left one that is not this index's any more."""
         if not (self.path / INDEX_FILE).is_file():
-            return {}
+            return {}, None
         other = ClipIndex.open(self.path, self.artifact, self.stem_shape, self.stem_dtype)
         if other.stem_dtype != self.stem_dtype:
             raise ClipIndexError(f"{self.path} was made with {other.stem_dtype} stems by another "
                                  f"run meanwhile, this run writes {self.stem_dtype}")
-        return other.entries
+        return other.entries, other.first_stage
 
 
 LOCK_FILE = ".index.lock"
@@ -276,13 +368,16 @@ def clip_id_of(path: Path, root: Path | None) -> str:
 def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "ComposedSplit",
                  stem_contract: IOContract, root: str | Path | None = None,
                  batch: int | None = None,
-                 progress: Callable[[AddReport, int], None] | None = None) -> AddReport:
+                 progress: Callable[[AddReport, int], None] | None = None,
+                 embedder: "fs.ClipEmbedder | None" = None) -> AddReport:
     """Decode each new or changed clip once (`preprocess.load_video`), run the stem graph, and
     store the stem; unchanged clips (same id and file hash) are skipped. index.json is committed
     after each batch of clips (default: the stem graph's batch max), so an interruption loses at
     most the batch in progress. Replaced clips' old stem files are removed after the commit.
     `progress(report, to_do)` is called after each committed batch (to_do: the clips that
-    needed a stem this run)."""
+    needed a stem this run). With an `embedder`, each stored clip also gets its first-stage
+    vector (`first_stage`), committed with its entry; unchanged clips the FAISS index lacks
+    (an index made before it, or a damaged FAISS file) get theirs from their stored stem."""
     root = Path(root) if root else None
     report = AddReport()
     todo: list[tuple[str, Path, str]] = []
@@ -299,9 +394,15 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
             todo.append((clip_id, video, sha))
     frames, size = stem_contract.frames, stem_contract.image_size
     step = batch or stem_contract.batch.max
+    backfilled = False
+    if embedder is not None:
+        index.embedder = embedder
+        backfilled = _backfill_first_stage(index, pipeline, report.skipped, step)
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         stems = pipeline.encode_clips(np.stack([load_video(v, frames, size) for _, v, _ in chunk]))
+        if embedder is not None:
+            index.pending.update(zip((sha for _, _, sha in chunk), embedder(pipeline, stems)))
         written = {}
         for (clip_id, _, sha), stem in zip(chunk, stems):
             relative = index.write_stem(sha, stem)
@@ -318,9 +419,31 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
                 (index.path / stale).unlink(missing_ok=True)
         if progress:
             progress(report, len(todo))
-    if not index.path.joinpath(INDEX_FILE).is_file():
+    if not index.path.joinpath(INDEX_FILE).is_file() or (backfilled and not todo):
         index.commit()  # an index with no clips yet is still an index of this artifact
     return report
+
+
+def _backfill_first_stage(index: ClipIndex, pipeline: "ComposedSplit", unchanged: list[str],
+                          step: int) -> bool:
+    """First-stage vectors, from their stored stems, of the unchanged clips whose video the
+    committed FAISS index lacks (all of them when it is missing or damaged). Whether any."""
+    assert index.embedder is not None
+    try:
+        present = index.first_stage_ids()
+    except fs.FirstStageError:
+        present = set()
+    by_video: dict[str, str] = {}
+    for clip_id in unchanged:
+        sha = index.entries[clip_id].sha256
+        if fs.vector_id(sha) not in present:
+            by_video.setdefault(sha, clip_id)
+    shas = list(by_video)
+    for start in range(0, len(shas), step):
+        chunk = shas[start:start + step]
+        vectors = index.embedder(pipeline, index.stems([by_video[s] for s in chunk]))
+        index.pending.update(zip(chunk, vectors))
+    return bool(shas)
 
 
 class RankedClip(NamedTuple):
@@ -328,20 +451,66 @@ class RankedClip(NamedTuple):
     itc: float  # ITC similarity
     itm: float | None  # ITM match probability; None outside the shortlist
     frames: list[int] | None  # frames the second selector kept (None without selection)
+    first_stage: float | None = None  # the FAISS inner product, when the cascade found it
+
+
+# The first stage's default M (docs/benchmarks.md, "Retrieval cascade": recall against M).
+DEFAULT_SHORTLIST = 400
+
+
+def shortlist_problem(shortlist: int, k: int) -> str | None:
+    """Why a first-stage shortlist M cannot serve k (M < k), or None (M = 0: exact ranking)."""
+    if shortlist < 0:
+        return f"shortlist must be >= 0 (0: exact ranking of every clip), got {shortlist}"
+    if 0 < shortlist < k:
+        return (f"shortlist {shortlist} is smaller than k {k}: the first stage must keep at "
+                "least the k clips ITM re-ranks (raise --shortlist, lower --k, or 0 for exact)")
+    return None
+
+
+def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: int
+                           ) -> tuple[list[str], dict[str, float]]:
+    """The `shortlist` clips whose first-stage vectors are nearest the text's (FAISS inner
+    product), in the index's order (so `rank` breaks ties as the exact ranking does), and each
+    one's inner product. Clips of the same video share a vector and are taken together."""
+    faiss_index = index.first_stage_index()
+    weight, bias = index.text_projection()
+    query = fs.text_vectors(weight, bias, text_cls)
+    clips_of: dict[int, list[str]] = {}
+    for clip_id, entry in index.entries.items():
+        clips_of.setdefault(fs.vector_id(entry.sha256), []).append(clip_id)
+    scores, ids = faiss_index.search(query, min(shortlist, faiss_index.ntotal))
+    found: dict[str, float] = {}
+    for score, vid in zip(scores[0], ids[0]):
+        if vid < 0:  # an inverted file probing too few lists returns fewer than asked
+            break
+        for clip_id in clips_of[int(vid)]:
+            if len(found) < shortlist:
+                found[clip_id] = float(score)
+    return [c for c in index.clip_ids if c in found], found
 
 
 def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,
-         attention_mask: np.ndarray, k: int = 50, batch: int | None = None) -> list[RankedClip]:
-    """Every indexed clip for one tokenized text (ids and mask (1, L)), best first: ITC for all
-    clips, ITM for the k best by ITC (the authors' protocol). Stems are read in batches
-    (default: 8 runs of the select graph's batch max), keeping only the shortlist's video
-    embeddings, so memory does not grow with the index."""
+         attention_mask: np.ndarray, k: int = 50, batch: int | None = None,
+         shortlist: int = 0) -> list[RankedClip]:
+    """The indexed clips for one tokenized text (ids and mask (1, L)), best first: ITC for
+    the candidates, ITM for the k best by ITC (the authors' protocol). Candidates: every clip
+    (`shortlist` 0, at least the number of clips, or an index without a first stage), else
+    the cascade's `shortlist` clips nearest the text in the first stage (`first_stage`), and
+    the ranking lists those only. Stems are read in batches (default: 8 runs of the select
+    graph's batch max), keeping only the shortlist's video embeddings, so memory does not
+    grow with the index."""
     if len(input_ids) != 1:
         raise ValueError(f"rank takes one text, got {len(input_ids)}")
+    problem = shortlist_problem(shortlist, k)
+    if problem:
+        raise ValueError(problem)
     if not len(index):
         return []
     text = pipeline.encode_texts(input_ids, attention_mask)
-    ids = index.clip_ids
+    ids, first = index.clip_ids, {}
+    if 0 < shortlist < len(ids) and index.first_stage is not None:
+        ids, first = first_stage_candidates(index, text["text_cls"], shortlist)
     step = batch or 8 * pipeline.contracts["select"].batch.max
     itc = np.empty(len(ids), np.float32)
     frames = None
@@ -369,5 +538,5 @@ def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,
     itm[top_rows] = softmax(fused["itm_logits"].astype(np.float64))[:, 1]
     final = rerank(itc[None, :], itm[None, :], k)[0]
     return [RankedClip(ids[i], float(itc[i]), None if np.isnan(itm[i]) else float(itm[i]),
-                       None if frames is None else frames[i].tolist())
+                       None if frames is None else frames[i].tolist(), first.get(ids[i]))
             for i in np.argsort(-final, kind="stable")]

@@ -2,13 +2,17 @@
 
     python export.py index --artifact engines/NAME --videos DIR --out INDEX [--precision fp16]
     python export.py predict --index INDEX --artifact engines/NAME --text "a caption" [--k 50]
+                             [--shortlist M | --exact]
     python export.py predict --index INDEX --artifact engines/NAME --question "..." --clip ID
 
 `index` decodes each new or changed clip once (`preprocess.load_video`), runs the `video_stem`
 graph and stores the stem (`clip_index`); the index belongs to the `video_stem` file that made
 it (its sha256 in the manifest), so a query runs the other graphs of that precision.
-`predict --index` ranks every indexed clip as the authors' evaluation does (ITC for all, ITM for
-the k best by ITC: `clip_index.rank`), or answers a question about named clips.
+`index` also stores each clip's first-stage vector in a FAISS index (`first_stage`).
+`predict --index` ranks the clips as a cascade: the M clips nearest the text in the first stage
+(`--shortlist`, DEFAULT_SHORTLIST), then as the authors' evaluation does on those (ITC for the M,
+ITM for the k best by ITC: `clip_index.rank`); `--exact` (or `--shortlist 0`) ranks every clip
+so. Or it answers a question about named clips.
 Each graph runs on ONNX Runtime (.onnx) or, with --engines, on TensorRT (the .engine that
 `export.py build` made beside each .onnx). Torch-free.
 """
@@ -26,11 +30,14 @@ import numpy as np
 
 from ..artifact.manifest import (SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
                                  Manifest)
-from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError, RankedClip,
-                         index_identity, index_videos, rank, videos_in)
+from . import first_stage as fs
+from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
+                         ForeignIndexError, RankedClip, index_identity, index_videos, rank,
+                         shortlist_problem, videos_in)
 from ..validation.metrics import softmax
 from ..data.preprocess import AnnotationError, Tokenizer, VideoDecodeError
 from ..validation.composed import ComposedSplit
+from ..util import file_sha256
 
 EXIT_BAD_INPUT = 2
 INDEX_HINT = "python export.py index --help"
@@ -109,6 +116,18 @@ class SplitArtifact:
         """What an index made by this artifact records: the sha256 of its video_stem file."""
         return self.entries["video_stem"].sha256
 
+    def clip_embedder(self, pipeline: ComposedSplit) -> fs.ClipEmbedder:
+        """The first stage's clip side: the ITC projections as the FP32 `select` file holds them
+        (every artifact has it; an INT8 graph's weights are quantized) and the neutral text's
+        CLS from this precision's `text` graph."""
+        fp32 = self.manifest.file("fp32", "select") or self.entries["select"]
+        path = self.dir / fp32.path
+        if not path.is_file() or file_sha256(path) != fp32.sha256:
+            raise ValueError(f"{path} is missing or not the file the manifest lists (sha256)")
+        projections = fs.Projections.from_select_graph(path)
+        ids, mask = encode_text(self, fs.NEUTRAL_TEXT)
+        return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"])
+
     @property
     def stem_shape(self) -> tuple[int | str, ...]:
         return self.contracts["video_stem"].outputs[0].shape[1:]
@@ -170,16 +189,21 @@ def index_main(argv: list[str] | None = None) -> int:
         print(f"  {done:>5}/{to_do} new or changed clips stored  {1000 * per_clip:6.1f} ms/clip",
               flush=True)
 
-    stopping = (VideoDecodeError, ClipIndexError) + _runtime_errors()
+    stopping = (VideoDecodeError, ClipIndexError, fs.FirstStageError) + _runtime_errors()
     try:
         with artifact.pipeline(args.threads) as pipeline:
             report = index_videos(index, videos, pipeline, artifact.contracts["video_stem"],
-                                  root=videos_dir, progress=progress)
+                                  root=videos_dir, progress=progress,
+                                  embedder=artifact.clip_embedder(pipeline))
     except stopping as e:
         return _bad_input(e, f"clips stored before it are kept in {args.out}", INDEX_HINT)
     print(f"added {len(report.added)}, replaced {len(report.replaced)}, unchanged "
           f"{len(report.skipped)}; {len(index)} clips in {args.out} "
           f"({time.perf_counter() - start:.1f}s)")
+    if index.first_stage is not None:
+        stage = index.first_stage
+        print(f"first stage: {stage['vectors']} vectors, FAISS {stage['type']} "
+              f"({stage['faiss']})")
     print(f"next: python export.py predict --index {args.out} --artifact {args.artifact} "
           "--text \"a caption\"")
     return 0
@@ -208,10 +232,11 @@ def encode_text(artifact: SplitArtifact, text: str) -> tuple[np.ndarray, np.ndar
 
 
 def ranked_clips(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit,
-                 text: str, k: int) -> list[RankedClip]:
-    """Every indexed clip for a caption, best first (`clip_index.rank`)."""
+                 text: str, k: int, shortlist: int = 0) -> list[RankedClip]:
+    """The indexed clips for a caption, best first (`clip_index.rank`): every clip, or with
+    `shortlist` M the first stage's M."""
     ids, mask = encode_text(artifact, text)
-    return rank(index, pipeline, ids, mask, k)
+    return rank(index, pipeline, ids, mask, k, shortlist=shortlist)
 
 
 def ranking_result(text: str, ranked: list[RankedClip]) -> dict[str, Any]:
@@ -219,14 +244,15 @@ def ranking_result(text: str, ranked: list[RankedClip]) -> dict[str, Any]:
     return {"text": text, "ranking": [
         {"rank": r + 1, "clip": c.clip_id, "match_probability": c.itm,
          "itc_similarity": c.itc, "shortlisted": c.itm is not None,
-         **({"frames": c.frames} if c.frames is not None else {})}
+         **({"frames": c.frames} if c.frames is not None else {}),
+         **({"first_stage_similarity": c.first_stage} if c.first_stage is not None else {})}
         for r, c in enumerate(ranked)]}
 
 
 def ranking(artifact: SplitArtifact, index: ClipIndex, pipeline: ComposedSplit, text: str,
-            k: int) -> dict[str, Any]:
-    """Every indexed clip for a caption, best first, in `predict`'s JSON form."""
-    return ranking_result(text, ranked_clips(artifact, index, pipeline, text, k))
+            k: int, shortlist: int = 0) -> dict[str, Any]:
+    """The indexed clips for a caption, best first, in `predict`'s JSON form."""
+    return ranking_result(text, ranked_clips(artifact, index, pipeline, text, k, shortlist))
 
 
 def ranking_lines(result: dict[str, Any], top: int | None = None) -> list[str]:
@@ -268,6 +294,11 @@ def predict_index_main(argv: list[str]) -> int:
     ap.add_argument("--clip", action="append", default=[],
                     help="an indexed clip id (with --question; repeatable)")
     ap.add_argument("--k", type=int, default=50, help="ITC shortlist re-ranked by ITM")
+    ap.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST, metavar="M",
+                    help="clips the first stage (FAISS) passes to the exact ranking; 0: every "
+                    f"clip (default {DEFAULT_SHORTLIST}; more than the index holds: all)")
+    ap.add_argument("--exact", action="store_true",
+                    help="rank every clip exactly, no first stage (as --shortlist 0)")
     ap.add_argument("--top", type=int, help="print only the N best clips")
     ap.add_argument("--engines", action="store_true",
                     help="run the TensorRT engines built beside the .onnx files")
@@ -282,6 +313,10 @@ def predict_index_main(argv: list[str]) -> int:
                              "give the caption or question to run")
         if args.k < 1:
             raise ValueError(f"--k must be >= 1, got {args.k}")
+        shortlist = 0 if args.exact else args.shortlist
+        problem = shortlist_problem(shortlist, args.k)
+        if problem and args.text is not None:
+            raise ValueError(f"--{problem}")
         if args.text is not None and args.clip:
             raise ValueError("--clip names the clips a --question is about; --text ranks every "
                              "indexed clip (leave --clip out; --top N prints the N best)")
@@ -295,7 +330,11 @@ def predict_index_main(argv: list[str]) -> int:
         index = ClipIndex.open(args.index, artifact.identity, artifact.stem_shape)
         with artifact.pipeline(args.threads) as pipeline:
             if args.text is not None:
-                result = ranking(artifact, index, pipeline, args.text, args.k)
+                if shortlist and index.first_stage is None and len(index) > shortlist:
+                    print(f"note: {args.index} has no first stage (made before it, or by "
+                          "another program): every clip ranked exactly; `export.py index` "
+                          "into it adds the first stage", file=sys.stderr)
+                result = ranking(artifact, index, pipeline, args.text, args.k, shortlist)
             else:
                 result = answers(artifact, index, pipeline, args.question, args.clip)
     except refused as e:

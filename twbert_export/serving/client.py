@@ -133,21 +133,27 @@ def answer(client: TritonClient, videos: np.ndarray, question: str, max_batch: i
     return answers, np.concatenate(probability)
 
 
-def retrieve(client: TritonClient, text: str, k: int, top: int | None) -> dict[str, Any]:
-    """The served ranking of the indexed clips, in `predict --index`'s JSON form."""
+def retrieve(client: TritonClient, text: str, k: int, top: int | None,
+             shortlist: int | None = None) -> dict[str, Any]:
+    """The served ranking of the indexed clips, in `predict --index`'s JSON form (`shortlist`:
+    the cascade's M, None: the server's default)."""
     from ..retrieval.clip_index import RankedClip
     from ..retrieval.gallery import ranking_result
 
-    out = client.infer(RETRIEVE_MODEL, {SCORE_TEXT: text_column(text, 1),
-                                        "k": np.array([[k]], np.int64),
-                                        "top": np.array([[top or 0]], np.int64)})
+    inputs = {SCORE_TEXT: text_column(text, 1), "k": np.array([[k]], np.int64),
+              "top": np.array([[top or 0]], np.int64)}
+    if shortlist is not None:
+        inputs["shortlist"] = np.array([[shortlist]], np.int64)
+    out = client.infer(RETRIEVE_MODEL, inputs)
     frames = out.get("frames")
     # `shortlisted` says which clips have a match probability (older servers sent NaN instead)
     scored = out["shortlisted"][0] if "shortlisted" in out \
         else ~np.isnan(out["match_probability"][0])
+    first = out.get("first_stage_similarity")
     ranked = [RankedClip(clip.decode("utf-8"), float(itc),
                          float(itm) if ok else None,
-                         None if frames is None else frames[0, i].tolist())
+                         None if frames is None else frames[0, i].tolist(),
+                         None if first is None or first[0, i] < -1 else float(first[0, i]))
               for i, (clip, itm, itc, ok) in enumerate(zip(out["clips"][0],
                                                            out["match_probability"][0],
                                                            out["itc_similarity"][0], scored))]
@@ -173,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50, help="ITC shortlist re-ranked by ITM")
     ap.add_argument("--top", type=int, help="with no --video: print only the N best indexed "
                     "clips")
+    ap.add_argument("--shortlist", type=int, metavar="M",
+                    help="with no --video: the clips the index's first stage passes to the "
+                    "exact ranking (0: every clip; default: the server's)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--question needs the clips to answer about: --video FILE")
         if not args.video:
             with TritonClient(args.url, args.protocol, args.timeout) as client:
-                result = retrieve(client, text, args.k, args.top)
+                result = retrieve(client, text, args.k, args.top, args.shortlist)
             print(json.dumps(result, indent=2) if args.json
                   else "\n".join(ranking_lines(result)))
             return 0

@@ -15,10 +15,13 @@ within the exported batch range, which the runner takes in one call):
   `probability` FP64 (1,), `answer_index` INT64 (1,): what `predict --question` prints.
 - `twbert_retrieve` (with `--index INDEX`, a clip index `export.py index` made with this
   artifact): `text` BYTES (1,), optional `k` INT64 (1,) (ITC shortlist re-ranked by ITM, default
-  50) and `top` INT64 (1,) (the N best; default 0: every clip) -> `clips` BYTES (N,),
+  50), `top` INT64 (1,) (the N best; default 0: every clip ranked) and `shortlist` INT64 (1,)
+  (the cascade's M: the clips its FAISS first stage passes on, default
+  `clip_index.DEFAULT_SHORTLIST`; 0: every clip ranked exactly) -> `clips` BYTES (N,),
   `match_probability` FP64 (N,) (-1 outside the shortlist), `shortlisted` BOOL (N,) (which clips
-  have a match probability), `itc_similarity` FP32 (N,), `index_rows` INT64 (N,) (each
-  clip's row in the index: ties go to the lower) and, with
+  have a match probability), `itc_similarity` FP32 (N,), `first_stage_similarity` FP32 (N,)
+  (the first stage's inner product; -2 where the ranking was exact), `index_rows` INT64 (N,)
+  (each clip's row in the index: ties go to the lower) and, with
   frame selection, `frames` INT64 (N, K2): the ranking `predict --index --text` prints, made by
   the same code (`gallery.ranked_clips` on the split graphs of the index's precision). Rows of a
   request must ask for the same `top`. Batches the dynamic batcher forms are ranked one text
@@ -63,8 +66,8 @@ from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
 from ..retrieval.shards import shard_of
 from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, SHARD_MODEL,
-                     BadRequest, answer_outputs, check_text_lengths, check_video, ranking_width,
-                     retrieval_outputs, score_outputs, texts_of)
+                     BadRequest, answer_outputs, check_shortlists, check_text_lengths,
+                     check_video, ranking_width, retrieval_outputs, score_outputs, texts_of)
 
 LOOPBACK = "127.0.0.1"
 # The dynamic batcher's default wait, chosen from the sweep in docs/serving.md.
@@ -171,7 +174,7 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
 
 
 DEFAULT_K = 50  # predict --index's default shortlist
-OPTIONAL = ("k", "top", "probe")  # inputs a request may leave out
+OPTIONAL = ("k", "top", "shortlist", "probe")  # inputs a request may leave out
 
 
 def row_values(request: Any, name: str, rows: int, default: int) -> list[int]:
@@ -207,6 +210,7 @@ class RetrievalModel:
         return answers
 
     def ranking(self, request: Any) -> dict[str, np.ndarray]:
+        from ..retrieval.clip_index import DEFAULT_SHORTLIST
         from ..retrieval.gallery import ranked_clips
 
         texts = texts_of(request[SCORE_TEXT], SCORE_TEXT)
@@ -214,8 +218,10 @@ class RetrievalModel:
                            SCORE_TEXT)
         ks = row_values(request, "k", len(texts), DEFAULT_K)
         width = ranking_width(ks, row_values(request, "top", len(texts), 0), len(self.index))
-        rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k)[:width]
-                    for text, k in zip(texts, ks)]
+        shortlists = row_values(request, "shortlist", len(texts), DEFAULT_SHORTLIST)
+        check_shortlists(ks, shortlists)
+        rankings = [ranked_clips(self.split, self.index, self.pipeline, text, k, m)[:width]
+                    for text, k, m in zip(texts, ks, shortlists)]
         rows = [[self.rows[c.clip_id] for c in ranking] for ranking in rankings]
         return retrieval_outputs(rankings, width, selected_frames(self.split), rows)
 
@@ -230,12 +236,13 @@ def selected_frames(split: Any) -> int | None:
 def retrieval_spec(split: Any) -> ModelSpec:
     outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
                ("itc_similarity", np.float32, (-1,)), ("shortlisted", np.bool_, (-1,)),
-               ("index_rows", np.int64, (-1,))]
+               ("first_stage_similarity", np.float32, (-1,)), ("index_rows", np.int64, (-1,))]
     kept = selected_frames(split)
     if kept is not None:
         outputs.append(("frames", np.int64, (-1, kept)))
     return ModelSpec(RETRIEVE_MODEL, [(SCORE_TEXT, bytes, (1,)), ("k", np.int64, (1,)),
-                                      ("top", np.int64, (1,))], outputs, lambda m: m.retrieve)
+                                      ("top", np.int64, (1,)), ("shortlist", np.int64, (1,))],
+                     outputs, lambda m: m.retrieve)
 
 
 def shard_spec(identity: Any) -> ModelSpec:

@@ -69,16 +69,33 @@ def ranking_width(ks: list[int], tops: list[int], clips: int) -> int:
     return min(tops[0] or clips, clips)
 
 
+def check_shortlists(ks: list[int], shortlists: list[int]) -> None:
+    """`twbert_retrieve`'s `shortlist` (the cascade's M) per row against its k, as `predict
+    --index --shortlist` checks it: 0 ranks every clip, otherwise M >= k."""
+    from ..retrieval.clip_index import shortlist_problem  # twbert_retrieve's modules only
+
+    for k, shortlist in zip(ks, shortlists):
+        problem = shortlist_problem(shortlist, k)
+        if problem:
+            raise BadRequest(problem)
+
+
 def retrieval_outputs(rankings: list, width: int, kept: int | None,
                       index_rows: list | None = None) -> dict[str, np.ndarray]:
     """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
     first, cut to `width`): clip ids, ITM match probability (NaN outside the shortlist), ITC
     similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
     shortlist has no match probability: `shortlisted` says which have one, and theirs is
-    NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON). With
-    `index_rows` (per row, each clip's row in the index), also those: ties in ITC and ITM go
-    to the lower row, which a fan-out over shards needs to merge their rankings exactly."""
+    NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON).
+    `first_stage_similarity`: each clip's inner product in the cascade's first stage (unit
+    vectors: within [-1, 1]), NO_FIRST_STAGE (-2) where the ranking was exact. With the cascade
+    a ranking holds the first stage's M clips only, so `width` may exceed its length: the
+    outputs are then that long. With `index_rows` (per row, each clip's row in the index),
+    also those: ties in ITC and ITM go to the lower row, which a fan-out over shards needs to
+    merge their rankings exactly."""
     rows = len(rankings)
+    width = min([width] + [len(r) for r in rankings])
+    rankings = [r[:width] for r in rankings]
     out = {"clips": np.array([[c.clip_id.encode("utf-8") for c in r] for r in rankings],
                              dtype=np.object_).reshape(rows, width),
            "match_probability": np.array([[NOT_SCORED if c.itm is None else c.itm for c in r]
@@ -86,17 +103,22 @@ def retrieval_outputs(rankings: list, width: int, kept: int | None,
            "shortlisted": np.array([[c.itm is not None for c in r] for r in rankings],
                                    np.bool_).reshape(rows, width),
            "itc_similarity": np.array([[c.itc for c in r] for r in rankings], np.float32
-                                      ).reshape(rows, width)}
+                                      ).reshape(rows, width),
+           "first_stage_similarity": np.array(
+               [[NO_FIRST_STAGE if c.first_stage is None else c.first_stage for c in r]
+                for r in rankings], np.float32).reshape(rows, width)}
     if kept is not None:
         out["frames"] = np.array([[c.frames for c in r] for r in rankings], np.int64
                                  ).reshape(rows, width, kept)
     if index_rows is not None:  # each clip's row in the served index (shards.merge_rankings)
-        out["index_rows"] = np.array(index_rows, np.int64).reshape(rows, width)
+        out["index_rows"] = np.array([r[:width] for r in index_rows], np.int64
+                                     ).reshape(rows, width)
     return out
 
 
 # -- what a request must be for the model to run it (docs/serving.md) ------------------
 NOT_SCORED = -1.0  # twbert_retrieve's match_probability of a clip outside the ITC shortlist
+NO_FIRST_STAGE = -2.0  # its first_stage_similarity of a clip ranked exactly (no first stage)
 # A text longer than this is refused before it is tokenised; one within it is refused when it has
 # more wordpieces than the model reads (text_len - 2): the model would see only its start.
 MAX_TEXT_BYTES = 4096

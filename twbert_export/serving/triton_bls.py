@@ -7,7 +7,8 @@ metrics.py and served.py written beside it, at their places in the package). Unl
 on its own: a bad request gets its error, the others their answers.
 
 `twbert_retrieve` (kind retrieve) ranks a clip index for each text with `clip_index.rank`, the
-function `predict --index` runs, over `BlsSplit`: the split graphs' engine models (text, select,
+function `predict --index` runs (the FAISS first stage's `shortlist` M clips, default
+`clip_index.DEFAULT_SHORTLIST`; 0: every clip), over `BlsSplit`: the split graphs' engine models (text, select,
 fuse) called through BLS. Its twbert_serving/ also holds clip_index.py, contract.py and util.py,
 and contracts.json the graphs' I/O contracts.
 
@@ -15,7 +16,8 @@ Reads its settings from the model's config.pbtxt `parameters`: kind (score, qa o
 text_len, and for score and qa engine_model and the outputs it gives; for retrieve the index
 directory, the artifact identity and stem shape it must have, the engine model of each graph and
 the integer type of their I/O. Needs numpy and tokenizers in the Python
-backend's environment (`pip install numpy tokenizers` in the Triton container).
+backend's environment (`pip install numpy tokenizers` in the Triton container), and for
+twbert_retrieve's first stage faiss-cpu (`pip install faiss-cpu`).
 """
 
 import json
@@ -28,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twbert_serving.data.preprocess import Tokenizer  # noqa: E402
 from twbert_serving.serving.served import (QA_TEXT, SCORE_TEXT, BadRequest,  # noqa: E402
-                                           answer_outputs, check_text_lengths, check_video,
-                                           ranking_width, retrieval_outputs, score_outputs,
-                                           texts_of)
+                                           answer_outputs, check_shortlists,
+                                           check_text_lengths, check_video, ranking_width,
+                                           retrieval_outputs, score_outputs, texts_of)
 
 DEFAULT_K = 50  # predict --index's default shortlist
 
@@ -165,7 +167,7 @@ class TritonPythonModel:
     def ranking(self, request):
         """Every indexed clip for each text of the request, best first (`clip_index.rank`, as
         `predict --index` ranks them), cut to the request's `top`."""
-        from twbert_serving.retrieval.clip_index import rank
+        from twbert_serving.retrieval.clip_index import DEFAULT_SHORTLIST, rank
 
         pb = self.pb
         texts = texts_of(pb.get_input_tensor_by_name(request, SCORE_TEXT).as_numpy(), SCORE_TEXT)
@@ -173,10 +175,13 @@ class TritonPythonModel:
         ks = optional_ints(pb, request, "k", len(texts), DEFAULT_K)
         width = ranking_width(ks, optional_ints(pb, request, "top", len(texts), 0),
                               len(self.index))
+        shortlists = optional_ints(pb, request, "shortlist", len(texts), DEFAULT_SHORTLIST)
+        check_shortlists(ks, shortlists)
         rankings = []
-        for text, k in zip(texts, ks):
+        for text, k, shortlist in zip(texts, ks, shortlists):
             ids, mask, _ = self.tokenizer.encode([text], self.text_len)
-            rankings.append(rank(self.index, self.split, ids, mask, k)[:width])
+            rankings.append(rank(self.index, self.split, ids, mask, k,
+                                 shortlist=shortlist)[:width])
         served = retrieval_outputs(rankings, width, self.kept)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(name, served[name])
                                                     for name in self.output_names])

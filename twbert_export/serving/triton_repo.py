@@ -67,8 +67,8 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
 # package (numpy-only, relative imports among themselves).
 SERVING_MODULES = ("data/preprocess.py", "validation/metrics.py", "serving/served.py")
 # And for twbert_retrieve: the index reader and `rank`, with what they import (numpy, stdlib).
-RETRIEVAL_MODULES = SERVING_MODULES + ("retrieval/clip_index.py", "artifact/contract.py",
-                                       "util.py")
+RETRIEVAL_MODULES = SERVING_MODULES + ("retrieval/clip_index.py", "retrieval/first_stage.py",
+                                       "artifact/contract.py", "util.py")
 RETRIEVAL_GRAPHS = ("text", "select", "fuse")  # the stems come from the index
 PACKAGE = Path(__file__).resolve().parents[1]  # twbert_export/
 
@@ -149,11 +149,13 @@ def served_tensors(contract: IOContract, kind: str) -> tuple[list[Tensor], list[
 def retrieval_tensors(kept: int | None) -> tuple[list[Tensor], list[Tensor]]:
     """What `export.py serve --index` binds for twbert_retrieve (see serve.retrieval_spec)."""
     outputs = [Tensor("clips", "bytes", (-1,)), Tensor("match_probability", "float64", (-1,)),
-               Tensor("itc_similarity", "float32", (-1,)), Tensor("shortlisted", "bool", (-1,))]
+               Tensor("itc_similarity", "float32", (-1,)), Tensor("shortlisted", "bool", (-1,)),
+               Tensor("first_stage_similarity", "float32", (-1,))]
     if kept is not None:
         outputs.append(Tensor("frames", "int64", (-1, kept)))
     return ([Tensor(SCORE_TEXT, "bytes", (1,)), Tensor("k", "int64", (1,), optional=True),
-             Tensor("top", "int64", (1,), optional=True)], outputs)
+             Tensor("top", "int64", (1,), optional=True),
+             Tensor("shortlist", "int64", (1,), optional=True)], outputs)
 
 
 def check_config(text: str, where: str) -> str:

@@ -1,0 +1,502 @@
+"""The retrieval cascade measured (issue 22): the first stage's recall against the exact ranking,
+and the cost of a query against the number of indexed clips N.
+
+    python -m twbert_export.bench.cascade_bench recall --artifact engines/NAME \
+        --gallery calibration/demo/train --gallery calibration/demo/val \
+        --gallery calibration/demo/calib --queries calibration/demo/val \
+        --m 50,100,200,400 --json docs/results/cascade_recall_demo.json
+    python -m twbert_export.bench.cascade_bench cost --artifact engines/NAME \
+        --source calibration/demo/calib --n 100,1000,10000,100000 \
+        --json docs/results/cascade_cost_demo.json
+
+`recall` indexes every gallery clip with `export.py index`'s code (stems FP16, first-stage
+vectors), ranks each query caption exactly (`clip_index.rank`, shortlist 0: `select` on every
+clip, `fuse` on the k best) and reports, for each first-stage embedding candidate (the neutral
+texts in --neutral; a zero text CLS) and each M, how often the exact ranking's top 1 / 10 / 50
+fall inside the first stage's M nearest; then, for the index's own first stage, whether the
+cascade's top 10 (`rank` with shortlist M) equals the exact top 10.
+
+`cost` makes indexes of N clips from the stems and first-stage vectors of --source's clips,
+repeated (each repetition its own clip id and video hash, the stem file shared; its vector
+moved by a little noise, renormalized, so FAISS holds N distinct vectors), and times a query
+exact and through the cascade, the bulk commit (FAISS build and index.json) and the commit of
+one more batch of 8 clips at that N; and indexing per clip on --source itself (decode, stem,
+first-stage vector). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.preprocess import encode_tokens, load_video, read_annotations
+from ..retrieval import first_stage as fs
+from ..retrieval.clip_index import ClipEntry, ClipIndex, index_videos, rank, videos_in
+from ..retrieval.gallery import DEFAULT_SHORTLIST, SplitArtifact
+from ..util import write_json
+
+K = 50  # predict --index's default k
+
+
+def captions(directory: Path) -> list[str]:
+    return [r["caption"] for r in read_annotations(directory) if r.get("caption")]
+
+
+def build_index(artifact: SplitArtifact, pipeline: Any, videos: list[Path], out: Path,
+                root: Path | None = None) -> tuple[ClipIndex, float]:
+    """An index of `videos` made as `export.py index` makes it; (index, seconds)."""
+    index = ClipIndex.open(out, artifact.identity, artifact.stem_shape)
+    start = time.perf_counter()
+    index_videos(index, videos, pipeline, artifact.contracts["video_stem"], root=root,
+                 embedder=artifact.clip_embedder(pipeline))
+    return index, time.perf_counter() - start
+
+
+def exact_order(ranked: list) -> list[str]:
+    return [c.clip_id for c in ranked]
+
+
+def fs_candidates(index: ClipIndex, text_cls: np.ndarray, m: int) -> list[str]:
+    from ..retrieval.clip_index import first_stage_candidates
+
+    return first_stage_candidates(index, text_cls, m)[0]
+
+
+def cascade_order(index: ClipIndex, pipeline: Any, exact: list, candidates: list[str],
+                  ids: np.ndarray, mask: np.ndarray) -> list[str]:
+    """The order `rank(shortlist=M)` gives the candidates, from the exact ranking's ITC (every
+    clip) and ITM (its k best); `fuse` runs for the candidates' k best outside those."""
+    from ..validation.metrics import rerank, softmax
+
+    by_id = {c.clip_id: c for c in exact}
+    itc = np.array([by_id[c].itc for c in candidates], np.float32)
+    top = np.lexsort((np.arange(len(candidates)), -itc.astype(np.float64)))[:K]
+    itm = np.full(len(candidates), np.nan)
+    missing = [r for r in top if by_id[candidates[r]].itm is None]
+    for r in top:
+        if by_id[candidates[r]].itm is not None:
+            itm[r] = by_id[candidates[r]].itm
+    if missing:
+        text = pipeline.encode_texts(ids, mask)
+        out = pipeline.select(index.stems([candidates[r] for r in missing]),
+                              np.repeat(text["text_cls"], len(missing), 0))
+        fused = pipeline.fuse(np.repeat(text["text_embeds"], len(missing), 0),
+                              np.repeat(mask, len(missing), 0), out["video_embeds"])
+        itm[missing] = softmax(fused["itm_logits"].astype(np.float64))[:, 1]
+    final = rerank(itc[None, :], itm[None, :], K)[0]
+    return [candidates[i] for i in np.argsort(-final, kind="stable")]
+
+
+def recall_main(args: argparse.Namespace) -> dict[str, Any]:
+    artifact = SplitArtifact(args.artifact, args.precision)
+    ms = [int(m) for m in args.m.split(",")]
+    queries = [q for d in args.queries for q in captions(Path(d))][:args.max_queries or None]
+    videos = [v for d in args.gallery for v in videos_in(d)]
+    work = Path(args.work or tempfile.mkdtemp(prefix="twbert-cascade-"))
+    tokenizer, text_len = artifact.tokenizer(), artifact.manifest.contract.text_len
+    result: dict[str, Any] = {"gallery": [str(d) for d in args.gallery], "clips": len(videos),
+                              "queries": len(queries), "k": K, "m": ms, "candidates": {}}
+    with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
+        index, seconds = build_index(artifact, pipeline, videos, work / "index", root=None)
+        print(f"indexed {len(index)} clips in {seconds:.1f}s", flush=True)
+        result["index_seconds_per_clip"] = seconds / max(len(index), 1)
+        exact, texts, exact_ranked = [], [], []
+        start = time.perf_counter()
+        for q, caption in enumerate(queries):
+            ids, mask = encode_tokens(tokenizer, caption, text_len)
+            texts.append(pipeline.encode_texts(ids, mask)["text_cls"])
+            exact_ranked.append(rank(index, pipeline, ids, mask, K, batch=args.batch * 8))
+            exact.append(exact_order(exact_ranked[-1]))
+            print(f"  exact ranking {q + 1}/{len(queries)}  "
+                  f"{(time.perf_counter() - start) / (q + 1):.1f} s/query", flush=True)
+        result["exact_seconds_per_query"] = (time.perf_counter() - start) / max(len(queries), 1)
+        text_cls = np.concatenate(texts)
+        weight, bias = index.text_projection()
+        query_vectors = fs.text_vectors(weight, bias, text_cls)
+        embedder = artifact.clip_embedder(pipeline)
+        candidates: dict[str, np.ndarray | None] = {f"neutral text {t!r}": None
+                                                    for t in args.neutral}
+        candidates["zero text CLS"] = np.zeros_like(embedder.neutral_cls)
+        clip_ids = index.clip_ids
+        position = {cid: i for i, cid in enumerate(clip_ids)}
+        for name, cls in candidates.items():
+            if cls is None:
+                ids, mask = encode_tokens(tokenizer, name.split(" ", 2)[2][1:-1], text_len)
+                cls = pipeline.encode_texts(ids, mask)["text_cls"]
+            vectors = np.concatenate([
+                fs.clip_vectors(embedder.projections, pipeline,
+                                index.stems(clip_ids[i:i + 64]), cls)
+                for i in range(0, len(clip_ids), 64)])
+            order = np.argsort(-(query_vectors @ vectors.T), axis=1, kind="stable")
+            table = {}
+            for m in ms:
+                row = {}
+                for top in (1, 10, 50):
+                    hits = [len({position[c] for c in ex[:top]} & set(order[q, :m].tolist()))
+                            / min(top, len(ex)) for q, ex in enumerate(exact)]
+                    row[f"top{top}"] = float(np.mean(hits))
+                table[str(m)] = row
+            result["candidates"][name] = table
+            print(f"{name}: " + "; ".join(
+                f"M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in r.items())
+                for m, r in table.items()), flush=True)
+        # The cascade on the index's own first stage: `rank` with shortlist M ranks the M
+        # candidates as the exact ranking would (same ITC, same ITM, same tie-break), so its
+        # order follows from the exact ITC of every clip and ITM of the candidates' k best
+        # (`fuse` run here for those outside the exact k); checked against `rank` itself on
+        # the first --check queries.
+        cascade, checked = {}, 0
+        for m in [m for m in ms if m >= K]:
+            equal = 0
+            for q, caption in enumerate(queries):
+                ids, mask = encode_tokens(tokenizer, caption, text_len)
+                shortlist = fs_candidates(index, text_cls[q:q + 1], m)
+                order = cascade_order(index, pipeline, exact_ranked[q], shortlist, ids, mask)
+                equal += order[:10] == exact[q][:10]
+                if q < args.check:
+                    real = exact_order(rank(index, pipeline, ids, mask, K, shortlist=m))
+                    if real != order:
+                        raise AssertionError(f"rank(shortlist={m}) differs from the cascade "
+                                             f"computed from the exact ranking for {caption!r}")
+                    checked += 1
+            cascade[str(m)] = {"top10_equal": equal / len(queries)}
+            print(f"cascade M={m}: top-10 equal to the exact top 10 for {equal}/{len(queries)} "
+                  "queries", flush=True)
+        result["cascade_checked_against_rank"] = checked
+        result["cascade"] = cascade
+        result["first_stage"] = index.first_stage
+    return result
+
+
+# -- recall on a synthetic gallery --------------------------------------------------------------
+def synthetic_clips(count: int, seed: int, frames: int, size: int, video_frames: int = 32,
+                    video_size: int = 112) -> Any:
+    """(name, clip) of `count` clips of the demo generator (`model.data.make_demo`: its plans
+    of a train split of `count` clips with `seed`, rendered at the demo's 32 frames of 112x112),
+    preprocessed as `load_video` does after decoding (its uniform frame indices, resize,
+    normalisation): the H.264 round trip is left out."""
+    from model.data.make_demo import load_photos, plan_split, render_clip
+    from ..data.preprocess import normalize_frame, sample_indices
+
+    photos = load_photos(video_size)
+    picks = sample_indices(video_frames, frames)
+    for plan in plan_split("train", count, seed):
+        rgb, _ = render_clip(plan, photos, video_frames, video_size)
+        yield plan.name, np.stack([normalize_frame(rgb[t], size) for t in picks])
+
+
+def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
+    """The recall table on a gallery of --clips synthetic clips, with exact ITC for every
+    (query, clip) pair (`select` on all, as `rank` with shortlist 0) and the first stage's
+    order from the index's FAISS first stage."""
+    artifact = SplitArtifact(args.artifact, args.precision)
+    ms = [int(m) for m in args.m.split(",")]
+    queries = [q for d in args.queries for q in captions(Path(d))][:args.max_queries or None]
+    work = Path(args.work or tempfile.mkdtemp(prefix="twbert-cascade-synth-"))
+    tokenizer, text_len = artifact.tokenizer(), artifact.manifest.contract.text_len
+    contract = artifact.contracts["video_stem"]
+    with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
+        index = ClipIndex.open(work / "index", artifact.identity, artifact.stem_shape)
+        index.embedder = artifact.clip_embedder(pipeline)
+        start = time.perf_counter()
+        batch: list[tuple[str, np.ndarray]] = []
+        clips = synthetic_clips(args.clips, args.seed, contract.frames, contract.image_size)
+        for i, item in enumerate(clips, start=1):
+            batch.append(item)
+            if len(batch) == 64 or i == args.clips:
+                stems = pipeline.encode_clips(np.stack([c for _, c in batch]))
+                for (name, _), stem, vector in zip(batch, stems, index.embedder(pipeline, stems)):
+                    sha = hashlib.sha256(f"synthetic {args.seed} {name}".encode()).hexdigest()
+                    relative = index.write_stem(sha, stem)
+                    index.entries[name] = ClipEntry(sha, relative, *index.stem_record(relative))
+                    index.pending[sha] = vector
+                batch = []
+                if i % 1024 == 0 or i == args.clips:
+                    print(f"  {i}/{args.clips} clips rendered and indexed "
+                          f"({time.perf_counter() - start:.0f}s)", flush=True)
+        index.commit()
+        render_s = time.perf_counter() - start
+        clip_ids = index.clip_ids
+        exact = []
+        text_cls = []
+        start = time.perf_counter()
+        for q, caption in enumerate(queries):
+            ids, mask = encode_tokens(tokenizer, caption, text_len)
+            text_cls.append(pipeline.encode_texts(ids, mask)["text_cls"])
+            exact.append(exact_order(rank(index, pipeline, ids, mask, K, batch=8 * args.batch)))
+            print(f"  exact ranking {q + 1}/{len(queries)}  "
+                  f"{(time.perf_counter() - start) / (q + 1):.1f} s/query", flush=True)
+        exact_s = (time.perf_counter() - start) / max(len(queries), 1)
+        table: dict[str, Any] = {}
+        position = {cid: i for i, cid in enumerate(clip_ids)}
+        for m in ms:
+            row = {}
+            found = [set(fs_candidates(index, cls, m)) for cls in text_cls]
+            for top in (1, 10, 50):
+                row[f"top{top}"] = float(np.mean([len(set(ex[:top]) & f) / min(top, len(ex))
+                                                  for ex, f in zip(exact, found)]))
+            table[str(m)] = row
+            print(f"M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()), flush=True)
+        del position
+    return {"clips": len(clip_ids), "seed": args.seed, "queries": len(queries), "k": K,
+            "generator": "model.data.make_demo plan_split('train', clips, seed) + render_clip "
+                         "(32 frames, 112x112), load_video's sampling and normalisation, no "
+                         "H.264 round trip",
+            "render_and_index_s": render_s, "exact_seconds_per_query": exact_s,
+            "recall": {f"neutral text {fs.NEUTRAL_TEXT!r}": table},
+            "first_stage": index.first_stage}
+
+
+# -- cost against N -----------------------------------------------------------------------------
+def replicated_index(source: ClipIndex, out: Path, n: int, vectors: np.ndarray,
+                     rng: np.random.Generator, noise: float, embedder: fs.ClipEmbedder
+                     ) -> tuple[ClipIndex, float]:
+    """An index of n clips whose entries name `source`'s stem files in turn (copied once into
+    `out`), each its own video hash; its first-stage vectors `vectors` moved by `noise`.
+    Returns (index, seconds of the commit: FAISS build and index.json)."""
+    index = ClipIndex.open(out, source.artifact, source.stem_shape, source.stem_dtype)
+    base = list(source.entries.values())
+    for e in base:
+        target = out / e.stem
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source.path / e.stem, target)
+    index.embedder = embedder
+    for i in range(n):
+        e = base[i % len(base)]
+        sha = hashlib.sha256(f"replica {i}".encode()).hexdigest()
+        index.entries[f"clip_{i:06d}"] = ClipEntry(sha, e.stem, e.stem_bytes, e.stem_sha256)
+        v = vectors[i % len(base)] + noise * rng.standard_normal(vectors.shape[1])
+        index.pending[sha] = (v / np.linalg.norm(v)).astype(np.float32)
+    start = time.perf_counter()
+    index.commit()
+    return index, time.perf_counter() - start
+
+
+def ivf_recall(index: ClipIndex, pipeline: Any, text_cls: np.ndarray, m: int) -> float:
+    """How much of the exact inner-product top m (a flat index over the same vectors) the
+    index's inverted file returns, over the query texts."""
+    faiss = fs.faiss_module()
+    ivf = index.first_stage_index()
+    vectors, ids = fs.contents(ivf)
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(vectors, ids)
+    weight, bias = index.text_projection()
+    queries = fs.text_vectors(weight, bias, text_cls)
+    _, exact = flat.search(queries, m)
+    _, approximate = ivf.search(queries, m)
+    return float(np.mean([len(set(e) & set(a)) / m for e, a in zip(exact, approximate)]))
+
+
+def commit_main(args: argparse.Namespace) -> dict[str, Any]:
+    """What one more batch of 8 clips costs to commit at N, with the first stage and without
+    (index.json alone, as before it): N entries of random unit vectors naming one stem file."""
+    rng = np.random.default_rng(0)
+    dim, rows = 32, []
+    for n in args.n:
+        work = Path(tempfile.mkdtemp(prefix="twbert-cascade-commit-"))
+        index = ClipIndex.open(work / "index", "commit-bench", (2, 2), "float32")
+        stem = index.write_stem("0" * 64, np.zeros((2, 2), np.float32))
+        record = index.stem_record(stem)
+        w = rng.standard_normal((dim, 4)).astype(np.float32)
+        index.embedder = fs.ClipEmbedder(fs.Projections(w, np.zeros(dim, np.float32), w,
+                                                        np.zeros(dim, np.float32)),
+                                         np.zeros((1, 4), np.float32))
+
+        def add(count: int, tag: str) -> None:
+            vectors = fs.normalized(rng.standard_normal((count, dim)))
+            for i in range(count):
+                sha = hashlib.sha256(f"{tag} {i}".encode()).hexdigest()
+                index.entries[f"{tag}_{i:06d}"] = ClipEntry(sha, stem, *record)
+                index.pending[sha] = vectors[i]
+
+        add(n, "clip")
+        start = time.perf_counter()
+        index.commit()
+        bulk = time.perf_counter() - start
+        add(8, "with")
+        start = time.perf_counter()
+        index.commit()
+        with_first_stage = time.perf_counter() - start
+        index.embedder, index.pending = None, {}
+        add(8, "without")
+        index.pending = {}
+        start = time.perf_counter()
+        index.commit()  # entries changed and no embedder: the first stage is dropped
+        without = time.perf_counter() - start
+        row = {"n": n, "bulk_commit_s": bulk, "append_8_with_first_stage_s": with_first_stage,
+               "append_8_index_json_only_s": without}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        import shutil
+
+        shutil.rmtree(work)
+    return {"rows": rows}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cost_main(args: argparse.Namespace) -> dict[str, Any]:
+    artifact = SplitArtifact(args.artifact, args.precision)
+    work = Path(args.work or tempfile.mkdtemp(prefix="twbert-cascade-cost-"))
+    tokenizer, text_len = artifact.tokenizer(), artifact.manifest.contract.text_len
+    caption = args.text
+    ids, mask = encode_tokens(tokenizer, caption, text_len)
+    rng = np.random.default_rng(0)
+    rows = []
+    with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
+        videos = videos_in(args.source)
+        # Without the first stage first: it also warms the sessions and the file cache.
+        plain = ClipIndex.open(work / "plain", artifact.identity, artifact.stem_shape)
+        start = time.perf_counter()
+        index_videos(plain, videos, pipeline, artifact.contracts["video_stem"],
+                     root=Path(args.source))
+        per_clip_plain = (time.perf_counter() - start) / len(plain)
+        source, seconds = build_index(artifact, pipeline, videos, work / "source",
+                                      root=Path(args.source))
+        per_clip = seconds / len(source)
+        print(f"indexing {len(source)} clips: {1000 * per_clip:.1f} ms/clip with the first "
+              f"stage, {1000 * per_clip_plain:.1f} ms/clip without", flush=True)
+        queries_cls = np.concatenate([
+            pipeline.encode_texts(*encode_tokens(tokenizer, c, text_len))["text_cls"]
+            for c in captions(Path(args.queries))])
+        vectors, ids_ = fs.contents(source.first_stage_index())
+        by_id = dict(zip(ids_.tolist(), vectors))
+        vectors = np.stack([by_id[fs.vector_id(e.sha256)] for e in source.entries.values()])
+        for n in args.n:
+            out = work / f"n{n}"
+            index, commit_s = replicated_index(source, out, n, vectors, rng, args.noise,
+                                               artifact.clip_embedder(pipeline))
+            # One more batch of 8 new clips appended at this N (what each batch of a run costs).
+            for i in range(8):
+                e = next(iter(source.entries.values()))
+                sha = hashlib.sha256(f"appended {i}".encode()).hexdigest()
+                index.entries[f"appended_{i}"] = ClipEntry(sha, e.stem, e.stem_bytes,
+                                                           e.stem_sha256)
+                index.pending[sha] = vectors[i]
+            start = time.perf_counter()
+            index.commit()
+            append_s = time.perf_counter() - start
+            index = ClipIndex.open(out, artifact.identity, artifact.stem_shape)
+            start = time.perf_counter()
+            index.first_stage_index()
+            load_s = time.perf_counter() - start
+            cascade_s = []
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                rank(index, pipeline, ids, mask, K, batch=8 * args.batch,
+                     shortlist=args.shortlist)
+                cascade_s.append(time.perf_counter() - start)
+            exact_s = None
+            if n <= args.exact_max:
+                times = []
+                for _ in range(args.exact_repeat if n > 1000 else args.repeat):
+                    start = time.perf_counter()
+                    rank(index, pipeline, ids, mask, K, batch=8 * args.batch)
+                    times.append(time.perf_counter() - start)
+                exact_s = min(times)
+            stage = index.first_stage
+            approximate = None
+            if stage["type"] == fs.IVF:
+                approximate = ivf_recall(index, pipeline, queries_cls, args.shortlist)
+                print(f"IVF at N={len(index)}: {approximate:.4f} of the exact inner-product "
+                      f"top {args.shortlist} found (nprobe {fs.NPROBE})", flush=True)
+            row = {"n": len(index), "faiss_type": stage["type"],
+                   "ivf_recall_of_flat_top_m": approximate,
+                   "exact_s": exact_s, "cascade_s": min(cascade_s),
+                   "ratio": None if exact_s is None else min(cascade_s) / exact_s,
+                   "first_stage_load_s": load_s,
+                   "bulk_commit_ms_per_clip": 1000 * commit_s / n,
+                   "append_batch_of_8_s": append_s,
+                   "stem_bytes_per_clip": next(iter(index.entries.values())).stem_bytes,
+                   "faiss_bytes_per_clip": (out / stage["faiss"]).stat().st_size / len(index),
+                   "index_json_bytes_per_clip": (out / "index.json").stat().st_size / len(index),
+                   "peak_rss_mb": peak_rss_mb()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not args.keep:
+                import shutil
+
+                shutil.rmtree(out)
+    return {"source": str(args.source), "clips": len(source), "text": caption, "k": K,
+            "shortlist": args.shortlist, "noise": args.noise,
+            "index_ms_per_clip": 1000 * per_clip,
+            "index_ms_per_clip_without_first_stage": 1000 * per_clip_plain, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twbert_export.bench.cascade_bench",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("commit").add_argument("--n", default="1000,10000,100000")
+    sub.choices["commit"].add_argument("--json")
+    for name in ("recall", "synthetic", "cost"):
+        p = sub.add_parser(name)
+        p.add_argument("--artifact", required=True)
+        p.add_argument("--precision", default="fp16")
+        p.add_argument("--threads", type=int)
+        p.add_argument("--batch", type=int, default=8, help="rows per graph run")
+        p.add_argument("--work", help="directory for the indexes (default: a new temporary one)")
+        p.add_argument("--json", help="write the results here")
+    r = sub.choices["recall"]
+    r.add_argument("--gallery", action="append", required=True, help="a directory of clips")
+    r.add_argument("--queries", action="append", required=True,
+                   help="a data directory whose captions are the queries")
+    r.add_argument("--max-queries", type=int)
+    r.add_argument("--check", type=int, default=3,
+                   help="queries whose cascade is also ranked by rank(shortlist=M) itself")
+    r.add_argument("--m", default="10,20,50,100,200,400")
+    r.add_argument("--neutral", action="append", default=None,
+                   help="a neutral text to compare as first-stage embedding (repeatable)")
+    y = sub.choices["synthetic"]
+    y.add_argument("--clips", type=int, default=10_000)
+    y.add_argument("--seed", type=int, default=7)
+    y.add_argument("--queries", action="append", required=True)
+    y.add_argument("--max-queries", type=int)
+    y.add_argument("--m", default="10,20,50,100,200,400,800")
+    c = sub.choices["cost"]
+    c.add_argument("--source", required=True, help="a directory of clips to replicate")
+    c.add_argument("--n", default="100,1000,10000,100000")
+    c.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST)
+    c.add_argument("--text", default="an astronaut, seen as the camera pans left")
+    c.add_argument("--repeat", type=int, default=3)
+    c.add_argument("--exact-max", type=int, default=10_000, help="largest N ranked exactly")
+    c.add_argument("--exact-repeat", type=int, default=1, help="exact runs above N = 1000")
+    c.add_argument("--noise", type=float, default=0.01)
+    c.add_argument("--queries", default="calibration/demo/val",
+                   help="captions for the IVF's recall against an exact search")
+    c.add_argument("--keep", action="store_true")
+    args = ap.parse_args(argv)
+    if args.what == "recall":
+        args.neutral = args.neutral or [fs.NEUTRAL_TEXT, "a video"]
+        result = recall_main(args)
+    elif args.what == "synthetic":
+        result = synthetic_main(args)
+    elif args.what == "commit":
+        args.n = [int(n) for n in args.n.split(",")]
+        result = commit_main(args)
+    else:
+        args.n = [int(n) for n in args.n.split(",")]
+        result = cost_main(args)
+    result["command"] = "python -m twbert_export.bench.cascade_bench " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

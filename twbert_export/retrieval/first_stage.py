@@ -1,0 +1,249 @@
+"""The first stage of the retrieval cascade: a text-independent vector per clip in a FAISS
+index, searched with the query text's ITC vector for a shortlist of M clips, which `rank` then
+scores exactly (`select` on the M, `fuse` on the k best of them).
+
+The vectors live in the ITC space the model already has (`TWBert.itc`): a clip's vector is
+normalize(vision_proj(video CLS)) with the video CLS from the `select` graph run once with a
+fixed neutral text (NEUTRAL_TEXT, the empty caption), and the query's is
+normalize(text_proj(text CLS)). Their inner product, divided by the model's temperature, is the
+clip's exact ITC score whenever the query's text makes the selectors keep the frames the neutral
+text kept (docs/benchmarks.md measures how often the exact top k falls inside the first M).
+The two projections are read from the `select` graph's own weights (`Projections`), so nothing
+is re-exported and the model is unchanged.
+
+On disk, beside the stems (index.json's `first_stage` says which files and their sha256):
+
+    INDEX/first_stage/<sha256>.faiss     the FAISS index, named by its content
+    INDEX/first_stage/text_proj.npz      the text-side projection (what a query needs)
+
+Each distinct video (sha256) has one vector, its FAISS id the first 60 bits of that sha256, so
+two clip ids of the same file share it. The index type is chosen by the number of vectors:
+exact inner product (`IndexIDMap2(IndexFlatIP)`) up to EXACT_MAX, an inverted file
+(`IndexIVFFlat`, inner product, nlist ~ 4 sqrt(N), nprobe NPROBE) beyond it. Both add and
+remove by id, so a commit changes only the clips it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..util import atomic_path, file_sha256, require
+
+NEUTRAL_TEXT = ""  # the caption the clip vectors' frame selection is made for
+DIRECTORY = "first_stage"
+TEXT_PROJECTION = f"{DIRECTORY}/text_proj.npz"
+EXACT_MAX = 50_000  # vectors up to which the FAISS index is exact (flat inner product)
+NPROBE = 64  # inverted lists an approximate index searches (docs/benchmarks.md: its recall)
+RETRAIN_GROWTH = 4  # an inverted file is trained again once it holds this many times its training set
+FLAT, IVF = "flat-ip", "ivf-flat-ip"
+
+
+class FirstStageError(ValueError):
+    """A first stage that cannot be used: missing, or not the one the index describes."""
+
+
+def faiss_module() -> Any:
+    return require("faiss", "for the retrieval cascade's first stage")
+
+
+# -- the two ITC projections, read from the select graph ------------------------------------
+@dataclass
+class Projections:
+    text_weight: np.ndarray  # (itc_dim, D): y = x W^T + b, as nn.Linear
+    text_bias: np.ndarray
+    vision_weight: np.ndarray
+    vision_bias: np.ndarray
+
+    @classmethod
+    def from_select_graph(cls, path: str | Path) -> "Projections":
+        """`text_proj` and `vision_proj` of a `select` ONNX file: the Gemm (or MatMul + Add)
+        nodes named by those modules, their weights as the graph holds them (FP16 in an FP16
+        graph), in float32."""
+        onnx = require("onnx", "to read the ITC projections from the select graph")
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: i for i in graph.initializer}
+        found = {}
+        for module in ("text_proj", "vision_proj"):
+            gemm = next((n for n in graph.node if n.name.startswith(f"/model/{module}/")
+                         and n.op_type == "Gemm"), None)
+            if gemm is None or gemm.input[1] not in inits or len(gemm.input) < 3 \
+                    or gemm.input[2] not in inits:
+                raise FirstStageError(f"{path}: no {module} Gemm with constant weights (an "
+                                      "INT8 or older select graph?): index with the fp16 or "
+                                      "fp32 split graphs")
+            weight = numpy_helper.to_array(inits[gemm.input[1]]).astype(np.float32)
+            trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+            found[module] = (weight if trans_b else weight.T,
+                             numpy_helper.to_array(inits[gemm.input[2]]).astype(np.float32))
+        return cls(*found["text_proj"], *found["vision_proj"])
+
+    def save_text(self, index_dir: Path) -> tuple[str, str]:
+        """Write the text projection into the index (atomically); (relative path, sha256)."""
+        path = index_dir / TEXT_PROJECTION
+        buffer = io.BytesIO()
+        np.savez(buffer, weight=self.text_weight, bias=self.text_bias)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(buffer.getvalue())
+        return TEXT_PROJECTION, file_sha256(path)
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (F.normalize's eps 1e-12)."""
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def text_vectors(weight: np.ndarray, bias: np.ndarray, text_cls: np.ndarray) -> np.ndarray:
+    return normalized(text_cls.astype(np.float32) @ weight.T + bias)
+
+
+def clip_vectors(projections: Projections, pipeline: Any, stems: np.ndarray,
+                 neutral_cls: np.ndarray) -> np.ndarray:
+    """The first-stage vector of each stem (N, T, tokens, D): `select` with the neutral text,
+    its video CLS through `vision_proj`, unit length."""
+    out = pipeline.select(stems, np.repeat(neutral_cls, len(stems), 0))
+    cls = out["video_embeds"][:, 0].astype(np.float32)
+    return normalized(cls @ projections.vision_weight.T + projections.vision_bias)
+
+
+EMBEDDING = "select with the neutral text, vision_proj of the video CLS"
+
+
+@dataclass
+class ClipEmbedder:
+    """What `export.py index` needs to keep the first stage: the projections and the neutral
+    text's CLS (the `text` graph's output for NEUTRAL_TEXT)."""
+    projections: Projections
+    neutral_cls: np.ndarray  # (1, D)
+
+    @property
+    def dim(self) -> int:
+        return int(self.projections.vision_weight.shape[0])
+
+    def __call__(self, pipeline: Any, stems: np.ndarray) -> np.ndarray:
+        return clip_vectors(self.projections, pipeline, stems, self.neutral_cls)
+
+
+def vector_id(sha256: str) -> int:
+    """A video's FAISS id: the first 60 bits of its sha256 (FAISS ids are int64)."""
+    return int(sha256[:15], 16)
+
+
+# -- the FAISS index -----------------------------------------------------------------------------
+def index_type(n: int) -> str:
+    return FLAT if n <= EXACT_MAX else IVF
+
+
+def nlist_for(n: int) -> int:
+    return max(1, int(4 * math.sqrt(n)))
+
+
+def build(vectors: np.ndarray, ids: np.ndarray) -> Any:
+    """A FAISS index of the type for len(vectors) holding them under `ids`."""
+    faiss = faiss_module()
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    dim = vectors.shape[1]
+    if index_type(len(vectors)) == FLAT:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist_for(len(vectors)),
+                                   faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = NPROBE
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, np.int64))
+    return index
+
+
+def contents(index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, ids) an index holds, as built by `build`."""
+    faiss = faiss_module()
+    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+        flat = faiss.downcast_index(index.index)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal,
+                                                                                   flat.d)
+        return vectors.copy(), faiss.vector_to_array(index.id_map).copy()
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    vectors, ids = [], []
+    for l in range(ivf.nlist):
+        size = lists.list_size(l)
+        if size:
+            vectors.append(faiss.rev_swig_ptr(lists.get_codes(l), size * ivf.code_size).view(
+                np.float32).reshape(size, ivf.d).copy())
+            ids.append(faiss.rev_swig_ptr(lists.get_ids(l), size).copy())
+    if not vectors:
+        return np.empty((0, ivf.d), np.float32), np.empty(0, np.int64)
+    return np.concatenate(vectors), np.concatenate(ids).astype(np.int64)
+
+
+def kind_of(index: Any) -> str:
+    faiss = faiss_module()
+    return FLAT if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)) else IVF
+
+
+def updated(index: Any | None, dim: int, remove: Iterable[int], add_vectors: np.ndarray,
+            add_ids: np.ndarray, trained_on: int) -> tuple[Any, int]:
+    """The index with `remove` taken out and the new vectors added; rebuilt (as `build` chooses
+    for the new size) when that changes the type or an inverted file has outgrown its
+    training. Returns (index, how many vectors its type was chosen / trained for)."""
+    faiss = faiss_module()
+    remove = np.fromiter(remove, np.int64)
+    if index is None:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        trained_on = 0
+    if len(remove):
+        index.remove_ids(faiss.IDSelectorBatch(remove))
+    n = index.ntotal + len(add_ids)
+    kind = kind_of(index)
+    if kind != index_type(n) or (kind == IVF and n > RETRAIN_GROWTH * trained_on):
+        vectors, ids = contents(index)
+        if len(add_ids):
+            vectors, ids = np.concatenate([vectors, add_vectors]), np.concatenate([ids, add_ids])
+        return build(vectors, ids), len(ids)
+    if len(add_ids):
+        index.add_with_ids(np.ascontiguousarray(add_vectors, np.float32),
+                           np.ascontiguousarray(add_ids, np.int64))
+    return index, trained_on if kind == IVF else n
+
+
+def write(index: Any, directory: Path) -> tuple[str, str]:
+    """Write an index under its content's name (atomically); (relative path, sha256). A file
+    of that name is already this content."""
+    faiss = faiss_module()
+    data = faiss.serialize_index(index).tobytes()
+    digest = hashlib.sha256(data).hexdigest()
+    relative = f"{DIRECTORY}/{digest}.faiss"
+    path = directory / relative
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data)
+    return relative, digest
+
+
+def read(directory: Path, relative: str, sha256: str) -> Any:
+    """The FAISS index index.json names, checked against the sha256 recorded with it."""
+    faiss = faiss_module()
+    path = directory / relative
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FirstStageError(f"{path}: the first stage's FAISS file is unreadable ({e}); run "
+                              "`export.py index` again to rebuild it") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise FirstStageError(f"{path} is not the FAISS file this index recorded (sha256 "
+                              "differs): it does not match the stems; run `export.py index` "
+                              "again to rebuild it")
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    if kind_of(index) == IVF:
+        faiss.extract_index_ivf(index).nprobe = NPROBE
+    return index
