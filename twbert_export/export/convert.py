@@ -60,10 +60,12 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
     rep.seconds = sw.seconds
     conversion.reports[p] = rep.to_dict()
     int8 = rep.calibration.get("int8_nodes")
+    int8_weights = rep.calibration.get("int8_weights")
     split = [conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
              if (g, p) in conversion.graph_reports]
     stages.line(p, sw.seconds, out / model_dst.name,
                 (f"{int8} INT8 layers, " if int8 else "")
+                + (f"{int8_weights} weights stored INT8, " if int8_weights else "")
                 + f"{len(rep.kept_fp32_selection)} selection nodes FP32, "
                 f"{len(rep.kept_fp32_range)} other nodes kept FP32 by AutoCast"
                 + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
