@@ -472,7 +472,9 @@ def deploy_md(manifest: Manifest) -> str:
         f, engine_name(f), contract, p, v, DEFAULT_WORKSPACE_MB, "timing.cache",
         3 if v >= (8, 6) else None))
     legacy = trt8.get(default)
-    if legacy is None:
+    if default == "int8w":
+        line_8x = f"- 8.5 / 8.6: {WEIGHT_ONLY_REFUSAL}"
+    elif legacy is None:
         line_8x = "- 8.5 / 8.6: this artifact has no opset-17 file: re-export it"
     elif default == "fp32":
         line_8x = f"- 8.5 / 8.6 (JetPack 5.1.x / 6.0): `{cmd((8, 6), 'fp32', legacy)}`"
