@@ -181,3 +181,20 @@ def test_the_demo_int8_file_stores_int8_weights_and_is_smaller_than_fp16(shipped
     assert len(int8_weights(int8)) > 100
     sizes = {p: (out / manifest.file(p).path).stat().st_size for p in ("fp16", "int8w", "int8")}
     assert sizes["int8"] < sizes["fp16"] and sizes["int8w"] < sizes["fp16"]
+
+
+def test_int8w_takes_fewer_calibration_clips_than_int8_needs(tmp_path):
+    """int8w calibrates nothing: the 16-clip minimum of INT8 does not apply (4 clips pass the
+    input checks that refuse them for int8, tests/export/test_bad_input.py)."""
+    from clipdata import copy_clips
+
+    from twbert_export.artifact.input_checks import UserError
+    from twbert_export.data.calibration import CalibrationDataError
+    from twbert_export.export.job import ExportOptions
+    from twbert_export.export.load import resolve_inputs
+
+    few = copy_clips(tmp_path / "few", 4)
+    inputs = resolve_inputs(ExportOptions(precisions=("int8w",), calib_data=str(few)))
+    assert inputs.precisions == ["fp32", "int8w"] and inputs.calib_dir is not None
+    with pytest.raises((UserError, CalibrationDataError), match="at least 16"):
+        resolve_inputs(ExportOptions(precisions=("int8w", "int8"), calib_data=str(few)))
