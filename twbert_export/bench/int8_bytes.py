@@ -9,7 +9,8 @@ Builds the preset with random weights (seeded as the scale check), exports and r
 whole-model graph, then runs the precision steps of the export on it: FP16, int8w and INT8
 (calibrated on the first --calib-clips clips of --calib-data, 16 by default, the fewest the
 INT8 step takes: the file's bytes do not depend on how many clips set its activation scales, and
-the full 64-clip calibration is the scale check's business). The earlier INT8 form is the int8 file with its weights put back to FP32 + Q/DQ
+the full 64-clip calibration is the scale check's business). The earlier INT8 form is the int8
+file with its weights put back to FP32 + Q/DQ
 (`export.legacy.requantize_int8_weights`, the TensorRT 8.x twin's step): the same graph, the
 weights stored as before. Target (issue 21): at most 1.1 bytes per parameter of the quantized
 layers plus 2 bytes per other parameter.
