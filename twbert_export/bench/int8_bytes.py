@@ -14,6 +14,12 @@ file with its weights put back to FP32 + Q/DQ
 (`export.legacy.requantize_int8_weights`, the TensorRT 8.x twin's step): the same graph, the
 weights stored as before. Target (issue 21): at most 1.1 bytes per parameter of the quantized
 layers plus 2 bytes per other parameter.
+
+    python -m twbert_export.bench.int8_bytes --project-from model.fp32.onnx \
+        --fp16-bytes N --int8-before-bytes N
+
+projects the sizes from an FP32 graph and measured FP16 and earlier-INT8 sizes instead
+(`projected_bytes`), when a preset is too large to convert.
 """
 
 from __future__ import annotations
@@ -120,6 +126,40 @@ def int8_bytes(preset: str, schedule: str, calib_data: str, calib_clips: int, se
     return result
 
 
+def projected_bytes(fp32: Path, fp16_bytes: int, int8_before_bytes: int) -> dict[str, Any]:
+    """The int8w and int8 sizes projected from an FP32 graph and measured FP16 / earlier-INT8
+    sizes, for a preset too large to convert on a loaded machine (no conversion runs):
+
+    - int8w = the FP16 file with each weight of `weight_only.weights_to_quantize` (N elements,
+      C output channels) as INT8 + an FP16 scale and an INT8 zero point per channel:
+      fp16 - 2N + N + 3C;
+    - int8 = the earlier INT8 file with those weights' FP32 values (4 B) stored as INT8 (1 B):
+      before - 3N, a lower bound when ModelOpt leaves some of them unquantized (GEMV shapes).
+
+    Node and name overhead is left out (on the demo the projections are within 1.1% of the
+    files: `--project-from` on its FP32 graph)."""
+    import numpy as np
+    import onnx
+
+    from ..precision.weight_only import weights_to_quantize
+
+    graph = onnx.load(str(fp32)).graph
+    axes = weights_to_quantize(graph)
+    inits = {t.name: t for t in graph.initializer}
+    elements = sum(int(np.prod(inits[n].dims)) for n in axes)
+    channels = sum(int(inits[n].dims[axis]) for n, axis in axes.items())
+    parameters = sum(int(np.prod(t.dims)) for t in graph.initializer
+                     if t.data_type == onnx.TensorProto.FLOAT)
+    target = BYTES_PER_QUANTIZED * elements + BYTES_PER_OTHER * (parameters - elements)
+    int8w = fp16_bytes - 2 * elements + elements + 3 * channels
+    int8 = int8_before_bytes - 3 * elements
+    return {"fp32_graph": str(fp32), "quantized_weights": len(axes),
+            "quantized_elements": elements, "channels": channels,
+            "float_parameters": parameters, "fp16_bytes": fp16_bytes,
+            "int8_before_bytes": int8_before_bytes, "int8w_projected_bytes": int8w,
+            "int8_projected_bytes": int8, "target_bytes": target}
+
+
 def render(result: dict[str, Any]) -> str:
     lines = [f"INT8 file sizes: {result['preset']} F@{result['schedule']} "
              f"({result['parameters'] / 1e6:.1f}M parameters, random weights)",
@@ -144,7 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--keep", metavar="DIR", help="keep the graphs in DIR")
+    ap.add_argument("--project-from", metavar="FP32_ONNX",
+                    help="convert nothing: project the int8w and int8 sizes from this FP32 graph "
+                         "and --fp16-bytes / --int8-before-bytes (`projected_bytes`)")
+    ap.add_argument("--fp16-bytes", type=int)
+    ap.add_argument("--int8-before-bytes", type=int)
     args = ap.parse_args(argv)
+    if args.project_from:
+        if args.fp16_bytes is None or args.int8_before_bytes is None:
+            ap.error("--project-from needs --fp16-bytes and --int8-before-bytes")
+        projection = projected_bytes(Path(args.project_from), args.fp16_bytes,
+                                     args.int8_before_bytes)
+        print("\n".join(f"{k}: {v}" for k, v in projection.items()))
+        if args.json:
+            from ..util import write_json
+
+            write_json(Path(args.json), projection)
+        return 0
     result = int8_bytes(args.preset, args.schedule, args.calib_data, args.calib_clips,
                         args.seed, args.keep)
     print(render(result))

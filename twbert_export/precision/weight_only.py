@@ -55,40 +55,43 @@ def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.
     return q.astype(np.int8), scale
 
 
-def quantize_weights(model) -> int:
-    """Replace, in place, each FP16 matrix-product weight initializer of `model` (outside the
-    selection path) by INT8 values + FP16 per-channel scales + DequantizeLinear, whose output
-    keeps the weight's name (its consumers are untouched). Returns how many were replaced.
-
-    A weight is replaced only when every consumer is a quantized product taking it as input 1
-    along the same axis (a shared or otherwise used tensor stays FP16)."""
-    onnx = require("onnx", "to rewrite the graph")
-    numpy_helper = require("onnx.numpy_helper", "to read the weights")
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+def weights_to_quantize(graph) -> dict[str, int]:
+    """Weight initializer name -> output-channel axis, for each matrix-product weight of `graph`
+    (rank >= 2) whose every consumer is a quantized product (INT8_OP_TYPES, outside the
+    selection path) taking it as input 1 along one axis (a shared or otherwise used tensor is
+    left out)."""
     consumers: dict[str, list] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
-
-    def axis_of(name: str) -> int | None:
-        axes = set()
-        for node, i in consumers.get(name, []):
-            quantized = (node.op_type in INT8_OP_TYPES and i == 1
-                         and not any(re.match(p, node.name) for p in SELECTION_NODES))
-            if not quantized:
-                return None
-            axes.add(weight_axis(node))
-        return axes.pop() if len(axes) == 1 else None
-
-    replaced = 0
-    dequantize_nodes = []
-    for name, tensor in list(inits.items()):
-        if tensor.data_type != onnx.TensorProto.FLOAT16 or len(tensor.dims) < 2:
-            continue  # FP32 weights are the nodes kept FP32 (selection, range): left as they are
-        axis = axis_of(name)
-        if axis is None:
+    chosen = {}
+    for tensor in graph.initializer:
+        uses = consumers.get(tensor.name, [])
+        if len(tensor.dims) < 2 or not uses:
             continue
+        if all(node.op_type in INT8_OP_TYPES and i == 1
+               and not any(re.match(p, node.name) for p in SELECTION_NODES)
+               for node, i in uses):
+            axes = {weight_axis(node) for node, _ in uses}
+            if len(axes) == 1:
+                chosen[tensor.name] = axes.pop()
+    return chosen
+
+
+def quantize_weights(model) -> int:
+    """Replace, in place, each FP16 weight of `weights_to_quantize` by INT8 values + FP16
+    per-channel scales + DequantizeLinear, whose output keeps the weight's name (its consumers
+    are untouched). FP32 weights (the nodes kept FP32: selection path, range) stay as they are.
+    Returns how many were replaced."""
+    onnx = require("onnx", "to rewrite the graph")
+    numpy_helper = require("onnx.numpy_helper", "to read the weights")
+    graph = model.graph
+    axes = weights_to_quantize(graph)
+    dequantize_nodes = []
+    for tensor in [t for t in graph.initializer if t.name in axes]:
+        if tensor.data_type != onnx.TensorProto.FLOAT16:
+            continue
+        name, axis = tensor.name, axes[tensor.name]
         q, scale = quantize_per_channel(numpy_helper.to_array(tensor), axis)
         graph.initializer.remove(tensor)
         graph.initializer.extend([
@@ -99,11 +102,10 @@ def quantize_weights(model) -> int:
         dequantize_nodes.append(onnx.helper.make_node(
             "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [name],
             name=f"{name}_DequantizeLinear", axis=axis))
-        replaced += 1
     # Initializer-fed nodes first keeps the graph topologically sorted.
     for node in reversed(dequantize_nodes):
         graph.node.insert(0, node)
-    return replaced
+    return len(dequantize_nodes)
 
 
 def to_int8_weights(src: str | Path, dst: str | Path, ranges: ActivationRanges
