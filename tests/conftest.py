@@ -38,7 +38,7 @@ def artifact(tmp_path_factory, small_val):
     from twbert_export.export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("engines") / "demo"
-    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8"),
+    result = run_export(ExportOptions(ckpt="demo", precisions=("fp16", "int8w", "int8"),
                                       val_data=str(small_val), out=str(out),
                                       calib_cache=False))
     return out, result.report

@@ -26,8 +26,10 @@ from ..util import write_json
 FORMAT = "twbert-export-artifact"
 FORMAT_VERSION = 2  # 2: files as a list of graph/precision/flavour entries; one report key
 MANIFEST_FILE, REPORT_FILE = "manifest.json", "report.json"
-# Every precision the export writes, in order of conversion (fp32 first: the others start from it).
-PRECISIONS = ("fp32", "fp16", "int8")
+# Every precision the export writes, in order of conversion (fp32 first: the others start from
+# it); the last present is a reader's default. int8w: INT8 weights, FP16 activations
+# (precision/weight_only.py).
+PRECISIONS = ("fp32", "fp16", "int8w", "int8")
 MODEL_GRAPH = "model"  # the whole network as one graph
 SPLIT_GRAPHS = ("text", "video_stem", "select", "fuse")  # the split deployment (split.py)
 DEFAULT_FLAVOUR = "trt10"

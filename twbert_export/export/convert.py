@@ -1,6 +1,6 @@
 """The stages after the export that convert every graph: the TensorRT lint, the precision
-steps (FP16 AutoCast, INT8 Q/DQ; each split graph calibrated on its own inputs) and the TensorRT
-8.5 / 8.6 twins."""
+steps (FP16 AutoCast, weight-only INT8, INT8 Q/DQ; each split graph calibrated on its own inputs)
+and the TensorRT 8.5 / 8.6 twins (none for int8w, which those versions cannot build)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,12 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
                 continue
             rows = calib if graph == MODEL_GRAPH else _split_feeds(loaded, conversion, calib)[graph]
             dst = conversion.files[(graph, p)] = work / f"{graph}.{p}.onnx"
-            if p == "fp16":
+            if p in ("fp16", "int8w"):
+                convert = precision.to_fp16 if p == "fp16" else precision.to_int8_weights
                 with precision.ActivationRanges(fp32, rows) as ranges:
                     if graph in seen:
                         ranges.resume(seen[graph])
-                    rep = precision.to_fp16(fp32, dst, ranges)
+                    rep = convert(fp32, dst, ranges)
                     seen[graph] = ranges.seen()
             else:
                 rep = precision.to_int8(fp32, dst, rows, opts.calib_method,
@@ -59,10 +60,12 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
     rep.seconds = sw.seconds
     conversion.reports[p] = rep.to_dict()
     int8 = rep.calibration.get("int8_nodes")
+    int8_weights = rep.calibration.get("int8_weights")
     split = [conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
              if (g, p) in conversion.graph_reports]
     stages.line(p, sw.seconds, out / model_dst.name,
                 (f"{int8} INT8 layers, " if int8 else "")
+                + (f"{int8_weights} weights stored INT8, " if int8_weights else "")
                 + f"{len(rep.kept_fp32_selection)} selection nodes FP32, "
                 f"{len(rep.kept_fp32_range)} other nodes kept FP32 by AutoCast"
                 + (f" ({rep.cache.split()[0]} calibration cache)" if rep.cache else "")
@@ -95,6 +98,7 @@ def trt8_stage(conversion: Conversion, work: Path, out: Path, stages: StageLog) 
     twins = conversion.twins.setdefault(TRT8_FLAVOUR, {})
     with Stopwatch() as sw:
         for key, src in conversion.files.items():
-            twins[key] = legacy.write_trt8_twin(src, work)
+            if key[1] not in legacy.NO_TWIN:
+                twins[key] = legacy.write_trt8_twin(src, work)
     shown = list(conversion.of(MODEL_GRAPH, TRT8_FLAVOUR).values())[-1]  # the last precision's
     stages.line(TRT8_FLAVOUR, sw.seconds, out / shown.name, legacy.describe(len(twins)), shown)

@@ -21,6 +21,15 @@ Why (read in github.com/onnx/onnx-tensorrt, branches 8.5-GA and 8.6-GA):
   positive scales and all-zero zero points (`QuantDequantLinearHelper`); anything else is
   refused (a missing zero point means UINT8 in ONNX, which TensorRT would read as INT8). 8.x
   builds a Q/DQ network with the INT8 builder flag.
+- INT8 weights (the int8 file stores its quantized weights as INT8 initializers feeding
+  DequantizeLinear): the 8.5-GA / 8.6-GA importers turn such an initializer into an INT8
+  IConstantLayer, which TensorRT 8.x documents nowhere (its explicit-quantization section has
+  FP32 weights quantized by the builder; 8.0 / 8.2 refuse "invalid weights type of Int8").
+  -> the twin gets the FP32-weight form back (`requantize_int8_weights`: w = q * scale, then
+  QuantizeLinear / DequantizeLinear with the same scale, which gives q again: same numerics).
+  Weight-only INT8 (int8w: DequantizeLinear on weights only, FP16 scales) has no 8.x form: 8.x
+  builds Q/DQ networks with INT8 kernels only where the activation is quantized too, and its
+  DequantizeLinear takes FP32 scales only. -> no twin (`NO_TWIN`); `to_trt8_graph` refuses it.
 - INT64: 8.x parsers narrow INT64 tensors to INT32 themselves (INT64 is native from 9.0), so
   the graph keeps the contract's INT64 I/O; the engine binds it as INT32 and the runner casts.
 
@@ -36,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..artifact.manifest import TRT8_FLAVOUR
+from ..trt.version import WEIGHT_ONLY_REFUSAL
 from ..util import atomic_path, infer_shapes, require
 
 if TYPE_CHECKING:
@@ -43,6 +53,8 @@ if TYPE_CHECKING:
 
 LEGACY_OPSET = 17  # the highest opset the 8.5 / 8.6 parsers document
 PARSERS = ("8.5", "8.6")
+# Precisions TensorRT 8.5 / 8.6 cannot build: their files get no twin (see above).
+NO_TWIN = ("int8w",)
 # Reduce ops whose axes moved from attribute to input in opset 18 (ReduceSum moved in 13 and
 # its 8.x importer reads the input).
 AXES_INPUT_SINCE_18 = frozenset({
@@ -62,6 +74,35 @@ def twin_name(onnx_name: str) -> str:
 
 
 # -- the rewrites (each a small function on a gs.Graph ending in cleanup().toposort()) ---------
+def requantize_int8_weights(graph: "gs.Graph") -> "gs.Graph":
+    """INT8 weight -> DequantizeLinear (the int8 file's stored form) back to FP32 weight ->
+    QuantizeLinear -> DequantizeLinear with the same scale and zero point. The FP32 weight is
+    q * scale, which QuantizeLinear rounds back to q (|q| <= 127: the float error is far below
+    half a step), so the network computes what the int8 file computes. Refuses weight-only
+    INT8 (a DequantizeLinear on a weight whose scale is not FP32: `WEIGHT_ONLY_REFUSAL`)."""
+    import numpy as np
+
+    gs = require("onnx_graphsurgeon", "to convert graphs for TensorRT 8.x")
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear"]:
+        weight, scale = node.inputs[0], node.inputs[1]
+        if not isinstance(weight, gs.Constant):
+            continue
+        if not isinstance(scale, gs.Constant) or scale.values.dtype != np.float32:
+            raise LegacyGraphError(f"node {node.name}: {WEIGHT_ONLY_REFUSAL}")
+        axis = node.attrs.get("axis", 1)
+        shape = [1] * weight.values.ndim
+        if scale.values.size > 1:
+            shape[axis] = -1
+        fp32 = weight.values.astype(np.float32) * scale.values.reshape(shape)
+        quantized = gs.Variable(f"{weight.name}/trt8_quantized", dtype=weight.values.dtype,
+                                shape=list(weight.values.shape))
+        graph.layer(op="QuantizeLinear", name=f"{node.name}/trt8_quantize",
+                    inputs=[gs.Constant(f"{weight.name}/trt8_fp32", fp32), *node.inputs[1:]],
+                    outputs=[quantized], attrs={"axis": axis} if scale.values.size > 1 else {})
+        node.inputs[0] = quantized
+    return graph.cleanup().toposort()
+
+
 def reduce_axes_to_attributes(graph: "gs.Graph") -> "gs.Graph":
     """Opset-18 reduce (axes input) -> opset-13 reduce (axes attribute), same meaning."""
     gs = require("onnx_graphsurgeon", "to convert graphs for TensorRT 8.x")
@@ -179,7 +220,7 @@ def to_trt8_graph(src: str | Path, dst: str | Path, parser_version: str = "8.5"
     layer_norms = sum(n.op == "LayerNormalization" for n in graph.nodes)
     reduces = sum(n.op in AXES_INPUT_SINCE_18 and len(n.inputs) > 1 for n in graph.nodes)
     graph.opset = LEGACY_OPSET
-    steps = [reduce_axes_to_attributes, downgrade_changed_ops]
+    steps = [requantize_int8_weights, reduce_axes_to_attributes, downgrade_changed_ops]
     if (major, minor) < (8, 6):
         steps.append(decompose_layer_norm)
     for step in steps:
@@ -221,4 +262,4 @@ def describe(count: int) -> str:
 
 
 __all__ = ["to_trt8_graph", "write_trt8_twin", "describe", "twin_name", "LegacyGraphError",
-           "LEGACY_OPSET", "PARSERS"]
+           "LEGACY_OPSET", "NO_TWIN", "PARSERS"]

@@ -12,6 +12,7 @@ from ..data.assets import resolve_checkpoint, resolve_data
 from ..data.calibration import (FeedSet, check_calibration_count, check_calibration_set, check_data,
                                 load_feeds)
 from ..data.preprocess import Tokenizer
+from ..precision.policy import CALIBRATED_PRECISIONS
 from ..util import Stopwatch
 from .job import GRAPH_SETS, ExportOptions, Inputs, Loaded, StageLog
 
@@ -47,7 +48,7 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
     check_data(inputs.val_dir, opts.task, opts.on_error, opts.val_limit)
     if inputs.calib_dir:
         usable = check_data(inputs.calib_dir, opts.task, opts.on_error)
-        if "int8" in precisions:
+        if set(CALIBRATED_PRECISIONS) & set(precisions):
             check_calibration_count(usable)
     return inputs
 
@@ -58,7 +59,7 @@ def check_calibration_clips(inputs: Inputs, opts: ExportOptions, contract: IOCon
     (`calibration.check_calibration_set`: not random noise) before the export starts, not at the
     INT8 stage minutes later. The clips are decoded again by the data stage: not held through
     the export, whose memory peak they would raise."""
-    if "int8" not in inputs.precisions or inputs.calib_dir is None:
+    if not set(CALIBRATED_PRECISIONS) & set(inputs.precisions) or inputs.calib_dir is None:
         return
     check_calibration_set(load_feeds(inputs.calib_dir, contract, inputs.tokenizer,
                                      opts.on_error, texts_per_video=1))

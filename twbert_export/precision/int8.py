@@ -1,6 +1,10 @@
 """INT8: ModelOpt Q/DQ on the weight matrix products (MatMul, Gemm, Conv; not the attention
 products), calibrated on real clips with the selection path excluded; the rest then goes through
-the same AutoCast as FP16, with the Q/DQ nodes (and their scales) left in FP32. The result is
+the same AutoCast as FP16, with the Q/DQ nodes (and their scales) left in FP32. The quantized
+weights are stored as INT8 initializers feeding their DequantizeLinear (ModelOpt's `dq_only`:
+the values its QuantizeLinear would compute, so the numerics are those of the Q/DQ form, at a
+quarter of the bytes); the activations keep their Q/DQ pairs. TensorRT 8.5 / 8.6 get the FP32-weight
+form back in their twin (export/legacy.py). The result is
 cached by (model hash, calibration data identity, settings) and reused only on a full match of
 an entry that passes its check: identity, sha256 recorded when stored, Q/DQ nodes present, the
 FP32 graph's inputs and outputs (`cached_result`, `store_result`). A run told not to use the
@@ -46,7 +50,8 @@ def calibration_key(model_sha: str, calib: FeedSet, method: str) -> str:
                 "op_types": INT8_OP_TYPES, "exclude": list(SELECTION_NODES), "mha_qdq": False,
                 "fp32_in_fp16": QDQ_OPS,
                 "rows": len(calib), "fp16_data_max": FP16_DATA_MAX, "calibration_batch": 1,
-                "max_calibration": "activation-ranges"}
+                "max_calibration": "activation-ranges",
+                "weights": "int8-dq-only"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -284,7 +289,7 @@ def _quantize(src: Path, dst: Path, calib: FeedSet, method: str, ranges: Activat
                      calibration_method=method, calibration_eps=["cpu"],
                      calibration_cache_path=str(scales) if scales else None,
                      op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=excluded,
-                     high_precision_dtype="fp32", disable_mha_qdq=True,
+                     high_precision_dtype="fp32", disable_mha_qdq=True, dq_only=True,
                      output_path=str(qdq), log_level="ERROR")
         steps["ModelOpt Q/DQ"] = quantizing.seconds
         if scales:
@@ -307,6 +312,9 @@ def to_report_from(src: str | Path, dst: str | Path, calibration: dict[str, Any]
     int8_nodes = {n.name for n in model.graph.node if dequantized.intersection(n.input)}
     by_range = [n for n in kept if n not in int8_nodes and n not in selection]
     qdq = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    int8_weights = sum(1 for t in model.graph.initializer
+                       if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2)
     return PrecisionReport("int8", selection, by_range, low, total,
                            calibration={**calibration, "quantized_tensors": qdq,
-                                        "int8_nodes": len(int8_nodes)})
+                                        "int8_nodes": len(int8_nodes),
+                                        "int8_weights": int8_weights})

@@ -19,3 +19,9 @@ FP16_DATA_MAX = 32768.0
 CALIB_METHODS = ("max", "entropy")
 # Q/DQ nodes (and their scales) stay FP32 when the rest of an INT8 graph goes to FP16.
 QDQ_OPS = ["QuantizeLinear", "DequantizeLinear"]
+# Precisions whose activation scales come from calibration clips (W8A8 Q/DQ). int8w quantizes
+# weights only: its scales come from the weights, and its clips are the FP16 range check's.
+CALIBRATED_PRECISIONS = ("int8",)
+# Weight-only INT8: symmetric per output channel, narrow range [-127, 127] (TensorRT's INT8
+# weight range); scales in the matrix product's type (FP16), so DequantizeLinear feeds it directly.
+WEIGHT_ONLY_QMAX = 127

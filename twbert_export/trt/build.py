@@ -41,8 +41,8 @@ from ..util import atomic_path, file_sha256, require
 from .commands import default_timing_cache, engine_name, python_build_command
 from .engine_manifest import EngineManifest, write_manifest
 from .targets import Platform, Target, machine_info
-from .version import (STRONG_TYPING_SINCE, UnsupportedTensorRT, check_supported, dla_available,
-                      parse_version)
+from .version import (STRONG_TYPING_SINCE, UnsupportedTensorRT, check_precision, check_supported,
+                      dla_available, parse_version)
 
 
 class BuildError(RuntimeError):
@@ -87,9 +87,10 @@ TF32_NOTE = "TF32 off: the FP32 selection nodes are what the parity gates protec
 def plan_for(trt_version: str, precision: str, dla: bool = False) -> BuildPlan:
     """The build of `precision` on `trt_version` (a DLA build when `dla`). Raises
     UnsupportedTensorRT (a ValueError) for a release or combination we do not build."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision not in ("fp32", "fp16", "int8w", "int8"):
+        raise ValueError(f"precision must be fp32, fp16, int8w or int8, got {precision!r}")
     v = check_supported(trt_version)
+    check_precision(trt_version, precision)  # int8w: 10.0 and later (strongly typed below)
     if dla:
         check_dla(trt_version, precision)
     if v >= STRONG_TYPING_SINCE and not (dla and v < (11, 0, 0)):
@@ -112,6 +113,9 @@ def check_dla(trt_version: str, precision: str) -> None:
       >= 7.2.2 only ("Strongly Typed Networks for DLA", TensorRT 11.4.1)."""
     if precision == "fp32":
         raise UnsupportedTensorRT("DLA runs FP16 and INT8 only: build the fp16 or int8 file")
+    if precision == "int8w":
+        raise UnsupportedTensorRT("weight-only INT8 (int8w) is not documented to run on DLA "
+                                  "(DLA runs FP16 and W8A8 INT8): build fp16 or int8 for DLA")
     if not dla_available(trt_version):
         raise UnsupportedTensorRT(f"TensorRT {trt_version} has no DLA support (DLA is in TensorRT "
                                   "<= 10.7 and >= 11.4.1); build for the GPU")

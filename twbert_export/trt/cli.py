@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 def onnx_for_version(onnx: Path, artifact: Manifest, trt_version: str) -> Path:
     """The file that TensorRT `trt_version` builds for `onnx`: on 8.x its trt8 twin listed in
     the manifest (ValueError if the artifact has none), else `onnx` itself."""
-    from .version import check_supported, needs_legacy_graph
+    from .version import check_precision, check_supported, needs_legacy_graph
 
     check_supported(trt_version)
     entry = artifact.entry_for(onnx)
+    if entry is not None:
+        check_precision(trt_version, entry.precision)  # int8w has no 8.x graph: refused
     if not needs_legacy_graph(trt_version) or entry is None or entry.flavour == TRT8_FLAVOUR:
         return onnx
     twin = artifact.twin(entry, TRT8_FLAVOUR)

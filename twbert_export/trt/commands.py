@@ -29,7 +29,7 @@ from pathlib import Path
 from ..artifact.manifest import MODEL_GRAPH, PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Manifest
 from ..artifact.contract import IOContract
 from ..util import write_text
-from .version import dla_available
+from .version import WEIGHT_ONLY_REFUSAL, UnsupportedTensorRT, dla_available
 
 DEFAULT_WORKSPACE_MB = 1024  # the kit's default: safe on an 8 GB Jetson
 TIMING_CACHE_DIR = "${XDG_CACHE_HOME:-$HOME/.cache}/twbert-export"
@@ -49,6 +49,8 @@ def precision_flags(trt_version: tuple[int, int], precision: str) -> list[str]:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     major = trt_version[0]
+    if precision == "int8w" and major < 10:
+        raise UnsupportedTensorRT(f"TensorRT {major}.{trt_version[1]}: {WEIGHT_ONLY_REFUSAL}")
     if major >= 11:
         return []  # strongly typed is the only mode; --fp16/--int8 do not exist
     if major >= 10:
@@ -119,7 +121,7 @@ def trtexec_command(onnx: str, engine: str, contract: IOContract, precision: str
 # -- the Polygraphy check against the shipped reference ----------------------------------------
 # Smallest absolute tolerance per precision for the device comparison; above it, twice the error
 # ONNX Runtime showed on the host (TensorRT picks other kernels, so allow some headroom).
-DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+DEVICE_ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8w": 5e-2, "int8": 5e-2}
 REFERENCE_INPUTS = "reference/inputs.json"
 REFERENCE_INPUTS_INT32 = "reference/inputs.int32.json"  # 8.x engines bind INT64 I/O as INT32
 REFERENCE_OUTPUTS = "reference/outputs.json"
@@ -243,7 +245,7 @@ def build_script(manifest: Manifest) -> str:
     lines = [
         "#!/usr/bin/env bash",
         "# Build a TensorRT engine from this artifact ON the device that will run it.",
-        "#   ./build_on_device.sh [fp32|fp16|int8] [--python]",
+        "#   ./build_on_device.sh [fp32|fp16|int8w|int8] [--python]",
         f"#   GRAPHS=all|model|split ./build_on_device.sh ...  (default all: {' '.join(graphs)})",
         "# Each graph is its own engine with its own optimization profile (its own I/O contract),",
         "# built ONE AT A TIME, each by its own run of this script (GRAPH=name), so an 8 GB board",
@@ -310,6 +312,9 @@ def build_script(manifest: Manifest) -> str:
         '      echo "TensorRT $TRT_VERSION is too old: this artifact needs TensorRT 8.5 or newer '
         '(JetPack >= 5.1)" >&2; exit 2',
         "    fi",
+        '    if [ "$PRECISION" = int8w ]; then',
+        f'      echo "TensorRT $TRT_VERSION: {WEIGHT_ONLY_REFUSAL}" >&2; exit 2',
+        "    fi",
         '    if [ -z "$ONNX_TRT8" ]; then',
         '      echo "this artifact has no TensorRT 8.x graph for $PRECISION '
         '($GRAPH.$PRECISION.trt8.onnx): re-export it with a current twbert-export" >&2; exit 2',
@@ -337,7 +342,8 @@ def build_script(manifest: Manifest) -> str:
         'mkdir -p "$(dirname "$TIMING_CACHE")"',
         "",
         'if [ -n "${DLA_CORE:-}" ]; then',
-        '  if [ "$PRECISION" = fp32 ]; then echo "DLA runs fp16/int8 only" >&2; exit 2; fi',
+        '  if [ "$PRECISION" = fp32 ] || [ "$PRECISION" = int8w ]; then echo "DLA runs fp16/int8 '
+        'only" >&2; exit 2; fi',
         "  # DLA: TensorRT <= 10.7 (FP16, weak typing: the Python builder) and again from 11.4.1",
         "  # (strongly typed FP16/INT8; AGX Orin on JetPack >= 7.2.2 only).",
         '  if [ "$(printf \'%s\\n\' "$TRT_VERSION" 10.7.99999 | sort -V | head -n1)" = '
@@ -466,7 +472,9 @@ def deploy_md(manifest: Manifest) -> str:
         f, engine_name(f), contract, p, v, DEFAULT_WORKSPACE_MB, "timing.cache",
         3 if v >= (8, 6) else None))
     legacy = trt8.get(default)
-    if legacy is None:
+    if default == "int8w":
+        line_8x = f"- 8.5 / 8.6: {WEIGHT_ONLY_REFUSAL}"
+    elif legacy is None:
         line_8x = "- 8.5 / 8.6: this artifact has no opset-17 file: re-export it"
     elif default == "fp32":
         line_8x = f"- 8.5 / 8.6 (JetPack 5.1.x / 6.0): `{cmd((8, 6), 'fp32', legacy)}`"

@@ -587,6 +587,33 @@ def check_reduce_axes_input(facts: ModelFacts) -> Iterator[LintFinding]:
                               "(twbert_export.export.legacy.to_trt8_graph)")
 
 
+# Pre-quantized weights (an INT8 initializer into DequantizeLinear, the int8 / int8w files'
+# form): TensorRT 10's explicit quantization documents them ("Quantized Weights"); the 8.5-GA /
+# 8.6-GA importers pass the INT8 initializer to an IConstantLayer, a form TensorRT 8.x documents
+# nowhere (8.0 / 8.2 refuse it: "invalid weights type of Int8"), and their DequantizeLinear reads
+# FP32 scales only (QuantDequantLinearHelper). export/legacy.py writes the FP32-weight form.
+QUANTIZED_WEIGHTS_SINCE = 10
+
+
+def check_quantized_weights(facts: ModelFacts) -> Iterator[LintFinding]:
+    """DequantizeLinear of an INT8 constant, or with non-FP32 scales, before TensorRT 10."""
+    if facts.trt_major >= QUANTIZED_WEIGHTS_SINCE:
+        return
+    for label, node in facts.nodes:
+        if node.op_type != "DequantizeLinear" or not _is_default_domain(node):
+            continue
+        weight = facts.constants.get(node.input[0])
+        if weight is not None and _type_name(weight.data_type) == "INT8":
+            yield LintFinding(label, node.op_type, f"INT8 weights {node.input[0]!r} "
+                              f"(pre-quantized): documented from TensorRT "
+                              f"{QUANTIZED_WEIGHTS_SINCE}; the {facts.trt_major}.x twin stores "
+                              "FP32 weights with QuantizeLinear (export/legacy.py)")
+        scale_type = facts.dtypes.get(node.input[1]) if len(node.input) > 1 else None
+        if scale_type not in (None, "FLOAT"):
+            yield LintFinding(label, node.op_type, f"{scale_type} scale {node.input[1]!r}: "
+                              f"TensorRT {facts.trt_major}.x reads FP32 scales only")
+
+
 def check_control_flow(facts: ModelFacts) -> Iterator[LintFinding]:
     for label, node in facts.nodes:
         if node.op_type in WARN_OPS and _is_default_domain(node):
@@ -603,7 +630,8 @@ def check_opset(facts: ModelFacts) -> Iterator[LintFinding]:
 
 CHECKS: tuple[Callable[[ModelFacts], Iterable[LintFinding]], ...] = (
     check_operators, check_random_ops, check_topk, check_einsum, check_op_restrictions,
-    check_dtypes, check_int64, check_reduce_axes_input, check_control_flow, check_opset)
+    check_dtypes, check_int64, check_reduce_axes_input, check_quantized_weights,
+    check_control_flow, check_opset)
 
 
 # -- Entry points ----------------------------------------------------------------------------------

@@ -16,6 +16,12 @@ Version = tuple[int, int, int]
 OLDEST_SUPPORTED = (8, 5, 0)
 # First TensorRT we build strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED).
 STRONG_TYPING_SINCE = (10, 0, 0)
+# Weight-only INT8 (int8w: INT8 weight initializers behind DequantizeLinear, FP16 activations):
+# TensorRT 10's explicit quantization takes pre-quantized INT8 weights through an
+# IDequantizeLayer; 8.5 / 8.6 have no such form (export/legacy.py) and get no twin of the file.
+WEIGHT_ONLY_SINCE = (10, 0, 0)
+WEIGHT_ONLY_REFUSAL = ("weight-only INT8 (int8w) needs TensorRT 10 or later: TensorRT 8.5 / 8.6 "
+                       "have no INT8-weight, FP16-activation form; build fp16 or int8 there")
 # DLA on Jetson: TensorRT <= 10.7, and again from 11.4.1 ("Working with DLA", 11.4.1 developer
 # guide; deployment-facts.md).
 _DLA_LAST_BEFORE_GAP, _DLA_BACK_IN = (10, 7, 99999), (11, 4, 1)
@@ -50,6 +56,13 @@ def check_supported(text: str) -> Version:
             f"TensorRT {text}: 9.x releases are not a target (no JetPack ships them, and their "
             "parser ignores reduce axes given as inputs, like 8.x): use 8.5/8.6 or 10.x+")
     return v
+
+
+def check_precision(text: str, precision: str) -> None:
+    """UnsupportedTensorRT (one line) when TensorRT `text` cannot build `precision`: int8w
+    before 10.0."""
+    if precision == "int8w" and parse_version(text) < WEIGHT_ONLY_SINCE:
+        raise UnsupportedTensorRT(f"TensorRT {text}: {WEIGHT_ONLY_REFUSAL}")
 
 
 def needs_legacy_graph(text: str) -> bool:

@@ -43,6 +43,10 @@ DEFAULT_GATES: dict[str, Gate] = {
                  metric_tol_pt=None, metric_keys=()),
     "fp16": Gate(logits_atol=None, score_tol=1e-3, min_identical=0.99, allow_divergent=False,
                  metric_tol_pt=0.5, metric_keys=("R@1",)),
+    # Weight-only INT8: the task metrics within 0.5 pt, and the selections as FP16's (99%
+    # identical, none divergent); near-ties judged with INT8's expected score error.
+    "int8w": Gate(logits_atol=None, score_tol=1e-2, min_identical=0.99, allow_divergent=False,
+                  metric_tol_pt=0.5, metric_keys=("R@1", "R@5", "R@10")),
     "int8": Gate(logits_atol=None, score_tol=1e-2, min_identical=None, allow_divergent=True,
                  metric_tol_pt=1.0, metric_keys=("R@1", "R@5", "R@10")),
 }
