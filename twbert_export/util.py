@@ -263,7 +263,7 @@ def current_rss_gb() -> float | None:
         return None
 
 
-def infer_shapes(model, weights: bool = True, **kwargs):
+def infer_shapes(model, weights: bool = True, in_place: bool = False, **kwargs):
     """`onnx.shape_inference.infer_shapes`, run on the graph without its weights' data.
 
     Inference reads the values of small constants only (shapes, axes, pads); each initializer
@@ -273,7 +273,9 @@ def infer_shapes(model, weights: bool = True, **kwargs):
     the code"). The model returned is `model` with the inferred nodes, value_info and outputs
     (tests/export/test_shape_inference.py checks it equals ONNX's own result); with
     `weights=False`, for reading types and shapes only, the large initializers are left out
-    of it (they stay graph inputs)."""
+    of it (they stay graph inputs). `in_place=True`, for a caller that replaces its model by
+    the result: `model` itself gets them and is returned, instead of a copy of its weights (a
+    model-sized allocation: 1 GB at the base preset)."""
     onnx = require("onnx", "for shape inference")
     graph = model.graph
     large = [t for t in graph.initializer if math.prod(t.dims) > LIGHT_TENSOR_ELEMENTS]
@@ -297,8 +299,11 @@ def infer_shapes(model, weights: bool = True, **kwargs):
     inferred = onnx.shape_inference.infer_shapes(light, **kwargs)
     if not weights:
         return inferred
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    if in_place:
+        result = model
+    else:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
     for name in ("node", "value_info", "output"):
         del getattr(result.graph, name)[:]
         getattr(result.graph, name).extend(getattr(inferred.graph, name))
@@ -315,5 +320,5 @@ def infer_shapes_in_file(model_path: str | Path, output_path: str | Path = "", *
     model = onnx.load(str(model_path), load_external_data=False)
     if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
         return False
-    onnx.save(infer_shapes(model, **kwargs), str(output_path or model_path))
+    onnx.save(infer_shapes(model, in_place=True, **kwargs), str(output_path or model_path))
     return True

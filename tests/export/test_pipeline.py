@@ -206,8 +206,8 @@ def test_int8_without_modelopts_own_runs_writes_the_same_graph(artifact, tmp_pat
 @pytest.mark.slow  # four AutoCast runs: about 40 s
 def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
     """AutoCast (as to_fp16 runs it) with ModelOpt's shape inference and with ours, which
-    leaves the weights out: the same bytes, on the demo's FP32 graph and on its INT8 graph
-    (Q/DQ pairs, FP16 around them)."""
+    leaves the weights out and infers AutoCast's types into its model in place: the same
+    bytes, on the demo's FP32 graph and on its INT8 graph (Q/DQ pairs, FP16 around them)."""
     from modelopt.onnx import utils
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -225,11 +225,12 @@ def test_autocast_with_light_shape_inference_writes_the_same_graph(artifact):
     for src, exclude in ((out / "model.fp32.onnx", None),
                          (out / "model.int8.onnx", precision.QDQ_OPS)):
         theirs = autocast(src, exclude)
-        original = utils.infer_shapes
+        original, original_types = utils.infer_shapes, utils.infer_types
         with compat.light_shape_inference():
             assert utils.infer_shapes is not original
+            assert utils.infer_types is not original_types  # AutoCast's, in place
             ours = autocast(src, exclude)
-        assert utils.infer_shapes is original
+        assert utils.infer_shapes is original and utils.infer_types is original_types
         assert ours == theirs, src.name
 
 

@@ -54,6 +54,15 @@ def test_equals_onnx_shape_inference_on_a_hand_made_graph(options):
     assert {t.name for t in types_only.graph.initializer} == {"target", "last", "zero"}
 
 
+@pytest.mark.parametrize("options", OPTIONS)
+def test_in_place_gives_the_same_model_without_a_copy(options):
+    model = weights_and_shapes_graph()
+    theirs = onnx.shape_inference.infer_shapes(model, **options).SerializeToString()
+    ours = infer_shapes(model, in_place=True, **options)
+    assert ours is model  # no copy of the weights: the caller replaces its model by this one
+    assert ours.SerializeToString() == theirs
+
+
 @pytest.mark.slow  # an ONNX export of its own and ONNX's full inference: about 25 s
 def test_equals_onnx_shape_inference_on_the_exported_tiny_model(tmp_path, tiny_cfg, tiny_model):
     from twbert_export.artifact.contract import IOContract

@@ -47,7 +47,11 @@ def _float_nodes(model) -> dict[str, str]:
 
 
 def _classify(fp32_model, converted) -> tuple[int, int, list[str], list[str]]:
-    before, after = _float_nodes(fp32_model), _float_nodes(converted)
+    return _classified(_float_nodes(fp32_model), _float_nodes(converted))
+
+
+def _classified(before: dict[str, str], after: dict[str, str]
+                ) -> tuple[int, int, list[str], list[str]]:
     fp16 = [n for n, t in after.items() if t == "float16"]
     kept = [n for n in before if after.get(n) == "float32"]
     selection = [n for n in kept if any(re.match(p, n) for p in SELECTION_NODES)]
@@ -82,11 +86,13 @@ def to_fp16(src: str | Path, dst: str | Path, ranges: ActivationRanges,
             op_types_to_exclude=op_types_to_exclude, data_max=np.inf, providers=["cpu"])
     # AutoCast reuses one symbolic dim name for different sizes; let inference redo value_info.
     del model.graph.value_info[:]
-    model = infer_shapes(model)
+    model = infer_shapes(model, in_place=True)
     with atomic_path(dst) as tmp_dst:
         onnx.save(model, str(tmp_dst))
+        after = _float_nodes(model)
+        del model  # before the checker and the FP32 model each load a model of their own
         onnx.checker.check_model(str(tmp_dst), full_check=True)
-    low, total, selection, by_range = _classify(onnx.load(str(src)), model)
+    low, total, selection, by_range = _classified(_float_nodes(onnx.load(str(src))), after)
     calib = ranges.calib
     return PrecisionReport("fp16", selection, by_range, low, total,
                            calibration={"clips": len(calib.video), "data": calib.identity,

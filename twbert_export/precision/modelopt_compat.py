@@ -105,7 +105,11 @@ def light_shape_inference():
     weights included) runs as `util.infer_shapes` / `util.infer_shapes_in_file` within this
     context: the same result without serialising the weights for it. ModelOpt reaches
     `infer_shapes_path` through the `onnx` module, so that attribute is what is replaced; it is
-    restored on exit, and within the context any caller gets the same result as ONNX's own."""
+    restored on exit, and within the context any caller gets the same result as ONNX's own.
+    ModelOpt's `infer_types` (AutoCast's type inference, ModelOpt 0.47), whose every caller
+    replaces its model by the result, infers into the model given instead of a copy: one copy
+    of the weights less at each call, and AutoCast's input model no longer kept beside its
+    converted one (docs/benchmarks.md, "Scale check")."""
     if not patches_apply():
         yield
         return
@@ -121,6 +125,18 @@ def light_shape_inference():
 
     targets = [(m, "infer_shapes", infer_shapes) for m in (utils, graph_utils)
                if hasattr(m, "infer_shapes")]
+    onnx_infer_types = getattr(utils, "infer_types", None)
+    if onnx_infer_types is not None:
+        def light_infer_types(model, use_standalone_type_inference=False, **kwargs):
+            # Every caller (AutoCast's) replaces its model by the result: infer into the model
+            # itself rather than into a copy of its weights. Any failure goes to ModelOpt's own
+            # fallback, the standalone type inference, as in `infer_types`.
+            if not use_standalone_type_inference:
+                with contextlib.suppress(Exception):
+                    return infer_shapes(model, in_place=True, **kwargs)
+            return onnx_infer_types(model, use_standalone_type_inference=True)
+
+        targets.append((utils, "infer_types", light_infer_types))
     targets.append((onnx.shape_inference, "infer_shapes_path", light_in_file))
     originals = [getattr(module, name) for module, name, _ in targets]
     for module, name, replacement in targets:

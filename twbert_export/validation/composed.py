@@ -140,7 +140,9 @@ class ComposedSplit:
         contract = self.contracts[graph]
         n = len(next(iter(feed.values())))
         step = self.batch(graph)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in contract.output_names}
+        # Each output is written into one array as the runs go: a list of parts concatenated at
+        # the end held every output twice (the calibration stems: 1 GB at the base preset).
+        out: dict[str, np.ndarray] = {}
         for start in range(0, n, step):
             chunk = {k: np.ascontiguousarray(v[start:start + step]) for k, v in feed.items()}
             if graph == "select" and self.pieces is not None:
@@ -148,10 +150,13 @@ class ComposedSplit:
             else:
                 values = self.sessions[graph].run(contract.output_names, chunk)
             self.executions[graph] += 1
-            self.rows[graph] += len(next(iter(chunk.values())))
+            rows = len(next(iter(chunk.values())))
+            self.rows[graph] += rows
             for name, value in zip(contract.output_names, values):
-                parts[name].append(value)
-        return {name: np.concatenate(p) for name, p in parts.items()}
+                if name not in out:
+                    out[name] = np.empty((n, *np.shape(value)[1:]), np.asarray(value).dtype)
+                out[name][start:start + rows] = value
+        return {name: out[name] for name in contract.output_names}
 
     def batch(self, graph: str) -> int:
         """Rows per run of `graph`: its contract's batch max, or `max_batch` when smaller."""
@@ -411,7 +416,10 @@ def graph_feeds(pipeline: ComposedSplit, rows: FeedSet) -> dict[str, GraphFeeds]
     sees each distinct clip once; the others one row per (clip, text) row."""
     stems = pipeline.encode_clips(rows.video)
     text = pipeline.encode_texts(rows.input_ids, rows.attention_mask)
-    row_stems = stems[rows.video_index]
+    # One text per clip (the calibration sets): the rows' stems are the stems, not a copy.
+    one_per_clip = np.array_equal(rows.video_index, np.arange(len(stems)))
+    row_stems = stems if one_per_clip else stems[rows.video_index]
+    del stems
     selected = pipeline.select(row_stems, text["text_cls"])
     inputs = {
         "text": {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask},
