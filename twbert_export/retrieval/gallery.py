@@ -86,8 +86,8 @@ class SplitArtifact:
                                  f"sha256 {identity[:16]}), not by a graph of {directory}: "
                                  "index the clips with this artifact first")
         if precision is None:
-            precision = next(name for name, plan in split_plans(manifest).items()
-                             if plan["video_stem"] == stem.precision), stem.precision)
+            precision = next((name for name, plan in split_plans(manifest).items()
+                              if plan["video_stem"] == stem.precision), stem.precision)
         artifact = cls(directory, precision, engines)
         if artifact.identity != identity:
             raise ForeignIndexError(f"{index_path} holds the stems of video_stem.{stem.precision}"
