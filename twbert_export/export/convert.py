@@ -59,7 +59,7 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
                 conversion.graph_reports[(graph, p)] = rep.to_dict()
     assert first is not None
     # The line reports the whole model's step, or (a plan keeps the model at another
-    # precision) the first split graph's.
+    # precision) the first split graph's, then what the split graphs kept in FP32.
     model_dst, rep = (model_dst, model_rep) if model_rep is not None else first
     rep.seconds = sw.seconds
     if model_rep is not None:
@@ -76,7 +76,10 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
                 + (f"; {rep.note}" if rep.note else "")
                 + (f"; split graphs: {sum(len(r['kept_fp32_selection']) for r in split)} "
                    f"selection nodes FP32, {sum(len(r['kept_fp32_range']) for r in split)} "
-                   "others" if split else ""), model_dst)
+                   "others" if split else "")
+                + (f"; the plan's {p} graphs: "
+                   + ", ".join(g for g in (MODEL_GRAPH, *SPLIT_GRAPHS) if conversion.needs(g, p))
+                   if conversion.plan else ""), model_dst)
 
 
 def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict[str, Any]:
