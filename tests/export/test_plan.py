@@ -110,7 +110,7 @@ def test_index_and_predict_index_run_the_plans_graphs(plan_artifact, small_val, 
     index = tmp_path / "index"
     assert export.main(["index", "--artifact", str(plan_artifact), "--videos", str(small_val),
                         "--out", str(index), "--threads", "1"]) == 0
-    assert "fp16+video_stem-int8: video_stem.int8 (video_stem.int8.onnx" in capsys.readouterr().out
+    assert "plan fp16+video_stem-int8, video_stem.int8 (video_stem.int8.onnx" in capsys.readouterr().out
     manifest = Manifest.load(plan_artifact)
     assert json.loads((index / INDEX_FILE).read_text())["artifact"] == \
         manifest.file("int8", "video_stem").sha256

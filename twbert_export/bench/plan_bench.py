@@ -1,7 +1,7 @@
 """What each per-graph precision plan (artifact/plan.py) costs and does (a benchmark, not a test).
 
     python -m twbert_export.bench.plan_bench --artifact engines/NAME [--plan SPEC ...]
-        [--val-data demo] [--val-clips N] [--k 50] [--repeat 3] [--threads 2]
+        [--val-data demo] [--val-clips N] [--k 50] [--repeat 3] [--threads 2] [--batch B]
         [--json docs/results/plans-demo.json]
 
 The artifact holds every split graph at every precision the plans name (`export.py --precision
@@ -92,7 +92,7 @@ def summary(result: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(artifact: Path, specs: list[str], val_data: str, val_clips: int | None, k: int,
-            repeat: int, threads: int | None) -> list[dict[str, Any]]:
+            repeat: int, threads: int | None, batch: int | None = None) -> list[dict[str, Any]]:
     from ..data.assets import resolve_data
     from ..data.calibration import load_feeds
     from ..data.preprocess import Tokenizer
@@ -124,7 +124,8 @@ def measure(artifact: Path, specs: list[str], val_data: str, val_clips: int | No
     with tempfile.TemporaryDirectory() as tmp:
         pipelines, indexes = [], []
         for i, (plan, graph_files) in enumerate(zip(plans, files)):
-            pipeline = ComposedSplit(graph_files, contracts, manifest.contract, threads)
+            pipeline = ComposedSplit(graph_files, contracts, manifest.contract, threads,
+                                     max_batch=batch)
             pipelines.append(pipeline)
             dtype = "float32" if plan.by_graph["video_stem"] == "fp32" else "float16"
             index = ClipIndex.open(Path(tmp) / f"plan{i}", graph_files["video_stem"].name,
@@ -177,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50, help="ITM shortlist of a query")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--batch", type=int, help="rows per graph run of the timed runs (default: "
+                    "the batch max; the base preset at 32 frames needs 2 in 24 GB)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     try:
         rows = measure(Path(args.artifact), args.plan or list(DEFAULT_PLANS), args.val_data,
-                       args.val_clips, args.k, args.repeat, args.threads)
+                       args.val_clips, args.k, args.repeat, args.threads, args.batch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         print("hint: python -m twbert_export.bench.plan_bench --help", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact.manifest import (SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
+from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
                                  Manifest)
 from ..artifact.plan import PlanError, resolve_plan, split_plans
 from .clip_index import (AddReport, ClipIndex, ClipIndexError, ForeignIndexError, RankedClip,
@@ -172,8 +172,10 @@ def index_main(argv: list[str] | None = None) -> int:
         index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
     except BAD_INPUT + (ArtifactFormatError,) as e:
         return _bad_input(e, hint=INDEX_HINT)
+    # the line a plain precision always printed; a per-graph plan is named before its stem
+    plan_prefix = "" if artifact.precision in PRECISIONS else f"plan {artifact.precision}, "
     print(f"index {args.out}: {len(index)} clips indexed before; {len(videos)} videos in "
-          f"{videos_dir}; {artifact.precision}: video_stem.{artifact.plan['video_stem']} "
+          f"{videos_dir}; {plan_prefix}video_stem.{artifact.plan['video_stem']} "
           f"({artifact.files['video_stem'].name}, "
           f"{artifact.identity[:12]}), stems {index.stem_dtype}", flush=True)
     start = time.perf_counter()
