@@ -1,7 +1,8 @@
 """What each per-graph precision plan (artifact/plan.py) costs and does (a benchmark, not a test).
 
     python -m twbert_export.bench.plan_bench --artifact engines/NAME [--plan SPEC ...]
-        [--val-data demo] [--val-clips N] [--k 50] [--repeat 3] [--threads 2] [--batch B]
+        [--val-data demo] [--val-clips N] [--gallery N] [--k 50] [--repeat 3] [--threads 2]
+        [--batch B]
         [--json docs/results/plans-demo.json]
 
 The artifact holds every split graph at every precision the plans name (`export.py --precision
@@ -10,7 +11,8 @@ fp16,int8`); a plan is a precision (`fp16`) or a GRAPH=PRECISION list. Per plan,
 falls on all alike, best of `--repeat`:
 - size: the bytes of its four split files (what the edge device stores and loads);
 - index: ms per clip of its `video_stem` graph (clips decoded beforehand; runs of the batch max);
-- query: ms for one text over the validation clips' stems, `clip_index.rank` as `predict --index`
+- query: ms for one text over `--gallery` stems (the validation clips', repeated under new ids
+  beyond them), `clip_index.rank` as `predict --index`
   runs it (the text graph once, `select` on every stem, `fuse` on the k best by ITC; stems
   stored FP32 for an FP32 stem graph and FP16 otherwise, as `export.py index` stores them);
 - the composed validation of the export (`validation.composed.validate_split`) against the
@@ -92,7 +94,8 @@ def summary(result: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(artifact: Path, specs: list[str], val_data: str, val_clips: int | None, k: int,
-            repeat: int, threads: int | None, batch: int | None = None) -> list[dict[str, Any]]:
+            repeat: int, threads: int | None, batch: int | None = None,
+            gallery: int | None = None) -> list[dict[str, Any]]:
     from ..data.assets import resolve_data
     from ..data.calibration import load_feeds
     from ..data.preprocess import Tokenizer
@@ -131,7 +134,14 @@ def measure(artifact: Path, specs: list[str], val_data: str, val_clips: int | No
             index = ClipIndex.open(Path(tmp) / f"plan{i}", graph_files["video_stem"].name,
                                    stem_contract.outputs[0].shape[1:], dtype)
             index_videos(index, videos, pipeline, stem_contract, root=val_dir)
-            indexes.append(index)
+            # A gallery larger than the clips repeats them under new ids (the same work per clip).
+            distinct = index.clip_ids
+            n = gallery or len(distinct)
+            indexes.append(ClipIndex(index.path, index.artifact, index.stem_shape,
+                                     index.stem_dtype,
+                                     {f"{i}:{distinct[i % len(distinct)]}":
+                                      index.entries[distinct[i % len(distinct)]]
+                                      for i in range(n)}))
         best_index = [np.inf] * len(plans)
         best_query = [np.inf] * len(plans)
         for _ in range(repeat):
@@ -146,7 +156,7 @@ def measure(artifact: Path, specs: list[str], val_data: str, val_clips: int | No
             pipeline.close()
     for row, index_s, query_s in zip(rows, best_index, best_query):
         row.update({"index_ms_per_clip": 1000 * index_s, "query_ms": 1000 * query_s,
-                    "gallery": len(videos), "k": k})
+                    "gallery": gallery or len(videos), "k": k})
     return rows
 
 
@@ -176,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-data", default="demo")
     ap.add_argument("--val-clips", type=int, help="the first N validation clips only")
     ap.add_argument("--k", type=int, default=50, help="ITM shortlist of a query")
+    ap.add_argument("--gallery", type=int, help="clips a query ranks (default: the validation "
+                    "clips; more repeats them under new ids)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     ap.add_argument("--batch", type=int, help="rows per graph run of the timed runs (default: "
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         rows = measure(Path(args.artifact), args.plan or list(DEFAULT_PLANS), args.val_data,
-                       args.val_clips, args.k, args.repeat, args.threads, args.batch)
+                       args.val_clips, args.k, args.repeat, args.threads, args.batch, args.gallery)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         print("hint: python -m twbert_export.bench.plan_bench --help", file=sys.stderr)
