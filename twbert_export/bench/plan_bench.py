@@ -170,7 +170,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['query_ms']:>9.1f}{r['max_abs']['itm_logits']:>9.2g}"
             f"{r['max_abs']['itc_sim']:>9.2g}  "
             f"{' / '.join(r['selection_identical'].values()):<12}"
-            f"{m['t2v']['R@1']:>6.1f}{m['t2v']['R@5']:>6.1f}{m['v2t']['R@1']:>8.1f}  "
+            f"{100 * m['t2v']['R@1']:>6.1f}{100 * m['t2v']['R@5']:>6.1f}"
+            f"{100 * m['v2t']['R@1']:>8.1f}  "
             f"{r['gate']} {'PASS' if r['passed'] else 'FAIL ' + ', '.join(r['failed_gates'])}")
     return lines
 
