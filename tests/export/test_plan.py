@@ -149,3 +149,16 @@ def test_consumers_refuse_a_plan_the_artifact_lacks_in_one_line(artifact, small_
                         str(tmp_path / "i"), "--precision", EDGE]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no such split graphs (it has int8, fp16, fp32)" in err[0], err
+
+
+def test_build_artifact_takes_each_graphs_file_of_the_plan(plan_artifact):
+    from twbert_export.trt.cli import artifact_onnx_files
+
+    manifest = Manifest.load(plan_artifact)
+    names = lambda sel, p: [f.name for f in artifact_onnx_files(manifest, plan_artifact, sel, p)]  # noqa: E731
+    plan_files = ["text.fp16.onnx", "video_stem.int8.onnx", "select.fp16.onnx", "fuse.fp16.onnx"]
+    assert names("split", None) == plan_files  # default: the exported plan
+    assert names("split", EDGE) == names("split", "fp16+video_stem-int8") == plan_files
+    assert names("all", None) == ["model.fp16.onnx", *plan_files]  # the plan's model precision
+    assert names("split", "int8") == [f"{g}.int8.onnx" for g in ("text", "video_stem", "select",
+                                                                  "fuse")]
