@@ -52,7 +52,9 @@ class ExportOptions:
 class StageLog:
     """One line per stage: number, name, artifact, size, seconds."""
 
-    def __init__(self, total: int, stream=sys.stdout):
+    def __init__(self, total: int, stream=None):
+        # None: sys.stdout as it is when a line prints (not the one bound at import, which a
+        # test's captured output may have closed since)
         self.total, self.done, self.stream = total, 0, stream
         self.rows: list[dict[str, Any]] = []
 
@@ -65,7 +67,7 @@ class StageLog:
         size = human_size(written.stat().st_size) if written and written.is_file() else ""
         shown = _relative(path) if path else ""
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
-              f"{'  ' + note if note else ''}", file=self.stream, flush=True)
+              f"{'  ' + note if note else ''}", file=self.stream or sys.stdout, flush=True)
         self.rows.append({"stage": name, "path": shown, "size": size, "seconds": seconds,
                           "note": note, "peak_rss_gb": stage_peak_rss_gb(),
                           "rss_after_gb": current_rss_gb()})
