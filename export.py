@@ -48,7 +48,10 @@ def export_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="demo", help="checkpoint (ours or the authors'), or 'demo'")
     ap.add_argument("--precision", default="fp16",
-                    help="fp32, fp16, int8 or a comma list; fp32 is always written as the base")
+                    help="fp32, fp16, int8 or a comma list; fp32 is always written as the base. "
+                         "Or a precision per split graph, e.g. video_stem=int8,text=fp16,"
+                         "select=fp16,fuse=fp16 (the whole model: the plan's most accurate "
+                         "precision, or model=P; docs/split.md)")
     ap.add_argument("--task", choices=["retrieval", "qa"], default="retrieval")
     ap.add_argument("--schedule", help="frame schedule T-K1-K2 (default: the checkpoint's)")
     ap.add_argument("--batch", default="1:1:8", help="dynamic batch range MIN:OPT:MAX")
@@ -102,6 +105,7 @@ def bad_input(error: Exception, hint: str) -> int:
 
 
 def run_export(argv: list[str]) -> int:
+    from twbert_export.artifact.plan import is_plan_spec
     from twbert_export.artifact.render import summary_table
     from twbert_export.export import pipeline
     from twbert_export.trt.rtx import RtxGraphError
@@ -110,8 +114,10 @@ def run_export(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     try:
         gates = parse_gate_overrides(args.gate)
+        plan = args.precision if is_plan_spec(args.precision) else None
         opts = pipeline.ExportOptions(
-            ckpt=args.ckpt, precisions=tuple(p.strip() for p in args.precision.split(",")),
+            ckpt=args.ckpt, plan=plan,
+            precisions=() if plan else tuple(p.strip() for p in args.precision.split(",")),
             task=args.task, schedule=args.schedule, batch=args.batch,
             max_text_len=args.max_text_len, calib_data=args.calib_data,
             calib_method=args.calib_method, val_data=args.val_data, out=args.out,

@@ -132,6 +132,35 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class PlanEntry:
+    """A per-graph precision plan of the artifact (artifact/plan.py): graph -> precision of the
+    split graphs, the whole-model file's precision, and flavour -> whether they passed their
+    gates composed."""
+    graphs: dict[str, str]
+    model: str
+    parity: dict[str, bool]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "PlanEntry":
+        if not isinstance(d, dict):
+            raise ArtifactFormatError(f"{where}: not a JSON object")
+        graphs = _read(d, "graphs", dict, where)
+        if sorted(graphs) != sorted(SPLIT_GRAPHS) or not set(graphs.values()) <= set(PRECISIONS):
+            raise ArtifactFormatError(f"{where}: field 'graphs' should give each of "
+                                      f"{', '.join(SPLIT_GRAPHS)} one of {', '.join(PRECISIONS)}")
+        model = _read(d, "model", str, where)
+        if model not in PRECISIONS:
+            raise ArtifactFormatError(f"{where}: field 'model' is {model!r}, not one of "
+                                      f"{', '.join(PRECISIONS)}")
+        return cls(graphs=graphs, model=model,
+                   parity=_read_verdicts(_read(d, "parity", dict, where), f"{where}.parity"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graphs": self.graphs, "model": self.model,
+                "parity": {fl: {"passed": passed} for fl, passed in self.parity.items()}}
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     path: str
     sha256: str
@@ -158,6 +187,10 @@ class Manifest:
     # flavour -> precision -> whether that flavour's file passed, for the flavours beyond the
     # default (optional in the JSON: manifests written before the trt8 flavour have none)
     flavour_parity: dict[str, dict[str, bool]] = field(default_factory=dict)
+    # The per-graph precision plan the export was given (artifact/plan.py), by name: its graphs'
+    # precisions and, per flavour, whether its split graphs composed passed their gates
+    # (optional in the JSON; an export of plain precisions has none).
+    plans: dict[str, "PlanEntry"] = field(default_factory=dict)
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -225,7 +258,9 @@ class Manifest:
             "flavour_parity": {fl: {p: {"passed": passed} for p, passed in verdicts.items()}
                                for fl, verdicts in self.flavour_parity.items()},
             **({"graph_contracts": {g: c.to_dict() for g, c in self.graph_contracts.items()}}
-               if self.graph_contracts else {})}
+               if self.graph_contracts else {}),
+            **({"plans": {name: plan.to_dict() for name, plan in self.plans.items()}}
+               if self.plans else {})}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> "Manifest":
@@ -262,7 +297,10 @@ class Manifest:
             tokenizer=_read(d, "tokenizer", str, where),
             calibration=_read(d, "calibration", dict, where, optional=True),
             answers=_read(d, "answers", str, where, optional=True),
-            graph_contracts=graph_contracts)
+            graph_contracts=graph_contracts,
+            plans={name: PlanEntry.from_dict(plan, f"{where} plans.{name}")
+                   for name, plan in (_read(d, "plans", dict, where, optional=True)
+                                      or {}).items()})
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":

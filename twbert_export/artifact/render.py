@@ -90,18 +90,21 @@ def _split_report_md(report: Report) -> list[str]:
 
 def summary_table(manifest: Manifest, report: Report) -> str:
     """The verdict table the export prints: one row per file judged, then the split graphs."""
-    rows = [f"{'precision':<10}{'file':<22}{'gates':<8}{'max |itm| err':>14}{'selection':>22}"]
+    # a per-graph plan's label (fp16+video_stem-int8.trt8) is wider than a precision's
+    w = max([10] + [len(p) + 1 for p in report.split])
+    rows = [f"{'precision':<{w}}{'file':<22}{'gates':<8}{'max |itm| err':>14}{'selection':>22}"]
     for p, flavour, r in report.results():
         entry = manifest.file(p, flavour=flavour)
         name = entry.path if entry else ""
         itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
         sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
-        rows.append(f"{label(p, flavour):<10}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
+        rows.append(f"{label(p, flavour):<{w}}{name:<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     for p, r in report.split.items():
         itm = r.outputs.get("itm_logits", {}).get("max_abs", float("nan"))
         sel = " ".join(f"{s}:{c['identical']}/{c['samples']}" for s, c in r.selection.items())
-        rows.append(f"{p:<10}{f'split ({p}) x4':<22}{'PASS' if r.passed else 'FAIL':<8}"
+        shown = f"split ({p}) x4" if len(p) < 10 else "split x4"  # a plan's label is in column 1
+        rows.append(f"{p:<{w}}{shown:<22}{'PASS' if r.passed else 'FAIL':<8}"
                     f"{itm:>14.2e}{sel:>22}")
     return "\n".join(rows)
 

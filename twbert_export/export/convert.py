@@ -32,12 +32,14 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
     """Every graph's fp32 file to precision `p`. `seen`: per graph, the activation ranges an
     earlier precision step found on the same file and clips (spares their forward passes);
     updated with what this step found. A split graph is calibrated on its own inputs as the
-    FP32 split graphs upstream compute them from the calibration clips (`split.graph_feeds`)."""
+    FP32 split graphs upstream compute them from the calibration clips (`split.graph_feeds`).
+    With a per-graph plan, only the graphs the plan gives `p` (the whole model: its own
+    precision)."""
     assert calib is not None, "resolve_inputs asks for calibration data beyond fp32"
-    model_dst, model_rep = None, None
+    model_dst, model_rep, first = None, None, None
     with Stopwatch() as sw:
         for (graph, q), fp32 in list(conversion.files.items()):
-            if q != "fp32":
+            if q != "fp32" or not conversion.needs(graph, p):
                 continue
             rows = calib if graph == MODEL_GRAPH else _split_feeds(loaded, conversion, calib)[graph]
             dst = conversion.files[(graph, p)] = work / f"{graph}.{p}.onnx"
@@ -51,14 +53,18 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
             else:
                 rep = precision.to_int8(fp32, dst, rows, opts.calib_method,
                                         use_cache=opts.calib_cache, seen=seen.get(graph))
+            first = first or (dst, rep)
             if graph == MODEL_GRAPH:
                 model_dst, model_rep = dst, rep
             else:
                 conversion.graph_reports[(graph, p)] = rep.to_dict()
-    assert model_dst is not None and model_rep is not None
-    rep = model_rep
+    assert first is not None
+    # The line reports the whole model's step, or (a plan keeps the model at another
+    # precision) the first split graph's, then what the split graphs kept in FP32.
+    model_dst, rep = (model_dst, model_rep) if model_rep is not None else first
     rep.seconds = sw.seconds
-    conversion.reports[p] = rep.to_dict()
+    if model_rep is not None:
+        conversion.reports[p] = rep.to_dict()
     int8 = rep.calibration.get("int8_nodes")
     int8_weights = rep.calibration.get("int8_weights")
     split = [conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
@@ -73,7 +79,10 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
                 + (f"; {rep.note}" if rep.note else "")
                 + (f"; split graphs: {sum(len(r['kept_fp32_selection']) for r in split)} "
                    f"selection nodes FP32, {sum(len(r['kept_fp32_range']) for r in split)} "
-                   "others" if split else ""), model_dst)
+                   "others" if split else "")
+                + (f"; the plan's {p} graphs: "
+                   + ", ".join(g for g in (MODEL_GRAPH, *SPLIT_GRAPHS) if conversion.needs(g, p))
+                   if conversion.plan else ""), model_dst)
 
 
 def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict[str, Any]:

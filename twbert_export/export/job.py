@@ -11,6 +11,7 @@ from typing import Any
 
 from ..artifact.contract import BatchRange, IOContract
 from ..artifact.manifest import DEFAULT_FLAVOUR, SPLIT_GRAPHS
+from ..artifact.plan import Plan
 from ..data.preprocess import Tokenizer
 from ..util import current_rss_gb, human_size, stage_peak_rss_gb
 
@@ -23,6 +24,9 @@ GRAPH_SETS = ("both", "monolithic")
 class ExportOptions:
     ckpt: str = "demo"
     precisions: tuple[str, ...] = ("fp16",)
+    # A precision per split graph (artifact/plan.py), 'video_stem=int8,text=fp16,...': replaces
+    # `precisions`.
+    plan: str | None = None
     task: str = "retrieval"
     schedule: str | None = None
     batch: str = "1:1:8"
@@ -48,7 +52,9 @@ class ExportOptions:
 class StageLog:
     """One line per stage: number, name, artifact, size, seconds."""
 
-    def __init__(self, total: int, stream=sys.stdout):
+    def __init__(self, total: int, stream=None):
+        # None: sys.stdout as it is when a line prints (not the one bound at import, which a
+        # test's captured output may have closed since)
         self.total, self.done, self.stream = total, 0, stream
         self.rows: list[dict[str, Any]] = []
 
@@ -61,7 +67,7 @@ class StageLog:
         size = human_size(written.stat().st_size) if written and written.is_file() else ""
         shown = _relative(path) if path else ""
         print(f"[{self.done}/{self.total}] {name:<10} {shown:<44} {size:>9} {seconds:7.1f}s"
-              f"{'  ' + note if note else ''}", file=self.stream, flush=True)
+              f"{'  ' + note if note else ''}", file=self.stream or sys.stdout, flush=True)
         self.rows.append({"stage": name, "path": shown, "size": size, "seconds": seconds,
                           "note": note, "peak_rss_gb": stage_peak_rss_gb(),
                           "rss_after_gb": current_rss_gb()})
@@ -83,6 +89,7 @@ class Inputs:
     calib_dir: Path | None
     batch: BatchRange
     tokenizer: Tokenizer
+    plan: Plan | None = None  # a precision per split graph, or None: every graph in each precision
 
 
 @dataclass
@@ -113,6 +120,10 @@ class Conversion:
     graph_reports: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # Calibration rows of each split graph (split.graph_feeds), made once from the FP32 graphs.
     split_feeds: dict[str, Any] | None = None
+    plan: Plan | None = None  # which graph each precision step converts (None: every graph)
+
+    def needs(self, graph: str, precision: str) -> bool:
+        return self.plan is None or self.plan.needs(graph, precision)
 
     def of(self, graph: str, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path]:
         """precision -> file of one graph in one flavour."""
@@ -133,13 +144,18 @@ class Conversion:
         files = {g: files[(g, precision)] for g in SPLIT_GRAPHS if (g, precision) in files}
         return files if len(files) == len(SPLIT_GRAPHS) else None
 
+    def plan_files(self, plan: Plan, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path]:
+        """graph -> file of the split graphs of a plan in one flavour."""
+        files = self.files if flavour == DEFAULT_FLAVOUR else self.twins.get(flavour, {})
+        return {g: files[(g, p)] for g, p in plan.graphs}
+
 
 @dataclass
 class Validation:
     # (precision, flavour) -> validate.compare_precision's result
     results: dict[tuple[str, str], dict[str, Any]]
     metrics: dict[str, Any]
-    # (precision, flavour) -> the split graphs' result, composed
+    # (precision or plan name, flavour) -> the split graphs' result, composed
     split: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # runner -> runs, seconds
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..artifact.contract import BatchRange, IOContract
 from ..artifact.input_checks import UserError
 from ..artifact.manifest import PRECISIONS
+from ..artifact.plan import Plan, PlanError, parse_plan
 from ..data.assets import resolve_checkpoint, resolve_data
 from ..data.calibration import (FeedSet, check_calibration_count, check_calibration_set, check_data,
                                 load_feeds)
@@ -25,17 +26,28 @@ def default_name(ckpt: str, task: str, schedule: str) -> str:
 def resolve_inputs(opts: ExportOptions) -> Inputs:
     """The options checked, the data sets included (`calibration.check_data`), before any
     expensive work."""
-    unknown = [p for p in opts.precisions if p not in PRECISIONS]
-    if unknown:
-        raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
-    precisions = [p for p in PRECISIONS if p == "fp32" or p in opts.precisions]
     if opts.graphs not in GRAPH_SETS:
         raise UserError(f"--graphs must be one of {', '.join(GRAPH_SETS)}, got {opts.graphs!r}")
+    plan = _plan(opts)
+    if plan is None:
+        unknown = [p for p in opts.precisions if p not in PRECISIONS]
+        if unknown:
+            raise UserError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
+        precisions = [p for p in PRECISIONS if p == "fp32" or p in opts.precisions]
+    else:
+        precisions = plan.precisions
     if opts.val_limit is not None and opts.val_limit < 1:
         raise UserError(f"--val-clips must be >= 1, got {opts.val_limit}")
+    if plan is not None and set(precisions) != {"fp32"}:
+        try:
+            resolve_data(opts.calib_data)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"the plan {plan.name} needs calibration data for its "
+                            f"{'/'.join(p for p in precisions if p != 'fp32')} graphs: "
+                            f"{e}") from None
     try:
         inputs = Inputs(
-            precisions=precisions, ckpt_path=resolve_checkpoint(opts.ckpt),
+            precisions=precisions, plan=plan, ckpt_path=resolve_checkpoint(opts.ckpt),
             val_dir=resolve_data(opts.val_data),
             calib_dir=(resolve_data(opts.calib_data) if set(precisions) - {"fp32"} else None),
             batch=BatchRange.parse(opts.batch),
@@ -51,6 +63,21 @@ def resolve_inputs(opts: ExportOptions) -> Inputs:
         if set(CALIBRATED_PRECISIONS) & set(precisions):
             check_calibration_count(usable)
     return inputs
+
+
+def _plan(opts: ExportOptions) -> Plan | None:
+    """The per-graph plan of --precision, checked against the graphs the export writes."""
+    if opts.plan is None:
+        return None
+    try:
+        plan = parse_plan(opts.plan)
+    except PlanError as e:
+        raise UserError(str(e)) from None
+    if opts.graphs != "both":
+        raise UserError(f"--precision {opts.plan} is a plan for the split graphs, and "
+                        f"--graphs {opts.graphs} writes the whole model only: give one precision "
+                        "(the whole model keeps one), or export with --graphs both")
+    return plan
 
 
 def check_calibration_clips(inputs: Inputs, opts: ExportOptions, contract: IOContract) -> None:

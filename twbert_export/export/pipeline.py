@@ -46,7 +46,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
     work = outdir.claim(out, opts.force)
     with removed_if_stopped(work):  # a Ctrl-C or SIGTERM removes the scratch directory
         try:
-            conversion = Conversion()
+            conversion = Conversion(plan=inputs.plan)
             export_stage(loaded, work, out, stages, conversion)
             if loaded.graph_contracts:
                 split_export_stage(loaded, work, stages, conversion)
@@ -87,8 +87,7 @@ class ExportResult:
     @property
     def next_onnx(self) -> Path:
         """The file the next command (an engine build) starts from: the last precision."""
-        last = self.manifest.file(self.manifest.precisions[-1])
-        assert last is not None
+        last = [f for f in self.manifest.entries() if f.graph == MODEL_GRAPH][-1]
         return self.out / last.path
 
 

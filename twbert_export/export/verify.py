@@ -30,6 +30,11 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
         files = {(p, fl): f for fl in FLAVOURS for p, f in conversion.of(MODEL_GRAPH, fl).items()}
         split = {(p, fl): SplitFiles(graph_files, loaded.graph_contracts)
                  for (p, fl) in files if (graph_files := conversion.split_files(p, fl))}
+        plan = conversion.plan
+        if plan is not None:  # the per-graph plan, each flavour, with its own gates
+            split |= {(plan.name, fl): SplitFiles(conversion.plan_files(plan, fl),
+                                                  loaded.graph_contracts, plan.gate_precision)
+                      for fl in FLAVOURS}
         results, metrics, reference, checked = validate_files(
             model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates},
             split)
@@ -47,7 +52,8 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
         verdicts += "; split " + ", ".join(
             f"{label} {'PASS' if r['passed'] else 'FAIL'}"
             for label, r in zip(labels, checked.split.values()))
-        whole = sum(checked.runs[f"onnx-{label}"]["seconds"] for label in labels)
+        whole = sum(checked.runs[f"onnx-{label}"]["seconds"] for label in labels
+                    if f"onnx-{label}" in checked.runs)  # a plan has no whole-model file
         composed = sum(checked.runs[f"split-{label}"]["seconds"] for label in labels)
         verdicts += f"; ONNX Runtime {whole:.1f}s whole model, {composed:.1f}s split"
     stages.line("validate", sw.seconds, out / REPORT_FILE, verdicts, work / REPORT_FILE)

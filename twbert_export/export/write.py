@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact.manifest import (DEFAULT_FLAVOUR, MODEL_GRAPH, SPLIT_GRAPHS, TRT8_FLAVOUR,
-                                 CheckpointInfo, FileEntry, Manifest, PrecisionResult, Report,
-                                 RtxCheck, label)
+                                 CheckpointInfo, FileEntry, Manifest, PlanEntry, PrecisionResult,
+                                 Report, RtxCheck, label)
 from ..artifact.render import render_report_md
 from ..data.calibration import FeedSet
 from ..trt.commands import polygraphy_command, write_device_kit
@@ -44,7 +44,8 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
     answers = loaded.answers
     if answers:
         write_json(work / "answers.json", answers)
-    last = inputs.precisions[-1]
+    # The whole model's last precision (a per-graph plan may give it fewer than the graphs)
+    last = [p for p in inputs.precisions if (MODEL_GRAPH, p) in conversion.files][-1]
     onnx = conversion.files[(MODEL_GRAPH, last)]
     trt8 = conversion.of(MODEL_GRAPH, TRT8_FLAVOUR)[last]
     results, trt8_results = validation.of(DEFAULT_FLAVOUR), validation.of(TRT8_FLAVOUR)
@@ -65,8 +66,8 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
         next_commands=next_commands, stages=stages.rows,
         lint_warnings=[str(w) for w in lint_warnings], skipped_videos=val.skipped_videos,
         split={label(p, fl): PrecisionResult.from_comparison(r, {
-            g: conversion.graph_reports[(g, p)] for g in SPLIT_GRAPHS
-            if fl == DEFAULT_FLAVOUR and (g, p) in conversion.graph_reports} or None)
+            g: conversion.graph_reports[(g, q)] for g, q in _graph_precisions(inputs, p)
+            if fl == DEFAULT_FLAVOUR and (g, q) in conversion.graph_reports} or None)
             for (p, fl), r in validation.split.items()},
         validation_runs=validation.runs, rtx=rtx)
     parity = _parity(validation, DEFAULT_FLAVOUR)
@@ -81,13 +82,28 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
                      if calib else None),
         validation_data=val.identity, parity=parity,
         flavour_parity={fl: _parity(validation, fl) for fl in conversion.twins},
-        graph_contracts=loaded.graph_contracts,
+        graph_contracts=loaded.graph_contracts, plans=_plans(inputs, validation),
         tools=tool_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         tokenizer=tokenizer_name, answers="answers.json" if answers else None)
     manifest.write(work)
     write_device_kit(work, manifest)
     write_text(work / "report.md", render_report_md(manifest, report))
     return manifest, report
+
+
+def _graph_precisions(inputs: Inputs, name: str) -> list[tuple[str, str]]:
+    """(graph, precision) of the split graphs validated as `name`: a precision, or the plan."""
+    plan = inputs.plan
+    return list(plan.graphs) if plan and name == plan.name else [(g, name) for g in SPLIT_GRAPHS]
+
+
+def _plans(inputs: Inputs, validation: Validation) -> dict[str, PlanEntry]:
+    """The per-graph plan the export was given, with its verdict per flavour."""
+    plan = inputs.plan
+    if plan is None:
+        return {}
+    return {plan.name: PlanEntry(plan.by_graph, plan.model, {fl: r["passed"] for (name, fl), r
+                                                 in validation.split.items() if name == plan.name})}
 
 
 def _parity(validation: Validation, flavour: str) -> dict[str, bool]:

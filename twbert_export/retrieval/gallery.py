@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact.manifest import (SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
+from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
                                  Manifest)
+from ..artifact.plan import PlanError, resolve_plan, split_plans
 from . import first_stage as fs
 from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
                          ForeignIndexError, RankedClip, index_identity, index_videos, rank,
@@ -47,9 +48,11 @@ BAD_INPUT: tuple[type[Exception], ...] = (ValueError, VideoDecodeError, Annotati
 
 
 class SplitArtifact:
-    """The split graphs of one precision in an artifact directory, checked against its
-    manifest: their files (.onnx, or the .engine built from each), contracts, tokenizer and
-    answers."""
+    """The split graphs of one precision, or of one per-graph plan (artifact/plan.py), in an
+    artifact directory, checked against its manifest: their files (.onnx, or the .engine built
+    from each), contracts, tokenizer and answers. `precision`: a precision, a plan's name or
+    its GRAPH=PRECISION list; default the plan the artifact was exported with, else its last
+    precision."""
 
     def __init__(self, directory: str | Path, precision: str | None = None,
                  engines: bool = False):
@@ -60,15 +63,13 @@ class SplitArtifact:
         if not self.manifest.has_split:
             raise ValueError(f"{self.dir} holds no split graphs (exported with --graphs "
                              "monolithic): export again with --graphs both")
-        split_precisions = [p for p in self.manifest.precisions
-                            if all(self.manifest.file(p, g) for g in SPLIT_GRAPHS)]
-        self.precision = precision or split_precisions[-1]
-        if self.precision not in split_precisions:
-            raise ValueError(f"{self.dir} has no {self.precision} split graphs (it has "
-                             f"{', '.join(split_precisions)})")
+        try:
+            self.precision, self.plan = resolve_plan(self.manifest, precision)
+        except PlanError as e:
+            raise ValueError(f"{self.dir}: {e}") from None
         self.entries: dict[str, FileEntry] = {}
         for graph in SPLIT_GRAPHS:
-            entry = self.manifest.file(self.precision, graph)
+            entry = self.manifest.file(self.plan[graph], graph)
             assert entry is not None
             self.entries[graph] = entry
         self.contracts = {g: self.manifest.contract_of(g) for g in SPLIT_GRAPHS}
@@ -78,9 +79,11 @@ class SplitArtifact:
 
     @classmethod
     def for_index(cls, directory: str | Path, index_path: str | Path,
-                  engines: bool = False) -> "SplitArtifact":
-        """The split graphs of the precision whose `video_stem` file made the index; raises
-        ForeignIndexError when no file of this artifact made it."""
+                  engines: bool = False, precision: str | None = None) -> "SplitArtifact":
+        """The split graphs whose `video_stem` file made the index: of `precision` (a precision
+        or plan) if given, else the first of the artifact's plans (`plan.split_plans`: its
+        exported plan, then its precisions) with that `video_stem`; raises ForeignIndexError
+        when no file of this artifact made it."""
         identity = index_identity(index_path)
         manifest = Manifest.load(directory)
         stem = next((f for f in manifest.files
@@ -89,7 +92,16 @@ class SplitArtifact:
             raise ForeignIndexError(f"{index_path} was made by another artifact (video_stem "
                                  f"sha256 {identity[:16]}), not by a graph of {directory}: "
                                  "index the clips with this artifact first")
-        return cls(directory, stem.precision, engines)
+        if precision is None:
+            precision = next((name for name, plan in split_plans(manifest).items()
+                              if plan["video_stem"] == stem.precision), stem.precision)
+        artifact = cls(directory, precision, engines)
+        if artifact.identity != identity:
+            raise ForeignIndexError(f"{index_path} holds the stems of video_stem.{stem.precision}"
+                                    f", and --precision {precision} runs video_stem."
+                                    f"{artifact.plan['video_stem']}: index the clips with it "
+                                    "first, or leave --precision out")
+        return artifact
 
     def _file(self, graph: str, engines: bool) -> Path:
         onnx = self.dir / self.entries[graph].path
@@ -159,8 +171,9 @@ def index_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True, help="artifact directory (engines/NAME)")
     ap.add_argument("--videos", required=True, help="directory of clips (searched recursively)")
     ap.add_argument("--out", required=True, help="index directory (made, or appended to)")
-    ap.add_argument("--precision", help="which video_stem file makes the stems (default: the "
-                    "artifact's last precision)")
+    ap.add_argument("--precision", help="which split graphs: a precision, or a per-graph plan "
+                    "(its name or GRAPH=PRECISION list); default: the plan the artifact was "
+                    "exported with, else its last precision")
     ap.add_argument("--stem-dtype", choices=["float16", "float32"], default="float16",
                     help="stems on disk (float16: half the size, error measured in docs/split.md)")
     ap.add_argument("--engines", action="store_true",
@@ -178,8 +191,11 @@ def index_main(argv: list[str] | None = None) -> int:
         index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
     except BAD_INPUT + (ArtifactFormatError,) as e:
         return _bad_input(e, hint=INDEX_HINT)
+    # the line a plain precision always printed; a per-graph plan is named before its stem
+    plan_prefix = "" if artifact.precision in PRECISIONS else f"plan {artifact.precision}, "
     print(f"index {args.out}: {len(index)} clips indexed before; {len(videos)} videos in "
-          f"{videos_dir}; video_stem.{artifact.precision} ({artifact.files['video_stem'].name}, "
+          f"{videos_dir}; {plan_prefix}video_stem.{artifact.plan['video_stem']} "
+          f"({artifact.files['video_stem'].name}, "
           f"{artifact.identity[:12]}), stems {index.stem_dtype}", flush=True)
     start = time.perf_counter()
 
@@ -302,6 +318,9 @@ def predict_index_main(argv: list[str]) -> int:
     ap.add_argument("--top", type=int, help="print only the N best clips")
     ap.add_argument("--engines", action="store_true",
                     help="run the TensorRT engines built beside the .onnx files")
+    ap.add_argument("--precision", help="which split graphs run the query: a precision or a "
+                    "per-graph plan (its name or GRAPH=PRECISION list) whose video_stem made "
+                    "the index; default: the artifact's first such plan")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -320,7 +339,8 @@ def predict_index_main(argv: list[str]) -> int:
         if args.text is not None and args.clip:
             raise ValueError("--clip names the clips a --question is about; --text ranks every "
                              "indexed clip (leave --clip out; --top N prints the N best)")
-        artifact = SplitArtifact.for_index(args.artifact, args.index, args.engines)
+        artifact = SplitArtifact.for_index(args.artifact, args.index, args.engines,
+                                           args.precision)
         if args.question is not None:
             if not artifact.answers or artifact.manifest.contract.task != "qa":
                 raise ValueError(f"{artifact.dir} was exported for retrieval: it has no QA head "

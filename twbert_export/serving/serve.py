@@ -60,7 +60,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..artifact.manifest import Manifest
+from ..artifact.manifest import PRECISIONS, Manifest
+from ..artifact.plan import model_precision
 from ..util import require
 from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
@@ -102,7 +103,8 @@ def model_file(artifact: str | Path, precision: str | None = None) -> Path:
     if not path.is_dir():
         raise ValueError(f"--artifact {path}: no such directory or model file")
     manifest = Manifest.load(path)
-    chosen = precision or ("fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
+    chosen = model_precision(manifest, precision) or (
+        "fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
     entry = manifest.file(chosen)
     if entry is None:
         raise ValueError(f"--precision {chosen}: {path} holds {', '.join(manifest.precisions)}")
@@ -254,15 +256,17 @@ def shard_spec(identity: Any) -> ModelSpec:
                      lambda _: lambda requests: [answer for _ in requests], batched=False)
 
 
-def index_split(artifact: str, index: str) -> tuple[Any, Any]:
-    """The split graphs that made the index (their .engine files when all were built beside
-    the .onnx, as `model_file` prefers an engine) and the index, opened for them."""
+def index_split(artifact: str, index: str, precision: str | None = None) -> tuple[Any, Any]:
+    """The split graphs that made the index (of `precision` when it names a per-graph plan;
+    their .engine files when all were built beside the .onnx, as `model_file` prefers an
+    engine) and the index, opened for them."""
     from ..retrieval.clip_index import ClipIndex
     from ..retrieval.gallery import SplitArtifact
 
     if not Path(artifact).is_dir():
         raise ValueError(f"--index needs --artifact to be the artifact directory, got {artifact}")
-    split = SplitArtifact.for_index(artifact, index)
+    plan = None if precision is None or precision in PRECISIONS else precision
+    split = SplitArtifact.for_index(artifact, index, precision=plan)
     if all(f.with_suffix(".engine").is_file() for f in split.files.values()):
         split = SplitArtifact(artifact, split.precision, engines=True)
     return split, ClipIndex.open(index, split.identity, split.stem_shape)
@@ -333,7 +337,8 @@ def started(opts: ServeOptions, log: Callable[[str], None] = print) -> Iterator[
                          f"1..{c.batch.max}")
     if opts.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {opts.instances}")
-    split, index = index_split(opts.artifact, opts.index) if opts.index else (None, None)
+    split, index = (index_split(opts.artifact, opts.index, opts.precision) if opts.index
+                    else (None, None))
     shard = shard_of(opts.index) if opts.index else None
     check_ports_free({"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                       "--metrics-port": opts.metrics_port})
@@ -471,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", required=True,
                     help="artifact directory (engines/NAME) or a model file in one")
-    ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
+    ap.add_argument("--precision", help="which of the artifact's files (default fp16), or a "
+                    "per-graph plan (name or GRAPH=PRECISION list): the whole model at the "
+                    "plan's precision and, with --index, the plan's split graphs")
     ap.add_argument("--index", help="a clip index (`export.py index` with this artifact): "
                     "also serve twbert_retrieve, which ranks its clips for a text")
     ap.add_argument("--http-port", type=int, default=8000)

@@ -53,7 +53,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact.manifest import Manifest
+from ..artifact.manifest import PRECISIONS, Manifest
+from ..artifact.plan import model_precision
 from ..artifact.contract import BATCH, IOContract
 from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
 from ..util import move_files, removed_afterwards, signals_deferred, write_json
@@ -248,14 +249,15 @@ def bls_model_dir(tmp: Path, name: str, modules: tuple[str, ...], tokenizer: Pat
 
 
 def retrieval_models(tmp: Path, artifact_dir: Path, index: Path, instances: int,
-                     queue_delay_us: int) -> tuple[dict[str, str], list[Path]]:
-    """The engine models of the split graphs that made the index, and twbert_retrieve over
-    them; returns the configs and the engines found."""
+                     queue_delay_us: int, plan: str | None = None
+                     ) -> tuple[dict[str, str], list[Path]]:
+    """The engine models of the split graphs that made the index (of `plan`, a per-graph plan,
+    when given), and twbert_retrieve over them; returns the configs and the engines found."""
     from ..retrieval.clip_index import ClipIndex
     from ..retrieval.gallery import SplitArtifact
     from .serve import selected_frames
 
-    split = SplitArtifact.for_index(artifact_dir, index)
+    split = SplitArtifact.for_index(artifact_dir, index, precision=plan)
     ClipIndex.open(index, split.identity, split.stem_shape)  # readable, of this artifact
     configs, engines, names = {}, [], {}
     integer_io = "int64"
@@ -345,7 +347,8 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
     artifact_dir, out = Path(artifact_dir), Path(out)
     manifest = Manifest.load(artifact_dir)
     contract = manifest.contract
-    chosen = precision or ("fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
+    chosen = model_precision(manifest, precision) or (
+        "fp16" if "fp16" in manifest.precisions else manifest.precisions[0])
     entry = manifest.file(chosen)
     if entry is None:
         raise TritonRepoError(f"--precision {chosen}: {artifact_dir} holds "
@@ -376,8 +379,9 @@ def write_repo(artifact_dir: str | Path, out: str | Path, precision: str | None 
             if kind == "qa":
                 shutil.copy2(artifact_dir / str(manifest.answers), version / "answers.json")
         if index is not None:
+            plan = None if precision is None or precision in PRECISIONS else precision
             retrieval, split_engines = retrieval_models(tmp, artifact_dir, Path(index),
-                                                        instances, queue_delay_us)
+                                                        instances, queue_delay_us, plan)
             configs.update(retrieval)
             engines += split_engines
         checked = {}
@@ -443,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", required=True, help="artifact directory (engines/NAME)")
     ap.add_argument("--out", required=True, help="model repository directory to write")
-    ap.add_argument("--precision", help="which of the artifact's files (default fp16)")
+    ap.add_argument("--precision", help="which of the artifact's files (default fp16), or a "
+                    "per-graph plan (name or GRAPH=PRECISION list): the whole model at the "
+                    "plan's precision and, with --index, the plan's split graphs")
     ap.add_argument("--index", help="a clip index (`export.py index` with this artifact): "
                     "also write twbert_retrieve and the split graphs' engine models")
     ap.add_argument("--instances", type=int, default=1, help="instances per model")

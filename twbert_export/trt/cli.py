@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..artifact.manifest import (MODEL_GRAPH, PRECISIONS, TRT8_FLAVOUR, ArtifactFormatError,
                                  Manifest, PrecisionResult, Report)
+from ..artifact.plan import model_precision, resolve_plan
 from ..util import MissingDependency, human_size
 from .commands import GRAPH_SELECTIONS, polygraphy_command, selected_graphs
 from .targets import PRESETS, TARGET_CHOICES, TargetError, resolve_target
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "per TensorRT version under ~/.cache/twbert-export)")
     p.add_argument("--version-compatible", action="store_true",
                    help="engine that also runs on newer TensorRT runtimes (8.6+; slower)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="precision of --onnx (default: from manifest.json)")
+    p.add_argument("--precision",
+                   help="precision of --onnx (default: from manifest.json); with --artifact a "
+                        "precision or a per-graph plan (its name or GRAPH=PRECISION list)")
     p.add_argument("--parser", metavar="TRT_VERSION",
                    help="check the file this TensorRT release would build (8.5, 8.6, 10, 11): "
                         "which file, and the lint of that parser; builds nothing")
@@ -127,11 +129,20 @@ def artifact_onnx_files(artifact: Manifest, artifact_dir: Path, selection: str,
     if not graphs:
         raise ValueError(f"{artifact_dir} has no {selection} graphs (it has "
                          f"{', '.join(artifact.graphs)})")
+    if precision is None and artifact.plans:  # the plan the artifact was exported with
+        precision = next(iter(artifact.plans))
     precision = precision or next(p for p in reversed(PRECISIONS) if p in artifact.precisions)
-    missing = [g for g in graphs if artifact.file(precision, g) is None]
+    # A per-graph plan (artifact/plan.py): each split graph at its own precision, the whole
+    # model at the plan's.
+    of = {g: precision for g in graphs}
+    if precision not in PRECISIONS:
+        _, plan = resolve_plan(artifact, precision)  # PlanError: a ValueError
+        model = model_precision(artifact, precision)
+        of = {g: plan.get(g, model) for g in graphs}
+    missing = [g for g in graphs if artifact.file(of[g], g) is None]
     if missing:
         raise ValueError(f"{artifact_dir} has no {precision} file for {', '.join(missing)}")
-    return [artifact_dir / artifact.file(precision, g).path  # type: ignore[union-attr]
+    return [artifact_dir / artifact.file(of[g], g).path  # type: ignore[union-attr]
             for g in graphs]
 
 
@@ -148,7 +159,8 @@ def build_artifact(args: argparse.Namespace) -> int:
     for i, onnx in enumerate(files, 1):
         print(f"graph      {artifact.entry_for(onnx).graph} ({i}/{len(files)}, "  # type: ignore[union-attr]
               "one engine at a time)", flush=True)
-        rc = build_file(args, onnx)
+        # each file's own precision, from its manifest entry (a plan gives graphs different ones)
+        rc = build_file(argparse.Namespace(**{**vars(args), "precision": None}), onnx)
         if rc:
             return rc
         gc.collect()  # drop the builder, network and engine before the next build
@@ -179,6 +191,9 @@ def build_file(args: argparse.Namespace, onnx: Path) -> int:
     entry = artifact.entry_for(onnx)
     sha = entry.sha256 if entry else None
     precision = args.precision or (entry.precision if entry else None)
+    if precision is not None and precision not in PRECISIONS:
+        return err(f"--precision {precision}: --onnx takes one of {', '.join(PRECISIONS)} (a "
+                   "per-graph plan goes with --artifact DIR)")
     if precision is None:
         return err(f"{onnx.name} is not listed in manifest.json: pass --precision")
     if args.parser:

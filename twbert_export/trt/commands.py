@@ -433,18 +433,23 @@ def split_section(manifest: Manifest) -> list[str]:
     if not split:
         return []
     precisions = [p for p in manifest.precisions if all(manifest.file(p, g) for g in split)]
-    p = precisions[-1]
+    # A per-graph plan (artifact/plan.py) is built by the Python builder, each graph's file at
+    # its own precision; build_on_device.sh builds one precision.
+    plan = next(iter(manifest.plans), None)
+    p = plan or precisions[-1]
+    shell = [] if plan else [
+        f"./build_on_device.sh {p}                  # every graph: model, then "
+        f"{', '.join(split)}; one engine at a time",
+        f"GRAPHS=split ./build_on_device.sh {p}     # only the split graphs"]
     return [
         "## Split engines (edge retrieval over a clip index)", "",
         f"The artifact also holds the split graphs ({', '.join(split)}), one ONNX file each per "
         "precision. Each is its own engine with its own optimization profile (from its own I/O "
         "contract in `manifest.json`), its own sidecar and preflight, and the same "
         "per-TensorRT-version rules as the whole model (trt8 twin on 8.5 / 8.6, TF32 off, DLA).",
-        "", "```bash",
-        f"./build_on_device.sh {p}                  # every graph: model, then "
-        f"{', '.join(split)}; one engine at a time",
-        f"GRAPHS=split ./build_on_device.sh {p}     # only the split graphs",
-        f"python3 -m twbert_export.trt.cli --artifact . --graphs split --precision {p}",
+        "", "```bash", *shell,
+        f"python3 -m twbert_export.trt.cli --artifact . --graphs split --precision {p}"
+        + (f"   # the plan {p}: each graph at its own precision" if plan else ""),
         "```", "",
         "Engines are built sequentially (each build's memory is released before the next "
         "starts), so an 8 GB board never holds two builders. Then index clips as they come and "

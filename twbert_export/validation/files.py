@@ -28,9 +28,11 @@ SPLIT_FP32_ATOL = 1e-5
 
 @dataclass
 class SplitFiles:
-    """The split graphs of one precision and their contracts."""
+    """The split graphs of one precision (or of a per-graph plan: artifact/plan.py) and their
+    contracts; `gate`: the precision whose gates judge them (default: the one they are keyed by)."""
     files: dict[str, Path]
     contracts: dict[str, IOContract]
+    gate: str | None = None
 
 
 @dataclass
@@ -79,13 +81,20 @@ def validate_files(model, contract: IOContract, files: dict[tuple[str, str], Pat
             checks.split[(p, fl)] = _validate_split_files(
                 p, fl, split[(p, fl)], contract, val, reference, metrics, gates[p], answers,
                 every, checks)
+    # The per-graph plans (and a precision whose whole-model file a plan left out): composed
+    # only, with the gates of their least accurate precision.
+    for (name, fl), files in (split or {}).items():
+        if (name, fl) not in checks.split:
+            checks.split[(name, fl)] = _validate_split_files(
+                name, fl, files, contract, val, reference, metrics, gates[files.gate or name],
+                answers, None, checks)
     return results, metrics, reference, checks
 
 
 def _validate_split_files(p: str, flavour: str, split: SplitFiles, contract: IOContract,
                           val: FeedSet, reference: dict[str, np.ndarray], metrics: dict[str, Any],
                           gate: "validate.Gate", answers: list[str] | None,
-                          whole_model: dict[str, np.ndarray], checks: SplitChecks
+                          whole_model: dict[str, np.ndarray] | None, checks: SplitChecks
                           ) -> dict[str, Any]:
     """One precision's split graphs of one flavour composed against the reference; at FP32 also
     against that flavour's whole-model file's outputs on every row (a gate: SPLIT_FP32_ATOL on
@@ -99,7 +108,7 @@ def _validate_split_files(p: str, flavour: str, split: SplitFiles, contract: IOC
     metrics[run] = result.pop("task_metrics")
     checks.runs[run] = {key: result.pop(key)
                         for key in ("graph_runs", "graph_rows", "seconds", "select")}
-    if p == "fp32":
+    if p == "fp32" and whole_model is not None:
         errors = validate.output_errors({n: every[n] for n in ("itm_logits", "itc_sim")},
                                         {n: whole_model[n] for n in ("itm_logits", "itc_sim")})
         itm, itc = errors["itm_logits"]["max_abs"], errors["itc_sim"]["max_abs"]
