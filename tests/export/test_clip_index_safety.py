@@ -263,3 +263,57 @@ def test_a_shortlist_smaller_than_k_is_refused_and_zero_is_exact():
     assert shortlist_problem(0, 50) is None and shortlist_problem(50, 50) is None
     assert "smaller than k" in shortlist_problem(20, 50)
     assert ">= 0" in shortlist_problem(-1, 50)
+
+
+def test_an_interrupted_first_commit_leaves_a_directory_the_next_run_takes(
+        tmp_path, clips, monkeypatch):
+    """The first commit writes first_stage/ before index.json exists: a run stopped between the
+    two left a directory `open` called "not a clip index" (review of issue 22)."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ci, "write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        add_embedded(tmp_path / "index", clips[:2])
+    monkeypatch.undo()
+    assert (tmp_path / "index" / fs.DIRECTORY).is_dir()
+    assert not (tmp_path / "index" / INDEX_FILE).exists()
+    assert len(open_index(tmp_path / "index")) == 0
+    add_embedded(tmp_path / "index", clips[:2])
+    assert open_index(tmp_path / "index").first_stage_index().ntotal == 2
+
+
+def test_a_damaged_faiss_file_is_written_again_when_its_content_is_rebuilt(tmp_path):
+    """`write` kept any file of the content's name, so a damaged one stayed recorded."""
+    rng = np.random.default_rng(0)
+    index, _ = fs.updated(None, 8, [], fs.normalized(rng.standard_normal((5, 8))),
+                          np.arange(5, dtype=np.int64), 0)
+    relative, digest = fs.write(index, tmp_path)
+    path = tmp_path / relative
+    path.write_bytes(b"\0" * path.stat().st_size)  # damaged in place, same size
+    assert fs.write(index, tmp_path) == (relative, digest)
+    assert fs.read(tmp_path, relative, digest).ntotal == 5
+
+
+def test_a_server_keeps_the_first_stage_it_read_when_a_later_run_replaces_it(tmp_path, clips):
+    """A server loads the first stage at start (`load_first_stage`): a later `export.py index`
+    renames the FAISS file and removes the old one, which broke every query of a server that
+    had not read it yet (review of issue 22)."""
+    add_embedded(tmp_path / "index", clips[:2])
+    served = open_index(tmp_path / "index")
+    served.load_first_stage()
+    add_embedded(tmp_path / "index", clips)  # another run appends: the old FAISS file goes
+    assert not (tmp_path / "index" / served.first_stage["faiss"]).exists()
+    assert served.first_stage_index().ntotal == 2  # the one it read, still whole
+    weight, _ = served.text_projection()
+    assert weight.ndim == 2
+
+
+def test_a_request_whose_rows_ask_for_different_shortlists_is_refused():
+    """Rows are returned as one array, cut to the shortest ranking: an exact row (0) beside a
+    cascade row (M) lost its clips past M without a word (review of issue 22)."""
+    from twbert_export.serving.served import BadRequest, check_shortlists
+
+    check_shortlists([5, 5], [400, 400])
+    with pytest.raises(BadRequest, match="the same for every row"):
+        check_shortlists([5, 5], [0, 400])

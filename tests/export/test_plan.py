@@ -74,7 +74,7 @@ def test_export_refuses_a_bad_plan_in_one_line_with_exit_2(extra, message, small
 # -- the consumers ------------------------------------------------------------------------------
 @pytest.fixture
 def plan_artifact(artifact, tmp_path) -> Path:
-    """The session artifact (every graph at fp32, fp16, int8) with the edge plan named in its
+    """The session artifact (every graph at fp32, fp16, int8w, int8) with the edge plan named in its
     manifest, as a plan export names it (the plan export itself: the slow test)."""
     out, _ = artifact
     copy = tmp_path / "plan-artifact"
@@ -88,7 +88,8 @@ def plan_artifact(artifact, tmp_path) -> Path:
 
 def test_the_plans_of_an_artifact_and_their_round_trip(artifact, plan_artifact):
     out, _ = artifact
-    assert list(split_plans(Manifest.load(out))) == ["int8", "fp16", "fp32"]  # last first
+    # One plan per precision every split graph has, the least accurate first.
+    assert list(split_plans(Manifest.load(out))) == ["int8", "int8w", "fp16", "fp32"]
     manifest = Manifest.load(plan_artifact)
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))).plans == manifest.plans
     assert list(split_plans(manifest))[0] == "fp16+video_stem-int8"  # the exported plan first
@@ -148,7 +149,7 @@ def test_consumers_refuse_a_plan_the_artifact_lacks_in_one_line(artifact, small_
     assert export.main(["index", "--artifact", str(out), "--videos", str(small_val), "--out",
                         str(tmp_path / "i"), "--precision", EDGE]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "no such split graphs (it has int8, fp16, fp32)" in err[0], err
+    assert len(err) == 2 and "no such split graphs (it has int8, int8w, fp16, fp32)" in err[0], err
 
 
 def test_build_artifact_takes_each_graphs_file_of_the_plan(plan_artifact):
@@ -162,3 +163,40 @@ def test_build_artifact_takes_each_graphs_file_of_the_plan(plan_artifact):
     assert names("all", None) == ["model.fp16.onnx", *plan_files]  # the plan's model precision
     assert names("split", "int8") == [f"{g}.int8.onnx" for g in ("text", "video_stem", "select",
                                                                   "fuse")]
+
+
+def test_a_plan_without_a_trt8_twin_for_a_graph_has_no_trt8_files():
+    """int8w has no TensorRT 8.x form (legacy.NO_TWIN): the plan's trt8 flavour is left out,
+    not looked up (a KeyError after every conversion had run: review of issue 21)."""
+    from twbert_export.artifact.manifest import TRT8_FLAVOUR
+    from twbert_export.export.job import Conversion
+
+    plan = parse_plan("text=fp16,video_stem=int8w,select=fp16,fuse=fp16")
+    conversion = Conversion()
+    for graph, precision in plan.graphs:
+        conversion.files[(graph, precision)] = Path(f"{graph}.{precision}.onnx")
+        if precision != "int8w":
+            conversion.twins.setdefault(TRT8_FLAVOUR, {})[(graph, precision)] = \
+                Path(f"{graph}.{precision}.trt8.onnx")
+    assert conversion.plan_files(plan)["video_stem"].name == "video_stem.int8w.onnx"
+    assert conversion.plan_files(plan, TRT8_FLAVOUR) is None
+
+
+@pytest.mark.slow  # an export with its FP16 and int8w steps: minutes
+def test_an_int8w_plan_with_an_int8w_whole_model_exports_and_validates(small_val, tmp_path):
+    """Both crash paths the review found: a plan with an int8w graph (validate stage) and a
+    whole model whose last precision is int8w (write stage: its trt8 next command)."""
+    from twbert_export.artifact.manifest import Report
+    from twbert_export.export.pipeline import ExportOptions, run_export
+
+    spec = "text=fp16,video_stem=int8w,select=fp16,fuse=fp16,model=int8w"
+    result = run_export(ExportOptions(ckpt="demo", plan=spec, val_data=str(small_val),
+                                      out=str(tmp_path / "demo"), rtx_check=False, val_limit=3))
+    assert not result.report.failed
+    manifest = Manifest.load(tmp_path / "demo")
+    assert manifest.file("int8w", "model") is not None
+    name = parse_plan(spec).name
+    assert manifest.plans[name].parity == {"trt10": True}  # no 8.x form of int8w
+    report = Report.load(tmp_path / "demo")
+    assert report.split[name].passed and f"{name}.trt8" not in report.split
+    assert not any("8.5 / 8.6" in c for c in report.next_commands)

@@ -117,7 +117,7 @@ def test_a_tie_goes_to_the_earlier_row_across_shards(queried, tied_index, tmp_pa
 
 
 def test_index_split_command_writes_shards_with_their_identity(split_artifact, tied_index,
-                                                               tmp_path, capsys):
+                                                               small_val, tmp_path, capsys):
     out = tmp_path / "shards"
     before = tree_state(tied_index)
     assert export.main(["index-split", "--index", str(tied_index), "--shards", "3", "--out",
@@ -145,6 +145,13 @@ def test_index_split_command_writes_shards_with_their_identity(split_artifact, t
     assert export.main(["predict", "--index", str(shard), "--artifact", str(split_artifact),
                         "--text", CAPTION, "--k", "2"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+    # Indexing into a shard would change its index.json, which its server then refuses.
+    before = tree_state(shard)
+    assert export.main(["index", "--artifact", str(split_artifact), "--videos",
+                        str(small_val / "videos"), "--out", str(shard)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is a shard" in err[0] and err[1].startswith("hint: "), err
+    assert tree_state(shard) == before
 
 
 def one_line_refusal(capsys, argv: list[str], message: str) -> None:

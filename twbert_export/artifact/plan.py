@@ -150,7 +150,11 @@ def model_precision(manifest: Manifest, precision: str | None) -> str | None:
     """The whole-model file's precision for a consumer's --precision: a precision as it is, a
     plan (name or GRAPH=PRECISION list) the one its export gave the whole model; None stays
     None (the consumer's default)."""
-    if precision is None or precision in PRECISIONS:
+    if precision is None:
+        return None
+    if precision in manifest.plans:  # an exported plan first: a uniform one is named by its
+        return manifest.plans[precision].model  # precision, but `model=P` may give another
+    if precision in PRECISIONS:
         return precision
     name, _ = resolve_plan(manifest, precision)
     entry = manifest.plans.get(name)

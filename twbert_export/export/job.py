@@ -144,9 +144,12 @@ class Conversion:
         files = {g: files[(g, precision)] for g in SPLIT_GRAPHS if (g, precision) in files}
         return files if len(files) == len(SPLIT_GRAPHS) else None
 
-    def plan_files(self, plan: Plan, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path]:
-        """graph -> file of the split graphs of a plan in one flavour."""
+    def plan_files(self, plan: Plan, flavour: str = DEFAULT_FLAVOUR) -> dict[str, Path] | None:
+        """graph -> file of the split graphs of a plan in one flavour; None when a graph has no
+        file in that flavour (int8w has no TensorRT 8.x twin: `legacy.NO_TWIN`)."""
         files = self.files if flavour == DEFAULT_FLAVOUR else self.twins.get(flavour, {})
+        if any((g, p) not in files for g, p in plan.graphs):
+            return None
         return {g: files[(g, p)] for g, p in plan.graphs}
 
 

@@ -31,10 +31,11 @@ def validate_stage(loaded: Loaded, conversion: Conversion, val: FeedSet, opts: E
         split = {(p, fl): SplitFiles(graph_files, loaded.graph_contracts)
                  for (p, fl) in files if (graph_files := conversion.split_files(p, fl))}
         plan = conversion.plan
-        if plan is not None:  # the per-graph plan, each flavour, with its own gates
-            split |= {(plan.name, fl): SplitFiles(conversion.plan_files(plan, fl),
-                                                  loaded.graph_contracts, plan.gate_precision)
-                      for fl in FLAVOURS}
+        if plan is not None:  # the per-graph plan, each flavour it has files in, its own gates
+            split |= {(plan.name, fl): SplitFiles(plan_files, loaded.graph_contracts,
+                                                  plan.gate_precision)
+                      for fl in FLAVOURS
+                      if (plan_files := conversion.plan_files(plan, fl)) is not None}
         results, metrics, reference, checked = validate_files(
             model, contract, files, val, loaded.answers, {**validate.DEFAULT_GATES, **opts.gates},
             split)

@@ -47,16 +47,18 @@ def write_artifacts_stage(inputs: Inputs, loaded: Loaded, conversion: Conversion
     # The whole model's last precision (a per-graph plan may give it fewer than the graphs)
     last = [p for p in inputs.precisions if (MODEL_GRAPH, p) in conversion.files][-1]
     onnx = conversion.files[(MODEL_GRAPH, last)]
-    trt8 = conversion.of(MODEL_GRAPH, TRT8_FLAVOUR)[last]
+    trt8 = conversion.of(MODEL_GRAPH, TRT8_FLAVOUR).get(last)  # None: no 8.x form (int8w)
     results, trt8_results = validation.of(DEFAULT_FLAVOUR), validation.of(TRT8_FLAVOUR)
     next_commands = [
         f"./build_on_device.sh {last}   # the file and flags for the TensorRT version it finds",
         f"python3 -m twbert_export.trt.cli --onnx {onnx.name} --target auto",
         f"python3 -m twbert_export.validation.reference --engine {onnx.with_suffix('.engine').name}"
         "   # the host's gates",
-        polygraphy_command(onnx.with_suffix(".engine").name, last, results[last]["outputs"]),
-        polygraphy_command(trt8.with_suffix(".engine").name, last, trt8_results[last]["outputs"],
-                           trt_major=8) + "   # TensorRT 8.5 / 8.6"]
+        polygraphy_command(onnx.with_suffix(".engine").name, last, results[last]["outputs"])]
+    if trt8 is not None and last in trt8_results:
+        next_commands.append(polygraphy_command(
+            trt8.with_suffix(".engine").name, last, trt8_results[last]["outputs"], trt_major=8)
+            + "   # TensorRT 8.5 / 8.6")
     report = Report(
         precisions={p: PrecisionResult.from_comparison(r, conversion.reports.get(p))
                     for p, r in results.items()},

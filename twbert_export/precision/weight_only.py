@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..util import atomic_path, infer_shapes, require
-from .fp16 import PrecisionReport, _classify, to_fp16
+from .fp16 import PrecisionReport, _classified, _float_nodes, to_fp16
 from .policy import INT8_OP_TYPES, SELECTION_NODES, WEIGHT_ONLY_QMAX
 from .ranges import ActivationRanges
 
@@ -116,11 +116,13 @@ def to_int8_weights(src: str | Path, dst: str | Path, ranges: ActivationRanges
     fp16_report = to_fp16(src, dst, ranges)
     model = onnx.load(str(dst))
     replaced = quantize_weights(model)
-    model = infer_shapes(model)
+    model = infer_shapes(model, in_place=True)
     with atomic_path(dst) as tmp_dst:
         onnx.save(model, str(tmp_dst))
+        after = _float_nodes(model)
+        del model  # as fp16.to_fp16: before the checker and the FP32 model load their own
         onnx.checker.check_model(str(tmp_dst), full_check=True)
-    low, total, selection, by_range = _classify(onnx.load(str(src)), model)
+    low, total, selection, by_range = _classified(_float_nodes(onnx.load(str(src))), after)
     return PrecisionReport(
         "int8w", selection, by_range, low, total,
         calibration={**fp16_report.calibration, "int8_weights": replaced,

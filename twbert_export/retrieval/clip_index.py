@@ -101,6 +101,7 @@ class ClipIndex:
         self.embedder: fs.ClipEmbedder | None = None
         self.pending: dict[str, np.ndarray] = {}  # first-stage vector by video sha256
         self._faiss: Any = None
+        self._text_projection: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def open(cls, path: str | Path, artifact: str, stem_shape: Iterable[int | str],
@@ -114,8 +115,10 @@ class ClipIndex:
             raise ValueError(f"stem dtype must be one of {STEM_DTYPES}, got {stem_dtype!r}")
         index_file = path / INDEX_FILE
         if not index_file.is_file():
-            # What a run that has not committed yet leaves is ours: its lock file and stems.
-            if path.exists() and any(p.name not in (LOCK_FILE, "stems") for p in path.iterdir()):
+            # What a run that has not committed yet leaves is ours: its lock file, stems and
+            # first-stage files (written before index.json names them).
+            if path.exists() and any(p.name not in (LOCK_FILE, "stems", fs.DIRECTORY)
+                                     for p in path.iterdir()):
                 raise ClipIndexError(f"{path} is not empty and has no {INDEX_FILE}: not a clip "
                                      "index (pass a new directory)")
             return cls(path, artifact, shape, stem_dtype, {})
@@ -229,7 +232,7 @@ class ClipIndex:
             if old and old != (stage or {}).get("faiss"):
                 (self.path / old).unlink(missing_ok=True)
         self.entries, self.synced, self.first_stage = merged, dict(merged), stage
-        self._faiss = None
+        self._faiss, self._text_projection = None, None
 
     def _commit_first_stage(self, merged: dict[str, ClipEntry],
                             on_disk: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -294,14 +297,26 @@ class ClipIndex:
         return set(fs.contents(self._read_faiss(self.first_stage))[1].tolist())
 
     def text_projection(self) -> tuple[np.ndarray, np.ndarray]:
-        """(weight, bias) of the query side, checked against the recorded sha256."""
+        """(weight, bias) of the query side, checked against the recorded sha256 (once)."""
         assert self.first_stage is not None
-        path = self.path / self.first_stage["text_projection"]
-        if not path.is_file() or file_sha256(path) != self.first_stage["text_projection_sha256"]:
-            raise fs.FirstStageError(f"{path} is missing or not the text projection this index "
-                                     "recorded; run `export.py index` again to rebuild it")
-        with np.load(path, allow_pickle=False) as d:
-            return d["weight"], d["bias"]
+        if self._text_projection is None:
+            path = self.path / self.first_stage["text_projection"]
+            if not path.is_file() \
+                    or file_sha256(path) != self.first_stage["text_projection_sha256"]:
+                raise fs.FirstStageError(f"{path} is missing or not the text projection this "
+                                         "index recorded; run `export.py index` again to "
+                                         "rebuild it")
+            with np.load(path, allow_pickle=False) as d:
+                self._text_projection = d["weight"], d["bias"]
+        return self._text_projection
+
+    def load_first_stage(self) -> None:
+        """Read and check the first stage now, and keep it: a server does so before it answers,
+        since a later `export.py index` into the index replaces the files index.json named when
+        the server read it (FirstStageError here: refused at start, not on every query)."""
+        if self.first_stage is not None:
+            self.first_stage_index()
+            self.text_projection()
 
     def _read_entries(self) -> tuple[dict[str, ClipEntry], dict[str, Any] | None]:
         """The entries and first stage index.json holds now ({} and None before the first

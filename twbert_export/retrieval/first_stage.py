@@ -218,13 +218,13 @@ def updated(index: Any | None, dim: int, remove: Iterable[int], add_vectors: np.
 
 def write(index: Any, directory: Path) -> tuple[str, str]:
     """Write an index under its content's name (atomically); (relative path, sha256). A file
-    of that name is already this content."""
+    of that name is kept only when its bytes are this content (a damaged one is replaced)."""
     faiss = faiss_module()
     data = faiss.serialize_index(index).tobytes()
     digest = hashlib.sha256(data).hexdigest()
     relative = f"{DIRECTORY}/{digest}.faiss"
     path = directory / relative
-    if not path.is_file():
+    if not path.is_file() or file_sha256(path) != digest:
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(data)
     return relative, digest

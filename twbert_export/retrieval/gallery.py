@@ -32,6 +32,7 @@ from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Artifac
                                  Manifest)
 from ..artifact.plan import PlanError, resolve_plan, split_plans
 from . import first_stage as fs
+from .shards import SHARD_FILE
 from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
                          ForeignIndexError, RankedClip, index_identity, index_videos, rank,
                          shortlist_problem, videos_in)
@@ -135,7 +136,8 @@ class SplitArtifact:
         fp32 = self.manifest.file("fp32", "select") or self.entries["select"]
         path = self.dir / fp32.path
         if not path.is_file() or file_sha256(path) != fp32.sha256:
-            raise ValueError(f"{path} is missing or not the file the manifest lists (sha256)")
+            raise fs.FirstStageError(f"{path} is missing or not the file the manifest lists "
+                                     "(sha256): the first stage reads its ITC projections")
         projections = fs.Projections.from_select_graph(path)
         ids, mask = encode_text(self, fs.NEUTRAL_TEXT)
         return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"])
@@ -188,6 +190,10 @@ def index_main(argv: list[str] | None = None) -> int:
         videos = videos_in(videos_dir)
         if not videos:
             raise ValueError(f"no video files under {videos_dir}")
+        if (Path(args.out) / SHARD_FILE).is_file():
+            raise ValueError(f"--out {args.out} is a shard `export.py index-split` wrote: indexing "
+                             "into it would change it and its server would refuse it; index "
+                             "the source index, then split it again")
         index = ClipIndex.open(args.out, artifact.identity, artifact.stem_shape, args.stem_dtype)
     except BAD_INPUT + (ArtifactFormatError,) as e:
         return _bad_input(e, hint=INDEX_HINT)
@@ -350,7 +356,8 @@ def predict_index_main(argv: list[str]) -> int:
         index = ClipIndex.open(args.index, artifact.identity, artifact.stem_shape)
         with artifact.pipeline(args.threads) as pipeline:
             if args.text is not None:
-                if shortlist and index.first_stage is None and len(index) > shortlist:
+                if shortlist and index.first_stage is None and len(index) > shortlist \
+                        and not (Path(args.index) / SHARD_FILE).is_file():  # shards rank exactly
                     print(f"note: {args.index} has no first stage (made before it, or by "
                           "another program): every clip ranked exactly; `export.py index` "
                           "into it adds the first stage", file=sys.stderr)

@@ -10,7 +10,7 @@ a list with a missing, repeated or foreign shard, or a server that serves no sha
 in one line (exit 2) and no shard is queried. Then each shard gets one `twbert_retrieve` request
 with the same k (and top = max(k, top)); the merge keys each clip by its row in the source index
 (the shard's first row + `index_rows`), so ties go where the unsplit index puts them. Prints what
-`predict --index --text` prints (`--json`: the same JSON).
+`predict --index --exact --text` prints (`--json`: the same JSON): shards rank exactly.
 
 Why on the client and not in a BLS model: a BLS model calls models of its own Triton server
 only, and the shards are on other servers; the fan-out is a client of each (docs/serving.md).
@@ -72,9 +72,9 @@ class ShardServer:
             raise ServerError(f"{self.url}: {model}: {error_line(e)}") from None
 
     async def ask_exact(self) -> None:
-        """Note whether this server's twbert_retrieve takes `shortlist` (a first stage before
-        the exact ranking, branch i22-faiss): it is then asked for the exact ranking (0), the
-        one whose merge equals the unsplit index's."""
+        """Note whether this server's twbert_retrieve takes `shortlist` (the retrieval
+        cascade's first stage): it is then asked for the exact ranking (0), the one whose
+        merge equals the unsplit index's."""
         metadata = await self.metadata(RETRIEVE_MODEL)
         self.exact = {"shortlist": np.array([[0]], np.int64)} \
             if any(i["name"] == "shortlist" for i in metadata.get("inputs", [])) else {}

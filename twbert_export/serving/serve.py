@@ -269,7 +269,9 @@ def index_split(artifact: str, index: str, precision: str | None = None) -> tupl
     split = SplitArtifact.for_index(artifact, index, precision=plan)
     if all(f.with_suffix(".engine").is_file() for f in split.files.values()):
         split = SplitArtifact(artifact, split.precision, engines=True)
-    return split, ClipIndex.open(index, split.identity, split.stem_shape)
+    opened = ClipIndex.open(index, split.identity, split.stem_shape)
+    opened.load_first_stage()  # kept in memory for the server's life (clip_index)
+    return split, opened
 
 
 def check_ports_distinct(ports: dict[str, int]) -> None:

@@ -71,8 +71,13 @@ def ranking_width(ks: list[int], tops: list[int], clips: int) -> int:
 
 def check_shortlists(ks: list[int], shortlists: list[int]) -> None:
     """`twbert_retrieve`'s `shortlist` (the cascade's M) per row against its k, as `predict
-    --index --shortlist` checks it: 0 ranks every clip, otherwise M >= k."""
+    --index --shortlist` checks it: 0 ranks every clip, otherwise M >= k. One M per request,
+    as one `top`: the rows' rankings are returned as one array of one width."""
     from ..retrieval.clip_index import shortlist_problem  # twbert_retrieve's modules only
+
+    if len(set(shortlists)) > 1:
+        raise BadRequest(f"shortlist must be the same for every row of a request, got "
+                         f"{shortlists}")
 
     for k, shortlist in zip(ks, shortlists):
         problem = shortlist_problem(shortlist, k)
@@ -83,7 +88,7 @@ def check_shortlists(ks: list[int], shortlists: list[int]) -> None:
 def retrieval_outputs(rankings: list, width: int, kept: int | None,
                       index_rows: list | None = None) -> dict[str, np.ndarray]:
     """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
-    first, cut to `width`): clip ids, ITM match probability (NaN outside the shortlist), ITC
+    first, cut to `width`): clip ids, ITM match probability (NOT_SCORED outside the shortlist), ITC
     similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
     shortlist has no match probability: `shortlisted` says which have one, and theirs is
     NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON).

@@ -120,6 +120,7 @@ class TritonPythonModel:
         self.split = BlsSplit(self.pb, models, contracts, params["integer_io"])
         self.index = ClipIndex.open(params["index"], params["artifact_identity"],
                                     params["stem_shape"].split(","))
+        self.index.load_first_stage()  # kept for the model's life (clip_index.load_first_stage)
         kept = next((t for t in contracts["select"].outputs if t.name == "frame_indices_2"), None)
         self.kept = None if kept is None else int(kept.shape[1])
 

@@ -135,7 +135,7 @@ def artifact_onnx_files(artifact: Manifest, artifact_dir: Path, selection: str,
     # A per-graph plan (artifact/plan.py): each split graph at its own precision, the whole
     # model at the plan's.
     of = {g: precision for g in graphs}
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS or precision in artifact.plans:
         _, plan = resolve_plan(artifact, precision)  # PlanError: a ValueError
         model = model_precision(artifact, precision)
         of = {g: plan.get(g, model) for g in graphs}
