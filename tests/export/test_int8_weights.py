@@ -178,7 +178,10 @@ def test_the_demo_int8w_file_has_int8_weights_passes_its_gates_and_has_no_8x_twi
 def test_the_demo_int8_file_stores_int8_weights_and_is_smaller_than_fp16(shipped):
     out, _, manifest = shipped
     int8 = onnx.load(str(out / manifest.file("int8").path))
-    assert len(int8_weights(int8)) > 100
+    int8w = onnx.load(str(out / manifest.file("int8w").path))
+    # int8w stores every matrix product's weight as INT8 (68 in the demo); W8A8 all but those
+    # ModelOpt leaves FP32 (GEMV-shaped products: 65 of the 68 when this was written).
+    assert 0.9 * len(int8_weights(int8w)) <= len(int8_weights(int8)) <= len(int8_weights(int8w))
     sizes = {p: (out / manifest.file(p).path).stat().st_size for p in ("fp16", "int8w", "int8")}
     assert sizes["int8"] < sizes["fp16"] and sizes["int8w"] < sizes["fp16"]
 
