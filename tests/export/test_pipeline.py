@@ -39,7 +39,8 @@ def test_artifact_directory_holds_everything_a_device_needs(artifact):
         assert twin.sha256 == file_sha256(out / twin.path) and twin.path in names
     assert manifest.calibration["clips"] >= MIN_CALIBRATION_CLIPS
     assert manifest.contract.inputs[0].shape[0] == "batch"
-    assert manifest.parity == {p: True for p in ("fp32", "fp16", "int8")}
+    assert manifest.parity == {p: True for p in ("fp32", "fp16", "int8w", "int8")}
+    # int8w has no TensorRT 8.x form (legacy.NO_TWIN): no twin, no trt8 verdict
     assert manifest.flavour_parity == {TRT8_FLAVOUR: {p: True for p in ("fp32", "fp16", "int8")}}
     assert Report.load(out).to_dict() == json.loads(json.dumps(report.to_dict(), default=str))
     assert not any(n.startswith(".") for n in names), "no scratch files left behind"

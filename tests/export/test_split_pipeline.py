@@ -32,7 +32,7 @@ def test_split_graphs_are_exported_and_gated_beside_the_whole_model(artifact, sm
             assert entry.sha256 == file_sha256(out / entry.path)
     assert list(manifest.graph_contracts) == list(GRAPHS)
     # The trt8 twins of the split graphs are judged as the default flavour's are.
-    labels = {"fp32", "fp16", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8"}
+    labels = {"fp32", "fp16", "int8w", "int8", "fp32.trt8", "fp16.trt8", "int8.trt8"}
     assert Report.load(out).split.keys() == report.split.keys() == labels
     for p, flavour, whole_model in report.results():
         label = p if flavour == DEFAULT_FLAVOUR else f"{p}.{flavour}"
