@@ -48,7 +48,8 @@ def export_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="demo", help="checkpoint (ours or the authors'), or 'demo'")
     ap.add_argument("--precision", default="fp16",
-                    help="fp32, fp16, int8w, int8 or a comma list; fp32 is always written as the base. "
+                    help="fp32, fp16, int8w, int8 or a comma list; fp32 is always written as the "
+                         "base. "
                          "Or a precision per split graph, e.g. video_stem=int8,text=fp16,"
                          "select=fp16,fuse=fp16 (the whole model: the plan's most accurate "
                          "precision, or model=P; docs/split.md)")

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError, FileEntry,
-                                 Manifest)
+from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, ArtifactFormatError,
+                                 FileEntry, Manifest)
 from ..artifact.plan import PlanError, resolve_plan, split_plans
 from . import first_stage as fs
 from .shards import SHARD_FILE

@@ -88,8 +88,8 @@ def check_shortlists(ks: list[int], shortlists: list[int]) -> None:
 def retrieval_outputs(rankings: list, width: int, kept: int | None,
                       index_rows: list | None = None) -> dict[str, np.ndarray]:
     """`twbert_retrieve`'s outputs from one ranking per row (`clip_index.RankedClip`s, best
-    first, cut to `width`): clip ids, ITM match probability (NOT_SCORED outside the shortlist), ITC
-    similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
+    first, cut to `width`): clip ids, ITM match probability (NOT_SCORED outside the
+    shortlist), ITC similarity and, with frame selection (`kept` frames), the frames kept. A clip outside the
     shortlist has no match probability: `shortlisted` says which have one, and theirs is
     NOT_SCORED (-1, not a probability; NaN would make the HTTP response invalid JSON).
     `first_stage_similarity`: each clip's inner product in the cascade's first stage (unit
