@@ -206,7 +206,7 @@ def test_interrupted_index_keeps_the_index_as_it_was(artifact, small_val, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--videos", "{clips}/nowhere"], "is not a directory"),
     (["--artifact", "{mono}"], "holds no split graphs"),
-    (["--precision", "bf16"], "has no bf16 split graphs"),
+    (["--precision", "bf16"], "--precision bf16: the artifact has no such split graphs"),
 ])
 @pytest.mark.slow  # needs the monolithic-only export
 def test_index_bad_input_is_one_line_and_exit_2(artifact, monolithic_only, small_val, tmp_path,

@@ -137,7 +137,7 @@ def artifact_onnx_files(artifact: Manifest, artifact_dir: Path, selection: str,
     of = {g: precision for g in graphs}
     if precision not in PRECISIONS or precision in artifact.plans:
         _, plan = resolve_plan(artifact, precision)  # PlanError: a ValueError
-        model = model_precision(artifact, precision)
+        model = model_precision(artifact, precision) or precision  # not None: precision is set
         of = {g: plan.get(g, model) for g in graphs}
     missing = [g for g in graphs if artifact.file(of[g], g) is None]
     if missing:
