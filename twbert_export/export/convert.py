@@ -11,10 +11,10 @@ from .. import precision
 from ..artifact.manifest import MODEL_GRAPH, SPLIT_GRAPHS, TRT8_FLAVOUR
 from ..data.calibration import FeedSet
 from ..trt import lint
-from ..util import Stopwatch
+from ..util import Stopwatch, release_heap
 from ..validation import parity as validate
 from . import legacy
-from .job import Conversion, ExportOptions, Loaded, StageLog
+from .job import SPLIT_FEEDS_DIR, Conversion, ExportOptions, Loaded, StageLog
 
 
 def lint_stage(conversion: Conversion, stages: StageLog) -> list[Any]:
@@ -38,10 +38,16 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
     assert calib is not None, "resolve_inputs asks for calibration data beyond fp32"
     model_dst, model_rep, first = None, None, None
     with Stopwatch() as sw:
+        # The split graphs' rows before the whole model's conversion, whose freed copies leave
+        # the heap large: at the base preset (F@32-24-16) computing them after it peaked at
+        # 12.25 GB.
+        feeds = (_split_feeds(loaded, conversion, calib, work)
+                 if any(q == "fp32" and g != MODEL_GRAPH and conversion.needs(g, p)
+                        for g, q in conversion.files) else {})
         for (graph, q), fp32 in list(conversion.files.items()):
             if q != "fp32" or not conversion.needs(graph, p):
                 continue
-            rows = calib if graph == MODEL_GRAPH else _split_feeds(loaded, conversion, calib)[graph]
+            rows = calib if graph == MODEL_GRAPH else feeds[graph]
             dst = conversion.files[(graph, p)] = work / f"{graph}.{p}.onnx"
             if p in ("fp16", "int8w"):
                 convert = precision.to_fp16 if p == "fp16" else precision.to_int8_weights
@@ -85,10 +91,14 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
                    if conversion.plan else ""), model_dst)
 
 
-def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict[str, Any]:
-    """Each split graph's calibration rows, computed once by the FP32 split graphs."""
+def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet, work: Path
+                 ) -> dict[str, Any]:
+    """Each split graph's calibration rows, computed once by the FP32 split graphs and kept in
+    memory-mapped files under `work` (`Conversion.drop_split_feeds` removes them): at the base
+    preset the stems and selected tokens of 64 clips are 1.8 GB, which would otherwise stay
+    resident through every whole-model conversion."""
     if conversion.split_feeds is None:
-        from ..validation.composed import ComposedSplit, graph_feeds
+        from ..validation.composed import ComposedSplit, graph_feeds, spilled_feeds
 
         fp32 = conversion.split_files("fp32")
         assert fp32 is not None
@@ -96,7 +106,11 @@ def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet) -> dict
         # than this machine's 24 GB.
         with ComposedSplit(fp32, loaded.graph_contracts, loaded.contract,
                            max_batch=validate.validation_batch(loaded.contract)) as pipeline:
-            conversion.split_feeds = dict(graph_feeds(pipeline, calib))
+            feeds = graph_feeds(pipeline, calib)
+        conversion.split_feeds_dir = work / SPLIT_FEEDS_DIR
+        conversion.split_feeds = spilled_feeds(feeds, conversion.split_feeds_dir)
+        del feeds
+        release_heap()
     return conversion.split_feeds
 
 

@@ -4,6 +4,7 @@ stage log that prints one line per stage."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from ..util import current_rss_gb, human_size, stage_peak_rss_gb
 # Which graphs an artifact holds (--graphs): the whole model, and beside it the four split graphs
 # (`split.py`, docs/split.md) unless asked for the whole model alone.
 GRAPH_SETS = ("both", "monolithic")
+# Where the split graphs' calibration rows wait between precision steps, inside the scratch
+# directory of the artifact (removed with it when a run stops).
+SPLIT_FEEDS_DIR = ".split-feeds"
 
 
 @dataclass
@@ -118,9 +122,19 @@ class Conversion:
     twins: dict[str, dict[tuple[str, str], Path]] = field(default_factory=dict)
     # (graph, precision) -> step report of each split graph
     graph_reports: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    # Calibration rows of each split graph (split.graph_feeds), made once from the FP32 graphs.
+    # Calibration rows of each split graph (split.graph_feeds), made once from the FP32 graphs,
+    # and the folder of their memory-mapped arrays (inside the artifact's scratch directory).
     split_feeds: dict[str, Any] | None = None
+    split_feeds_dir: Path | None = None
     plan: Plan | None = None  # which graph each precision step converts (None: every graph)
+
+    def drop_split_feeds(self) -> None:
+        """The precision steps are done with the split graphs' calibration rows: forget them
+        and remove their files (before the artifact is moved into place)."""
+        self.split_feeds = None
+        if self.split_feeds_dir is not None:
+            shutil.rmtree(self.split_feeds_dir, ignore_errors=True)
+            self.split_feeds_dir = None
 
     def needs(self, graph: str, precision: str) -> bool:
         return self.plan is None or self.plan.needs(graph, precision)

@@ -58,7 +58,7 @@ def run_export(opts: ExportOptions) -> ExportResult:
             seen: dict[str, precision.RangesSeen] = {}
             for p in inputs.precisions[1:]:
                 precision_stage(p, loaded, conversion, calib, opts, work, out, stages, seen)
-            conversion.split_feeds = None  # the split graphs' calibration inputs: done with
+            conversion.drop_split_feeds()
             trt8_stage(conversion, work, out, stages)
             # NVIDIA's parser and CPU builder on every file; a refused graph raises RtxGraphError
             rtx_check = rtx_stage(conversion.entries(),

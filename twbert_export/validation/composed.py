@@ -392,7 +392,10 @@ class GraphFeeds:
         return len(next(iter(self.inputs.values())))
 
     def feed(self, rows: slice | np.ndarray | list[int]) -> dict[str, np.ndarray]:
-        return {name: value[rows] for name, value in self.inputs.items()}
+        # In memory, also for a memory-mapped input (`spilled_feeds`): the callers hand the rows
+        # to ONNX Runtime and keep them while the next rows are read.
+        return {name: np.array(value[rows]) if isinstance(value, np.memmap) else value[rows]
+                for name, value in self.inputs.items()}
 
     @property
     def video(self) -> np.ndarray:
@@ -429,6 +432,33 @@ def graph_feeds(pipeline: ComposedSplit, rows: FeedSet) -> dict[str, GraphFeeds]
                  "video_embeds": selected["video_embeds"]},
     }
     return {graph: GraphFeeds(inputs[graph], rows) for graph in GRAPHS}
+
+
+def spilled_feeds(feeds: dict[str, GraphFeeds], directory: Path,
+                  min_bytes: int = 1 << 20) -> dict[str, GraphFeeds]:
+    """The same feeds with each computed array of at least `min_bytes` written to `directory`
+    and read back memory-mapped (the source's own arrays, the clips and texts, stay as they are):
+    the rows a precision step reads come from the page cache, and nothing stays resident
+    between steps. Same values, bit for bit."""
+    directory.mkdir(parents=True, exist_ok=False)
+    source = next(iter(feeds.values())).source
+    own = {id(source.video), id(source.input_ids), id(source.attention_mask)}
+    mapped: dict[int, np.ndarray] = {}
+    out = {}
+    for graph, graph_feed in feeds.items():
+        inputs = {}
+        for name, value in graph_feed.inputs.items():
+            if id(value) in own or value.nbytes < min_bytes:
+                inputs[name] = value
+                continue
+            if id(value) not in mapped:  # one file per array (select's stems are the rows')
+                path = directory / f"{len(mapped)}.{graph}.{name}.npy"
+                with open(path, "wb") as f:  # a file object: np.save would append .npy
+                    np.save(f, np.ascontiguousarray(value), allow_pickle=False)
+                mapped[id(value)] = np.load(path, mmap_mode="r", allow_pickle=False)
+            inputs[name] = mapped[id(value)]
+        out[graph] = GraphFeeds(inputs, graph_feed.source)
+    return out
 
 
 # -- measurement --------------------------------------------------------------------------------
