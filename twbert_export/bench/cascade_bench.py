@@ -227,27 +227,36 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
         index.commit()
         render_s = time.perf_counter() - start
         clip_ids = index.clip_ids
-        exact = []
+        exact, ranked, tokens = [], [], []
         text_cls = []
         start = time.perf_counter()
         for q, caption in enumerate(queries):
             ids, mask = encode_tokens(tokenizer, caption, text_len)
+            tokens.append((ids, mask))
             text_cls.append(pipeline.encode_texts(ids, mask)["text_cls"])
-            exact.append(exact_order(rank(index, pipeline, ids, mask, K, batch=8 * args.batch)))
+            ranked.append(rank(index, pipeline, ids, mask, K, batch=8 * args.batch))
+            exact.append(exact_order(ranked[-1]))
             print(f"  exact ranking {q + 1}/{len(queries)}  "
                   f"{(time.perf_counter() - start) / (q + 1):.1f} s/query", flush=True)
         exact_s = (time.perf_counter() - start) / max(len(queries), 1)
         table: dict[str, Any] = {}
-        position = {cid: i for i, cid in enumerate(clip_ids)}
         for m in ms:
             row = {}
-            found = [set(fs_candidates(index, cls, m)) for cls in text_cls]
+            shortlists = [fs_candidates(index, cls, m) for cls in text_cls]
+            found = [set(c) for c in shortlists]
             for top in (1, 10, 50):
                 row[f"top{top}"] = float(np.mean([len(set(ex[:top]) & f) / min(top, len(ex))
                                                   for ex, f in zip(exact, found)]))
+            if m >= K:  # the cascade end to end (`rank` with shortlist M), as recall_main
+                orders = [cascade_order(index, pipeline, r, c, *t)
+                          for r, c, t in zip(ranked, shortlists, tokens)]
+                row["top10_equal"] = float(np.mean([o[:10] == ex[:10]
+                                                    for o, ex in zip(orders, exact)]))
+                if exact_order(rank(index, pipeline, *tokens[0], K, shortlist=m)) != orders[0]:
+                    raise AssertionError(f"rank(shortlist={m}) differs from the cascade "
+                                         "computed from the exact ranking")
             table[str(m)] = row
             print(f"M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()), flush=True)
-        del position
     return {"clips": len(clip_ids), "seed": args.seed, "queries": len(queries), "k": K,
             "generator": "model.data.make_demo plan_split('train', clips, seed) + render_clip "
                          "(32 frames, 112x112), load_video's sampling and normalisation, no "
