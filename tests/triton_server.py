@@ -209,6 +209,13 @@ def served_and_predicted_index(server, artifact, index, data: Path, protocol: st
     for g, w in zip(got, want):
         assert g["first_stage_similarity"] == pytest.approx(w["first_stage_similarity"],
                                                             abs=1e-5)
+    # index_rows, what a fan-out over shards breaks ties by: each clip's row in the index.
+    status, reply = server.request("POST", "/v2/models/twbert_retrieve/infer",
+                                   retrieve_request(caption))
+    assert status == 200, reply
+    outputs = {o["name"]: o["data"] for o in reply["outputs"]}
+    order = list(json.loads((Path(index) / "index.json").read_text())["clips"])
+    assert [order[row] for row in outputs["index_rows"]] == outputs["clips"]
 
 
 def retrieve_request(text: str, **optional: int) -> dict:

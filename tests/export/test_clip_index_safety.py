@@ -215,7 +215,17 @@ def test_an_interrupted_commit_leaves_the_first_stage_that_index_json_names(
     assert json.loads((tmp_path / "index" / INDEX_FILE).read_text()) == recorded
     index = open_index(tmp_path / "index")
     assert len(index) == 2 and index.first_stage_index().ntotal == 2
-    add_embedded(tmp_path / "index", clips)  # and the next run completes it
+    # The next run (four clips: another FAISS content) removes the file the stopped commit
+    # wrote with the one index.json named; a file of another name is not ours and stays.
+    faiss_dir = tmp_path / "index" / fs.DIRECTORY
+    assert len(list(faiss_dir.glob("*.faiss"))) == 2
+    (faiss_dir / "notes.faiss").write_text("the user's")
+    add_embedded(tmp_path / "index", clips[:4])
+    index = open_index(tmp_path / "index")
+    assert index.first_stage_index().ntotal == 4
+    assert sorted(p.name for p in faiss_dir.glob("*.faiss")) == sorted(
+        [Path(index.first_stage["faiss"]).name, "notes.faiss"])
+    add_embedded(tmp_path / "index", clips)  # and a run completes it
     assert open_index(tmp_path / "index").first_stage_index().ntotal == 6
 
 

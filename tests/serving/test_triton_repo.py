@@ -127,6 +127,7 @@ def test_index_adds_split_engine_models_and_the_retrieval_model(qa_artifact, cli
     assert not (out / "twbert_video_stem").exists()  # the index holds the stems
     retrieve = (out / "twbert_retrieve" / "config.pbtxt").read_text()
     assert 'backend: "python"' in retrieve and 'name: "k" data_type: TYPE_INT64' in retrieve
+    assert 'name: "index_rows" data_type: TYPE_INT64' in retrieve  # as serve's (served.py)
     assert f'string_value: "{clip_index.resolve()}"' in retrieve  # referenced, not copied
     contracts = json.loads((out / "twbert_retrieve" / "1" / "contracts.json").read_text())
     assert sorted(contracts) == sorted(RETRIEVAL_GRAPHS)

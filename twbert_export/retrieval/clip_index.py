@@ -227,10 +227,13 @@ class ClipIndex:
                 "stem_shape": list(self.stem_shape), "stem_dtype": self.stem_dtype,
                 "clips": {cid: vars(e) for cid, e in merged.items()},
                 **({"first_stage": stage} if stage else {})})
-            # The FAISS file index.json named before is replaced only now that it names another.
-            old = (on_disk_stage or {}).get("faiss")
-            if old and old != (stage or {}).get("faiss"):
-                (self.path / old).unlink(missing_ok=True)
+            # The FAISS file index.json named before is replaced only now that it names another,
+            # with any a commit cut short wrote (each named by its content: ours, none named).
+            kept = (stage or {}).get("faiss")
+            for faiss_file in (self.path / fs.DIRECTORY).glob("*.faiss"):
+                if fs.is_content_named(faiss_file) and \
+                        f"{fs.DIRECTORY}/{faiss_file.name}" != kept:
+                    faiss_file.unlink(missing_ok=True)
         self.entries, self.synced, self.first_stage = merged, dict(merged), stage
         self._faiss, self._text_projection = None, None
 

@@ -230,6 +230,12 @@ def write(index: Any, directory: Path) -> tuple[str, str]:
     return relative, digest
 
 
+def is_content_named(path: Path) -> bool:
+    """Whether `path` has the name `write` gives a FAISS file (its sha256, .faiss)."""
+    return path.suffix == ".faiss" and len(path.stem) == 64 and \
+        all(c in "0123456789abcdef" for c in path.stem)
+
+
 def read(directory: Path, relative: str, sha256: str) -> Any:
     """The FAISS index index.json names, checked against the sha256 recorded with it."""
     faiss = faiss_module()

@@ -32,7 +32,7 @@ from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Artifac
                                  FileEntry, Manifest)
 from ..artifact.plan import PlanError, resolve_plan, split_plans
 from . import first_stage as fs
-from .shards import SHARD_FILE
+from .shards import is_shard
 from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
                          ForeignIndexError, RankedClip, index_identity, index_videos, rank,
                          shortlist_problem, videos_in)
@@ -190,7 +190,7 @@ def index_main(argv: list[str] | None = None) -> int:
         videos = videos_in(videos_dir)
         if not videos:
             raise ValueError(f"no video files under {videos_dir}")
-        if (Path(args.out) / SHARD_FILE).is_file():
+        if is_shard(args.out):
             raise ValueError(f"--out {args.out} is a shard `export.py index-split` wrote: indexing "
                              "into it would change it and its server would refuse it; index "
                              "the source index, then split it again")
@@ -357,7 +357,7 @@ def predict_index_main(argv: list[str]) -> int:
         with artifact.pipeline(args.threads) as pipeline:
             if args.text is not None:
                 if shortlist and index.first_stage is None and len(index) > shortlist \
-                        and not (Path(args.index) / SHARD_FILE).is_file():  # shards rank exactly
+                        and not is_shard(args.index):  # shards rank exactly
                     print(f"note: {args.index} has no first stage (made before it, or by "
                           "another program): every clip ranked exactly; `export.py index` "
                           "into it adds the first stage", file=sys.stderr)

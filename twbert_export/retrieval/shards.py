@@ -90,13 +90,18 @@ def shard_dir_name(shard: int, shards: int) -> str:
     return f"shard-{shard}-of-{shards}"
 
 
+def is_shard(index_path: str | Path) -> bool:
+    """Whether `index_path` is a shard `index-split` wrote (its identity unchecked: `shard_of`)."""
+    return (Path(index_path) / SHARD_FILE).is_file()
+
+
 def shard_of(index_path: str | Path) -> ShardIdentity | None:
     """The identity of the shard at `index_path`, None for an index that is not a shard.
     ShardError when its index.json is no longer the one it was split with."""
+    if not is_shard(index_path):
+        return None
     path = Path(index_path)
     manifest = path / SHARD_FILE
-    if not manifest.is_file():
-        return None
     identity = ShardIdentity.from_json(manifest.read_text(), str(manifest))
     index_file = path / INDEX_FILE
     if not index_file.is_file() or file_sha256(index_file) != identity.index_sha256:

@@ -66,9 +66,10 @@ from ..util import require
 from ..validation.artifact_runner import Artifact
 from ..validation.runners import batched, run_batches
 from ..retrieval.shards import shard_of
-from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT, SHARD_MODEL,
-                     BadRequest, answer_outputs, check_shortlists, check_text_lengths,
-                     check_video, ranking_width, retrieval_outputs, score_outputs, texts_of)
+from .served import (DEFAULT_K, QA_MODEL, QA_TEXT, RETRIEVE_MODEL, RETRIEVE_OPTIONAL,
+                     SCORE_MODEL, SCORE_TEXT, SHARD_MODEL, BadRequest, answer_outputs,
+                     check_shortlists, check_text_lengths, check_video, ranking_width,
+                     retrieval_io, retrieval_outputs, row_ints, score_outputs, texts_of)
 
 LOOPBACK = "127.0.0.1"
 # The dynamic batcher's default wait, chosen from the sweep in docs/serving.md.
@@ -175,15 +176,12 @@ def model_specs(artifact: Artifact) -> list[ModelSpec]:
     return specs
 
 
-DEFAULT_K = 50  # predict --index's default shortlist
-OPTIONAL = ("k", "top", "shortlist", "probe")  # inputs a request may leave out
+OPTIONAL = (*RETRIEVE_OPTIONAL, "probe")  # inputs a request may leave out
 
 
 def row_values(request: Any, name: str, rows: int, default: int) -> list[int]:
-    """An optional INT64 (N, 1) input as N ints, `default` where the request has none."""
-    if name not in request:
-        return [default] * rows
-    return [int(v) for v in np.asarray(request[name]).reshape(rows, -1)[:, 0]]
+    """An optional INT64 (N, 1) input of a PyTriton request as N ints (`served.row_ints`)."""
+    return row_ints(request[name] if name in request else None, rows, default)
 
 
 class RetrievalModel:
@@ -236,15 +234,12 @@ def selected_frames(split: Any) -> int | None:
 
 
 def retrieval_spec(split: Any) -> ModelSpec:
-    outputs = [("clips", bytes, (-1,)), ("match_probability", np.float64, (-1,)),
-               ("itc_similarity", np.float32, (-1,)), ("shortlisted", np.bool_, (-1,)),
-               ("first_stage_similarity", np.float32, (-1,)), ("index_rows", np.int64, (-1,))]
-    kept = selected_frames(split)
-    if kept is not None:
-        outputs.append(("frames", np.int64, (-1, kept)))
-    return ModelSpec(RETRIEVE_MODEL, [(SCORE_TEXT, bytes, (1,)), ("k", np.int64, (1,)),
-                                      ("top", np.int64, (1,)), ("shortlist", np.int64, (1,))],
-                     outputs, lambda m: m.retrieve)
+    def bound(tensors: list) -> list:
+        return [(name, bytes if dtype == "bytes" else np.dtype(dtype).type, shape)
+                for name, dtype, shape in tensors]
+
+    inputs, outputs = retrieval_io(selected_frames(split))
+    return ModelSpec(RETRIEVE_MODEL, bound(inputs), bound(outputs), lambda m: m.retrieve)
 
 
 def shard_spec(identity: Any) -> ModelSpec:

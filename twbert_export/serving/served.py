@@ -20,6 +20,32 @@ SHARD_MODEL = "twbert_shard"
 SCORE_TEXT, QA_TEXT = "text", "question"
 
 
+DEFAULT_K = 50  # predict --index's default k: the ITC shortlist ITM re-ranks
+RETRIEVE_OPTIONAL = ("k", "top", "shortlist")  # twbert_retrieve's inputs a request may leave out
+
+
+def retrieval_io(kept: int | None) -> tuple[list[tuple[str, str, tuple[int, ...]]],
+                                            list[tuple[str, str, tuple[int, ...]]]]:
+    """twbert_retrieve's inputs and outputs, (name, numpy dtype name or "bytes", shape without
+    the batch axis; -1 variable), as `export.py serve --index` and `export.py triton-repo
+    --index` both bind them; `kept`: frames the second selector keeps (None: no frames)."""
+    inputs = [(SCORE_TEXT, "bytes", (1,)), ("k", "int64", (1,)), ("top", "int64", (1,)),
+              ("shortlist", "int64", (1,))]
+    outputs = [("clips", "bytes", (-1,)), ("match_probability", "float64", (-1,)),
+               ("itc_similarity", "float32", (-1,)), ("shortlisted", "bool", (-1,)),
+               ("first_stage_similarity", "float32", (-1,)), ("index_rows", "int64", (-1,))]
+    if kept is not None:
+        outputs.append(("frames", "int64", (-1, kept)))
+    return inputs, outputs
+
+
+def row_ints(value: np.ndarray | None, rows: int, default: int) -> list[int]:
+    """An optional INT64 (N, 1) input as N ints, `default` where the request has none."""
+    if value is None:
+        return [default] * rows
+    return [int(v) for v in np.asarray(value).reshape(rows, -1)[:, 0]]
+
+
 class BadRequest(ValueError):
     """A request the model refuses: Triton answers it with an error, and the server stays up."""
 

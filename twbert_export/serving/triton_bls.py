@@ -29,12 +29,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twbert_serving.data.preprocess import Tokenizer  # noqa: E402
-from twbert_serving.serving.served import (QA_TEXT, SCORE_TEXT, BadRequest,  # noqa: E402
-                                           answer_outputs, check_shortlists,
+from twbert_serving.serving.served import (DEFAULT_K, QA_TEXT, SCORE_TEXT,  # noqa: E402
+                                           BadRequest, answer_outputs, check_shortlists,
                                            check_text_lengths, check_video, ranking_width,
-                                           retrieval_outputs, score_outputs, texts_of)
-
-DEFAULT_K = 50  # predict --index's default shortlist
+                                           retrieval_outputs, row_ints, score_outputs,
+                                           texts_of)
 
 
 class BlsSplit:
@@ -78,11 +77,9 @@ class BlsSplit:
 
 
 def optional_ints(pb, request, name, rows, default):
-    """An optional INT64 (N, 1) input as N ints, `default` where the request has none."""
+    """An optional INT64 (N, 1) input of a request as N ints (`served.row_ints`)."""
     tensor = pb.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return [default] * rows
-    return [int(v) for v in tensor.as_numpy().reshape(rows, -1)[:, 0]]
+    return row_ints(None if tensor is None else tensor.as_numpy(), rows, default)
 
 
 class TritonPythonModel:
@@ -121,6 +118,7 @@ class TritonPythonModel:
         self.index = ClipIndex.open(params["index"], params["artifact_identity"],
                                     params["stem_shape"].split(","))
         self.index.load_first_stage()  # kept for the model's life (clip_index.load_first_stage)
+        self.rows = {clip_id: row for row, clip_id in enumerate(self.index.clip_ids)}
         kept = next((t for t in contracts["select"].outputs if t.name == "frame_indices_2"), None)
         self.kept = None if kept is None else int(kept.shape[1])
 
@@ -183,6 +181,7 @@ class TritonPythonModel:
             ids, mask, _ = self.tokenizer.encode([text], self.text_len)
             rankings.append(rank(self.index, self.split, ids, mask, k,
                                  shortlist=shortlist)[:width])
-        served = retrieval_outputs(rankings, width, self.kept)
+        rows = [[self.rows[c.clip_id] for c in ranking] for ranking in rankings]
+        served = retrieval_outputs(rankings, width, self.kept, rows)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(name, served[name])
                                                     for name in self.output_names])

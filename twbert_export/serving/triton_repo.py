@@ -56,7 +56,8 @@ from pathlib import Path
 from ..artifact.manifest import PRECISIONS, Manifest
 from ..artifact.plan import model_precision
 from ..artifact.contract import BATCH, IOContract
-from .served import QA_MODEL, QA_TEXT, RETRIEVE_MODEL, SCORE_MODEL, SCORE_TEXT
+from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, RETRIEVE_OPTIONAL, SCORE_MODEL,
+                     SCORE_TEXT, retrieval_io)
 from ..util import move_files, removed_afterwards, signals_deferred, write_json
 
 ENGINE_MODEL = "twbert_model"
@@ -148,15 +149,10 @@ def served_tensors(contract: IOContract, kind: str) -> tuple[list[Tensor], list[
 
 
 def retrieval_tensors(kept: int | None) -> tuple[list[Tensor], list[Tensor]]:
-    """What `export.py serve --index` binds for twbert_retrieve (see serve.retrieval_spec)."""
-    outputs = [Tensor("clips", "bytes", (-1,)), Tensor("match_probability", "float64", (-1,)),
-               Tensor("itc_similarity", "float32", (-1,)), Tensor("shortlisted", "bool", (-1,)),
-               Tensor("first_stage_similarity", "float32", (-1,))]
-    if kept is not None:
-        outputs.append(Tensor("frames", "int64", (-1, kept)))
-    return ([Tensor(SCORE_TEXT, "bytes", (1,)), Tensor("k", "int64", (1,), optional=True),
-             Tensor("top", "int64", (1,), optional=True),
-             Tensor("shortlist", "int64", (1,), optional=True)], outputs)
+    """What `export.py serve --index` binds for twbert_retrieve (`served.retrieval_io`)."""
+    inputs, outputs = retrieval_io(kept)
+    return ([Tensor(*t, optional=t[0] in RETRIEVE_OPTIONAL) for t in inputs],
+            [Tensor(*t) for t in outputs])
 
 
 def check_config(text: str, where: str) -> str:
