@@ -5,6 +5,7 @@ Runtime stand-ins for the TensorRT engine models, which cannot run here)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -158,15 +159,14 @@ def test_every_config_parses_as_tritons_model_config(serving_python, qa_artifact
         assert f"{model}/config.pbtxt: parsed as Triton's ModelConfig" in proc.stdout
 
 
-@pytest.fixture(scope="module")
-def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
-    """The repository (with the clip index) in PyTriton's bundled tritonserver, each engine
-    model replaced by the ONNX Runtime stand-in running its ONNX file."""
-    root = tmp_path_factory.mktemp("bundled")
+@contextlib.contextmanager
+def bundled_repo_server(python, artifact, index, root: Path, models: tuple[str, ...]):
+    """`triton-repo --index` (FP32) in PyTriton's bundled tritonserver, each engine model
+    replaced by the ONNX Runtime stand-in running its ONNX file."""
     repo = root / "repo"
-    triton_repo_with_index(serving_python, qa_artifact, clip_index, repo)
-    split = SplitArtifact.for_index(qa_artifact, clip_index)
-    onnx_files = {"twbert_model": qa_artifact / "model.fp32.onnx",
+    triton_repo_with_index(python, artifact, index, repo)
+    split = SplitArtifact.for_index(artifact, index)
+    onnx_files = {"twbert_model": artifact / "model.fp32.onnx",
                   **{f"twbert_{g}": split.files[g] for g in RETRIEVAL_GRAPHS}}
     for model, onnx in onnx_files.items():
         config = repo / model / "config.pbtxt"
@@ -176,11 +176,19 @@ def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
                           + f'parameters {{ key: "onnx" value {{ string_value: "{onnx}" }} }}\n')
         shutil.copy(HERE / "ort_engine_model.py", repo / model / "1" / "model.py")
     with running_server(
-            serving_python, lambda http, grpc, metrics: [
+            python, lambda http, grpc, metrics: [
                 "-m", "twbert_export.serving.triton_repo", "--bundled-server", str(repo), str(http),
                 str(grpc), str(metrics), str(root / "workspace")],
-            root / "server.log", ("twbert_score", "twbert_qa", "twbert_retrieve"),
-            "the bundled server", exit_0=False) as server:
+            root / "server.log", models, "the bundled server", exit_0=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bundled(serving_python, qa_artifact, clip_index, tmp_path_factory):
+    """The repository (with the clip index) in PyTriton's bundled tritonserver."""
+    with bundled_repo_server(serving_python, qa_artifact, clip_index,
+                             tmp_path_factory.mktemp("bundled"),
+                             ("twbert_score", "twbert_qa", "twbert_retrieve")) as server:
         yield server
 
 
@@ -234,3 +242,32 @@ def test_bls_models_refuse_client_mistakes_as_serve_does(bundled, qa_artifact, s
     """The mistakes `serve` refuses (test_hardening), refused by the BLS models alike: HTTP 400
     and gRPC INVALID_ARGUMENT with the one-line reason, no traceback, no path."""
     check_refusals(bundled, qa_artifact, serve_clips, tmp_path)
+
+
+@pytest.mark.slow  # two more bundled servers
+def test_repositories_of_shards_serve_a_fan_out_as_the_unsplit_index(
+        serving_python, qa_artifact, clip_index, serve_clips, tmp_path):
+    """`triton-repo --index SHARD` writes twbert_shard beside twbert_retrieve, so that the
+    stock container can be a shard: `query --shards` over two such servers gives the ranking
+    of the unsplit index, as over `export.py serve --index SHARD` (test_fanout)."""
+    from twbert_export.retrieval.shards import shard_dir_name, split_index
+
+    split_index(clip_index, 2, tmp_path / "split")
+    caption = caption_of(serve_clips)
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(bundled_repo_server(
+            serving_python, qa_artifact, tmp_path / "split" / shard_dir_name(i, 2),
+            tmp_path / f"shard{i}", ("twbert_retrieve", "twbert_shard"))) for i in (1, 2)]
+        assert "twbert_shard" in (tmp_path / "shard1" / "repo" / "twbert_shard" /
+                                  "config.pbtxt").read_text()
+        unsplit = subprocess.run(
+            [str(serving_python), "export.py", "predict", "--index", str(clip_index),
+             "--artifact", str(qa_artifact), "--text", caption, "--k", "3", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert unsplit.returncode == 0, unsplit.stderr
+        proc = subprocess.run(
+            [str(serving_python), "export.py", "query", "--shards",
+             ",".join(s.http for s in servers), "--text", caption, "--k", "3", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == json.loads(unsplit.stdout)

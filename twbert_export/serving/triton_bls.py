@@ -10,9 +10,11 @@ on its own: a bad request gets its error, the others their answers.
 function `predict --index` runs (the FAISS first stage's `shortlist` M clips, default
 `clip_index.DEFAULT_SHORTLIST`; 0: every clip), over `BlsSplit`: the split graphs' engine models (text, select,
 fuse) called through BLS. Its twbert_serving/ also holds clip_index.py, contract.py and util.py,
-and contracts.json the graphs' I/O contracts.
+and contracts.json the graphs' I/O contracts. `twbert_shard` (kind shard, written for an index
+`export.py index-split` wrote) answers a request with the shard's identity (its shard.json), which
+`export.py query --shards` checks before it queries any shard.
 
-Reads its settings from the model's config.pbtxt `parameters`: kind (score, qa or retrieve),
+Reads its settings from the model's config.pbtxt `parameters`: kind (score, qa, retrieve or shard),
 text_len, and for score and qa engine_model and the outputs it gives; for retrieve the index
 directory, the artifact identity and stem shape it must have, the engine model of each graph and
 the integer type of their I/O. Needs numpy and tokenizers in the Python
@@ -90,8 +92,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.kind = params["kind"]
-        self.text_len = int(params["text_len"])
         here = os.path.dirname(os.path.abspath(__file__))
+        if self.kind == "shard":  # no text, no engine: the shard's identity only
+            self.open_shard(params, here)
+            return
+        self.text_len = int(params["text_len"])
         self.tokenizer = Tokenizer.from_file(os.path.join(here, "tokenizer.json"))
         self.text_input = QA_TEXT if self.kind == "qa" else SCORE_TEXT
         self.output_names = [o["name"] for o in config["output"]]
@@ -122,6 +127,20 @@ class TritonPythonModel:
         kept = next((t for t in contracts["select"].outputs if t.name == "frame_indices_2"), None)
         self.kept = None if kept is None else int(kept.shape[1])
 
+    def open_shard(self, params, here):
+        """twbert_shard: the shard's identity (shard.json, copied in by triton-repo), refused
+        when the index's index.json is no longer the one it was split with (as `export.py
+        serve --index SHARD` refuses it: `retrieval.shards.shard_of`)."""
+        import hashlib
+
+        with open(os.path.join(here, "shard.json"), encoding="utf-8") as f:
+            self.identity = f.read()
+        recorded = json.loads(self.identity)["index_sha256"]
+        with open(os.path.join(params["index"], "index.json"), "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != recorded:
+                raise RuntimeError(f"{params['index']}: index.json changed since the index was "
+                                   "split: split the source index again")
+
     def execute(self, requests):
         responses = []
         for request in requests:
@@ -144,6 +163,10 @@ class TritonPythonModel:
     def answer(self, request):
         if self.kind == "retrieve":
             return self.ranking(request)
+        if self.kind == "shard":  # no batch axis: one identity (1,) per request
+            identity = np.array([self.identity.encode("utf-8")], dtype=np.object_)
+            return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("identity",
+                                                                            identity)])
         pb = self.pb
         video = pb.get_input_tensor_by_name(request, "video").as_numpy()
         texts = texts_of(pb.get_input_tensor_by_name(request, self.text_input).as_numpy(),

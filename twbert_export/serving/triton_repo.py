@@ -20,10 +20,13 @@
                                        precision as engine models, configured as twbert_model
                                        from each graph's contract (`Manifest.contract_of`); the
                                        video_stem graph is left out: the index holds the stems
-    REPO/twbert_retrieve/...           Python backend, BLS: text [+ k, top] -> the ranking of
-                                       every indexed clip `predict --index --text` prints,
-                                       computed by the same function (`clip_index.rank`) with
-                                       each graph run on its engine model
+    REPO/twbert_retrieve/...           Python backend, BLS: text [+ k, top, shortlist] -> the
+                                       ranking `predict --index --text` prints, computed by the
+                                       same function (`clip_index.rank`) with each graph run on
+                                       its engine model
+    REPO/twbert_shard/...              (an --index that `export.py index-split` wrote) Python
+                                       backend, no batch axis: the shard's identity, which
+                                       `export.py query --shards` checks
 
 The index is referenced, not copied (its stems may be large, and `export.py index` keeps
 adding to it): twbert_retrieve's `index` parameter holds its absolute path, which the
@@ -56,8 +59,9 @@ from pathlib import Path
 from ..artifact.manifest import PRECISIONS, Manifest
 from ..artifact.plan import model_precision
 from ..artifact.contract import BATCH, IOContract
+from ..retrieval.shards import SHARD_FILE, shard_of
 from .served import (QA_MODEL, QA_TEXT, RETRIEVE_MODEL, RETRIEVE_OPTIONAL, SCORE_MODEL,
-                     SCORE_TEXT, retrieval_io)
+                     SCORE_TEXT, SHARD_MODEL, retrieval_io)
 from ..util import move_files, removed_afterwards, signals_deferred, write_json
 
 ENGINE_MODEL = "twbert_model"
@@ -104,13 +108,14 @@ def tensor_block(kind: str, tensors: list[Tensor]) -> str:
 def model_config(name: str, head: str, max_batch: int, inputs: list[Tensor],
                  outputs: list[Tensor], instances: int, kind: str, queue_delay_us: int,
                  preferred: list[int], parameters: dict[str, str] | None = None) -> str:
-    """A config.pbtxt (Triton's ModelConfig in protobuf text format)."""
+    """A config.pbtxt (Triton's ModelConfig in protobuf text format); `max_batch` 0: a model
+    without a batch axis, and without the dynamic batcher."""
     text = (f'name: "{name}"\n{head}\nmax_batch_size: {max_batch}\n'
             + tensor_block("input", inputs) + tensor_block("output", outputs)
-            + "dynamic_batching {\n"
-            + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-               if preferred else "")
-            + f"  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+            + ("dynamic_batching {\n"
+               + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+                  if preferred else "")
+               + f"  max_queue_delay_microseconds: {queue_delay_us}\n}}\n" if max_batch else "")
             + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n")
     for key, value in (parameters or {}).items():
         text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
@@ -172,8 +177,10 @@ def check_config(text: str, where: str) -> str:
     variable_outputs = config.backend == "python"  # a ranking's length is the request's
     if bool(config.platform) == bool(config.backend):
         problems.append("exactly one of platform and backend must be set")
-    if config.max_batch_size < 1:
-        problems.append("max_batch_size must be >= 1 (batching models)")
+    if config.max_batch_size < 1 and (config.name != SHARD_MODEL
+                                      or config.HasField("dynamic_batching")):
+        problems.append("max_batch_size must be >= 1 (batching models; twbert_shard alone has "
+                        "no batch axis, and no dynamic batcher)")
     tensors = [(t, 1) for t in config.input]
     tensors += [(t, -1 if variable_outputs else 1) for t in config.output]
     for t, smallest in tensors:
@@ -278,6 +285,15 @@ def retrieval_models(tmp: Path, artifact_dir: Path, index: Path, instances: int,
                             artifact_dir / split.manifest.tokenizer)
     write_json(version / "contracts.json", {g: split.contracts[g].to_dict()
                                             for g in RETRIEVAL_GRAPHS})
+    identity = shard_of(index)  # ShardError (exit 2) for a shard changed since its split
+    if identity is not None:  # twbert_shard, as `export.py serve --index SHARD` serves it
+        configs[SHARD_MODEL] = model_config(
+            SHARD_MODEL, 'backend: "python"', 0, [Tensor("probe", "int64", (1,), optional=True)],
+            [Tensor("identity", "bytes", (1,))], 1, "KIND_CPU", queue_delay_us, [],
+            {"kind": "shard", "index": str(index.resolve())})
+        version = bls_model_dir(tmp, SHARD_MODEL, SERVING_MODULES,
+                                artifact_dir / split.manifest.tokenizer)
+        (version / SHARD_FILE).write_text(identity.to_json(), encoding="utf-8")
     return configs, engines
 
 
