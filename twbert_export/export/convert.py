@@ -102,10 +102,11 @@ def _split_feeds(loaded: Loaded, conversion: Conversion, calib: FeedSet, work: P
 
         fp32 = conversion.split_files("fp32")
         assert fp32 is not None
-        # Runs of the validation batch: at the base preset (32 frames) runs of 8 took more
-        # than this machine's 24 GB.
+        # Runs of the validation batch (at the base preset, 32 frames, runs of 8 took more
+        # than this machine's 24 GB), one graph's session at a time.
         with ComposedSplit(fp32, loaded.graph_contracts, loaded.contract,
-                           max_batch=validate.validation_batch(loaded.contract)) as pipeline:
+                           max_batch=validate.validation_batch(loaded.contract),
+                           one_session_at_a_time=True) as pipeline:
             feeds = graph_feeds(pipeline, calib)
         conversion.split_feeds_dir = work / SPLIT_FEEDS_DIR
         conversion.split_feeds = spilled_feeds(feeds, conversion.split_feeds_dir)

@@ -21,7 +21,7 @@ import numpy as np
 from ..artifact.contract import BATCH, IOContract
 from ..artifact.manifest import SPLIT_GRAPHS
 from ..data.calibration import FeedSet
-from ..util import require
+from ..util import release_heap, require
 from .select_pieces import content_key
 
 if TYPE_CHECKING:
@@ -76,14 +76,37 @@ class EngineSession:
             self.runner.deactivate()
 
 
-def graph_session(path: str | Path, contract: IOContract, threads: int | None = None) -> Any:
+def graph_session(path: str | Path, contract: IOContract, threads: int | None = None,
+                  arena: bool = True) -> Any:
     """ONNX Runtime for an .onnx file, the TensorRT runner for an .engine (built by
     `export.py build` from the graph's .onnx beside it)."""
     from .runners import ort_session
 
     if Path(path).suffix == ".engine":
         return EngineSession(path, contract)
-    return ort_session(path, threads)
+    return ort_session(path, threads, arena=arena)
+
+
+class OneSessionAtATime(dict):
+    """graph -> session, each opened when first asked for and the one before it dropped, ONNX
+    Runtime's arena off: the memory of one graph's weights and one run at a time. For runs that
+    go graph by graph (the calibration rows of the split graphs, `graph_feeds`: at the base
+    preset the four sessions and their arenas held about 5 GB)."""
+
+    def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
+                 threads: int | None):
+        super().__init__()
+        self.files, self.contracts, self.threads = files, contracts, threads
+
+    def __missing__(self, graph: str) -> Any:
+        for session in self.values():
+            if isinstance(session, EngineSession):
+                session.close()
+        self.clear()
+        release_heap()
+        self[graph] = graph_session(self.files[graph], self.contracts[graph], self.threads,
+                                    arena=False)
+        return self[graph]
 
 
 class ComposedSplit:
@@ -106,12 +129,15 @@ class ComposedSplit:
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  monolithic: IOContract, threads: int | None = None, stem_cache: int = 8,
                  text_cache: int = 4096, stem_storage: str = "float32",
-                 select_in_pieces: bool = False, max_batch: int | None = None):
+                 select_in_pieces: bool = False, max_batch: int | None = None,
+                 one_session_at_a_time: bool = False):
         from .select_pieces import NoCut, PiecewiseSelect
 
         self.contracts, self.monolithic, self.max_batch = contracts, monolithic, max_batch
         self.stem_storage = np.dtype(stem_storage)  # `infer` rounds stems as an index stores them
-        self.sessions = {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS}
+        self.sessions: dict[str, Any] = (
+            OneSessionAtATime(files, contracts, threads) if one_session_at_a_time
+            else {g: graph_session(files[g], contracts[g], threads) for g in GRAPHS})
         # Validation's option (`run_split_validation`): `select` from its own nodes in pieces,
         # the video blocks after each selector once per distinct input (select_pieces.py).
         if select_in_pieces and Path(files["select"]).suffix == ".onnx":
