@@ -39,8 +39,7 @@ def precision_stage(p: str, loaded: Loaded, conversion: Conversion, calib: FeedS
     model_dst, model_rep, first = None, None, None
     with Stopwatch() as sw:
         # The split graphs' rows before the whole model's conversion, whose freed copies leave
-        # the heap large: at the base preset (F@32-24-16) computing them after it peaked at
-        # 12.25 GB.
+        # the heap large (docs/benchmarks.md, "Memory of the base export").
         feeds = (_split_feeds(loaded, conversion, calib, work)
                  if any(q == "fp32" and g != MODEL_GRAPH and conversion.needs(g, p)
                         for g, q in conversion.files) else {})

@@ -91,7 +91,7 @@ class OneSessionAtATime(dict):
     """graph -> session, each opened when first asked for and the one before it dropped, ONNX
     Runtime's arena off: the memory of one graph's weights and one run at a time. For runs that
     go graph by graph (the calibration rows of the split graphs, `graph_feeds`: at the base
-    preset the four sessions and their arenas held about 5 GB)."""
+    preset the four sessions and their arenas held GBs; docs/benchmarks.md, issue 21 item 4)."""
 
     def __init__(self, files: Mapping[str, str | Path], contracts: dict[str, IOContract],
                  threads: int | None):
