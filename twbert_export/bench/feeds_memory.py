@@ -1,6 +1,7 @@
 """Memory of the split graphs' calibration rows (a benchmark, not a test): the export's
 `graph_feeds` step (each split graph's inputs over the calibration clips, computed by the FP32
-split graphs) in a process of its own, its resident memory sampled from /proc.
+split graphs) in a process of its own, its peak the high-water mark of the step alone
+(`util.stage_peak_rss_gb`).
 
     python -m twbert_export.bench.feeds_memory --graphs DIR [--sessions one|all]
         [--calib-data demo:calib] [--json FILE]
@@ -18,34 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-
-def rss_kb(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
-
-
-class PeakSampler(threading.Thread):
-    """The process's VmRSS every `interval` seconds, its maximum kept (VmHWM would also count
-    what an earlier step of this process held)."""
-
-    def __init__(self, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.interval, self.peak_kb, self.running = interval, 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak_kb = max(self.peak_kb, rss_kb("VmRSS:"))
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self.running = False
-        self.join()
-        return max(self.peak_kb, rss_kb("VmRSS:"))
 
 
 def contracts_for(graphs: Path, preset: str | None, schedule: str | None) -> tuple[Any, dict]:
@@ -72,7 +48,7 @@ def measure(graphs: Path, sessions: str, calib_data: str, preset: str | None,
     from ..data.assets import resolve_data
     from ..data.calibration import load_feeds
     from ..data.preprocess import Tokenizer
-    from ..util import release_heap
+    from ..util import current_rss_gb, stage_peak_rss_gb
     from ..validation import parity as validate
     from ..validation.composed import ComposedSplit, graph_feeds
 
@@ -80,23 +56,21 @@ def measure(graphs: Path, sessions: str, calib_data: str, preset: str | None,
     files = {g: graphs / f"{g}.fp32.onnx" for g in SPLIT_GRAPHS}
     calib = load_feeds(resolve_data(calib_data), contract, Tokenizer.default(),
                        texts_per_video=1)
-    release_heap()
-    before = rss_kb("VmRSS:")
-    sampler = PeakSampler()
-    sampler.start()
+    before = current_rss_gb()  # after release_heap
+    stage_peak_rss_gb()  # resets the high-water mark: the next call gives the step's peak
     start = time.perf_counter()
     with ComposedSplit(files, contracts, contract, max_batch=validate.validation_batch(contract),
                        one_session_at_a_time=sessions == "one") as pipeline:
         feeds = graph_feeds(pipeline, calib)
     seconds = time.perf_counter() - start
-    peak = sampler.stop()
+    peak = stage_peak_rss_gb()
     held = sum(v.nbytes for f in feeds.values() for v in f.inputs.values()
                if v is not calib.video and v is not calib.input_ids
                and v is not calib.attention_mask)
     return {"graphs": str(graphs), "sessions": sessions, "clips": len(calib.video),
             "frames": contract.frames, "batch": validate.validation_batch(contract),
-            "rss_before_gb": before / 2**20, "peak_rss_gb": peak / 2**20,
-            "added_gb": (peak - before) / 2**20, "feeds_bytes": held, "seconds": seconds}
+            "rss_before_gb": before, "peak_rss_gb": peak, "added_gb": peak - before,
+            "feeds_bytes": held, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
