@@ -97,6 +97,24 @@ def cascade_order(index: ClipIndex, pipeline: Any, exact: list, candidates: list
     return [candidates[i] for i in np.argsort(-final, kind="stable")]
 
 
+def cascade_equal(index: ClipIndex, pipeline: Any, m: int, exact_ranked: list[list],
+                  shortlists: list[list[str]], tokens: list[tuple[np.ndarray, np.ndarray]],
+                  check: int) -> tuple[int, int]:
+    """How many queries' cascade top 10 (`cascade_order` over their first-stage shortlist of
+    M) equal their exact top 10; the first `check` are also ranked by `rank(shortlist=M)`
+    itself, which must give the derived order. Returns (equal, checked)."""
+    equal = checked = 0
+    for q, (ranked, shortlist, (ids, mask)) in enumerate(zip(exact_ranked, shortlists, tokens)):
+        order = cascade_order(index, pipeline, ranked, shortlist, ids, mask)
+        equal += order[:10] == exact_order(ranked)[:10]
+        if q < check:
+            if exact_order(rank(index, pipeline, ids, mask, K, shortlist=m)) != order:
+                raise AssertionError(f"rank(shortlist={m}) differs from the cascade computed "
+                                     f"from the exact ranking for query {q}")
+            checked += 1
+    return equal, checked
+
+
 def recall_main(args: argparse.Namespace) -> dict[str, Any]:
     artifact = SplitArtifact(args.artifact, args.precision)
     ms = [int(m) for m in args.m.split(",")]
@@ -156,19 +174,12 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
         # (`fuse` run here for those outside the exact k); checked against `rank` itself on
         # the first --check queries.
         cascade, checked = {}, 0
+        tokens = [encode_tokens(tokenizer, caption, text_len) for caption in queries]
         for m in [m for m in ms if m >= K]:
-            equal = 0
-            for q, caption in enumerate(queries):
-                ids, mask = encode_tokens(tokenizer, caption, text_len)
-                shortlist = fs_candidates(index, text_cls[q:q + 1], m)
-                order = cascade_order(index, pipeline, exact_ranked[q], shortlist, ids, mask)
-                equal += order[:10] == exact[q][:10]
-                if q < args.check:
-                    real = exact_order(rank(index, pipeline, ids, mask, K, shortlist=m))
-                    if real != order:
-                        raise AssertionError(f"rank(shortlist={m}) differs from the cascade "
-                                             f"computed from the exact ranking for {caption!r}")
-                    checked += 1
+            shortlists = [fs_candidates(index, text_cls[q:q + 1], m) for q in range(len(queries))]
+            equal, done = cascade_equal(index, pipeline, m, exact_ranked, shortlists, tokens,
+                                        args.check)
+            checked += done
             cascade[str(m)] = {"top10_equal": equal / len(queries)}
             print(f"cascade M={m}: top-10 equal to the exact top 10 for {equal}/{len(queries)} "
                   "queries", flush=True)
@@ -248,13 +259,8 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"top{top}"] = float(np.mean([len(set(ex[:top]) & f) / min(top, len(ex))
                                                   for ex, f in zip(exact, found)]))
             if m >= K:  # the cascade end to end (`rank` with shortlist M), as recall_main
-                orders = [cascade_order(index, pipeline, r, c, *t)
-                          for r, c, t in zip(ranked, shortlists, tokens)]
-                row["top10_equal"] = float(np.mean([o[:10] == ex[:10]
-                                                    for o, ex in zip(orders, exact)]))
-                if exact_order(rank(index, pipeline, *tokens[0], K, shortlist=m)) != orders[0]:
-                    raise AssertionError(f"rank(shortlist={m}) differs from the cascade "
-                                         "computed from the exact ranking")
+                equal, _ = cascade_equal(index, pipeline, m, ranked, shortlists, tokens, 1)
+                row["top10_equal"] = equal / len(queries)
             table[str(m)] = row
             print(f"M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()), flush=True)
     return {"clips": len(clip_ids), "seed": args.seed, "queries": len(queries), "k": K,
