@@ -1,10 +1,11 @@
 """The clip index keeps what users put in it: a damaged stem file is found and the clip indexed
 again, and two runs into the same index at the same time never lose each other's clips
 (twbert_export/retrieval/clip_index.py; issue 23 items 9 and 10). The retrieval cascade's FAISS
-first stage is kept with it (issue 22): one vector per distinct video, committed, appended and
+first stage is kept with it (issue 22): vectors per distinct video, committed, appended and
 replaced with the entries, consistent after an interrupted commit, refused when its file is not
 the one recorded; the index type chosen by N. A stand-in for the stem graph (and the clip
-embedder) keeps these fast: what is tested is the index, not the model."""
+embedder) keeps these fast: what is tested is the index, not the model. With anchors, a video
+has one vector per slot, and its first-stage score is its best slot's."""
 
 import json
 import shutil
@@ -156,6 +157,7 @@ class StandInEmbedder:
         self.projections = fs.Projections(w, np.zeros(DIM, np.float32), w,
                                           np.zeros(DIM, np.float32))
         self.dim = DIM
+        self.slots, self.anchors = 1, None
         self.calls = 0
 
     def __call__(self, pipeline, stems):
@@ -249,6 +251,83 @@ def test_an_index_without_a_first_stage_gets_one_from_its_stored_stems(tmp_path,
     report = add_embedded(tmp_path / "index", clips[:3], embedder)
     assert len(report.skipped) == 3 and embedder.calls == 3
     assert open_index(tmp_path / "index").first_stage_index().ntotal == 3
+
+
+class AnchoredStandIn(StandInEmbedder):
+    """A stand-in with anchors: slot s's vector is the slot-0 one turned by s (so each slot
+    has its own), the anchors' CLS from `seed`."""
+
+    def __init__(self, anchors: int = 2, seed: int = 0):
+        super().__init__()
+        cls = np.random.default_rng(seed).standard_normal((anchors, 4)).astype(np.float32)
+        self.anchors = fs.Anchors(cls, anchors, f"captions {seed}")
+        self.slots = 1 + anchors
+
+    def __call__(self, pipeline, stems):
+        base = super().__call__(pipeline, stems)
+        return np.stack([fs.normalized(np.roll(base, s, axis=1) + 0.5 * s)
+                         for s in range(self.slots)], axis=1)
+
+
+def test_each_video_keeps_a_vector_per_slot_and_its_score_is_its_best_slots(tmp_path, clips,
+                                                                            monkeypatch):
+    add_embedded(tmp_path / "index", clips, AnchoredStandIn())
+    index = open_index(tmp_path / "index")
+    stage = index.first_stage
+    assert stage["slots"] == 3 and stage["vectors"] == 18 and stage["anchors"]["count"] == 2
+    assert index.first_stage_index().ntotal == 18
+    assert index.anchors().digest == AnchoredStandIn().anchors.digest
+    held, ids = fs.contents(index.first_stage_index())
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        query = fs.normalized(rng.standard_normal((1, DIM)))
+        monkeypatch.setattr(fs, "text_vectors", lambda w, b, cls, q=query: q)
+        best: dict[int, float] = {}
+        for video, score in zip(fs.video_ids(ids).tolist(), (held @ query[0]).tolist()):
+            best[video] = max(best.get(video, -2.0), score)
+        for m in (1, 3, 6):
+            found, scores = ci.first_stage_candidates(index, np.zeros((1, 4)), m)
+            expected = sorted(best, key=lambda v: -best[v])[:m]
+            assert {fs.vector_id(index.entries[c].sha256) for c in found} == set(expected)
+            for clip in found:
+                assert scores[clip] == pytest.approx(best[fs.vector_id(index.entries[clip].sha256)],
+                                                     abs=1e-6)
+            assert found == [c for c in index.clip_ids if c in found]  # the index's order
+
+
+def test_other_anchors_compute_every_vector_again_and_the_same_compute_none(tmp_path, clips):
+    add_embedded(tmp_path / "index", clips[:4], AnchoredStandIn(seed=0))
+    same = AnchoredStandIn(seed=0)
+    add_embedded(tmp_path / "index", clips[:4], same)
+    assert same.calls == 0
+    other = AnchoredStandIn(anchors=3, seed=1)
+    report = add_embedded(tmp_path / "index", clips[:4], other)
+    assert len(report.skipped) == 4 and other.calls == 4
+    index = open_index(tmp_path / "index")
+    assert index.first_stage["slots"] == 4 and index.first_stage_index().ntotal == 16
+    assert index.anchors().digest == other.anchors.digest
+    plain = StandInEmbedder()  # no anchors: one slot again, the anchors file no longer named
+    add_embedded(tmp_path / "index", clips[:4], plain)
+    index = open_index(tmp_path / "index")
+    assert plain.calls == 4 and index.first_stage["slots"] == 1
+    assert index.first_stage["anchors"] is None and index.first_stage_index().ntotal == 4
+    assert not (tmp_path / "index" / fs.ANCHORS_FILE).exists()
+
+
+def test_a_first_stage_of_the_earlier_one_vector_format_counts_as_none_until_rebuilt(
+        tmp_path, clips):
+    add_embedded(tmp_path / "index", clips[:3])
+    index_file = tmp_path / "index" / INDEX_FILE
+    recorded = json.loads(index_file.read_text())
+    for key in ("id_scheme", "slots", "anchors"):
+        del recorded["first_stage"][key]  # as the first version of the first stage wrote it
+    index_file.write_text(json.dumps(recorded))
+    assert open_index(tmp_path / "index").first_stage is None  # queries rank exactly
+    embedder = StandInEmbedder()
+    add_embedded(tmp_path / "index", clips[:3], embedder)
+    index = open_index(tmp_path / "index")
+    assert embedder.calls == 3 and index.first_stage_index().ntotal == 3
+    assert index.first_stage["id_scheme"] == fs.ID_SCHEME
 
 
 def test_the_index_type_is_chosen_by_n_and_updates_keep_every_vector(monkeypatch):

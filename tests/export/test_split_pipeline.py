@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 import export
 from twbert_export.export import legacy
 from twbert_export.artifact.manifest import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
+from twbert_export.retrieval import first_stage as fs
 from twbert_export.retrieval.clip_index import INDEX_FILE, ClipIndex, videos_in
 from twbert_export.export.pipeline import ExportOptions, run_export
 from twbert_export.export.split import GRAPHS
@@ -302,6 +303,44 @@ def test_predict_index_cascade_ranks_the_first_stages_shortlist_as_the_exact_ran
     by_itc = sorted(itc, key=lambda c: -itc[c])
     if set(by_itc[:3]) <= chosen:  # the exact ITM shortlist inside M: the same order
         assert [r["clip"] for r in cascade] == [r["clip"] for r in exact if r["clip"] in chosen]
+
+
+def test_index_anchors_add_a_vector_per_anchor_kept_for_later_runs(artifact, small_val,
+                                                                    tmp_path, capsys):
+    """`index --anchors CAPTIONS`: each video's first stage holds the neutral text's vector and
+    one per anchor, the anchors are kept by the index (a later run without --anchors reuses
+    them, recomputing nothing), and the cascade at M >= N is still the exact ranking."""
+    out, _ = artifact
+    index = tmp_path / "index"
+    videos = videos_in(small_val)
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index, "--anchors",
+                     small_val) == 0
+    stage = json.loads((index / INDEX_FILE).read_text())["first_stage"]
+    captions = [json.loads(line).get("caption") for line in
+                (small_val / "annotations.jsonl").read_text().splitlines()]
+    anchors = min(fs.ANCHORS, len({c for c in captions if c}))
+    assert stage["slots"] == 1 + anchors and stage["anchors"]["count"] == anchors
+    assert stage["vectors"] == len(videos) * stage["slots"]
+    assert f"({stage['slots']} per video, {anchors} anchors)" in capsys.readouterr().out
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index) == 0
+    assert f"unchanged {len(videos)}" in capsys.readouterr().out
+    again = json.loads((index / INDEX_FILE).read_text())["first_stage"]
+    assert again["anchors"] == stage["anchors"] and again["faiss"] == stage["faiss"]
+    caption = next(c for c in captions if c)
+    common = ["--index", index, "--artifact", out, "--text", caption, "--k", 3]
+    exact = predict_json(capsys, *common, "--exact")["ranking"]
+    assert predict_json(capsys, *common, "--shortlist", 100)["ranking"] == exact
+    cascade = predict_json(capsys, *common, "--shortlist", 4)["ranking"]
+    assert len(cascade) == 4 and all(-1 <= r["first_stage_similarity"] <= 1.0001 for r in cascade)
+    # The same captions again: the same anchors (nothing recomputed); a missing source: exit 2.
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index, "--anchors",
+                     small_val) == 0
+    assert json.loads((index / INDEX_FILE).read_text())["first_stage"]["faiss"] == stage["faiss"]
+    capsys.readouterr()
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index, "--anchors",
+                     tmp_path / "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--anchors" in err[0] and "no such file" in err[0], err
 
 
 def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(

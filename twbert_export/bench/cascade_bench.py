@@ -41,8 +41,9 @@ import numpy as np
 
 from ..data.preprocess import encode_tokens, load_video, read_annotations
 from ..retrieval import first_stage as fs
-from ..retrieval.clip_index import ClipEntry, ClipIndex, index_videos, rank, videos_in
-from ..retrieval.gallery import DEFAULT_SHORTLIST, SplitArtifact
+from ..retrieval.clip_index import (ClipEntry, ClipIndex, backfill_first_stage, index_videos,
+                                    rank, videos_in)
+from ..retrieval.gallery import DEFAULT_SHORTLIST, SplitArtifact, read_captions
 from ..util import write_json
 
 K = 50  # predict --index's default k
@@ -53,13 +54,38 @@ def captions(directory: Path) -> list[str]:
 
 
 def build_index(artifact: SplitArtifact, pipeline: Any, videos: list[Path], out: Path,
-                root: Path | None = None) -> tuple[ClipIndex, float]:
+                root: Path | None = None, anchors: fs.Anchors | None = None
+                ) -> tuple[ClipIndex, float]:
     """An index of `videos` made as `export.py index` makes it; (index, seconds)."""
     index = ClipIndex.open(out, artifact.identity, artifact.stem_shape)
     start = time.perf_counter()
     index_videos(index, videos, pipeline, artifact.contracts["video_stem"], root=root,
-                 embedder=artifact.clip_embedder(pipeline))
+                 embedder=artifact.clip_embedder(pipeline, anchors))
     return index, time.perf_counter() - start
+
+
+def bench_anchors(artifact: SplitArtifact, pipeline: Any, source: str | None
+                  ) -> fs.Anchors | None:
+    """The anchors `export.py index --anchors SOURCE` makes, None without --anchors."""
+    return None if source is None else artifact.anchors(pipeline, read_captions(source))
+
+
+def neutral_shortlist(index: ClipIndex, text_cls: np.ndarray, m: int) -> list[str]:
+    """The shortlist of a first stage of slot 0 alone (the neutral text, no anchors), from the
+    index's own vectors: the M clips of highest slot-0 inner product, in the index's order."""
+    vectors, ids = fs.contents(index.first_stage_index())
+    neutral = (ids & (fs.SLOTS_MAX - 1)) == 0
+    score_of = dict(zip(fs.video_ids(ids[neutral]).tolist(),
+                        (vectors[neutral] @ query_vector(index, text_cls)).tolist()))
+    clip_ids = index.clip_ids
+    scores = np.array([score_of[fs.vector_id(index.entries[c].sha256)] for c in clip_ids])
+    keep = set(np.argsort(-scores, kind="stable")[:m].tolist())
+    return [c for i, c in enumerate(clip_ids) if i in keep]
+
+
+def query_vector(index: ClipIndex, text_cls: np.ndarray) -> np.ndarray:
+    weight, bias = index.text_projection()
+    return fs.text_vectors(weight, bias, text_cls)[0]
 
 
 def exact_order(ranked: list) -> list[str]:
@@ -125,7 +151,9 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"gallery": [str(d) for d in args.gallery], "clips": len(videos),
                               "queries": len(queries), "k": K, "m": ms, "candidates": {}}
     with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
-        index, seconds = build_index(artifact, pipeline, videos, work / "index", root=None)
+        anchors = bench_anchors(artifact, pipeline, args.anchors)
+        index, seconds = build_index(artifact, pipeline, videos, work / "index", root=None,
+                                     anchors=anchors)
         print(f"indexed {len(index)} clips in {seconds:.1f}s", flush=True)
         result["index_seconds_per_clip"] = seconds / max(len(index), 1)
         exact, texts, exact_ranked = [], [], []
@@ -173,16 +201,23 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
         # order follows from the exact ITC of every clip and ITM of the candidates' k best
         # (`fuse` run here for those outside the exact k); checked against `rank` itself on
         # the first --check queries.
-        cascade, checked = {}, 0
+        cascade: dict[str, Any] = {}
+        checked = 0
         tokens = [encode_tokens(tokenizer, caption, text_len) for caption in queries]
-        for m in [m for m in ms if m >= K]:
-            shortlists = [fs_candidates(index, text_cls[q:q + 1], m) for q in range(len(queries))]
-            equal, done = cascade_equal(index, pipeline, m, exact_ranked, shortlists, tokens,
-                                        args.check)
-            checked += done
-            cascade[str(m)] = {"top10_equal": equal / len(queries)}
-            print(f"cascade M={m}: top-10 equal to the exact top 10 for {equal}/{len(queries)} "
-                  "queries", flush=True)
+        stages = {"first stage": lambda q, m: fs_candidates(index, text_cls[q:q + 1], m)}
+        if anchors is not None:
+            stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
+                lambda q, m: neutral_shortlist(index, text_cls[q:q + 1], m)
+        for name, shortlist_of in stages.items():
+            for m in [m for m in ms if m >= K]:
+                shortlists = [shortlist_of(q, m) for q in range(len(queries))]
+                equal, done = cascade_equal(index, pipeline, m, exact_ranked,
+                                            shortlists, tokens,
+                                            args.check if name == "first stage" else 0)
+                checked += done
+                cascade.setdefault(name, {})[str(m)] = {"top10_equal": equal / len(queries)}
+                print(f"{name}, cascade M={m}: top-10 equal to the exact top 10 for "
+                      f"{equal}/{len(queries)} queries", flush=True)
         result["cascade_checked_against_rank"] = checked
         result["cascade"] = cascade
         result["first_stage"] = index.first_stage
@@ -196,50 +231,77 @@ def synthetic_clips(count: int, seed: int, frames: int, size: int, video_frames:
     of a train split of `count` clips with `seed`, rendered at the demo's 32 frames of 112x112),
     preprocessed as `load_video` does after decoding (its uniform frame indices, resize,
     normalisation): the H.264 round trip is left out."""
-    from model.data.make_demo import load_photos, plan_split, render_clip
+    from model.data.make_demo import load_photos, render_clip
     from ..data.preprocess import normalize_frame, sample_indices
 
     photos = load_photos(video_size)
     picks = sample_indices(video_frames, frames)
-    for plan in plan_split("train", count, seed):
+    for plan in plan_split_of(count, seed):
         rgb, _ = render_clip(plan, photos, video_frames, video_size)
         yield plan.name, np.stack([normalize_frame(rgb[t], size) for t in picks])
 
 
+def synthetic_gallery(artifact: SplitArtifact, pipeline: Any, index: ClipIndex,
+                      clips: int, seed: int) -> float:
+    """Render and store `clips` clips of the demo generator into `index` (stems only; an index
+    that already holds exactly those clips, from an earlier run with the same --work, is kept).
+    Returns the seconds it took."""
+    names = [plan.name for plan in plan_split_of(clips, seed)]
+    digest = {n: hashlib.sha256(f"synthetic {seed} {n}".encode()).hexdigest() for n in names}
+    if index.clip_ids == names and all(index.entries[n].sha256 == digest[n] for n in names):
+        print(f"  {clips} synthetic clips already in {index.path}: kept", flush=True)
+        return 0.0
+    if len(index):
+        raise ValueError(f"{index.path} holds other clips than {clips} synthetic ones of seed "
+                         f"{seed}: pass another --work")
+    contract = artifact.contracts["video_stem"]
+    start = time.perf_counter()
+    batch: list[tuple[str, np.ndarray]] = []
+    for i, item in enumerate(synthetic_clips(clips, seed, contract.frames, contract.image_size),
+                             start=1):
+        batch.append(item)
+        if len(batch) == 64 or i == clips:
+            stems = pipeline.encode_clips(np.stack([c for _, c in batch]))
+            for (name, _), stem in zip(batch, stems):
+                relative = index.write_stem(digest[name], stem)
+                index.entries[name] = ClipEntry(digest[name], relative,
+                                                *index.stem_record(relative))
+            batch = []
+            if i % 1024 == 0 or i == clips:
+                print(f"  {i}/{clips} clips rendered and stored "
+                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+    index.commit()
+    return time.perf_counter() - start
+
+
+def plan_split_of(clips: int, seed: int) -> Any:
+    from model.data.make_demo import plan_split
+
+    return plan_split("train", clips, seed)
+
+
 def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
     """The recall table on a gallery of --clips synthetic clips, with exact ITC for every
-    (query, clip) pair (`select` on all, as `rank` with shortlist 0) and the first stage's
-    order from the index's FAISS first stage."""
+    (query, clip) pair (`select` on all, as `rank` with shortlist 0), for the index's first
+    stage (with --anchors: the neutral text and the anchors) and, with --anchors, for its slot 0
+    alone (the neutral text: the first stage without anchors)."""
     artifact = SplitArtifact(args.artifact, args.precision)
     ms = [int(m) for m in args.m.split(",")]
     queries = [q for d in args.queries for q in captions(Path(d))][:args.max_queries or None]
     work = Path(args.work or tempfile.mkdtemp(prefix="twbert-cascade-synth-"))
     tokenizer, text_len = artifact.tokenizer(), artifact.manifest.contract.text_len
-    contract = artifact.contracts["video_stem"]
     with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
         index = ClipIndex.open(work / "index", artifact.identity, artifact.stem_shape)
-        index.embedder = artifact.clip_embedder(pipeline)
+        render_s = synthetic_gallery(artifact, pipeline, index, args.clips, args.seed)
+        anchors = bench_anchors(artifact, pipeline, args.anchors)
+        index.embedder = artifact.clip_embedder(pipeline, anchors)
         start = time.perf_counter()
-        batch: list[tuple[str, np.ndarray]] = []
-        clips = synthetic_clips(args.clips, args.seed, contract.frames, contract.image_size)
-        for i, item in enumerate(clips, start=1):
-            batch.append(item)
-            if len(batch) == 64 or i == args.clips:
-                stems = pipeline.encode_clips(np.stack([c for _, c in batch]))
-                for (name, _), stem, vector in zip(batch, stems, index.embedder(pipeline, stems)):
-                    sha = hashlib.sha256(f"synthetic {args.seed} {name}".encode()).hexdigest()
-                    relative = index.write_stem(sha, stem)
-                    index.entries[name] = ClipEntry(sha, relative, *index.stem_record(relative))
-                    index.pending[sha] = vector
-                batch = []
-                if i % 1024 == 0 or i == args.clips:
-                    print(f"  {i}/{args.clips} clips rendered and indexed "
-                          f"({time.perf_counter() - start:.0f}s)", flush=True)
+        backfill_first_stage(index, pipeline, index.clip_ids, 8 * args.batch)
         index.commit()
-        render_s = time.perf_counter() - start
-        clip_ids = index.clip_ids
-        exact, ranked, tokens = [], [], []
-        text_cls = []
+        first_stage_s = time.perf_counter() - start
+        print(f"  first stage ({index.slots} slots) of {len(index)} clips in "
+              f"{first_stage_s:.0f}s", flush=True)
+        exact, ranked, tokens, text_cls = [], [], [], []
         start = time.perf_counter()
         for q, caption in enumerate(queries):
             ids, mask = encode_tokens(tokenizer, caption, text_len)
@@ -250,26 +312,40 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  exact ranking {q + 1}/{len(queries)}  "
                   f"{(time.perf_counter() - start) / (q + 1):.1f} s/query", flush=True)
         exact_s = (time.perf_counter() - start) / max(len(queries), 1)
-        table: dict[str, Any] = {}
-        for m in ms:
-            row = {}
-            shortlists = [fs_candidates(index, cls, m) for cls in text_cls]
-            found = [set(c) for c in shortlists]
-            for top in (1, 10, 50):
-                row[f"top{top}"] = float(np.mean([len(set(ex[:top]) & f) / min(top, len(ex))
-                                                  for ex, f in zip(exact, found)]))
-            if m >= K:  # the cascade end to end (`rank` with shortlist M), as recall_main
-                equal, _ = cascade_equal(index, pipeline, m, ranked, shortlists, tokens, 1)
-                row["top10_equal"] = equal / len(queries)
-            table[str(m)] = row
-            print(f"M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()), flush=True)
-    return {"clips": len(clip_ids), "seed": args.seed, "queries": len(queries), "k": K,
+        stages = {"first stage": lambda cls, m: fs_candidates(index, cls, m)}
+        if anchors is not None:
+            stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
+                lambda cls, m: neutral_shortlist(index, cls, m)
+        recall: dict[str, Any] = {}
+        for name, shortlist_of in stages.items():
+            table: dict[str, Any] = {}
+            for m in ms:
+                shortlists = [shortlist_of(cls, m) for cls in text_cls]
+                row = recall_row(exact, shortlists)
+                if m >= K:  # the cascade end to end (`rank` with shortlist M), as recall_main
+                    equal, _ = cascade_equal(index, pipeline, m, ranked, shortlists, tokens,
+                                             1 if name == "first stage" else 0)
+                    row["top10_equal"] = equal / len(queries)
+                table[str(m)] = row
+                print(f"{name} M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()),
+                      flush=True)
+            recall[name] = table
+    return {"clips": len(index), "seed": args.seed, "queries": len(queries), "k": K,
+            "anchors": args.anchors,
             "generator": "model.data.make_demo plan_split('train', clips, seed) + render_clip "
                          "(32 frames, 112x112), load_video's sampling and normalisation, no "
                          "H.264 round trip",
-            "render_and_index_s": render_s, "exact_seconds_per_query": exact_s,
-            "recall": {f"neutral text {fs.NEUTRAL_TEXT!r}": table},
+            "render_and_store_s": render_s, "first_stage_s": first_stage_s,
+            "exact_seconds_per_query": exact_s, "recall": recall,
             "first_stage": index.first_stage}
+
+
+def recall_row(exact: list[list[str]], shortlists: list[list[str]]) -> dict[str, float]:
+    """How much of each query's exact top 1 / 10 / 50 its shortlist holds, on average."""
+    found = [set(c) for c in shortlists]
+    return {f"top{top}": float(np.mean([len(set(ex[:top]) & f) / min(top, len(ex))
+                                        for ex, f in zip(exact, found)]))
+            for top in (1, 10, 50)}
 
 
 # -- cost against N -----------------------------------------------------------------------------
@@ -277,8 +353,9 @@ def replicated_index(source: ClipIndex, out: Path, n: int, vectors: np.ndarray,
                      rng: np.random.Generator, noise: float, embedder: fs.ClipEmbedder
                      ) -> tuple[ClipIndex, float]:
     """An index of n clips whose entries name `source`'s stem files in turn (copied once into
-    `out`), each its own video hash; its first-stage vectors `vectors` moved by `noise`.
-    Returns (index, seconds of the commit: FAISS build and index.json)."""
+    `out`), each its own video hash; its first-stage vectors `vectors` (per source clip: its
+    slots' vectors) moved by `noise`. Returns (index, seconds of the commit: FAISS build and
+    index.json)."""
     index = ClipIndex.open(out, source.artifact, source.stem_shape, source.stem_dtype)
     base = list(source.entries.values())
     for e in base:
@@ -291,16 +368,17 @@ def replicated_index(source: ClipIndex, out: Path, n: int, vectors: np.ndarray,
         e = base[i % len(base)]
         sha = hashlib.sha256(f"replica {i}".encode()).hexdigest()
         index.entries[f"clip_{i:06d}"] = ClipEntry(sha, e.stem, e.stem_bytes, e.stem_sha256)
-        v = vectors[i % len(base)] + noise * rng.standard_normal(vectors.shape[1])
-        index.pending[sha] = (v / np.linalg.norm(v)).astype(np.float32)
+        v = vectors[i % len(base)] + noise * rng.standard_normal(vectors.shape[1:])
+        index.pending[sha] = fs.normalized(v)
     start = time.perf_counter()
     index.commit()
     return index, time.perf_counter() - start
 
 
 def ivf_recall(index: ClipIndex, pipeline: Any, text_cls: np.ndarray, m: int) -> float:
-    """How much of the exact inner-product top m (a flat index over the same vectors) the
-    index's inverted file returns, over the query texts."""
+    """How much of the exact inner-product top m x slots vectors (what a shortlist of m
+    searches; a flat index over the same vectors) the index's inverted file returns, over the
+    query texts."""
     faiss = fs.faiss_module()
     ivf = index.first_stage_index()
     vectors, ids = fs.contents(ivf)
@@ -308,6 +386,7 @@ def ivf_recall(index: ClipIndex, pipeline: Any, text_cls: np.ndarray, m: int) ->
     flat.add_with_ids(vectors, ids)
     weight, bias = index.text_projection()
     queries = fs.text_vectors(weight, bias, text_cls)
+    m *= index.slots
     _, exact = flat.search(queries, m)
     _, approximate = ivf.search(queries, m)
     return float(np.mean([len(set(e) & set(a)) / m for e, a in zip(exact, approximate)]))
@@ -379,21 +458,24 @@ def cost_main(args: argparse.Namespace) -> dict[str, Any]:
         index_videos(plain, videos, pipeline, artifact.contracts["video_stem"],
                      root=Path(args.source))
         per_clip_plain = (time.perf_counter() - start) / len(plain)
+        anchors = bench_anchors(artifact, pipeline, args.anchors)
         source, seconds = build_index(artifact, pipeline, videos, work / "source",
-                                      root=Path(args.source))
+                                      root=Path(args.source), anchors=anchors)
         per_clip = seconds / len(source)
         print(f"indexing {len(source)} clips: {1000 * per_clip:.1f} ms/clip with the first "
               f"stage, {1000 * per_clip_plain:.1f} ms/clip without", flush=True)
         queries_cls = np.concatenate([
             pipeline.encode_texts(*encode_tokens(tokenizer, c, text_len))["text_cls"]
             for c in captions(Path(args.queries))])
-        vectors, ids_ = fs.contents(source.first_stage_index())
-        by_id = dict(zip(ids_.tolist(), vectors))
-        vectors = np.stack([by_id[fs.vector_id(e.sha256)] for e in source.entries.values()])
+        held, held_ids = fs.contents(source.first_stage_index())
+        by_id = dict(zip(held_ids.tolist(), held))
+        vectors = np.stack([[by_id[i] for i in fs.slot_ids([fs.vector_id(e.sha256)],
+                                                            source.slots)]
+                            for e in source.entries.values()])  # (clips, slots, dim)
         for n in args.n:
             out = work / f"n{n}"
             index, commit_s = replicated_index(source, out, n, vectors, rng, args.noise,
-                                               artifact.clip_embedder(pipeline))
+                                               artifact.clip_embedder(pipeline, anchors))
             # One more batch of 8 new clips appended at this N (what each batch of a run costs).
             for i in range(8):
                 e = next(iter(source.entries.values()))
@@ -465,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int)
         p.add_argument("--batch", type=int, default=8, help="rows per graph run")
         p.add_argument("--work", help="directory for the indexes (default: a new temporary one)")
+        p.add_argument("--anchors", metavar="CAPTIONS",
+                       help="the first stage's anchors made from these captions, as "
+                       "`export.py index --anchors` makes them")
         p.add_argument("--json", help="write the results here")
     r = sub.choices["recall"]
     r.add_argument("--gallery", action="append", required=True, help="a directory of clips")

@@ -134,6 +134,10 @@ class ClipIndex:
             first_stage = d.get("first_stage")
             if first_stage is not None and not isinstance(first_stage, dict):
                 raise TypeError("first_stage is not an object")
+            if first_stage is not None and first_stage.get("id_scheme") != fs.ID_SCHEME:
+                # An earlier version's (one vector per video, no slots): as no first stage, so
+                # queries rank exactly and the next `index` run builds the first stage again.
+                first_stage = None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
                 AttributeError) as e:
             raise ClipIndexError(f"{index_file} is not a readable clip index ({e})") from None
@@ -234,6 +238,8 @@ class ClipIndex:
                 if fs.is_content_named(faiss_file) and \
                         f"{fs.DIRECTORY}/{faiss_file.name}" != kept:
                     faiss_file.unlink(missing_ok=True)
+            if not (stage or {}).get("anchors"):  # ours, no longer named
+                (self.path / fs.ANCHORS_FILE).unlink(missing_ok=True)
         self.entries, self.synced, self.first_stage = merged, dict(merged), stage
         self._faiss, self._text_projection = None, None
 
@@ -243,31 +249,49 @@ class ClipIndex:
         no longer named removed, this run's new ones added, written under a new name (index.json
         names it once written; the old one stays until then). None, the first stage dropped,
         when a named video has no vector (an entry another program added): the next
-        `export.py index` run computes it from the stored stem."""
-        assert self.embedder is not None
-        try:
-            index = None if on_disk is None else self._read_faiss(on_disk)
-        except fs.FirstStageError:  # damaged or replaced: built again from this run's vectors
-            index = None
-        present = set(fs.contents(index)[1].tolist()) if index is not None else set()
+        `export.py index` run computes it from the stored stem. A recorded first stage of other
+        slots or anchors than this run's embedder is not reused: all its videos are pending."""
+        embedder = self.embedder
+        assert embedder is not None
+        index = None
+        if on_disk is not None and fs.same_vectors(on_disk, embedder):
+            try:
+                index = self._read_faiss(on_disk)
+            except fs.FirstStageError:  # damaged or replaced: built again from this run's vectors
+                index = None
+        held = fs.contents(index)[1] if index is not None else np.empty(0, np.int64)
+        videos, counts = np.unique(fs.video_ids(held), return_counts=True)
+        complete = set(videos[counts == embedder.slots].tolist())
         needed = {fs.vector_id(e.sha256): e.sha256 for e in merged.values()}
-        missing = [vid for vid in needed if vid not in present]
+        missing = [vid for vid in needed if vid not in complete]
         if any(needed[vid] not in self.pending for vid in missing):
             return None
-        add_ids = np.array(missing, np.int64)
-        add = (np.stack([self.pending[needed[vid]] for vid in missing]) if missing
-               else np.empty((0, self.embedder.dim), np.float32))
-        index, trained_on = fs.updated(index, self.embedder.dim, present - needed.keys(), add,
+        keep = set(fs.slot_ids(sorted(complete & needed.keys()), embedder.slots).tolist())
+        add_ids = fs.slot_ids(missing, embedder.slots)
+        add = np.concatenate([self.pending_vectors(needed[vid]) for vid in missing]) if missing \
+            else np.empty((0, embedder.dim), np.float32)
+        index, trained_on = fs.updated(index, embedder.dim, set(held.tolist()) - keep, add,
                                        add_ids, int((on_disk or {}).get("trained_on", 0)))
         faiss_file, faiss_sha = fs.write(index, self.path)
-        text_file, text_sha = self.embedder.projections.save_text(self.path)
+        text_file, text_sha = embedder.projections.save_text(self.path)
+        anchors = None if embedder.anchors is None else embedder.anchors.save(self.path)
         self.pending = {}
         return {"embedding": fs.EMBEDDING, "neutral_text": fs.NEUTRAL_TEXT,
-                "dim": self.embedder.dim, "type": fs.kind_of(index),
+                "id_scheme": fs.ID_SCHEME, "slots": embedder.slots, "anchors": anchors,
+                "dim": embedder.dim, "type": fs.kind_of(index), "videos": len(needed),
                 "vectors": int(index.ntotal), "trained_on": trained_on,
                 "nprobe": fs.NPROBE if fs.kind_of(index) == fs.IVF else None,
                 "faiss": faiss_file, "faiss_sha256": faiss_sha,
                 "text_projection": text_file, "text_projection_sha256": text_sha}
+
+    def pending_vectors(self, sha256: str) -> np.ndarray:
+        """A video's pending vectors, (slots, dim), checked against the embedder's slots."""
+        assert self.embedder is not None
+        vectors = np.asarray(self.pending[sha256], np.float32).reshape(-1, self.embedder.dim)
+        if len(vectors) != self.embedder.slots:
+            raise ValueError(f"{len(vectors)} first-stage vectors for video {sha256[:12]}, the "
+                             f"embedder has {self.embedder.slots} slots")
+        return vectors
 
     def _read_faiss(self, stage: dict[str, Any]) -> Any:
         try:
@@ -277,27 +301,43 @@ class ClipIndex:
                                      f"({e!r})") from None
 
     def first_stage_index(self) -> Any:
-        """The first stage's FAISS index, checked: its file's sha256 as recorded, and one
-        vector for each distinct video of the entries (else FirstStageError: it does not match
+        """The first stage's FAISS index, checked: its file's sha256 as recorded, and `slots`
+        vectors for each distinct video of the entries (else FirstStageError: it does not match
         the stems). None when the index has no first stage."""
         if self.first_stage is None:
             return None
         if self._faiss is None:
-            index = self._read_faiss(self.first_stage)
+            stage = self.first_stage
+            index = self._read_faiss(stage)
             videos = {fs.vector_id(e.sha256) for e in self.entries.values()}
-            if index.ntotal != len(videos) or index.ntotal != self.first_stage.get("vectors"):
+            expected = len(videos) * int(stage.get("slots", 0))
+            if index.ntotal != expected or index.ntotal != stage.get("vectors"):
                 raise fs.FirstStageError(
-                    f"{self.path / self.first_stage['faiss']} holds {index.ntotal} vectors, "
-                    f"the index {len(videos)} videos: it does not match the stems; run "
-                    "`export.py index` again to rebuild it")
+                    f"{self.path / stage['faiss']} holds {index.ntotal} vectors, the index "
+                    f"{len(videos)} videos of {stage.get('slots')} slots: it does not match the "
+                    "stems; run `export.py index` again to rebuild it")
             self._faiss = index
         return self._faiss
 
     def first_stage_ids(self) -> set[int]:
-        """The FAISS ids (videos) the committed first stage holds (empty without one)."""
-        if self.first_stage is None:
+        """The videos whose every vector the committed first stage holds, when it holds the
+        vectors this run's embedder makes (empty without one, or with other slots/anchors)."""
+        if self.first_stage is None or (self.embedder is not None and
+                                        not fs.same_vectors(self.first_stage, self.embedder)):
             return set()
-        return set(fs.contents(self._read_faiss(self.first_stage))[1].tolist())
+        held = fs.contents(self._read_faiss(self.first_stage))[1]
+        videos, counts = np.unique(fs.video_ids(held), return_counts=True)
+        return set(videos[counts == self.first_stage.get("slots")].tolist())
+
+    @property
+    def slots(self) -> int:
+        """Vectors per video in the committed first stage (0 without one)."""
+        return int((self.first_stage or {}).get("slots", 0))
+
+    def anchors(self) -> "fs.Anchors | None":
+        """The anchors the committed first stage was made with (checked), None without."""
+        record = (self.first_stage or {}).get("anchors")
+        return None if not record else fs.Anchors.load(self.path, record)
 
     def text_projection(self) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) of the query side, checked against the recorded sha256 (once)."""
@@ -415,7 +455,7 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
     backfilled = False
     if embedder is not None:
         index.embedder = embedder
-        backfilled = _backfill_first_stage(index, pipeline, report.skipped, step)
+        backfilled = backfill_first_stage(index, pipeline, report.skipped, step)
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         stems = pipeline.encode_clips(np.stack([load_video(v, frames, size) for _, v, _ in chunk]))
@@ -442,7 +482,7 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
     return report
 
 
-def _backfill_first_stage(index: ClipIndex, pipeline: "ComposedSplit", unchanged: list[str],
+def backfill_first_stage(index: ClipIndex, pipeline: "ComposedSplit", unchanged: list[str],
                           step: int) -> bool:
     """First-stage vectors, from their stored stems, of the unchanged clips whose video the
     committed FAISS index lacks (all of them when it is missing or damaged). Whether any."""
@@ -488,23 +528,33 @@ def shortlist_problem(shortlist: int, k: int) -> str | None:
 
 def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: int
                            ) -> tuple[list[str], dict[str, float]]:
-    """The `shortlist` clips whose first-stage vectors are nearest the text's (FAISS inner
-    product), in the index's order (so `rank` breaks ties as the exact ranking does), and each
-    one's inner product. Clips of the same video share a vector and are taken together."""
+    """The `shortlist` clips whose first-stage score, the largest inner product of the text's
+    vector with one of their slots' vectors, is highest (FAISS), in the index's order (so `rank`
+    breaks ties as the exact ranking does), and each one's score. Clips of the same video share
+    its vectors and are taken together."""
     faiss_index = index.first_stage_index()
     weight, bias = index.text_projection()
     query = fs.text_vectors(weight, bias, text_cls)
     clips_of: dict[int, list[str]] = {}
     for clip_id, entry in index.entries.items():
         clips_of.setdefault(fs.vector_id(entry.sha256), []).append(clip_id)
-    scores, ids = faiss_index.search(query, min(shortlist, faiss_index.ntotal))
+    # Each video holds `slots` vectors: that many times M nearest vectors hold M videos' best.
+    wanted = min(shortlist * index.slots, faiss_index.ntotal)
+    scores, ids = faiss_index.search(query, wanted)
     found: dict[str, float] = {}
+    seen: set[int] = set()
     for score, vid in zip(scores[0], ids[0]):
         if vid < 0:  # an inverted file probing too few lists returns fewer than asked
             break
-        for clip_id in clips_of[int(vid)]:
+        video = int(vid) >> fs.SLOT_BITS
+        if video in seen:  # its best slot came first (FAISS returns the nearest first)
+            continue
+        seen.add(video)
+        for clip_id in clips_of[video]:
             if len(found) < shortlist:
                 found[clip_id] = float(score)
+        if len(found) >= shortlist:
+            break
     return [c for c in index.clip_ids if c in found], found
 
 
@@ -526,7 +576,8 @@ def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,
     if not len(index):
         return []
     text = pipeline.encode_texts(input_ids, attention_mask)
-    ids, first = index.clip_ids, {}
+    ids = index.clip_ids
+    first: dict[str, float] = {}
     if 0 < shortlist < len(ids) and index.first_stage is not None:
         ids, first = first_stage_candidates(index, text["text_cls"], shortlist)
     step = batch or 8 * pipeline.contracts["select"].batch.max

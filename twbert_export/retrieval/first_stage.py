@@ -3,24 +3,30 @@ index, searched with the query text's ITC vector for a shortlist of M clips, whi
 scores exactly (`select` on the M, `fuse` on the k best of them).
 
 The vectors live in the ITC space the model already has (`TWBert.itc`): a clip's vector is
-normalize(vision_proj(video CLS)) with the video CLS from the `select` graph run once with a
-fixed neutral text (NEUTRAL_TEXT, the empty caption), and the query's is
-normalize(text_proj(text CLS)). Their inner product, divided by the model's temperature, is the
-clip's exact ITC score whenever the query's text makes the selectors keep the frames the neutral
-text kept (docs/benchmarks.md measures how often the exact top k falls inside the first M).
-The two projections are read from the `select` graph's own weights (`Projections`), so nothing
-is re-exported and the model is unchanged.
+normalize(vision_proj(video CLS)) with the video CLS from the `select` graph run with a fixed text,
+and the query's is normalize(text_proj(text CLS)). Their inner product, divided by the model's
+temperature, is the clip's exact ITC score whenever the query's text makes the selectors keep the
+frames that fixed text kept. A clip has one vector per fixed text, its slots: slot 0 the neutral
+text (NEUTRAL_TEXT, the empty caption), slots 1..P the anchors (`Anchors`: k-means centroids of
+the text CLS of captions like the queries, `export.py index --anchors`). A clip's first-stage
+score is the largest over its slots: a caption that makes the selectors keep frames the neutral
+text drops (a cut to another scene, say) finds the clip through the anchor whose selection is
+nearest its own (docs/benchmarks.md measures how often the exact top k falls inside the first M,
+with and without anchors). The two projections are read from the `select` graph's own weights
+(`Projections`), so nothing is re-exported and the model is unchanged.
 
 On disk, beside the stems (index.json's `first_stage` says which files and their sha256):
 
     INDEX/first_stage/<sha256>.faiss     the FAISS index, named by its content
     INDEX/first_stage/text_proj.npz      the text-side projection (what a query needs)
+    INDEX/first_stage/anchors.npy        the anchors' text CLS (P, D), when it has anchors
 
-Each distinct video (sha256) has one vector, its FAISS id the first 60 bits of that sha256, so
-two clip ids of the same file share it. The index type is chosen by the number of vectors:
-exact inner product (`IndexIDMap2(IndexFlatIP)`) up to EXACT_MAX, an inverted file
-(`IndexIVFFlat`, inner product, nlist ~ 4 sqrt(N), nprobe NPROBE) beyond it. Both add and
-remove by id, so a commit changes only the clips it changed.
+Each distinct video (sha256) has `slots` vectors, each with the FAISS id video id * SLOTS_MAX +
+slot (the video id: the first 60 bits of its sha256), so two clip ids of the same file share
+them. The index type is chosen by the number of vectors: exact inner product
+(`IndexIDMap2(IndexFlatIP)`) up to EXACT_MAX, an inverted file (`IndexIVFFlat`, inner product,
+nlist ~ 4 sqrt(N), nprobe NPROBE) beyond it. Both add and remove by id, so a commit changes only
+the clips it changed.
 """
 
 from __future__ import annotations
@@ -36,9 +42,14 @@ import numpy as np
 
 from ..util import atomic_path, file_sha256, require
 
-NEUTRAL_TEXT = ""  # the caption the clip vectors' frame selection is made for
+NEUTRAL_TEXT = ""  # the caption slot 0's frame selection is made for
+ANCHORS = 4  # anchors (slots 1..P) made from --anchors captions (docs/benchmarks.md: P measured)
 DIRECTORY = "first_stage"
 TEXT_PROJECTION = f"{DIRECTORY}/text_proj.npz"
+ANCHORS_FILE = f"{DIRECTORY}/anchors.npy"
+SLOT_BITS = 3  # a vector's FAISS id: its video's 60-bit id, then its slot (int64 holds 63 bits)
+SLOTS_MAX = 1 << SLOT_BITS
+ID_SCHEME = "video*8+slot"  # index.json's word for it; an index without it has one slot, id = video
 EXACT_MAX = 50_000  # vectors up to which the FAISS index is exact (flat inner product)
 NPROBE = 64  # inverted lists an approximate index searches (docs/benchmarks.md: its recall)
 RETRAIN_GROWTH = 4  # an inverted file is trained again once it holds this many times its training set
@@ -107,35 +118,125 @@ def text_vectors(weight: np.ndarray, bias: np.ndarray, text_cls: np.ndarray) -> 
 
 
 def clip_vectors(projections: Projections, pipeline: Any, stems: np.ndarray,
-                 neutral_cls: np.ndarray) -> np.ndarray:
-    """The first-stage vector of each stem (N, T, tokens, D): `select` with the neutral text,
-    its video CLS through `vision_proj`, unit length."""
-    out = pipeline.select(stems, np.repeat(neutral_cls, len(stems), 0))
+                 text_cls: np.ndarray) -> np.ndarray:
+    """The vector of each stem (N, T, tokens, D) for one fixed text (its CLS, (1, D)): `select`
+    with that text, its video CLS through `vision_proj`, unit length."""
+    out = pipeline.select(stems, np.repeat(text_cls, len(stems), 0))
     cls = out["video_embeds"][:, 0].astype(np.float32)
     return normalized(cls @ projections.vision_weight.T + projections.vision_bias)
 
 
-EMBEDDING = "select with the neutral text, vision_proj of the video CLS"
+EMBEDDING = ("one vector per slot (the neutral text, each anchor): select with that text, "
+             "vision_proj of the video CLS; a clip's score the largest of its slots'")
+
+
+@dataclass
+class Anchors:
+    """Slots 1..P: text CLS vectors (P, D) that stand for the captions a gallery is queried with,
+    the k-means centroids of those captions' text CLS (`from_captions`)."""
+    cls: np.ndarray
+    captions: int  # how many captions they were made from
+    captions_sha256: str  # of those captions, in order: the same captions give the same anchors
+
+    @staticmethod
+    def captions_digest(captions: list[str]) -> str:
+        return hashlib.sha256("\n".join(captions).encode()).hexdigest()
+
+    @classmethod
+    def from_captions(cls, captions: list[str], text_cls: np.ndarray,
+                      count: int = ANCHORS) -> "Anchors":
+        """`count` centroids (fewer with fewer distinct captions) of the captions' text CLS."""
+        if not captions:
+            raise FirstStageError("--anchors holds no caption")
+        if len(captions) != len(text_cls):
+            raise ValueError(f"{len(captions)} captions, {len(text_cls)} text CLS rows")
+        vectors = np.ascontiguousarray(text_cls, np.float32)
+        count = min(count, len(np.unique(vectors, axis=0)), SLOTS_MAX - 1)
+        if count == len(vectors):
+            centroids = vectors.copy()
+        else:
+            # min_points_per_centroid 1: a few dozen captions are enough for a handful
+            kmeans = faiss_module().Kmeans(vectors.shape[1], count, niter=50, seed=1234,
+                                           verbose=False, min_points_per_centroid=1)
+            kmeans.train(vectors)
+            centroids = kmeans.centroids.copy()
+        return cls(centroids.astype(np.float32), len(captions), cls.captions_digest(captions))
+
+    @property
+    def digest(self) -> str:
+        """Of the vectors themselves: what tells two sets of anchors apart."""
+        return hashlib.sha256(np.ascontiguousarray(self.cls, np.float32).tobytes()).hexdigest()
+
+    def save(self, index_dir: Path) -> dict[str, Any]:
+        """Write the anchors into the index (atomically); their record for index.json."""
+        path = index_dir / ANCHORS_FILE
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, self.cls, allow_pickle=False)
+        return {"file": ANCHORS_FILE, "sha256": file_sha256(path), "cls_sha256": self.digest,
+                "count": len(self.cls),
+                "captions": self.captions, "captions_sha256": self.captions_sha256}
+
+    @classmethod
+    def load(cls, index_dir: Path, record: dict[str, Any]) -> "Anchors":
+        """The anchors index.json records, checked against their sha256."""
+        try:
+            path = index_dir / record["file"]
+            if not path.is_file() or file_sha256(path) != record["sha256"]:
+                raise FirstStageError(f"{path} is missing or not the anchors this index "
+                                      "recorded; run `export.py index --anchors CAPTIONS` again")
+            return cls(np.load(path, allow_pickle=False).astype(np.float32),
+                       int(record["captions"]), str(record["captions_sha256"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FirstStageError(f"{index_dir}: unreadable first_stage anchors ({e})") from None
 
 
 @dataclass
 class ClipEmbedder:
-    """What `export.py index` needs to keep the first stage: the projections and the neutral
-    text's CLS (the `text` graph's output for NEUTRAL_TEXT)."""
+    """What `export.py index` needs to keep the first stage: the projections, the neutral
+    text's CLS (the `text` graph's output for NEUTRAL_TEXT) and the anchors, if any."""
     projections: Projections
     neutral_cls: np.ndarray  # (1, D)
+    anchors: Anchors | None = None
 
     @property
     def dim(self) -> int:
         return int(self.projections.vision_weight.shape[0])
 
+    @property
+    def slots(self) -> int:
+        return 1 + (0 if self.anchors is None else len(self.anchors.cls))
+
     def __call__(self, pipeline: Any, stems: np.ndarray) -> np.ndarray:
-        return clip_vectors(self.projections, pipeline, stems, self.neutral_cls)
+        """(N, slots, dim): each stem's vector for the neutral text, then for each anchor."""
+        texts = [self.neutral_cls] + ([] if self.anchors is None else
+                                      [a[None] for a in self.anchors.cls])
+        return np.stack([clip_vectors(self.projections, pipeline, stems, t) for t in texts], 1)
+
+
+def same_vectors(stage: dict[str, Any] | None, embedder: Any) -> bool:
+    """Whether a recorded first stage holds the vectors `embedder` makes (same id scheme, slots
+    and anchors): else its vectors are all computed again."""
+    if stage is None or stage.get("id_scheme") != ID_SCHEME or stage.get("slots") != embedder.slots:
+        return False
+    recorded = (stage.get("anchors") or {}).get("cls_sha256")
+    return recorded == (None if embedder.anchors is None else embedder.anchors.digest)
 
 
 def vector_id(sha256: str) -> int:
-    """A video's FAISS id: the first 60 bits of its sha256 (FAISS ids are int64)."""
+    """A video's id: the first 60 bits of its sha256 (its vectors' FAISS ids: `slot_ids`)."""
     return int(sha256[:15], 16)
+
+
+def slot_ids(video_ids: np.ndarray | list[int], slots: int) -> np.ndarray:
+    """The FAISS ids of the videos' vectors, video by video, slot by slot."""
+    videos = np.asarray(video_ids, np.int64)
+    return (videos[:, None] * SLOTS_MAX + np.arange(slots, dtype=np.int64)).reshape(-1)
+
+
+def video_ids(ids: np.ndarray) -> np.ndarray:
+    """The videos of FAISS ids (`slot_ids`)."""
+    return np.asarray(ids, np.int64) >> SLOT_BITS
 
 
 # -- the FAISS index -----------------------------------------------------------------------------

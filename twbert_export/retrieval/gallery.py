@@ -129,10 +129,11 @@ class SplitArtifact:
         """What an index made by this artifact records: the sha256 of its video_stem file."""
         return self.entries["video_stem"].sha256
 
-    def clip_embedder(self, pipeline: ComposedSplit) -> fs.ClipEmbedder:
+    def clip_embedder(self, pipeline: ComposedSplit, anchors: fs.Anchors | None = None
+                      ) -> fs.ClipEmbedder:
         """The first stage's clip side: the ITC projections as the FP32 `select` file holds them
-        (every artifact has it; an INT8 graph's weights are quantized) and the neutral text's
-        CLS from this precision's `text` graph."""
+        (every artifact has it; an INT8 graph's weights are quantized), the neutral text's CLS
+        from this precision's `text` graph, and `anchors` (slots 1..P) if given."""
         fp32 = self.manifest.file("fp32", "select") or self.entries["select"]
         path = self.dir / fp32.path
         if not path.is_file() or file_sha256(path) != fp32.sha256:
@@ -140,7 +141,17 @@ class SplitArtifact:
                                      "(sha256): the first stage reads its ITC projections")
         projections = fs.Projections.from_select_graph(path)
         ids, mask = encode_text(self, fs.NEUTRAL_TEXT)
-        return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"])
+        return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"], anchors)
+
+    def anchors(self, pipeline: ComposedSplit, captions: list[str]) -> fs.Anchors:
+        """The first stage's anchors made from `captions` (their text CLS, k-means)."""
+        tokenizer, text_len = self.tokenizer(), self.manifest.contract.text_len
+        from ..data.preprocess import encode_tokens
+
+        tokens = [encode_tokens(tokenizer, c, text_len) for c in captions]
+        text_cls = pipeline.encode_texts(np.concatenate([t[0] for t in tokens]),
+                                         np.concatenate([t[1] for t in tokens]))["text_cls"]
+        return fs.Anchors.from_captions(captions, text_cls)
 
     @property
     def stem_shape(self) -> tuple[int | str, ...]:
@@ -181,9 +192,16 @@ def index_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", action="store_true",
                     help="run the TensorRT engines built beside the .onnx files")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--anchors", metavar="CAPTIONS",
+                    help="captions like the queries the index will get (a data directory's "
+                    "annotations.jsonl, or a text file, one per line): the first stage also "
+                    f"keeps each clip's vector for {fs.ANCHORS} anchor texts made from them, "
+                    "so captions whose frame selection differs from a neutral one's still find "
+                    "their clips (docs/benchmarks.md); kept by the index for later runs")
     args = ap.parse_args(argv)
     try:
         artifact = SplitArtifact(args.artifact, args.precision, args.engines)
+        anchor_captions = read_captions(args.anchors) if args.anchors else None
         videos_dir = Path(args.videos)
         if not videos_dir.is_dir():
             raise ValueError(f"--videos {videos_dir} is not a directory")
@@ -214,9 +232,10 @@ def index_main(argv: list[str] | None = None) -> int:
     stopping = (VideoDecodeError, ClipIndexError, fs.FirstStageError) + _runtime_errors()
     try:
         with artifact.pipeline(args.threads) as pipeline:
+            anchors = index_anchors(artifact, pipeline, index, anchor_captions)
             report = index_videos(index, videos, pipeline, artifact.contracts["video_stem"],
                                   root=videos_dir, progress=progress,
-                                  embedder=artifact.clip_embedder(pipeline))
+                                  embedder=artifact.clip_embedder(pipeline, anchors))
     except stopping as e:
         return _bad_input(e, f"clips stored before it are kept in {args.out}", INDEX_HINT)
     print(f"added {len(report.added)}, replaced {len(report.replaced)}, unchanged "
@@ -224,11 +243,52 @@ def index_main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - start:.1f}s)")
     if index.first_stage is not None:
         stage = index.first_stage
-        print(f"first stage: {stage['vectors']} vectors, FAISS {stage['type']} "
-              f"({stage['faiss']})")
+        anchors_note = f", {stage['anchors']['count']} anchors" if stage.get("anchors") else ""
+        print(f"first stage: {stage['vectors']} vectors ({stage['slots']} per video"
+              f"{anchors_note}), FAISS {stage['type']} ({stage['faiss']})")
     print(f"next: python export.py predict --index {args.out} --artifact {args.artifact} "
           "--text \"a caption\"")
     return 0
+
+
+def read_captions(source: str | Path) -> list[str]:
+    """The captions of a data directory (its annotations.jsonl) or of a text file (one per
+    non-blank line)."""
+    source = Path(source)
+    if source.is_dir():
+        from ..data.preprocess import read_annotations
+
+        captions = [r["caption"] for r in read_annotations(source) if r.get("caption")]
+    elif source.is_file():
+        try:
+            captions = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--anchors {source}: unreadable ({e})") from None
+    else:
+        raise ValueError(f"--anchors {source}: no such file or directory")
+    if not captions:
+        raise ValueError(f"--anchors {source} holds no caption")
+    return captions
+
+
+def index_anchors(artifact: SplitArtifact, pipeline: ComposedSplit, index: ClipIndex,
+                  captions: list[str] | None) -> fs.Anchors | None:
+    """The anchors this run indexes with: those the index keeps unless `captions` are others
+    than it was made with (then new ones, and every stored clip's vectors computed again)."""
+    try:
+        kept = index.anchors()
+    except fs.FirstStageError:
+        if captions is None:
+            raise
+        kept = None  # damaged: made again from the captions given
+    if captions is None or (kept is not None and
+                            kept.captions_sha256 == fs.Anchors.captions_digest(captions)):
+        return kept
+    anchors = artifact.anchors(pipeline, captions)
+    if index.first_stage is not None and len(index):
+        print(f"first stage: new anchors from {len(captions)} captions; the vectors of the "
+              f"{len(index)} stored clips are computed again from their stems", flush=True)
+    return anchors
 
 
 def _runtime_errors() -> tuple[type[Exception], ...]:
@@ -358,9 +418,9 @@ def predict_index_main(argv: list[str]) -> int:
             if args.text is not None:
                 if shortlist and index.first_stage is None and len(index) > shortlist \
                         and not is_shard(args.index):  # shards rank exactly
-                    print(f"note: {args.index} has no first stage (made before it, or by "
-                          "another program): every clip ranked exactly; `export.py index` "
-                          "into it adds the first stage", file=sys.stderr)
+                    print(f"note: {args.index} has no first stage (made before it, by an "
+                          "earlier version, or by another program): every clip ranked exactly; "
+                          "`export.py index` into it adds the first stage", file=sys.stderr)
                 result = ranking(artifact, index, pipeline, args.text, args.k, shortlist)
             else:
                 result = answers(artifact, index, pipeline, args.question, args.clip)
