@@ -346,6 +346,8 @@ def test_the_index_type_is_chosen_by_n_and_updates_keep_every_vector(monkeypatch
     # An approximate search still finds a stored vector as its own nearest.
     _, found = index.search(vectors[5:6], 1)
     assert found[0, 0] == ids[5]
+    # The type counts videos: 5 slots of 250 videos (1,250 vectors) stay exact at 300.
+    assert fs.index_type(1250, slots=5) == fs.FLAT and fs.index_type(1505, slots=5) == fs.IVF
 
 
 def test_a_shortlist_smaller_than_k_is_refused_and_zero_is_exact():

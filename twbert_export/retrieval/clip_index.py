@@ -271,7 +271,8 @@ class ClipIndex:
         add = np.concatenate([self.pending_vectors(needed[vid]) for vid in missing]) if missing \
             else np.empty((0, embedder.dim), np.float32)
         index, trained_on = fs.updated(index, embedder.dim, set(held.tolist()) - keep, add,
-                                       add_ids, int((on_disk or {}).get("trained_on", 0)))
+                                       add_ids, int((on_disk or {}).get("trained_on", 0)),
+                                       embedder.slots)
         faiss_file, faiss_sha = fs.write(index, self.path)
         text_file, text_sha = embedder.projections.save_text(self.path)
         anchors = None if embedder.anchors is None else embedder.anchors.save(self.path)

@@ -23,9 +23,9 @@ On disk, beside the stems (index.json's `first_stage` says which files and their
 
 Each distinct video (sha256) has `slots` vectors, each with the FAISS id video id * SLOTS_MAX +
 slot (the video id: the first 60 bits of its sha256), so two clip ids of the same file share
-them. The index type is chosen by the number of vectors: exact inner product
+them. The index type is chosen by the number of videos: exact inner product
 (`IndexIDMap2(IndexFlatIP)`) up to EXACT_MAX, an inverted file (`IndexIVFFlat`, inner product,
-nlist ~ 4 sqrt(N), nprobe NPROBE) beyond it. Both add and remove by id, so a commit changes only
+nlist ~ 4 sqrt(vectors), nprobe NPROBE) beyond it. Both add and remove by id, so a commit changes only
 the clips it changed.
 """
 
@@ -50,7 +50,7 @@ ANCHORS_FILE = f"{DIRECTORY}/anchors.npy"
 SLOT_BITS = 3  # a vector's FAISS id: its video's 60-bit id, then its slot (int64 holds 63 bits)
 SLOTS_MAX = 1 << SLOT_BITS
 ID_SCHEME = "video*8+slot"  # index.json's word for it; an index without it has one slot, id = video
-EXACT_MAX = 50_000  # vectors up to which the FAISS index is exact (flat inner product)
+EXACT_MAX = 50_000  # videos up to which the FAISS index is exact (flat inner product)
 NPROBE = 64  # inverted lists an approximate index searches (docs/benchmarks.md: its recall)
 RETRAIN_GROWTH = 4  # an inverted file is trained again once it holds this many times its training set
 FLAT, IVF = "flat-ip", "ivf-flat-ip"
@@ -240,20 +240,23 @@ def video_ids(ids: np.ndarray) -> np.ndarray:
 
 
 # -- the FAISS index -----------------------------------------------------------------------------
-def index_type(n: int) -> str:
-    return FLAT if n <= EXACT_MAX else IVF
+def index_type(vectors: int, slots: int = 1) -> str:
+    """Flat up to EXACT_MAX videos (whatever their slots: a flat search over 5 x 50,000 vectors
+    still takes milliseconds), an inverted file beyond."""
+    return FLAT if vectors <= EXACT_MAX * slots else IVF
 
 
 def nlist_for(n: int) -> int:
     return max(1, int(4 * math.sqrt(n)))
 
 
-def build(vectors: np.ndarray, ids: np.ndarray) -> Any:
-    """A FAISS index of the type for len(vectors) holding them under `ids`."""
+def build(vectors: np.ndarray, ids: np.ndarray, slots: int = 1) -> Any:
+    """A FAISS index of the type for len(vectors) (`slots` per video) holding them under
+    `ids`."""
     faiss = faiss_module()
     vectors = np.ascontiguousarray(vectors, np.float32)
     dim = vectors.shape[1]
-    if index_type(len(vectors)) == FLAT:
+    if index_type(len(vectors), slots) == FLAT:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     else:
         quantizer = faiss.IndexFlatIP(dim)
@@ -293,10 +296,11 @@ def kind_of(index: Any) -> str:
 
 
 def updated(index: Any | None, dim: int, remove: Iterable[int], add_vectors: np.ndarray,
-            add_ids: np.ndarray, trained_on: int) -> tuple[Any, int]:
+            add_ids: np.ndarray, trained_on: int, slots: int = 1) -> tuple[Any, int]:
     """The index with `remove` taken out and the new vectors added; rebuilt (as `build` chooses
-    for the new size) when that changes the type or an inverted file has outgrown its
-    training. Returns (index, how many vectors its type was chosen / trained for)."""
+    for the new size, `slots` vectors per video) when that changes the type or an inverted file
+    has outgrown its training. Returns (index, how many vectors its type was chosen / trained
+    for)."""
     faiss = faiss_module()
     remove = np.fromiter(remove, np.int64)
     if index is None:
@@ -306,11 +310,11 @@ def updated(index: Any | None, dim: int, remove: Iterable[int], add_vectors: np.
         index.remove_ids(faiss.IDSelectorBatch(remove))
     n = index.ntotal + len(add_ids)
     kind = kind_of(index)
-    if kind != index_type(n) or (kind == IVF and n > RETRAIN_GROWTH * trained_on):
+    if kind != index_type(n, slots) or (kind == IVF and n > RETRAIN_GROWTH * trained_on):
         vectors, ids = contents(index)
         if len(add_ids):
             vectors, ids = np.concatenate([vectors, add_vectors]), np.concatenate([ids, add_ids])
-        return build(vectors, ids), len(ids)
+        return build(vectors, ids, slots), len(ids)
     if len(add_ids):
         index.add_with_ids(np.ascontiguousarray(add_vectors, np.float32),
                            np.ascontiguousarray(add_ids, np.int64))
