@@ -14,7 +14,10 @@ vectors), ranks each query caption exactly (`clip_index.rank`, shortlist 0: `sel
 clip, `fuse` on the k best) and reports, for each first-stage embedding candidate (the neutral
 texts in --neutral; a zero text CLS) and each M, how often the exact ranking's top 1 / 10 / 50
 fall inside the first stage's M nearest; then, for the index's own first stage, whether the
-cascade's top 10 (`rank` with shortlist M) equals the exact top 10.
+cascade's top 10 (`rank` with shortlist M) equals the exact top 10. With --anchors CAPTIONS the
+index's first stage has the anchors `export.py index --anchors` makes, and the cascade rows are
+given for it and for its neutral slot alone (the first stage without anchors); `synthetic` does
+the same on a gallery it renders (kept in --work and reused by the next run with that --work).
 
 `cost` makes indexes of N clips from the stems and first-stage vectors of --source's clips,
 repeated (each repetition its own clip id and video hash, the stem file shared; its vector
