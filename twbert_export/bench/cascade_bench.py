@@ -73,22 +73,22 @@ def bench_anchors(artifact: SplitArtifact, pipeline: Any, source: str | None
     return None if source is None else artifact.anchors(pipeline, read_captions(source))
 
 
-def neutral_shortlist(index: ClipIndex, text_cls: np.ndarray, m: int) -> list[str]:
-    """The shortlist of a first stage of slot 0 alone (the neutral text, no anchors), from the
-    index's own vectors: the M clips of highest slot-0 inner product, in the index's order."""
+def neutral_vectors(index: ClipIndex) -> np.ndarray:
+    """Each clip's slot-0 vector (the neutral text's), in the index's order, from its FAISS."""
     vectors, ids = fs.contents(index.first_stage_index())
-    neutral = (ids & (fs.SLOTS_MAX - 1)) == 0
-    score_of = dict(zip(fs.video_ids(ids[neutral]).tolist(),
-                        (vectors[neutral] @ query_vector(index, text_cls)).tolist()))
-    clip_ids = index.clip_ids
-    scores = np.array([score_of[fs.vector_id(index.entries[c].sha256)] for c in clip_ids])
-    keep = set(np.argsort(-scores, kind="stable")[:m].tolist())
-    return [c for i, c in enumerate(clip_ids) if i in keep]
+    slot0 = (ids & (fs.SLOTS_MAX - 1)) == 0
+    row_of = dict(zip(fs.video_ids(ids[slot0]).tolist(), vectors[slot0]))
+    return np.stack([row_of[fs.vector_id(index.entries[c].sha256)] for c in index.clip_ids])
 
 
-def query_vector(index: ClipIndex, text_cls: np.ndarray) -> np.ndarray:
+def neutral_shortlist(index: ClipIndex, neutral: np.ndarray, text_cls: np.ndarray,
+                      m: int) -> list[str]:
+    """The shortlist of a first stage of slot 0 alone (the neutral text, no anchors;
+    `neutral_vectors`): the M clips of highest slot-0 inner product, in the index's order."""
     weight, bias = index.text_projection()
-    return fs.text_vectors(weight, bias, text_cls)[0]
+    scores = neutral @ fs.text_vectors(weight, bias, text_cls)[0]
+    keep = set(np.argsort(-scores, kind="stable")[:m].tolist())
+    return [c for i, c in enumerate(index.clip_ids) if i in keep]
 
 
 def exact_order(ranked: list) -> list[str]:
@@ -209,8 +209,9 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
         tokens = [encode_tokens(tokenizer, caption, text_len) for caption in queries]
         stages = {"first stage": lambda q, m: fs_candidates(index, text_cls[q:q + 1], m)}
         if anchors is not None:
+            neutral = neutral_vectors(index)
             stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
-                lambda q, m: neutral_shortlist(index, text_cls[q:q + 1], m)
+                lambda q, m: neutral_shortlist(index, neutral, text_cls[q:q + 1], m)
         for name, shortlist_of in stages.items():
             for m in [m for m in ms if m >= K]:
                 shortlists = [shortlist_of(q, m) for q in range(len(queries))]
@@ -317,8 +318,9 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
         exact_s = (time.perf_counter() - start) / max(len(queries), 1)
         stages = {"first stage": lambda cls, m: fs_candidates(index, cls, m)}
         if anchors is not None:
+            neutral = neutral_vectors(index)
             stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
-                lambda cls, m: neutral_shortlist(index, cls, m)
+                lambda cls, m: neutral_shortlist(index, neutral, cls, m)
         recall: dict[str, Any] = {}
         for name, shortlist_of in stages.items():
             table: dict[str, Any] = {}

@@ -260,8 +260,7 @@ class ClipIndex:
             except fs.FirstStageError:  # damaged or replaced: built again from this run's vectors
                 index = None
         held = fs.contents(index)[1] if index is not None else np.empty(0, np.int64)
-        videos, counts = np.unique(fs.video_ids(held), return_counts=True)
-        complete = set(videos[counts == embedder.slots].tolist())
+        complete = fs.complete_videos(held, embedder.slots)
         needed = {fs.vector_id(e.sha256): e.sha256 for e in merged.values()}
         missing = [vid for vid in needed if vid not in complete]
         if any(needed[vid] not in self.pending for vid in missing):
@@ -326,9 +325,7 @@ class ClipIndex:
         if self.first_stage is None or (self.embedder is not None and
                                         not fs.same_vectors(self.first_stage, self.embedder)):
             return set()
-        held = fs.contents(self._read_faiss(self.first_stage))[1]
-        videos, counts = np.unique(fs.video_ids(held), return_counts=True)
-        return set(videos[counts == self.first_stage.get("slots")].tolist())
+        return fs.complete_videos(fs.contents(self._read_faiss(self.first_stage))[1], self.slots)
 
     @property
     def slots(self) -> int:
@@ -544,10 +541,9 @@ def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: in
     scores, ids = faiss_index.search(query, wanted)
     found: dict[str, float] = {}
     seen: set[int] = set()
-    for score, vid in zip(scores[0], ids[0]):
+    for score, vid, video in zip(scores[0], ids[0], fs.video_ids(ids[0]).tolist()):
         if vid < 0:  # an inverted file probing too few lists returns fewer than asked
             break
-        video = int(vid) >> fs.SLOT_BITS
         if video in seen:  # its best slot came first (FAISS returns the nearest first)
             continue
         seen.add(video)

@@ -239,6 +239,12 @@ def video_ids(ids: np.ndarray) -> np.ndarray:
     return np.asarray(ids, np.int64) >> SLOT_BITS
 
 
+def complete_videos(ids: np.ndarray, slots: int) -> set[int]:
+    """The videos of which FAISS ids `ids` hold all `slots` vectors."""
+    videos, counts = np.unique(video_ids(ids), return_counts=True)
+    return set(videos[counts == slots].tolist())
+
+
 # -- the FAISS index -----------------------------------------------------------------------------
 def index_type(vectors: int, slots: int = 1) -> str:
     """Flat up to EXACT_MAX videos (whatever their slots: a flat search over 5 x 50,000 vectors
