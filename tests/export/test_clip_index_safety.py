@@ -157,13 +157,20 @@ class StandInEmbedder:
         self.projections = fs.Projections(w, np.zeros(DIM, np.float32), w,
                                           np.zeros(DIM, np.float32))
         self.dim = DIM
-        self.slots, self.anchors = 1, None
+        self.slots, self.anchors, self.selection = 1, None, None
         self.calls = 0
+
+    @property
+    def slots_digest(self):
+        return f"stand-in {self.anchors.digest if self.anchors else None}"
 
     def __call__(self, pipeline, stems):
         self.calls += len(stems)
         features = stems.reshape(len(stems), -1, STEM_SHAPE[-1]).mean(1) + np.arange(DIM)[None]
         return fs.normalized(features @ self.projections.vision_weight.T)
+
+    def embed(self, pipeline, stems):
+        return self(pipeline, stems), None  # no step two (`selection_stage`)
 
 
 def add_embedded(path: Path, clips: list[Path], embedder=None):

@@ -16,7 +16,10 @@ import export
 from twbert_export.export import legacy
 from twbert_export.artifact.manifest import DEFAULT_FLAVOUR, TRT8_FLAVOUR, Manifest, Report
 from twbert_export.retrieval import first_stage as fs
-from twbert_export.retrieval.clip_index import INDEX_FILE, ClipIndex, videos_in
+from twbert_export.retrieval import selection_stage as ss
+from twbert_export.retrieval.clip_index import (INDEX_FILE, ClipIndex, MissingSelectionsWarning,
+                                                first_stage_candidates, videos_in)
+from twbert_export.retrieval.gallery import SplitArtifact, encode_text
 from twbert_export.export.pipeline import ExportOptions, run_export
 from twbert_export.export.split import GRAPHS
 from twbert_export.util import file_sha256
@@ -341,6 +344,67 @@ def test_index_anchors_add_a_vector_per_anchor_kept_for_later_runs(artifact, sma
                      tmp_path / "none") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--anchors" in err[0] and "no such file" in err[0], err
+
+
+def test_step_two_scores_a_clip_as_select_does_and_a_damaged_file_is_written_again(
+        artifact, small_val, tmp_path, capsys):
+    """The first stage's step two (`selection_stage`): `index` writes one selections file per
+    video; a clip whose first selector's choice for the caption is stored gets the cosine the
+    `select` graph gives it (to FP16 rounding); a damaged file leaves its video to FAISS, with
+    a warning, and the next `index` run writes it again."""
+    out, _ = artifact
+    index_dir = tmp_path / "index"
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index_dir, "--anchors",
+                     small_val) == 0
+    record = json.loads((index_dir / INDEX_FILE).read_text())["first_stage"]["selection"]
+    files = sorted((index_dir / ss.DIRECTORY).glob(f"*{ss.SUFFIX}"))
+    assert len(files) == len({file_sha256(v) for v in videos_in(small_val)})
+    art = SplitArtifact.for_index(out, index_dir)
+    assert record["keep"] == art.manifest.model_config["selector"]["keep"]
+    index = ClipIndex.open(index_dir, art.identity, art.stem_shape)
+    caption = json.loads((small_val / "annotations.jsonl").read_text().splitlines()[0])["caption"]
+    with art.pipeline() as pipeline:
+        ids, mask = encode_text(art, caption)
+        text_cls = pipeline.encode_texts(ids, mask)["text_cls"]
+        query = fs.text_vectors(*index.text_projection(), text_cls)[0]
+        clips = index.clip_ids
+        graph = pipeline.select(index.stems(clips), np.repeat(text_cls, len(clips), 0))
+        vision = art.clip_embedder(pipeline).projections
+    cosine = fs.normalized(graph["video_embeds"][:, 0].astype(np.float32) @ vision.vision_weight.T
+                           + vision.vision_bias) @ query
+    scores, exact = ss.scores(index.selection_side(), text_cls, query,
+                              [index.video_selections(index.entries[c].sha256) for c in clips])
+    assert exact.sum() >= len(clips) // 2, exact
+    np.testing.assert_allclose(scores[exact], cosine[exact], atol=2e-3)
+
+    files[0].write_bytes(b"damaged")
+    with pytest.warns(MissingSelectionsWarning, match="1 of the"):
+        candidates, _ = first_stage_candidates(index, text_cls, len(clips))
+    assert len(candidates) == len(clips)  # its video still pooled, by its FAISS score
+    assert index_cli("--artifact", out, "--videos", small_val, "--out", index_dir) == 0
+    assert ss.VideoSelections.load(index_dir, files[0].stem, record["slots_sha256"]) is not None
+
+
+def test_a_select_graph_step_two_cannot_read_leaves_the_first_stage_to_faiss(
+        artifact, small_val, tmp_path, capsys, monkeypatch):
+    """A select graph whose inner tensors step two does not find: `index` warns, says `no step
+    two`, keeps the FAISS first stage, and the cascade still ranks."""
+    out, _ = artifact
+
+    def unreadable(*args, **kwargs):
+        raise ss.SelectionStageError("selector 2's LayerNorm not found")
+
+    monkeypatch.setattr(ss, "SelectionProbe", unreadable)
+    index_dir = tmp_path / "index"
+    with pytest.warns(UserWarning, match="no step two for the first stage"):
+        assert index_cli("--artifact", out, "--videos", small_val, "--out", index_dir) == 0
+    assert "no step two" in capsys.readouterr().out
+    stage = json.loads((index_dir / INDEX_FILE).read_text())["first_stage"]
+    assert stage["selection"] is None and not (index_dir / ss.DIRECTORY).exists()
+    caption = json.loads((small_val / "annotations.jsonl").read_text().splitlines()[0])["caption"]
+    cascade = predict_json(capsys, "--index", index_dir, "--artifact", out, "--text", caption,
+                           "--k", 3, "--shortlist", 4)["ranking"]
+    assert len(cascade) == 4
 
 
 def test_predict_index_on_engines_runs_each_graphs_engine_with_its_onnx_hash(

@@ -43,6 +43,7 @@ from ..validation.metrics import rerank, softmax
 from ..data.preprocess import load_video
 from ..util import atomic_path, file_sha256, write_json
 from . import first_stage as fs
+from . import selection_stage as ss
 
 if TYPE_CHECKING:
     from ..validation.composed import ComposedSplit
@@ -102,6 +103,7 @@ class ClipIndex:
         self.pending: dict[str, np.ndarray] = {}  # first-stage vector by video sha256
         self._faiss: Any = None
         self._text_projection: tuple[np.ndarray, np.ndarray] | None = None
+        self._query_side: ss.QuerySide | None = None
 
     @classmethod
     def open(cls, path: str | Path, artifact: str, stem_shape: Iterable[int | str],
@@ -241,7 +243,7 @@ class ClipIndex:
             if not (stage or {}).get("anchors"):  # ours, no longer named
                 (self.path / fs.ANCHORS_FILE).unlink(missing_ok=True)
         self.entries, self.synced, self.first_stage = merged, dict(merged), stage
-        self._faiss, self._text_projection = None, None
+        self._faiss, self._text_projection, self._query_side = None, None, None
 
     def _commit_first_stage(self, merged: dict[str, ClipEntry],
                             on_disk: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -276,13 +278,25 @@ class ClipIndex:
         text_file, text_sha = embedder.projections.save_text(self.path)
         anchors = None if embedder.anchors is None else embedder.anchors.save(self.path)
         self.pending = {}
+        selection = None
+        if embedder.selection is not None:
+            weights_file, weights_sha = embedder.selection.weights.save_query_side(self.path)
+            selection = {"format": ss.FORMAT, "directory": ss.DIRECTORY,
+                         "slots_sha256": embedder.slots_digest, "weights": weights_file,
+                         "weights_sha256": weights_sha,
+                         "keep": list(embedder.selection.weights.keep),
+                         "pool_factor": ss.POOL_FACTOR}
+        elif on_disk is not None and (on_disk.get("selection") or {}).get("slots_sha256") \
+                == embedder.slots_digest:
+            selection = on_disk["selection"]  # this run's clips lack theirs: FAISS scores them
         return {"embedding": fs.EMBEDDING, "neutral_text": fs.NEUTRAL_TEXT,
                 "id_scheme": fs.ID_SCHEME, "slots": embedder.slots, "anchors": anchors,
                 "dim": embedder.dim, "type": fs.kind_of(index), "videos": len(needed),
                 "vectors": int(index.ntotal), "trained_on": trained_on,
                 "nprobe": fs.NPROBE if fs.kind_of(index) == fs.IVF else None,
                 "faiss": faiss_file, "faiss_sha256": faiss_sha,
-                "text_projection": text_file, "text_projection_sha256": text_sha}
+                "text_projection": text_file, "text_projection_sha256": text_sha,
+                "selection": selection}
 
     def pending_vectors(self, sha256: str) -> np.ndarray:
         """A video's pending vectors, (slots, dim), checked against the embedder's slots."""
@@ -351,6 +365,36 @@ class ClipIndex:
                 self._text_projection = d["weight"], d["bias"]
         return self._text_projection
 
+    def selection_side(self) -> ss.QuerySide | None:
+        """Step two's query side (`selection_stage`), checked against its recorded sha256
+        (once); None when the first stage has no step two."""
+        record = (self.first_stage or {}).get("selection")
+        if not record:
+            return None
+        if self._query_side is None:
+            path = self.path / record["weights"]
+            if not path.is_file() or file_sha256(path) != record["weights_sha256"]:
+                raise fs.FirstStageError(f"{path} is missing or not the selectors' weights this "
+                                         "index recorded; run `export.py index` again to "
+                                         "rebuild it")
+            self._query_side = ss.QuerySide.load(path)
+        return self._query_side
+
+    def video_selections(self, sha256: str) -> ss.VideoSelections | None:
+        """A video's stored selections for step two, None when its file is missing, damaged or
+        of other slots (the clip is then scored by FAISS alone)."""
+        record = (self.first_stage or {}).get("selection") or {}
+        return ss.VideoSelections.load(self.path, sha256, str(record.get("slots_sha256")))
+
+    def store_embedded(self, shas: list[str], vectors: np.ndarray,
+                       selections: list[ss.VideoSelections] | None) -> None:
+        """Keep videos' first-stage vectors for the next commit; write their selections now
+        (atomically, before the commit names them, like stems)."""
+        assert self.embedder is not None
+        self.pending.update(zip(shas, vectors))
+        for sha, selection in zip(shas, selections or []):
+            selection.save(self.path, sha, self.embedder.slots_digest)
+
     def load_first_stage(self) -> None:
         """Read and check the first stage now, and keep it: a server does so before it answers,
         since a later `export.py index` into the index replaces the files index.json named when
@@ -358,6 +402,7 @@ class ClipIndex:
         if self.first_stage is not None:
             self.first_stage_index()
             self.text_projection()
+            self.selection_side()
 
     def _read_entries(self) -> tuple[dict[str, ClipEntry], dict[str, Any] | None]:
         """The entries and first stage index.json holds now ({} and None before the first
@@ -458,7 +503,7 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
         chunk = todo[start:start + step]
         stems = pipeline.encode_clips(np.stack([load_video(v, frames, size) for _, v, _ in chunk]))
         if embedder is not None:
-            index.pending.update(zip((sha for _, _, sha in chunk), embedder(pipeline, stems)))
+            index.store_embedded([sha for _, _, sha in chunk], *embedder.embed(pipeline, stems))
         written = {}
         for (clip_id, _, sha), stem in zip(chunk, stems):
             relative = index.write_stem(sha, stem)
@@ -473,6 +518,9 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
         for stale in old_files:
             if stale not in still_named:
                 (index.path / stale).unlink(missing_ok=True)
+                # its video's step-two file (named by the same sha256), ours
+                selections = index.path / ss.DIRECTORY / f"{Path(stale).stem}{ss.SUFFIX}"
+                selections.unlink(missing_ok=True)
         if progress:
             progress(report, len(todo))
     if not index.path.joinpath(INDEX_FILE).is_file() or (backfilled and not todo):
@@ -483,22 +531,30 @@ def index_videos(index: ClipIndex, videos: Iterable[str | Path], pipeline: "Comp
 def backfill_first_stage(index: ClipIndex, pipeline: "ComposedSplit", unchanged: list[str],
                           step: int) -> bool:
     """First-stage vectors, from their stored stems, of the unchanged clips whose video the
-    committed FAISS index lacks (all of them when it is missing or damaged). Whether any."""
-    assert index.embedder is not None
+    committed FAISS index lacks (all of them when it is missing or damaged), or, when the
+    embedder has step two, whose selections file is missing, damaged or of other slots.
+    Whether any."""
+    embedder = index.embedder
+    assert embedder is not None
     try:
         present = index.first_stage_ids()
     except fs.FirstStageError:
         present = set()
+    digest = embedder.slots_digest
     by_video: dict[str, str] = {}
     for clip_id in unchanged:
         sha = index.entries[clip_id].sha256
-        if fs.vector_id(sha) not in present:
-            by_video.setdefault(sha, clip_id)
+        if sha in by_video:
+            continue
+        if fs.vector_id(sha) not in present or (embedder.selection is not None and
+                                                ss.VideoSelections.load(index.path, sha, digest)
+                                                is None):
+            by_video[sha] = clip_id
     shas = list(by_video)
     for start in range(0, len(shas), step):
         chunk = shas[start:start + step]
-        vectors = index.embedder(pipeline, index.stems([by_video[s] for s in chunk]))
-        index.pending.update(zip(chunk, vectors))
+        index.store_embedded(chunk, *embedder.embed(pipeline,
+                                                    index.stems([by_video[s] for s in chunk])))
     return bool(shas)
 
 
@@ -507,7 +563,7 @@ class RankedClip(NamedTuple):
     itc: float  # ITC similarity
     itm: float | None  # ITM match probability; None outside the shortlist
     frames: list[int] | None  # frames the second selector kept (None without selection)
-    first_stage: float | None = None  # the FAISS inner product, when the cascade found it
+    first_stage: float | None = None  # its first-stage score, when the cascade found it
 
 
 # The first stage's default M (docs/benchmarks.md, "Retrieval cascade": recall against M).
@@ -524,35 +580,66 @@ def shortlist_problem(shortlist: int, k: int) -> str | None:
     return None
 
 
-def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: int
-                           ) -> tuple[list[str], dict[str, float]]:
-    """The `shortlist` clips whose first-stage score, the largest inner product of the text's
-    vector with one of their slots' vectors, is highest (FAISS), in the index's order (so `rank`
-    breaks ties as the exact ranking does), and each one's score. Clips of the same video share
-    its vectors and are taken together."""
+def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: int,
+                           step_two: bool = True) -> tuple[list[str], dict[str, float]]:
+    """The `shortlist` clips the first stage ranks highest, in the index's order (so `rank`
+    breaks ties as the exact ranking does), and each one's first-stage score. Step one, FAISS:
+    a video's score is the largest inner product of the text's vector with one of its slots'
+    vectors. Step two (`selection_stage`, when the index has it): FAISS pools POOL_FACTOR times
+    as many videos, and each is scored again with the frames the query's text makes the selectors
+    keep (a video without a readable selections file keeps its FAISS score; `step_two` False:
+    FAISS alone, for comparison). Clips of the same video share its scores and are taken
+    together."""
     faiss_index = index.first_stage_index()
     weight, bias = index.text_projection()
     query = fs.text_vectors(weight, bias, text_cls)
+    side = index.selection_side() if step_two else None
     clips_of: dict[int, list[str]] = {}
     for clip_id, entry in index.entries.items():
         clips_of.setdefault(fs.vector_id(entry.sha256), []).append(clip_id)
-    # Each video holds `slots` vectors: that many times M nearest vectors hold M videos' best.
-    wanted = min(shortlist * index.slots, faiss_index.ntotal)
-    scores, ids = faiss_index.search(query, wanted)
-    found: dict[str, float] = {}
-    seen: set[int] = set()
-    for score, vid, video in zip(scores[0], ids[0], fs.video_ids(ids[0]).tolist()):
+    pool = shortlist * (ss.POOL_FACTOR if side is not None else 1)
+    # Each video holds `slots` vectors: that many times `pool` nearest vectors hold `pool`
+    # videos' best.
+    wanted = min(pool * index.slots, faiss_index.ntotal)
+    found_scores, ids = faiss_index.search(query, wanted)
+    videos: list[int] = []
+    score_of: dict[int, float] = {}
+    clips = 0
+    for score, vid, video in zip(found_scores[0], ids[0], fs.video_ids(ids[0]).tolist()):
         if vid < 0:  # an inverted file probing too few lists returns fewer than asked
             break
-        if video in seen:  # its best slot came first (FAISS returns the nearest first)
+        if video in score_of:  # its best slot came first (FAISS returns the nearest first)
             continue
-        seen.add(video)
+        score_of[video] = float(score)
+        videos.append(video)
+        clips += len(clips_of[video])
+        if clips >= pool:
+            break
+    if side is not None:
+        sha_of = {video: index.entries[clips_of[video][0]].sha256 for video in videos}
+        loaded = {v: index.video_selections(sha_of[v]) for v in videos}
+        stored = {v: s for v, s in loaded.items() if s is not None}
+        readable = [v for v in videos if v in stored]
+        if len(readable) < len(videos):
+            warnings.warn(f"{len(videos) - len(readable)} of the {len(videos)} pooled videos "
+                          "have no readable step-two selections file: scored by FAISS alone; "
+                          "run `export.py index` on the .onnx graphs again to write them",
+                          MissingSelectionsWarning, stacklevel=2)
+        rescored, _ = ss.scores(side, text_cls, query[0], [stored[v] for v in readable])
+        score_of.update(zip(readable, rescored.tolist()))
+        videos.sort(key=lambda v: -score_of[v])  # stable: FAISS order among equal scores
+    found: dict[str, float] = {}
+    for video in videos:
         for clip_id in clips_of[video]:
             if len(found) < shortlist:
-                found[clip_id] = float(score)
+                found[clip_id] = score_of[video]
         if len(found) >= shortlist:
             break
     return [c for c in index.clip_ids if c in found], found
+
+
+class MissingSelectionsWarning(UserWarning):
+    """Pooled videos without their step-two file: the first stage scores them by FAISS."""
 
 
 def rank(index: ClipIndex, pipeline: "ComposedSplit", input_ids: np.ndarray,

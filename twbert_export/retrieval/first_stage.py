@@ -1,6 +1,7 @@
-"""The first stage of the retrieval cascade: a text-independent vector per clip in a FAISS
-index, searched with the query text's ITC vector for a shortlist of M clips, which `rank` then
-scores exactly (`select` on the M, `fuse` on the k best of them).
+"""The first stage of the retrieval cascade: text-independent vectors per clip in a FAISS
+index, searched with the query text's ITC vector (step one), then the pooled clips scored with
+the query's own frame selection (step two, `selection_stage`) for a shortlist of M clips, which
+`rank` then scores exactly (`select` on the M, `fuse` on the k best of them).
 
 The vectors live in the ITC space the model already has (`TWBert.itc`): a clip's vector is
 normalize(vision_proj(video CLS)) with the video CLS from the `select` graph run with a fixed text,
@@ -20,6 +21,8 @@ On disk, beside the stems (index.json's `first_stage` says which files and their
     INDEX/first_stage/<sha256>.faiss     the FAISS index, named by its content
     INDEX/first_stage/text_proj.npz      the text-side projection (what a query needs)
     INDEX/first_stage/anchors.npy        the anchors' text CLS (P, D), when it has anchors
+    INDEX/first_stage/selectors.npz      step two's query side (`selection_stage`)
+    INDEX/first_stage/selection/<sha256>.sel  step two's per-frame tensors of one video
 
 Each distinct video (sha256) has `slots` vectors, each with the FAISS id video id * SLOTS_MAX +
 slot (the video id: the first 60 bits of its sha256), so two clip ids of the same file share
@@ -41,6 +44,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..util import atomic_path, file_sha256, require
+from . import selection_stage as ss
 
 NEUTRAL_TEXT = ""  # the caption slot 0's frame selection is made for
 ANCHORS = 4  # anchors (slots 1..P) made from --anchors captions (docs/benchmarks.md: P measured)
@@ -192,12 +196,23 @@ class Anchors:
 
 
 @dataclass
+class SelectionSide:
+    """What the index needs for the first stage's step two (`selection_stage`): the select
+    graph with its inner tensors as outputs, and the selectors' weights."""
+    probe: "ss.SelectionProbe"
+    weights: "ss.SelectorWeights"
+
+
+@dataclass
 class ClipEmbedder:
     """What `export.py index` needs to keep the first stage: the projections, the neutral
-    text's CLS (the `text` graph's output for NEUTRAL_TEXT) and the anchors, if any."""
+    text's CLS (the `text` graph's output for NEUTRAL_TEXT), the anchors, if any, and, for step
+    two, the selection side (None where it cannot run: engines, or a selector 2 before the last
+    block)."""
     projections: Projections
     neutral_cls: np.ndarray  # (1, D)
     anchors: Anchors | None = None
+    selection: SelectionSide | None = None
 
     @property
     def dim(self) -> int:
@@ -207,11 +222,33 @@ class ClipEmbedder:
     def slots(self) -> int:
         return 1 + (0 if self.anchors is None else len(self.anchors.cls))
 
+    @property
+    def texts(self) -> np.ndarray:
+        """The slots' text CLS (slots, D): the neutral text, then each anchor."""
+        return np.concatenate([self.neutral_cls] + ([] if self.anchors is None else
+                                                     [self.anchors.cls])).astype(np.float32)
+
+    @property
+    def slots_digest(self) -> str:
+        return ss.slots_digest(self.texts)
+
     def __call__(self, pipeline: Any, stems: np.ndarray) -> np.ndarray:
         """(N, slots, dim): each stem's vector for the neutral text, then for each anchor."""
-        texts = [self.neutral_cls] + ([] if self.anchors is None else
-                                      [a[None] for a in self.anchors.cls])
-        return np.stack([clip_vectors(self.projections, pipeline, stems, t) for t in texts], 1)
+        return self.embed(pipeline, stems)[0]
+
+    def embed(self, pipeline: Any, stems: np.ndarray
+              ) -> tuple[np.ndarray, list["ss.VideoSelections"] | None]:
+        """The vectors (N, slots, dim) and, with a selection side, each stem's selections for
+        step two (one run of the probe graph per slot gives both)."""
+        if self.selection is None:
+            return np.stack([clip_vectors(self.projections, pipeline, stems, t[None])
+                             for t in self.texts], 1), None
+        runs = [self.selection.probe.run(stems, np.repeat(t[None], len(stems), 0))
+                for t in self.texts]
+        vectors = np.stack([normalized(r["video_embeds"][:, 0].astype(np.float32)
+                                       @ self.projections.vision_weight.T
+                                       + self.projections.vision_bias) for r in runs], 1)
+        return vectors, ss.video_selections(self.selection.weights, runs)
 
 
 def same_vectors(stage: dict[str, Any] | None, embedder: Any) -> bool:

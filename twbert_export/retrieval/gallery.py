@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..artifact.manifest import (PRECISIONS, SPLIT_GRAPHS, TRT8_FLAVOUR, Artifac
                                  FileEntry, Manifest)
 from ..artifact.plan import PlanError, resolve_plan, split_plans
 from . import first_stage as fs
+from . import selection_stage as ss
 from .shards import is_shard
 from .clip_index import (DEFAULT_SHORTLIST, AddReport, ClipIndex, ClipIndexError,
                          ForeignIndexError, RankedClip, index_identity, index_videos, rank,
@@ -141,7 +143,29 @@ class SplitArtifact:
                                      "(sha256): the first stage reads its ITC projections")
         projections = fs.Projections.from_select_graph(path)
         ids, mask = encode_text(self, fs.NEUTRAL_TEXT)
-        return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"], anchors)
+        return fs.ClipEmbedder(projections, pipeline.encode_texts(ids, mask)["text_cls"], anchors,
+                               self.selection_side(path, projections))
+
+    def selection_side(self, fp32_select: Path, projections: fs.Projections
+                       ) -> fs.SelectionSide | None:
+        """Step two's index side (`selection_stage`), or None where it cannot run: the select
+        graph is an engine (its inner tensors are not outputs), or the schedule puts selector 2
+        before the last block (then blocks after it change the frames it keeps)."""
+        config = self.manifest.model_config or {}
+        selector, video = config.get("selector") or {}, config.get("video") or {}
+        layers, keep = selector.get("layers") or [], selector.get("keep") or []
+        if self.files["select"].suffix != ".onnx" or len(layers) != 2 or len(keep) != 2 \
+                or layers[1] != video.get("depth"):
+            return None
+        try:
+            weights = ss.SelectorWeights.from_select_graph(
+                fp32_select, (keep[0], keep[1]),
+                (projections.vision_weight, projections.vision_bias))
+            probe = ss.SelectionProbe(self.files["select"], self.contracts["select"].batch.max)
+        except ss.SelectionStageError as e:  # a graph of another layout: FAISS alone
+            warnings.warn(f"no step two for the first stage: {e}", stacklevel=2)
+            return None
+        return fs.SelectionSide(probe, weights)
 
     def anchors(self, pipeline: ComposedSplit, captions: list[str]) -> fs.Anchors:
         """The first stage's anchors made from `captions` (their text CLS, k-means)."""
@@ -244,8 +268,11 @@ def index_main(argv: list[str] | None = None) -> int:
     if index.first_stage is not None:
         stage = index.first_stage
         anchors_note = f", {stage['anchors']['count']} anchors" if stage.get("anchors") else ""
+        step_two = ("; step two: each video's frame selections in "
+                    f"{stage['selection']['directory']}/" if stage.get("selection") else
+                    "; no step two (engines, or selector 2 before the last block)")
         print(f"first stage: {stage['vectors']} vectors ({stage['slots']} per video"
-              f"{anchors_note}), FAISS {stage['type']} ({stage['faiss']})")
+              f"{anchors_note}), FAISS {stage['type']} ({stage['faiss']}){step_two}")
     print(f"next: python export.py predict --index {args.out} --artifact {args.artifact} "
           "--text \"a caption\"")
     return 0

@@ -74,7 +74,8 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
 SERVING_MODULES = ("data/preprocess.py", "validation/metrics.py", "serving/served.py")
 # And for twbert_retrieve: the index reader and `rank`, with what they import (numpy, stdlib).
 RETRIEVAL_MODULES = SERVING_MODULES + ("retrieval/clip_index.py", "retrieval/first_stage.py",
-                                       "artifact/contract.py", "util.py")
+                                       "retrieval/selection_stage.py", "artifact/contract.py",
+                                       "util.py")
 RETRIEVAL_GRAPHS = ("text", "select", "fuse")  # the stems come from the index
 PACKAGE = Path(__file__).resolve().parents[1]  # twbert_export/
 

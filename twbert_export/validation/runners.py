@@ -26,9 +26,10 @@ def _base_runner():
     return require("polygraphy.backend.base", "for the runner interface").BaseRunner
 
 
-def ort_session(path: str | Path, threads: int | None = None, profile_prefix: str | None = None,
-                arena: bool = True):
-    """A CPU ONNX Runtime session (explicitly CPU: onnxruntime-gpu would try CUDA first);
+def ort_session(path: str | Path | bytes, threads: int | None = None,
+                profile_prefix: str | None = None, arena: bool = True):
+    """A CPU ONNX Runtime session (explicitly CPU: onnxruntime-gpu would try CUDA first) of a
+    file or a serialized model;
     with `profile_prefix`, ONNX Runtime's profiler records every run (`end_profiling`); without
     `arena`, each run's intermediate tensors are freed when it ends instead of kept for the next
     (less memory between runs, same values)."""
@@ -42,7 +43,8 @@ def ort_session(path: str | Path, threads: int | None = None, profile_prefix: st
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def ort_runner(path: str | Path, name: str | None = None, threads: int | None = None):
