@@ -16,15 +16,19 @@ texts in --neutral; a zero text CLS) and each M, how often the exact ranking's t
 fall inside the first stage's M nearest; then, for the index's own first stage, whether the
 cascade's top 10 (`rank` with shortlist M) equals the exact top 10. With --anchors CAPTIONS the
 index's first stage has the anchors `export.py index --anchors` makes, and the cascade rows are
-given for it and for its neutral slot alone (the first stage without anchors); `synthetic` does
-the same on a gallery it renders (kept in --work and reused by the next run with that --work).
+given for it and for its neutral slot alone (the first stage without anchors); with the first
+stage's step two (`selection_stage`, on by default where the select graph is ONNX) also for FAISS
+alone (step one). `synthetic` does the same on a gallery it renders (kept in --work and reused by
+the next run with that --work), and times `rank(shortlist=M)` on its --check queries.
 
 `cost` makes indexes of N clips from the stems and first-stage vectors of --source's clips,
 repeated (each repetition its own clip id and video hash, the stem file shared; its vector
 moved by a little noise, renormalized, so FAISS holds N distinct vectors), and times a query
 exact and through the cascade, the bulk commit (FAISS build and index.json) and the commit of
 one more batch of 8 clips at that N; and indexing per clip on --source itself (decode, stem,
-first-stage vector). Prints a table and writes JSON.
+first-stage vector). Each replica has its source clip's step-two selections. `time` times one
+caption on an existing index (e.g. the synthetic one in --work/index), exact and through the
+cascade at each M, interleaved. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -95,10 +99,11 @@ def exact_order(ranked: list) -> list[str]:
     return [c.clip_id for c in ranked]
 
 
-def fs_candidates(index: ClipIndex, text_cls: np.ndarray, m: int) -> list[str]:
+def fs_candidates(index: ClipIndex, text_cls: np.ndarray, m: int, step_two: bool = True
+                  ) -> list[str]:
     from ..retrieval.clip_index import first_stage_candidates
 
-    return first_stage_candidates(index, text_cls, m)[0]
+    return first_stage_candidates(index, text_cls, m, step_two)[0]
 
 
 def cascade_order(index: ClipIndex, pipeline: Any, exact: list, candidates: list[str],
@@ -128,20 +133,23 @@ def cascade_order(index: ClipIndex, pipeline: Any, exact: list, candidates: list
 
 def cascade_equal(index: ClipIndex, pipeline: Any, m: int, exact_ranked: list[list],
                   shortlists: list[list[str]], tokens: list[tuple[np.ndarray, np.ndarray]],
-                  check: int) -> tuple[int, int]:
+                  check: int) -> tuple[int, list[float]]:
     """How many queries' cascade top 10 (`cascade_order` over their first-stage shortlist of
     M) equal their exact top 10; the first `check` are also ranked by `rank(shortlist=M)`
-    itself, which must give the derived order. Returns (equal, checked)."""
-    equal = checked = 0
+    itself, which must give the derived order. Returns (equal, seconds of each checked
+    `rank`)."""
+    equal, seconds = 0, []
     for q, (ranked, shortlist, (ids, mask)) in enumerate(zip(exact_ranked, shortlists, tokens)):
         order = cascade_order(index, pipeline, ranked, shortlist, ids, mask)
         equal += order[:10] == exact_order(ranked)[:10]
         if q < check:
-            if exact_order(rank(index, pipeline, ids, mask, K, shortlist=m)) != order:
+            start = time.perf_counter()
+            cascade = exact_order(rank(index, pipeline, ids, mask, K, shortlist=m))
+            seconds.append(time.perf_counter() - start)
+            if cascade != order:
                 raise AssertionError(f"rank(shortlist={m}) differs from the cascade computed "
                                      f"from the exact ranking for query {q}")
-            checked += 1
-    return equal, checked
+    return equal, seconds
 
 
 def recall_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +216,9 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
         checked = 0
         tokens = [encode_tokens(tokenizer, caption, text_len) for caption in queries]
         stages = {"first stage": lambda q, m: fs_candidates(index, text_cls[q:q + 1], m)}
+        if index.selection_side() is not None:
+            stages["FAISS alone (step one)"] = \
+                lambda q, m: fs_candidates(index, text_cls[q:q + 1], m, False)
         if anchors is not None:
             neutral = neutral_vectors(index)
             stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
@@ -215,10 +226,10 @@ def recall_main(args: argparse.Namespace) -> dict[str, Any]:
         for name, shortlist_of in stages.items():
             for m in [m for m in ms if m >= K]:
                 shortlists = [shortlist_of(q, m) for q in range(len(queries))]
-                equal, done = cascade_equal(index, pipeline, m, exact_ranked,
-                                            shortlists, tokens,
-                                            args.check if name == "first stage" else 0)
-                checked += done
+                equal, timed = cascade_equal(index, pipeline, m, exact_ranked,
+                                             shortlists, tokens,
+                                             args.check if name == "first stage" else 0)
+                checked += len(timed)
                 cascade.setdefault(name, {})[str(m)] = {"top10_equal": equal / len(queries)}
                 print(f"{name}, cascade M={m}: top-10 equal to the exact top 10 for "
                       f"{equal}/{len(queries)} queries", flush=True)
@@ -317,6 +328,8 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
                   f"{(time.perf_counter() - start) / (q + 1):.1f} s/query", flush=True)
         exact_s = (time.perf_counter() - start) / max(len(queries), 1)
         stages = {"first stage": lambda cls, m: fs_candidates(index, cls, m)}
+        if index.selection_side() is not None:
+            stages["FAISS alone (step one)"] = lambda cls, m: fs_candidates(index, cls, m, False)
         if anchors is not None:
             neutral = neutral_vectors(index)
             stages[f"neutral text {fs.NEUTRAL_TEXT!r} alone"] = \
@@ -328,9 +341,12 @@ def synthetic_main(args: argparse.Namespace) -> dict[str, Any]:
                 shortlists = [shortlist_of(cls, m) for cls in text_cls]
                 row = recall_row(exact, shortlists)
                 if m >= K:  # the cascade end to end (`rank` with shortlist M), as recall_main
-                    equal, _ = cascade_equal(index, pipeline, m, ranked, shortlists, tokens,
-                                             1 if name == "first stage" else 0)
+                    equal, seconds = cascade_equal(index, pipeline, m, ranked, shortlists,
+                                                   tokens, args.check if name == "first stage"
+                                                   else 0)
                     row["top10_equal"] = equal / len(queries)
+                    if seconds:  # `rank(shortlist=M)` timed, in this process as the exact one
+                        row["cascade_seconds_per_query"] = float(np.mean(seconds))
                 table[str(m)] = row
                 print(f"{name} M={m}: " + " ".join(f"{t} {v:.3f}" for t, v in row.items()),
                       flush=True)
@@ -359,8 +375,8 @@ def replicated_index(source: ClipIndex, out: Path, n: int, vectors: np.ndarray,
                      ) -> tuple[ClipIndex, float]:
     """An index of n clips whose entries name `source`'s stem files in turn (copied once into
     `out`), each its own video hash; its first-stage vectors `vectors` (per source clip: its
-    slots' vectors) moved by `noise`. Returns (index, seconds of the commit: FAISS build and
-    index.json)."""
+    slots' vectors) moved by `noise`, its step-two selections the source clip's. Returns
+    (index, seconds of the commit: FAISS build and index.json)."""
     index = ClipIndex.open(out, source.artifact, source.stem_shape, source.stem_dtype)
     base = list(source.entries.values())
     for e in base:
@@ -369,12 +385,15 @@ def replicated_index(source: ClipIndex, out: Path, n: int, vectors: np.ndarray,
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(source.path / e.stem, target)
     index.embedder = embedder
+    selections = [source.video_selections(e.sha256) for e in base]
     for i in range(n):
         e = base[i % len(base)]
         sha = hashlib.sha256(f"replica {i}".encode()).hexdigest()
         index.entries[f"clip_{i:06d}"] = ClipEntry(sha, e.stem, e.stem_bytes, e.stem_sha256)
         v = vectors[i % len(base)] + noise * rng.standard_normal(vectors.shape[1:])
-        index.pending[sha] = fs.normalized(v)
+        chosen = selections[i % len(base)]
+        index.store_embedded([sha], fs.normalized(v)[None],
+                             None if chosen is None or embedder.selection is None else [chosen])
     start = time.perf_counter()
     index.commit()
     return index, time.perf_counter() - start
@@ -487,7 +506,10 @@ def cost_main(args: argparse.Namespace) -> dict[str, Any]:
                 sha = hashlib.sha256(f"appended {i}".encode()).hexdigest()
                 index.entries[f"appended_{i}"] = ClipEntry(sha, e.stem, e.stem_bytes,
                                                            e.stem_sha256)
-                index.pending[sha] = vectors[i]
+                chosen = source.video_selections(e.sha256)
+                index.store_embedded([sha], vectors[i][None],
+                                     None if chosen is None or index.embedder is None
+                                     or index.embedder.selection is None else [chosen])
             start = time.perf_counter()
             index.commit()
             append_s = time.perf_counter() - start
@@ -538,6 +560,37 @@ def cost_main(args: argparse.Namespace) -> dict[str, Any]:
             "index_ms_per_clip_without_first_stage": 1000 * per_clip_plain, "rows": rows}
 
 
+def time_main(args: argparse.Namespace) -> dict[str, Any]:
+    """One caption on an existing index: `rank` exact (shortlist 0) and through the cascade at
+    each M, interleaved round by round in one process (so a change of load hits both), the
+    cascade the best of --repeat runs per round."""
+    artifact = SplitArtifact.for_index(args.artifact, args.index, precision=args.precision)
+    index = ClipIndex.open(args.index, artifact.identity, artifact.stem_shape)
+    ms = [int(m) for m in args.m.split(",")]
+    ids, mask = encode_tokens(artifact.tokenizer(), args.text,
+                              artifact.manifest.contract.text_len)
+    rounds = []
+    with artifact.pipeline(args.threads, max_batch=args.batch) as pipeline:
+        rank(index, pipeline, ids, mask, K, batch=8 * args.batch, shortlist=ms[0])  # warm-up
+        for r in range(args.rounds):
+            start = time.perf_counter()
+            rank(index, pipeline, ids, mask, K, batch=8 * args.batch)
+            row: dict[str, Any] = {"exact_s": time.perf_counter() - start}
+            for m in ms:
+                seconds = []
+                for _ in range(args.repeat):
+                    start = time.perf_counter()
+                    rank(index, pipeline, ids, mask, K, batch=8 * args.batch, shortlist=m)
+                    seconds.append(time.perf_counter() - start)
+                row[f"cascade_{m}_s"] = min(seconds)
+                row[f"ratio_{m}"] = min(seconds) / row["exact_s"]
+            rounds.append(row)
+            print(json.dumps(row), flush=True)
+    return {"index": str(args.index), "clips": len(index), "slots": index.slots,
+            "step_two": index.selection_side() is not None, "text": args.text, "k": K,
+            "rounds": rounds, "load_average": os.getloadavg()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twbert_export.bench.cascade_bench",
                                  description=__doc__,
@@ -545,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     sub.add_parser("commit").add_argument("--n", default="1000,10000,100000")
     sub.choices["commit"].add_argument("--json")
-    for name in ("recall", "synthetic", "cost"):
+    for name in ("recall", "synthetic", "cost", "time"):
         p = sub.add_parser(name)
         p.add_argument("--artifact", required=True)
         p.add_argument("--precision", default="fp16")
@@ -572,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--queries", action="append", required=True)
     y.add_argument("--max-queries", type=int)
     y.add_argument("--m", default="10,20,50,100,200,400,800")
+    y.add_argument("--check", type=int, default=1,
+                   help="queries whose cascade is also ranked (and timed) by rank(shortlist=M)")
     c = sub.choices["cost"]
     c.add_argument("--source", required=True, help="a directory of clips to replicate")
     c.add_argument("--n", default="100,1000,10000,100000")
@@ -584,8 +639,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--queries", default="calibration/demo/val",
                    help="captions for the IVF's recall against an exact search")
     c.add_argument("--keep", action="store_true")
+    t = sub.choices["time"]
+    t.add_argument("--index", required=True, help="an index made by the artifact")
+    t.add_argument("--m", default="100,200,400")
+    t.add_argument("--text", default="an astronaut, seen as the camera pans left")
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.what == "recall":
+    if args.what == "time":
+        result = time_main(args)
+    elif args.what == "recall":
         args.neutral = args.neutral or [fs.NEUTRAL_TEXT, "a video"]
         result = recall_main(args)
     elif args.what == "synthetic":
