@@ -567,7 +567,7 @@ class RankedClip(NamedTuple):
 
 
 # The first stage's default M (docs/benchmarks.md, "Retrieval cascade": recall against M).
-DEFAULT_SHORTLIST = 400
+DEFAULT_SHORTLIST = 200
 
 
 def shortlist_problem(shortlist: int, k: int) -> str | None:
