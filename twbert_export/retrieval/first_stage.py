@@ -230,7 +230,11 @@ class ClipEmbedder:
 
     @property
     def slots_digest(self) -> str:
-        return ss.slots_digest(self.texts)
+        """What the slots' texts are (the neutral caption, the anchors' digest), not their CLS
+        vectors, which another precision's text graph moves a little: step-two files made
+        with either stay valid, as `same_vectors` keeps the FAISS vectors."""
+        anchors = None if self.anchors is None else self.anchors.digest
+        return hashlib.sha256(f"neutral {NEUTRAL_TEXT!r}; anchors {anchors}".encode()).hexdigest()
 
     def __call__(self, pipeline: Any, stems: np.ndarray) -> np.ndarray:
         """(N, slots, dim): each stem's vector for the neutral text, then for each anchor."""

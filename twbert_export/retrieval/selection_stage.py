@@ -26,7 +26,6 @@ FP32 file's (`SelectorWeights`); nothing is re-exported and the model is unchang
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -181,9 +180,9 @@ class SelectionProbe:
                  and n.name.startswith("/model/selector2/")]
         if len(norm2) != 1:
             raise SelectionStageError(f"{self.path}: selector 2's LayerNorm not found")
-        self.names = {"frames_1": scorer_concat(graph, 1, consts).input[0],
-                      "frames_2": scorer_concat(graph, 2, consts).input[0],
-                      "frame_cls_2": norm2[0].input[0]}
+        self.names = dict(zip(self.EXTRA, (scorer_concat(graph, 1, consts).input[0],
+                                           scorer_concat(graph, 2, consts).input[0],
+                                           norm2[0].input[0])))
         present = {o.name for o in graph.output}
         for tensor in self.names.values():
             if tensor not in present:  # float32: the selectors run in FP32 in every precision
@@ -268,11 +267,6 @@ class VideoSelections:
         if first.ndim != 2 or second.shape[:2] != (U, K1) or vision.shape[:2] != (U, K1):
             return None
         return cls(first, kept.astype(np.int64), second, vision)
-
-
-def slots_digest(slot_texts: np.ndarray) -> str:
-    """Of the texts (slots, D) the selections were made for: files of other slots are stale."""
-    return hashlib.sha256(np.ascontiguousarray(slot_texts, np.float32).tobytes()).hexdigest()
 
 
 def video_selections(weights: SelectorWeights, probes: list[dict[str, np.ndarray]]
