@@ -616,10 +616,10 @@ def first_stage_candidates(index: ClipIndex, text_cls: np.ndarray, shortlist: in
         if clips >= pool:
             break
     if side is not None:
-        sha_of = {video: index.entries[clips_of[video][0]].sha256 for video in videos}
-        loaded = {v: index.video_selections(sha_of[v]) for v in videos}
-        stored = {v: s for v, s in loaded.items() if s is not None}
-        readable = [v for v in videos if v in stored]
+        loaded = ((v, index.video_selections(index.entries[clips_of[v][0]].sha256))
+                  for v in videos)
+        stored = {v: selections for v, selections in loaded if selections is not None}
+        readable = list(stored)  # in FAISS order
         if len(readable) < len(videos):
             warnings.warn(f"{len(videos) - len(readable)} of the {len(videos)} pooled videos "
                           "have no readable step-two selections file: scored by FAISS alone; "

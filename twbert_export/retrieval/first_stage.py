@@ -121,13 +121,18 @@ def text_vectors(weight: np.ndarray, bias: np.ndarray, text_cls: np.ndarray) -> 
     return normalized(text_cls.astype(np.float32) @ weight.T + bias)
 
 
+def video_vectors(projections: Projections, video_embeds: np.ndarray) -> np.ndarray:
+    """A `select` output's video CLS (video_embeds[:, 0]) through `vision_proj`, unit length."""
+    cls = video_embeds[:, 0].astype(np.float32)
+    return normalized(cls @ projections.vision_weight.T + projections.vision_bias)
+
+
 def clip_vectors(projections: Projections, pipeline: Any, stems: np.ndarray,
                  text_cls: np.ndarray) -> np.ndarray:
     """The vector of each stem (N, T, tokens, D) for one fixed text (its CLS, (1, D)): `select`
     with that text, its video CLS through `vision_proj`, unit length."""
     out = pipeline.select(stems, np.repeat(text_cls, len(stems), 0))
-    cls = out["video_embeds"][:, 0].astype(np.float32)
-    return normalized(cls @ projections.vision_weight.T + projections.vision_bias)
+    return video_vectors(projections, out["video_embeds"])
 
 
 EMBEDDING = ("one vector per slot (the neutral text, each anchor): select with that text, "
@@ -236,22 +241,17 @@ class ClipEmbedder:
         anchors = None if self.anchors is None else self.anchors.digest
         return hashlib.sha256(f"neutral {NEUTRAL_TEXT!r}; anchors {anchors}".encode()).hexdigest()
 
-    def __call__(self, pipeline: Any, stems: np.ndarray) -> np.ndarray:
-        """(N, slots, dim): each stem's vector for the neutral text, then for each anchor."""
-        return self.embed(pipeline, stems)[0]
-
     def embed(self, pipeline: Any, stems: np.ndarray
               ) -> tuple[np.ndarray, list["ss.VideoSelections"] | None]:
-        """The vectors (N, slots, dim) and, with a selection side, each stem's selections for
-        step two (one run of the probe graph per slot gives both)."""
+        """Each stem's vectors (N, slots, dim), for the neutral text then for each anchor, and,
+        with a selection side, its selections for step two (one run of the probe graph per slot
+        gives both)."""
         if self.selection is None:
             return np.stack([clip_vectors(self.projections, pipeline, stems, t[None])
                              for t in self.texts], 1), None
         runs = [self.selection.probe.run(stems, np.repeat(t[None], len(stems), 0))
                 for t in self.texts]
-        vectors = np.stack([normalized(r["video_embeds"][:, 0].astype(np.float32)
-                                       @ self.projections.vision_weight.T
-                                       + self.projections.vision_bias) for r in runs], 1)
+        vectors = np.stack([video_vectors(self.projections, r["video_embeds"]) for r in runs], 1)
         return vectors, ss.video_selections(self.selection.weights, runs)
 
 
